@@ -1,0 +1,90 @@
+// Package catest gives tests a real Strait CA in a temporary directory: a
+// mesh root, a cluster intermediate and an issuer, as SPIRE's testca does.
+// It is for tests only.
+package catest
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca"
+	"github.com/straitmesh/strait/ca/bundle"
+)
+
+// CA is a test mesh root with one cluster intermediate.
+type CA struct {
+	Authority *ca.Authority
+	Issuer    *ca.Issuer
+	Cluster   string
+}
+
+// Options tunes New.
+type Options struct {
+	Cluster string           // default "east"
+	Clock   func() time.Time // default time.Now
+}
+
+// New creates a CA for td in t.TempDir(); it is closed when the test ends.
+func New(t testing.TB, td string, opts ...Options) *CA {
+	t.Helper()
+	var o Options
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	if o.Cluster == "" {
+		o.Cluster = "east"
+	}
+	ctx := context.Background()
+	a, err := ca.Init(ctx, ca.Config{Dir: t.TempDir(), Clock: o.Clock}, ca.InitOptions{TrustDomain: spiffeid.RequireTrustDomainFromString(td)})
+	if err != nil {
+		t.Fatalf("catest: init CA: %v", err)
+	}
+	t.Cleanup(func() { a.Close() })
+	if _, err := a.CreateIntermediate(ctx, o.Cluster, 0, false); err != nil {
+		t.Fatalf("catest: create intermediate: %v", err)
+	}
+	iss, err := a.Issuer(o.Cluster)
+	if err != nil {
+		t.Fatalf("catest: issuer: %v", err)
+	}
+	return &CA{Authority: a, Issuer: iss, Cluster: o.Cluster}
+}
+
+// Bundle returns the CA's current trust bundle.
+func (c *CA) Bundle() *bundle.Bundle { return c.Authority.Bundle() }
+
+// SVID mints an SVID for id (a SPIFFE ID string) valid for ttl (0: default).
+func (c *CA) SVID(t testing.TB, id string, ttl time.Duration) *x509svid.SVID {
+	t.Helper()
+	s, err := c.Issuer.MintSVID(spiffeid.RequireFromString(id), ttl)
+	if err != nil {
+		t.Fatalf("catest: mint %s: %v", id, err)
+	}
+	return s
+}
+
+// CSR returns a fresh P-256 key and a DER CSR for it naming uris (none if
+// empty), for tests of the CSR path.
+func CSR(t testing.TB, template *x509.CertificateRequest) (*ecdsa.PrivateKey, []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if template == nil {
+		template = &x509.CertificateRequest{}
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, template, key)
+	if err != nil {
+		t.Fatalf("catest: create CSR: %v", err)
+	}
+	return key, der
+}

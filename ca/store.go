@@ -1,0 +1,193 @@
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"go.step.sm/crypto/kms"
+	kmsapi "go.step.sm/crypto/kms/apiv1"
+	_ "go.step.sm/crypto/kms/softkms" // registers the default, file-backed KMS
+	"go.step.sm/crypto/pemutil"
+)
+
+// Files in a data directory.
+const (
+	stateFile      = "state.json"
+	bundleJWKSFile = "bundle.json"
+	bundlePEMFile  = "bundle.pem"
+	lockFile       = "lock"
+	keysDir        = "keys"
+)
+
+// writeFileAtomic replaces path with data so that a crash at any instant
+// leaves either the old or the new content: write a temporary file in the
+// same directory, fsync it, rename it over path, fsync the directory.
+// testHookBeforeRename, when set, runs between the fsync and the rename.
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op once renamed
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if testHookBeforeRename != nil {
+		if err := testHookBeforeRename(path); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+var testHookBeforeRename func(path string) error
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// dirLock is an exclusive advisory lock on a data directory, so that two
+// processes never mutate one authority at once.
+type dirLock struct{ f *os.File }
+
+func lockDir(dir string) (*dirLock, error) {
+	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s", ErrBusy, dir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return &dirLock{f: f}, nil
+}
+
+func (l *dirLock) unlock() error {
+	if l == nil || l.f == nil {
+		return nil
+	}
+	err := l.f.Close() // closing releases the flock
+	l.f = nil
+	return err
+}
+
+// keyStore creates and loads signing keys through the smallstep KMS
+// abstraction. With no KMS URI it is softkms with keys as 0600 PEM files
+// under DIR/keys; with a URI, keys live in that KMS and only their names are
+// stored.
+type keyStore struct {
+	dir string
+	uri string // "" for the file-backed default
+	km  kmsapi.KeyManager
+}
+
+func openKeyStore(ctx context.Context, dir, uri string) (*keyStore, error) {
+	opts := kmsapi.Options{Type: kmsapi.SoftKMS}
+	if uri != "" {
+		opts = kmsapi.Options{URI: uri}
+	}
+	km, err := kms.New(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("open KMS %q: %w", uri, err)
+	}
+	return &keyStore{dir: dir, uri: uri, km: km}, nil
+}
+
+func (k *keyStore) close() error { return k.km.Close() }
+
+// create makes a new ECDSA P-256 key named after purpose and returns the
+// reference to store and a signer for it.
+func (k *keyStore) create(purpose string) (string, crypto.Signer, error) {
+	suffix := make([]byte, 6)
+	if _, err := rand.Read(suffix); err != nil {
+		return "", nil, err
+	}
+	name := purpose + "-" + hex.EncodeToString(suffix)
+	if k.uri == "" {
+		name = filepath.Join(keysDir, name+".key")
+	}
+	resp, err := k.km.CreateKey(&kmsapi.CreateKeyRequest{Name: name, SignatureAlgorithm: kmsapi.ECDSAWithSHA256})
+	if err != nil {
+		return "", nil, fmt.Errorf("create key %s: %w", name, err)
+	}
+	if k.uri == "" {
+		block, err := pemutil.Serialize(resp.PrivateKey)
+		if err != nil {
+			return "", nil, fmt.Errorf("encode key: %w", err)
+		}
+		if err := os.MkdirAll(filepath.Join(k.dir, keysDir), 0o700); err != nil {
+			return "", nil, err
+		}
+		if err := writeFileAtomic(filepath.Join(k.dir, name), pem.EncodeToMemory(block), 0o600); err != nil {
+			return "", nil, fmt.Errorf("write key %s: %w", name, err)
+		}
+	}
+	signer, err := k.km.CreateSigner(&resp.CreateSignerRequest)
+	if err != nil {
+		return "", nil, fmt.Errorf("load new key %s: %w", name, err)
+	}
+	return name, signer, nil
+}
+
+// signer loads the key stored under ref.
+func (k *keyStore) signer(ref string) (crypto.Signer, error) {
+	req := &kmsapi.CreateSignerRequest{SigningKey: ref}
+	if k.uri == "" {
+		if filepath.IsAbs(ref) || strings.Contains(ref, "..") {
+			return nil, fmt.Errorf("key reference %q escapes the data directory", ref)
+		}
+		req.SigningKey = filepath.Join(k.dir, ref)
+	}
+	s, err := k.km.CreateSigner(req)
+	if err != nil {
+		return nil, fmt.Errorf("load key %s: %w", ref, err)
+	}
+	return s, nil
+}
+
+// destroy removes a file-backed key. KMS-held keys are left to the KMS's own
+// lifecycle (most refuse deletion by API, by design).
+func (k *keyStore) destroy(ref string) error {
+	if k.uri != "" || ref == "" {
+		return nil
+	}
+	err := os.Remove(filepath.Join(k.dir, ref))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}

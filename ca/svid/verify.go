@@ -1,0 +1,279 @@
+// Package svid verifies X.509-SVIDs the way every part of Strait accepts a
+// certificate: go-spiffe's chain verification (x509svid.Verify) plus the rules
+// of the SPIFFE X509-SVID specification that go-spiffe leaves to its caller
+// (https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md):
+// exactly one URI SAN holding a well-formed ID of bounded length with a
+// non-root path, a key usage extension that is present, critical and includes
+// digitalSignature, an extended key usage that fits the role the certificate
+// is used in, and a trust domain that matches exactly.
+//
+// Trust is read from an x509bundle.Source on every call, so a root removed
+// from the bundle stops being accepted at the next handshake, including
+// resumed TLS sessions (VerifyConnection runs on every handshake).
+//
+// The package imports no CA or transport code; the sidecar uses it.
+package svid
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca/identity"
+)
+
+// MaxChainLength bounds the certificates a peer may present: leaf,
+// intermediate, and a little room for cross-signed rotations.
+const MaxChainLength = 5
+
+// Role is what a certificate is being accepted for.
+type Role int
+
+// Roles. RoleAny accepts any leaf whose extended key usage allows either.
+const (
+	RoleAny Role = iota
+	RoleServer
+	RoleClient
+)
+
+// Reason classifies a verification failure with a short, bounded string
+// suitable as a metric label.
+type Reason string
+
+// Reasons for refusing a certificate.
+const (
+	ReasonMalformed        Reason = "malformed"
+	ReasonBadID            Reason = "bad_spiffe_id"
+	ReasonWrongTrustDomain Reason = "wrong_trust_domain"
+	ReasonKeyUsage         Reason = "key_usage"
+	ReasonExtKeyUsage      Reason = "ext_key_usage"
+	ReasonCA               Reason = "ca_as_leaf"
+	ReasonExpired          Reason = "expired"
+	ReasonNotYetValid      Reason = "not_yet_valid"
+	ReasonUntrusted        Reason = "untrusted"
+	ReasonNoCertificate    Reason = "no_certificate"
+)
+
+// Error is returned for every refused certificate.
+type Error struct {
+	Reason Reason
+	Err    error
+}
+
+func (e *Error) Error() string { return "svid: " + e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+func fail(r Reason, format string, args ...any) error {
+	return &Error{Reason: r, Err: fmt.Errorf(format, args...)}
+}
+
+// ReasonOf returns the Reason of err, or "" if err is not a verification error.
+func ReasonOf(err error) Reason {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Reason
+	}
+	return ""
+}
+
+var oidKeyUsage = asn1.ObjectIdentifier{2, 5, 29, 15}
+
+// CheckLeaf applies the X509-SVID rules to a leaf certificate on its own
+// (no chain, no clock) and returns its SPIFFE ID.
+func CheckLeaf(leaf *x509.Certificate, role Role) (spiffeid.ID, error) {
+	if leaf == nil {
+		return spiffeid.ID{}, fail(ReasonNoCertificate, "no certificate")
+	}
+	if n := len(leaf.URIs); n != 1 {
+		return spiffeid.ID{}, fail(ReasonBadID, "leaf has %d URI SANs, want exactly 1", n)
+	}
+	id, err := identity.Parse(leaf.URIs[0].String())
+	if err != nil {
+		return spiffeid.ID{}, fail(ReasonBadID, "leaf URI SAN: %v", err)
+	}
+	if err := identity.CheckLeaf(id); err != nil {
+		return id, fail(ReasonBadID, "leaf: %v", err)
+	}
+	if leaf.IsCA {
+		return id, fail(ReasonCA, "leaf %s is a CA certificate", id)
+	}
+	if err := checkKeyUsage(leaf); err != nil {
+		return id, fail(ReasonKeyUsage, "leaf %s: %v", id, err)
+	}
+	if err := checkExtKeyUsage(leaf, role); err != nil {
+		return id, fail(ReasonExtKeyUsage, "leaf %s: %v", id, err)
+	}
+	return id, nil
+}
+
+func checkKeyUsage(c *x509.Certificate) error {
+	var ext *bool
+	for _, e := range c.Extensions {
+		if e.Id.Equal(oidKeyUsage) {
+			ext = &e.Critical
+			break
+		}
+	}
+	switch {
+	case ext == nil:
+		return errors.New("key usage extension is missing")
+	case !*ext:
+		return errors.New("key usage extension is not critical")
+	case c.KeyUsage&x509.KeyUsageDigitalSignature == 0:
+		return errors.New("key usage lacks digitalSignature")
+	case c.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0:
+		return errors.New("key usage allows certificate or CRL signing")
+	}
+	return nil
+}
+
+func checkExtKeyUsage(c *x509.Certificate, role Role) error {
+	if len(c.ExtKeyUsage) == 0 {
+		return errors.New("extended key usage is missing")
+	}
+	has := func(want x509.ExtKeyUsage) bool {
+		for _, u := range c.ExtKeyUsage {
+			if u == want || u == x509.ExtKeyUsageAny {
+				return true
+			}
+		}
+		return false
+	}
+	switch role {
+	case RoleServer:
+		if !has(x509.ExtKeyUsageServerAuth) {
+			return errors.New("extended key usage does not allow serverAuth")
+		}
+	case RoleClient:
+		if !has(x509.ExtKeyUsageClientAuth) {
+			return errors.New("extended key usage does not allow clientAuth")
+		}
+	default:
+		if !has(x509.ExtKeyUsageServerAuth) && !has(x509.ExtKeyUsageClientAuth) {
+			return errors.New("extended key usage allows neither serverAuth nor clientAuth")
+		}
+	}
+	return nil
+}
+
+// VerifierConfig configures a Verifier.
+type VerifierConfig struct {
+	// TrustDomain is the only trust domain accepted. Required.
+	TrustDomain spiffeid.TrustDomain
+	// Bundles supplies the current roots, read on every verification. Required.
+	Bundles x509bundle.Source
+	// Clock returns the current time. Nil means time.Now.
+	Clock func() time.Time
+}
+
+// Verifier verifies X.509-SVID chains against current trust.
+type Verifier struct {
+	td      spiffeid.TrustDomain
+	bundles x509bundle.Source
+	now     func() time.Time
+}
+
+// NewVerifier returns a Verifier for cfg.
+func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
+	if cfg.TrustDomain.IsZero() {
+		return nil, errors.New("svid: verifier needs a trust domain")
+	}
+	if cfg.Bundles == nil {
+		return nil, errors.New("svid: verifier needs a bundle source")
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	return &Verifier{td: cfg.TrustDomain, bundles: cfg.Bundles, now: cfg.Clock}, nil
+}
+
+// TrustDomain returns the trust domain the verifier accepts.
+func (v *Verifier) TrustDomain() spiffeid.TrustDomain { return v.td }
+
+// Verify checks chain (leaf first) for role and returns the leaf's ID and the
+// verified chains. Every error is an *Error with a Reason.
+func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, [][]*x509.Certificate, error) {
+	switch {
+	case len(chain) == 0:
+		return spiffeid.ID{}, nil, fail(ReasonNoCertificate, "no certificate presented")
+	case len(chain) > MaxChainLength:
+		return spiffeid.ID{}, nil, fail(ReasonMalformed, "chain of %d certificates, more than the limit of %d", len(chain), MaxChainLength)
+	}
+	leaf := chain[0]
+	id, err := CheckLeaf(leaf, role)
+	if err != nil {
+		return id, nil, err
+	}
+	if id.TrustDomain() != v.td {
+		return id, nil, fail(ReasonWrongTrustDomain, "%s is in trust domain %q, want %q", id, id.TrustDomain(), v.td)
+	}
+	now := v.now()
+	if now.Before(leaf.NotBefore) {
+		return id, nil, fail(ReasonNotYetValid, "%s is not valid until %s (now %s)", id, leaf.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	if now.After(leaf.NotAfter) {
+		return id, nil, fail(ReasonExpired, "%s expired at %s (now %s)", id, leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	for _, c := range chain[1:] {
+		if !c.IsCA || c.KeyUsage&x509.KeyUsageCertSign == 0 {
+			return id, nil, fail(ReasonMalformed, "chain certificate %q is not a signing CA", c.Subject)
+		}
+	}
+	_, chains, err := x509svid.Verify(chain, v.bundles, x509svid.WithTime(now))
+	if err != nil {
+		var inv x509.CertificateInvalidError
+		if errors.As(err, &inv) && inv.Reason == x509.Expired {
+			return id, nil, fail(ReasonExpired, "%s: %v", id, err)
+		}
+		return id, nil, fail(ReasonUntrusted, "%s: %v", id, err)
+	}
+	return id, chains, nil
+}
+
+// VerifyRaw parses DER certificates (as TLS hands them over) and verifies them.
+func (v *Verifier) VerifyRaw(raw [][]byte, role Role) (spiffeid.ID, error) {
+	if len(raw) > MaxChainLength {
+		return spiffeid.ID{}, fail(ReasonMalformed, "chain of %d certificates, more than the limit of %d", len(raw), MaxChainLength)
+	}
+	certs := make([]*x509.Certificate, 0, len(raw))
+	for i, der := range raw {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return spiffeid.ID{}, fail(ReasonMalformed, "certificate %d: %v", i, err)
+		}
+		certs = append(certs, c)
+	}
+	id, _, err := v.Verify(certs, role)
+	return id, err
+}
+
+// Authorizer decides whether a verified peer may proceed.
+type Authorizer func(id spiffeid.ID) error
+
+// VerifyConnection returns a tls.Config.VerifyConnection hook that verifies
+// the peer's chain for role and then asks authorize (nil allows any verified
+// member of the trust domain). Go runs it on every handshake, resumed ones
+// included, so current trust and policy are applied to every connection.
+// Use it with InsecureSkipVerify (clients) or RequireAnyClientCert (servers)
+// so that this, not crypto/tls's WebPKI check, is the verification.
+func (v *Verifier) VerifyConnection(role Role, authorize Authorizer) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		id, _, err := v.Verify(cs.PeerCertificates, role)
+		if err != nil {
+			return err
+		}
+		if authorize != nil {
+			if err := authorize(id); err != nil {
+				return fmt.Errorf("svid: %s not authorized: %w", id, err)
+			}
+		}
+		return nil
+	}
+}
