@@ -112,7 +112,7 @@ func TestCheckLeaf(t *testing.T) {
 
 func TestParseTrustDomain(t *testing.T) {
 	for in, want := range map[string]string{
-		"strait.example":                "strait.example",
+		"strait.example":               "strait.example",
 		"spiffe://strait.example/ns/a": "strait.example",
 	} {
 		td, err := ParseTrustDomain(in)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/json"
@@ -384,7 +385,11 @@ func newCABundleCmd(f *caFlags) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				fmt.Fprintf(f.g.stdout, "%s\n", data)
+				var pretty bytes.Buffer
+				if err := json.Indent(&pretty, data, "", "  "); err != nil {
+					return err
+				}
+				fmt.Fprintf(f.g.stdout, "%s\n", pretty.Bytes())
 			case "pem":
 				f.g.stdout.Write(a.Bundle().MarshalPEM())
 			default:

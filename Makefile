@@ -1,0 +1,66 @@
+# Strait. `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+TOOLS := $(CURDIR)/.tools/bin
+STATICCHECK_VERSION := v0.8.2
+FUZZTIME ?= 30s
+PKGS := ./...
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: ## Build the binaries into bin/
+	$(GO) build -o bin/ ./cmd/...
+
+.PHONY: demo
+demo: build ## Run the main job: the Strait story on this machine (no Docker, no Kubernetes)
+	./bin/strait demo
+
+.PHONY: test
+test: ## Run all tests with the race detector (what CI runs)
+	$(GO) test -race -count=1 $(PKGS)
+
+.PHONY: race
+race: ## Run all tests with the race detector, twice, shuffled
+	$(GO) test -race -count=2 -shuffle=on $(PKGS)
+
+.PHONY: lint
+lint: $(TOOLS)/staticcheck ## gofmt, go vet, staticcheck, go mod tidy check
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$(TOOLS)/staticcheck $(PKGS)
+	$(GO) mod tidy -diff
+
+$(TOOLS)/staticcheck:
+	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+.PHONY: generate
+generate: ## Regenerate generated code (go generate)
+	$(GO) generate $(PKGS)
+
+.PHONY: generate-check
+generate-check: generate ## Fail if generated code is not current
+	@git diff --exit-code -- . || { echo "generated code is stale: run make generate and commit"; exit 1; }
+
+.PHONY: bench
+bench: ## Benchmarks, reported as ratios against a baseline measured in the same run
+	STRAIT_BENCH=1 $(GO) test -count=1 -run '^TestReport' -v ./ca/ | grep -E 'report:|^(ok|FAIL|---)'
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for FUZZTIME each (default 30s)
+	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \
+	  pkg=./$$(dirname $$f); \
+	  for t in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | cut -d' ' -f2); do \
+	    echo "== $$pkg $$t ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+.PHONY: clean
+clean: ## Remove build output
+	rm -rf bin/
