@@ -222,6 +222,9 @@ func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, []
 		return id, nil, fail(ReasonExpired, "%s expired at %s (now %s)", id, leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}
 	for _, c := range chain[1:] {
+		if c == nil {
+			return id, nil, fail(ReasonMalformed, "chain holds a nil certificate")
+		}
 		if !c.IsCA || c.KeyUsage&x509.KeyUsageCertSign == 0 {
 			return id, nil, fail(ReasonMalformed, "chain certificate %q is not a signing CA", c.Subject)
 		}
@@ -230,6 +233,10 @@ func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, []
 	if err != nil {
 		var inv x509.CertificateInvalidError
 		if errors.As(err, &inv) && inv.Reason == x509.Expired {
+			// Go reports both ends of a validity window as Expired.
+			if inv.Cert != nil && now.Before(inv.Cert.NotBefore) {
+				return id, nil, fail(ReasonNotYetValid, "%s: %v", id, err)
+			}
 			return id, nil, fail(ReasonExpired, "%s: %v", id, err)
 		}
 		return id, nil, fail(ReasonUntrusted, "%s: %v", id, err)
