@@ -113,9 +113,10 @@ type Authority struct {
 	lock *dirLock
 	keys *keyStore
 
-	mu     sync.Mutex
-	st     *state
-	bundle *bundle.Bundle
+	mu      sync.Mutex
+	st      *state
+	bundle  *bundle.Bundle
+	pending []string // keys created by the transition in progress
 }
 
 type state struct {
@@ -136,6 +137,9 @@ type rootRecord struct {
 	Key     string    `json:"key"`
 	Created time.Time `json:"created"`
 	Changed time.Time `json:"changed"`
+	// LastInUse is when this root last stopped signing or an intermediate
+	// under it was superseded; leaves under it may live MaxSVIDTTL longer.
+	LastInUse time.Time `json:"last_in_use,omitzero"`
 
 	cert *x509.Certificate
 }
@@ -183,6 +187,7 @@ func Init(ctx context.Context, cfg Config, opts InitOptions) (*Authority, error)
 
 func initLocked(ctx context.Context, cfg Config, opts InitOptions, lock *dirLock) (*Authority, error) {
 	statePath := filepath.Join(cfg.Dir, stateFile)
+	var prevSequence uint64
 	if _, err := os.Stat(statePath); err == nil {
 		if !opts.Force {
 			return nil, fmt.Errorf("%w (%s); pass --force to replace it", ErrExists, cfg.Dir)
@@ -197,6 +202,13 @@ func initLocked(ctx context.Context, cfg Config, opts InitOptions, lock *dirLock
 		if err := writeFileAtomic(backup, old, 0o600); err != nil {
 			return nil, fmt.Errorf("ca: keep old state: %w", err)
 		}
+		// Members only accept a bundle with a higher sequence: continue it.
+		var prev struct {
+			Sequence uint64 `json:"bundle_sequence"`
+		}
+		if json.Unmarshal(old, &prev) == nil {
+			prevSequence = prev.Sequence
+		}
 		cfg.Logger.Warn("replacing existing CA; previous state kept", "backup", backup)
 	}
 	keys, err := openKeyStore(ctx, cfg.Dir, opts.KMS)
@@ -207,16 +219,17 @@ func initLocked(ctx context.Context, cfg Config, opts InitOptions, lock *dirLock
 	now := cfg.Clock()
 	st := &state{Version: stateVersion, TrustDomain: opts.TrustDomain.Name(), KMS: opts.KMS, td: opts.TrustDomain}
 	root, err := a.newRoot(st, now, opts.RootTTL, RootActive)
+	if err == nil {
+		st.Roots = append(st.Roots, root)
+		st.Sequence = prevSequence + 1
+		err = a.commit(st)
+	}
 	if err != nil {
+		a.dropPending()
 		keys.close()
 		return nil, err
 	}
-	st.Roots = append(st.Roots, root)
-	st.Sequence = 1
-	if err := a.commit(st); err != nil {
-		keys.close()
-		return nil, err
-	}
+	a.pending = nil
 	a.log.Info("created mesh root", "trust_domain", st.TrustDomain, "root_id", root.ID, "not_after", root.cert.NotAfter)
 	return a, nil
 }
@@ -315,7 +328,15 @@ func decodeState(data []byte) (*state, error) {
 	}
 	st.td = td
 	active, next := 0, 0
+	ids := map[string]bool{}
 	for _, r := range st.Roots {
+		if r == nil {
+			return nil, errors.New("state lists an empty root")
+		}
+		if ids[r.ID] {
+			return nil, fmt.Errorf("state lists root %q twice", r.ID)
+		}
+		ids[r.ID] = true
 		if r.cert, err = parseCertPEM(r.Cert); err != nil {
 			return nil, fmt.Errorf("root %s: %w", r.ID, err)
 		}
@@ -336,6 +357,12 @@ func decodeState(data []byte) (*state, error) {
 		return nil, fmt.Errorf("state has %d active roots and %d in the next slot; want 1 and at most 1", active, next)
 	}
 	for _, im := range st.Intermediates {
+		if im == nil {
+			return nil, errors.New("state lists an empty intermediate")
+		}
+		if !ids[im.RootID] {
+			return nil, fmt.Errorf("intermediate of %q chains to unknown root %q", im.Cluster, im.RootID)
+		}
 		if im.cert, err = parseCertPEM(im.Cert); err != nil {
 			return nil, fmt.Errorf("intermediate of %s: %w", im.Cluster, err)
 		}
@@ -396,7 +423,9 @@ func (st *state) makeBundle() (*bundle.Bundle, error) {
 }
 
 // commit makes next the authority's state: durably first, in memory second.
-// On error nothing changed, on disk or in memory.
+// On error nothing changed, on disk or in memory. Once state.json is
+// replaced the transition has happened: a failure to rewrite the derived
+// bundle files is logged, and they are rebuilt on the next open.
 func (a *Authority) commit(next *state) error {
 	b, err := next.makeBundle()
 	if err != nil {
@@ -410,7 +439,10 @@ func (a *Authority) commit(next *state) error {
 		return fmt.Errorf("ca: write state: %w", err)
 	}
 	a.st, a.bundle = next, b
-	return a.writeBundleFiles(b)
+	if err := a.writeBundleFiles(b); err != nil {
+		a.log.Warn("state committed but the bundle files could not be rewritten; they are rebuilt on the next open", "error", err)
+	}
+	return nil
 }
 
 func (a *Authority) writeBundleFiles(b *bundle.Bundle) error {
@@ -418,7 +450,12 @@ func (a *Authority) writeBundleFiles(b *bundle.Bundle) error {
 	if err != nil {
 		return err
 	}
-	for name, data := range map[string][]byte{bundleJWKSFile: append(jwks, '\n'), bundlePEMFile: b.MarshalPEM()} {
+	files := []struct {
+		name string
+		data []byte
+	}{{bundleJWKSFile, append(jwks, '\n')}, {bundlePEMFile, b.MarshalPEM()}}
+	for _, f := range files {
+		name, data := f.name, f.data
 		path := filepath.Join(a.cfg.Dir, name)
 		if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
 			continue
@@ -438,10 +475,33 @@ func (a *Authority) mutate(fn func(st *state, now time.Time) error) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	next := a.st.clone()
-	if err := fn(next, a.cfg.Clock()); err != nil {
-		return err
+	a.pending = nil
+	err := fn(next, a.cfg.Clock())
+	if err == nil {
+		err = a.commit(next)
 	}
-	return a.commit(next)
+	if err != nil {
+		a.dropPending()
+	}
+	a.pending = nil
+	return err
+}
+
+// createKey creates a key for the transition in progress; if the transition
+// fails, dropPending removes it again.
+func (a *Authority) createKey(purpose string) (string, crypto.Signer, error) {
+	ref, signer, err := a.keys.create(purpose)
+	if err == nil {
+		a.pending = append(a.pending, ref)
+	}
+	return ref, signer, err
+}
+
+func (a *Authority) dropPending() {
+	for _, ref := range a.pending {
+		a.destroyKey(ref)
+	}
+	a.pending = nil
 }
 
 // rootTemplate and intermediateTemplate are x509util templates; data holds
@@ -488,7 +548,7 @@ func keyID(pub crypto.PublicKey) (string, error) {
 }
 
 func (a *Authority) newRoot(st *state, now time.Time, ttl time.Duration, rs RootState) (*rootRecord, error) {
-	ref, signer, err := a.keys.create("root")
+	ref, signer, err := a.createKey("root")
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
@@ -547,6 +607,10 @@ type IntermediateRequest struct {
 	Cluster string
 	CSR     []byte // DER; only its public key is used
 	TTL     time.Duration
+	// Replace allows replacing an intermediate whose key is held in this
+	// directory (its key is then deleted). Records of remote clusters are
+	// always replaced: that is how they renew.
+	Replace bool
 }
 
 // SignIntermediate signs a cluster intermediate from a CSR (path length 0,
@@ -568,9 +632,12 @@ func (a *Authority) SignIntermediate(ctx context.Context, req IntermediateReques
 			return err
 		}
 		if old := st.intermediate(req.Cluster); old != nil {
+			if old.Key != "" && !req.Replace {
+				return fmt.Errorf("ca: the intermediate of cluster %s has its key held in this directory; pass --force to replace it with one signed from a CSR", req.Cluster)
+			}
 			dropKey = old.Key
 		}
-		st.putIntermediate(&intermediateRecord{Cluster: req.Cluster, RootID: root.ID, Cert: encodeCertPEM(cert), Issued: now, cert: cert})
+		st.putIntermediate(now, &intermediateRecord{Cluster: req.Cluster, RootID: root.ID, Cert: encodeCertPEM(cert), Issued: now, cert: cert})
 		out = cert
 		return nil
 	})
@@ -598,7 +665,7 @@ func (a *Authority) CreateIntermediate(ctx context.Context, cluster string, ttl 
 			}
 			dropKey = old.Key
 		}
-		ref, signer, err := a.keys.create("intermediate-" + cluster)
+		ref, signer, err := a.createKey("intermediate-" + cluster)
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
 		}
@@ -606,7 +673,7 @@ func (a *Authority) CreateIntermediate(ctx context.Context, cluster string, ttl 
 		if err != nil {
 			return err
 		}
-		st.putIntermediate(&intermediateRecord{Cluster: cluster, RootID: root.ID, Cert: encodeCertPEM(cert), Key: ref, Issued: now, cert: cert})
+		st.putIntermediate(now, &intermediateRecord{Cluster: cluster, RootID: root.ID, Cert: encodeCertPEM(cert), Key: ref, Issued: now, cert: cert})
 		out = cert
 		return nil
 	})
@@ -618,7 +685,15 @@ func (a *Authority) CreateIntermediate(ctx context.Context, cluster string, ttl 
 	return out, nil
 }
 
-func (st *state) putIntermediate(rec *intermediateRecord) {
+// putIntermediate records rec as its cluster's current intermediate. If it
+// replaces one under a root that no longer signs, that root's chain was in
+// use until now: leaves issued under it live on for up to MaxSVIDTTL.
+func (st *state) putIntermediate(now time.Time, rec *intermediateRecord) {
+	if old := st.intermediate(rec.Cluster); old != nil && old.RootID != rec.RootID {
+		if r := st.root(old.RootID); r != nil && r.State != RootActive {
+			r.LastInUse = now
+		}
+	}
 	st.Intermediates = slices.DeleteFunc(st.Intermediates, func(im *intermediateRecord) bool { return im.Cluster == rec.Cluster })
 	st.Intermediates = append(st.Intermediates, rec)
 	slices.SortFunc(st.Intermediates, func(x, y *intermediateRecord) int { return cmpString(x.Cluster, y.Cluster) })

@@ -27,7 +27,7 @@ func cycle(ctx context.Context, a *Authority) error {
 	if err := a.Activate(ctx); err != nil {
 		return err
 	}
-	return a.Retire(ctx, RetireOptions{})
+	return a.Retire(ctx, RetireOptions{Force: true})
 }
 
 // TestFailedCommitChangesNothing injects a failure at the instant before the
@@ -50,7 +50,7 @@ func TestFailedCommitChangesNothing(t *testing.T) {
 	}{
 		{"prepare", func() error { _, err := a.Prepare(ctx, PrepareOptions{}); return err }},
 		{"activate", func() error { return a.Activate(ctx) }},
-		{"retire", func() error { return a.Retire(ctx, RetireOptions{}) }},
+		{"retire", func() error { return a.Retire(ctx, RetireOptions{Force: true}) }},
 	}
 	injected := errors.New("injected crash")
 	for _, s := range steps {
@@ -168,7 +168,7 @@ func TestCrashChild(t *testing.T) {
 		_ = a.Activate(ctx)
 	}
 	if a.st.rootIn(RootOld) != nil {
-		_ = a.Retire(ctx, RetireOptions{})
+		_ = a.Retire(ctx, RetireOptions{Force: true})
 	}
 	for i := 0; ; i++ {
 		if err := cycle(ctx, a); err != nil {

@@ -66,19 +66,20 @@ func (a *Authority) Activate(ctx context.Context) error {
 			return fmt.Errorf("%w: no prepared root; run prepare first", ErrTransition)
 		}
 		cur := st.rootIn(RootActive)
-		cur.State, cur.Changed = RootOld, now
+		cur.State, cur.Changed, cur.LastInUse = RootOld, now, now
 		next.State, next.Changed = RootActive, now
 		newID = next.ID
 		for _, im := range st.Intermediates {
-			if im.Key == "" || im.RootID == next.ID {
+			// Expired intermediates stay expired; the others keep their
+			// expiry (capped at the new root's).
+			if im.Key == "" || im.RootID == next.ID || !im.cert.NotAfter.After(now) {
 				continue
 			}
 			signer, err := a.keys.signer(im.Key)
 			if err != nil {
 				return fmt.Errorf("ca: intermediate of %s: %w", im.Cluster, err)
 			}
-			ttl := im.cert.NotAfter.Sub(im.cert.NotBefore) - caBackdate
-			cert, _, err := a.signIntermediate(st, now, im.Cluster, signer.Public(), ttl)
+			cert, _, err := a.signIntermediate(st, now, im.Cluster, signer.Public(), im.cert.NotAfter.Sub(now))
 			if err != nil {
 				return err
 			}
@@ -116,6 +117,9 @@ func (a *Authority) Retire(ctx context.Context, opts RetireOptions) error {
 		if pending := st.chainingTo(r.ID, now); len(pending) > 0 && !opts.Force {
 			return fmt.Errorf("%w: intermediates of %s still chain to root %s; re-sign them under the active root or pass --force", ErrTransition, strings.Join(pending, ", "), r.ID)
 		}
+		if until := r.retirableAt(); now.Before(until) && !opts.Force {
+			return fmt.Errorf("%w: SVIDs issued with a chain to root %s may be in use until %s (%s after it last signed); retire then, or pass --force", ErrTransition, r.ID, until.UTC().Format(time.RFC3339), MaxSVIDTTL)
+		}
 		old = *r
 		r.State, r.Changed, r.Key = RootRetired, now, ""
 		st.Sequence++
@@ -127,6 +131,14 @@ func (a *Authority) Retire(ctx context.Context, opts RetireOptions) error {
 	a.destroyKey(old.Key)
 	a.log.Info("retired root", "root_id", old.ID, "bundle_sequence", a.Bundle().Sequence())
 	return nil
+}
+
+// retirableAt is when every leaf issued under a chain to r has expired.
+func (r *rootRecord) retirableAt() time.Time {
+	if r.LastInUse.IsZero() {
+		return time.Time{}
+	}
+	return r.LastInUse.Add(MaxSVIDTTL)
 }
 
 func (st *state) chainingTo(rootID string, now time.Time) []string {

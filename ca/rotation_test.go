@@ -168,7 +168,14 @@ func TestRotationLifecycle(t *testing.T) {
 	if _, err := h.a.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: westCSR}); err != nil {
 		t.Fatal(err)
 	}
+	// Leaves issued under A's chain live up to MaxSVIDTTL after the last
+	// intermediate moved off it: retire waits for them.
 	h.clk.Advance(time.Minute)
+	h.refused(h.a.Status(), h.a.Retire(ctx, ca.RetireOptions{}), "may be in use until")
+	if ra := h.a.Status().Roots[0].RetireAfter; ra == nil || !ra.Equal(h.clk.Now().Add(-time.Minute).Add(ca.MaxSVIDTTL)) {
+		t.Fatalf("status retire_after: got %v, want %s", ra, h.clk.Now().Add(-time.Minute).Add(ca.MaxSVIDTTL))
+	}
+	h.clk.Advance(ca.MaxSVIDTTL)
 	if err := h.a.Retire(ctx, ca.RetireOptions{}); err != nil {
 		t.Fatalf("retire: %v", err)
 	}
@@ -179,8 +186,20 @@ func TestRotationLifecycle(t *testing.T) {
 	if b := h.a.Bundle(); b.Sequence() != 3 || len(b.Roots()) != 1 {
 		t.Fatalf("after retire: bundle seq %d with %d roots, want 3 with 1", b.Sequence(), len(b.Roots()))
 	}
-	if _, _, err := h.verifier().Verify(before.Certificates, svid.RoleClient); svid.ReasonOf(err) != svid.ReasonUntrusted {
-		t.Fatalf("SVID presented with its old chain after retire: got %v, want untrusted", err)
+	// By the time A could be retired, every leaf issued with a chain to A
+	// has expired: nothing valid chained to the root that left.
+	if _, _, err := h.verifier().Verify(before.Certificates, svid.RoleClient); svid.ReasonOf(err) != svid.ReasonExpired {
+		t.Fatalf("SVID issued under A, after retire: got %v, want expired", err)
+	}
+	if _, _, err := h.verifier().Verify(oldLeafNewChain, svid.RoleClient); svid.ReasonOf(err) != svid.ReasonExpired {
+		t.Fatalf("same leaf with the re-signed chain: got %v, want expired (not untrusted)", err)
+	}
+	fresh, err := iss.MintSVID(web, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.verifier().Verify(fresh.Certificates, svid.RoleClient); err != nil {
+		t.Fatalf("SVID issued after retire: %v", err)
 	}
 	keys, _ := filepath.Glob(filepath.Join(h.dir, "keys", "root-*"))
 	if len(keys) != 1 {

@@ -33,6 +33,8 @@ type RootStatus struct {
 	NotAfter    time.Time `json:"not_after"`
 	Key         string    `json:"key"`
 	Changed     time.Time `json:"changed"`
+	// RetireAfter is when an old root's leaves have all expired.
+	RetireAfter *time.Time `json:"retire_after,omitempty"`
 }
 
 // IntermediateStatus describes one cluster's current intermediate.
@@ -79,11 +81,16 @@ func (a *Authority) Status() Status {
 }
 
 func rootStatus(r *rootRecord) RootStatus {
-	return RootStatus{
+	s := RootStatus{
 		ID: r.ID, State: r.State, InBundle: r.State.inBundle(), Subject: r.cert.Subject.String(),
 		Fingerprint: fingerprint(r.cert), NotBefore: r.cert.NotBefore, NotAfter: r.cert.NotAfter,
 		Key: r.Key, Changed: r.Changed,
 	}
+	if r.State == RootOld {
+		t := r.retirableAt()
+		s.RetireAfter = &t
+	}
+	return s
 }
 
 func fingerprint(c *x509.Certificate) string { return x509util.Fingerprint(c) }

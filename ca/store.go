@@ -119,6 +119,14 @@ func openKeyStore(ctx context.Context, dir, uri string) (*keyStore, error) {
 	opts := kmsapi.Options{Type: kmsapi.SoftKMS}
 	if uri != "" {
 		opts = kmsapi.Options{URI: uri}
+		t, err := opts.GetType()
+		if err != nil {
+			return nil, fmt.Errorf("KMS URI %q: %w", uri, err)
+		}
+		if t == kmsapi.SoftKMS {
+			// softkms keeps no keys of its own: it is the file-backed default.
+			opts, uri = kmsapi.Options{Type: kmsapi.SoftKMS}, ""
+		}
 	}
 	km, err := kms.New(ctx, opts)
 	if err != nil {
@@ -167,10 +175,11 @@ func (k *keyStore) create(purpose string) (string, crypto.Signer, error) {
 func (k *keyStore) signer(ref string) (crypto.Signer, error) {
 	req := &kmsapi.CreateSignerRequest{SigningKey: ref}
 	if k.uri == "" {
-		if filepath.IsAbs(ref) || strings.Contains(ref, "..") {
-			return nil, fmt.Errorf("key reference %q escapes the data directory", ref)
+		path, err := k.path(ref)
+		if err != nil {
+			return nil, err
 		}
-		req.SigningKey = filepath.Join(k.dir, ref)
+		req.SigningKey = path
 	}
 	s, err := k.km.CreateSigner(req)
 	if err != nil {
@@ -179,13 +188,26 @@ func (k *keyStore) signer(ref string) (crypto.Signer, error) {
 	return s, nil
 }
 
+// path resolves a file-backed key reference, which must stay under keys/.
+func (k *keyStore) path(ref string) (string, error) {
+	clean := filepath.Clean(ref)
+	if filepath.IsAbs(ref) || clean != ref || !strings.HasPrefix(clean, keysDir+string(filepath.Separator)) || strings.Contains(clean, "..") {
+		return "", fmt.Errorf("key reference %q is not a file under %s/", ref, keysDir)
+	}
+	return filepath.Join(k.dir, clean), nil
+}
+
 // destroy removes a file-backed key. KMS-held keys are left to the KMS's own
 // lifecycle (most refuse deletion by API, by design).
 func (k *keyStore) destroy(ref string) error {
 	if k.uri != "" || ref == "" {
 		return nil
 	}
-	err := os.Remove(filepath.Join(k.dir, ref))
+	path, err := k.path(ref)
+	if err != nil {
+		return err
+	}
+	err = os.Remove(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}

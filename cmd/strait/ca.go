@@ -234,7 +234,7 @@ Workloads normally get SVIDs from their control plane with a CSR instead.`,
 				name string
 				data []byte
 				perm os.FileMode
-			}{{"svid.pem", certPEM, 0o644}, {"key.pem", keyPEM, 0o600}, {"bundle.pem", a.Bundle().MarshalPEM(), 0o644}}
+			}{{"key.pem", keyPEM, 0o600}, {"svid.pem", certPEM, 0o644}, {"bundle.pem", a.Bundle().MarshalPEM(), 0o644}}
 			for _, fl := range files {
 				if err := writeFile(filepath.Join(outDir, fl.name), fl.data, fl.perm); err != nil {
 					return err
@@ -326,12 +326,19 @@ func newCAIntermediateCmd(f *caFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Fail before signing, not after, if the output cannot be written.
+			probe, err := os.CreateTemp(filepath.Dir(out), ".strait-probe-*")
+			if err != nil {
+				return fmt.Errorf("--out %s: %w", out, err)
+			}
+			probe.Close()
+			os.Remove(probe.Name())
 			a, err := f.open(cmd, false)
 			if err != nil {
 				return err
 			}
 			defer a.Close()
-			c, err := a.SignIntermediate(cmd.Context(), ca.IntermediateRequest{Cluster: cluster, CSR: der, TTL: ttl})
+			c, err := a.SignIntermediate(cmd.Context(), ca.IntermediateRequest{Cluster: cluster, CSR: der, TTL: ttl, Replace: force})
 			if err != nil {
 				return err
 			}
@@ -346,6 +353,7 @@ func newCAIntermediateCmd(f *caFlags) *cobra.Command {
 	sign.Flags().StringVar(&csrFile, "csr", "", "PEM or DER CSR file (required)")
 	sign.Flags().StringVar(&out, "out", "", "file to write the intermediate certificate (PEM) to (required)")
 	sign.Flags().Var(durationValue{&ttl}, "ttl", "lifetime (default 90d, at most 365d, never past the root)")
+	sign.Flags().BoolVar(&force, "force", false, "replace an intermediate whose key is held in this data directory")
 	cmd.AddCommand(create, sign)
 	return cmd
 }
@@ -499,7 +507,8 @@ func newCARotateCmd(f *caFlags) *cobra.Command {
 		Long: `Rotate the mesh root in this data directory:
   prepare   a new root joins the trust bundle (the active root keeps signing)
   activate  the new root signs; intermediates held here are re-signed under it
-  retire    the old root leaves the bundle once no intermediate chains to it
+  retire    the old root leaves the bundle once no intermediate chains to it and
+            every SVID issued under it has expired (24h after it last signed)
   taint     mark an old root compromised (emergency)
   revoke    remove a tainted root from the bundle at once (emergency)`,
 	}
@@ -525,7 +534,7 @@ func newCARotateCmd(f *caFlags) *cobra.Command {
 	retire := step("retire", "Remove the old root from the bundle", cobra.NoArgs, func(ctx context.Context, a *ca.Authority, _ []string) error {
 		return a.Retire(ctx, ca.RetireOptions{Force: force})
 	})
-	retire.Flags().BoolVar(&force, "force", false, "retire even if intermediates still chain to the old root")
+	retire.Flags().BoolVar(&force, "force", false, "retire before every intermediate and SVID under the old root has moved or expired")
 	cmd.AddCommand(
 		step("prepare", "Add a new root to the bundle", cobra.NoArgs, func(ctx context.Context, a *ca.Authority, _ []string) error {
 			_, err := a.Prepare(ctx, ca.PrepareOptions{})

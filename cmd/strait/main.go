@@ -86,7 +86,35 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 		return usageError{cmd: c.CommandPath(), err: err}
 	})
 	root.AddCommand(newVersionCmd(g), newCACmd(g), newDemoCmd(g))
+	strictTree(root)
 	return root
+}
+
+// strictTree makes every command report misuse as a usage error (exit 2):
+// a group command given an unknown subcommand, and positional arguments
+// that do not fit, instead of printing help and exiting 0 or 1.
+func strictTree(cmd *cobra.Command) {
+	for _, c := range cmd.Commands() {
+		strictTree(c)
+	}
+	if cmd.HasSubCommands() && cmd.Run == nil && cmd.RunE == nil {
+		cmd.Args = cobra.ArbitraryArgs
+		cmd.RunE = func(c *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return c.Help()
+			}
+			return usageError{cmd: c.CommandPath(), err: fmt.Errorf("unknown command %q for %q", args[0], c.CommandPath())}
+		}
+		return
+	}
+	if validate := cmd.Args; validate != nil {
+		cmd.Args = func(c *cobra.Command, args []string) error {
+			if err := validate(c, args); err != nil {
+				return usageError{cmd: c.CommandPath(), err: err}
+			}
+			return nil
+		}
+	}
 }
 
 func newVersionCmd(g *globals) *cobra.Command {

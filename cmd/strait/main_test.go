@@ -43,6 +43,10 @@ func TestCLIErrors(t *testing.T) {
 		{"bad duration", []string{"ca", "init", "--data-dir", dir, "--trust-domain", "strait.example", "--root-ttl", "ten years"}, 2, "invalid duration"},
 		{"status before init", []string{"ca", "status", "--data-dir", dir}, 1, "run 'strait ca init' first"},
 		{"unknown flag", []string{"ca", "status", "--nope"}, 2, "unknown flag"},
+		{"mistyped subcommand", []string{"ca", "rotate", "retier", "--data-dir", dir}, 2, `unknown command "retier"`},
+		{"mistyped group", []string{"ca", "rotat"}, 2, `unknown command "rotat"`},
+		{"missing argument", []string{"ca", "rotate", "taint", "--data-dir", dir}, 2, "accepts 1 arg"},
+		{"extra argument", []string{"ca", "status", "extra"}, 2, "unknown command"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -100,7 +104,10 @@ func TestCLICAWorkflow(t *testing.T) {
 
 	mustCLI(t, "ca", "rotate", "prepare", "--data-dir", dir)
 	mustCLI(t, "ca", "rotate", "activate", "--data-dir", dir)
-	got := mustCLI(t, "ca", "rotate", "retire", "--data-dir", dir)
+	if code, _, errOut := cli(t, "ca", "rotate", "retire", "--data-dir", dir); code != 1 || !strings.Contains(errOut, "may be in use until") {
+		t.Fatalf("retire right after activate: exit %d, %q; want a refusal naming when it may run", code, errOut)
+	}
+	got := mustCLI(t, "ca", "rotate", "retire", "--force", "--data-dir", dir)
 	if !strings.Contains(got, "bundle sequence 3") {
 		t.Fatalf("retire output %q, want bundle sequence 3", got)
 	}
