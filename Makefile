@@ -3,6 +3,9 @@ SHELL := /bin/bash
 GO ?= go
 TOOLS := $(CURDIR)/.tools/bin
 STATICCHECK_VERSION := v0.8.2
+BUF_VERSION := v1.75.0
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 FUZZTIME ?= 30s
 PKGS := ./...
 
@@ -36,16 +39,31 @@ lint: $(TOOLS)/staticcheck ## gofmt, go vet, staticcheck, go mod tidy check
 	$(TOOLS)/staticcheck $(PKGS)
 	$(GO) mod tidy -diff
 
+# Tools are pinned by version and installed into .tools/bin on first use;
+# `go install pkg@version` resolves each from its own go.mod, so their
+# dependencies never enter Strait's.
 $(TOOLS)/staticcheck:
 	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+$(TOOLS)/buf:
+	GOBIN=$(TOOLS) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(TOOLS)/protoc-gen-go:
+	GOBIN=$(TOOLS) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+$(TOOLS)/protoc-gen-go-grpc:
+	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+GEN_TOOLS := $(TOOLS)/buf $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
+GENERATED := controlplane/api
 
 .PHONY: generate
-generate: ## Regenerate generated code (go generate)
+generate: $(GEN_TOOLS) ## Regenerate protobuf/gRPC code (buf) and go:generate output
+	$(TOOLS)/buf lint
+	$(TOOLS)/buf generate
 	$(GO) generate $(PKGS)
 
 .PHONY: generate-check
-generate-check: generate ## Fail if generated code is not current
-	@git diff --exit-code -- . || { echo "generated code is stale: run make generate and commit"; exit 1; }
+generate-check: generate ## Fail if checked-in generated code is not current
+	@if ! git diff --quiet -- $(GENERATED) || [ -n "$$(git ls-files --others --exclude-standard -- $(GENERATED))" ]; then \
+	  git status --short -- $(GENERATED); echo "generated code is stale: run make generate and commit"; exit 1; fi
 
 .PHONY: bench
 bench: ## Benchmarks, reported as ratios against a baseline measured in the same run
