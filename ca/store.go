@@ -17,6 +17,8 @@ import (
 	kmsapi "go.step.sm/crypto/kms/apiv1"
 	_ "go.step.sm/crypto/kms/softkms" // registers the default, file-backed KMS
 	"go.step.sm/crypto/pemutil"
+
+	"github.com/straitmesh/strait/internal/atomicfile"
 )
 
 // Files in a data directory.
@@ -28,54 +30,13 @@ const (
 	keysDir        = "keys"
 )
 
-// writeFileAtomic replaces path with data so that a crash at any instant
-// leaves either the old or the new content: write a temporary file in the
-// same directory, fsync it, rename it over path, fsync the directory.
-// testHookBeforeRename, when set, runs between the fsync and the rename.
+// writeFileAtomic replaces path crash-safely (see internal/atomicfile).
+// testHookBeforeRename, when set, runs at the commit point.
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op once renamed
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if testHookBeforeRename != nil {
-		if err := testHookBeforeRename(path); err != nil {
-			return err
-		}
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(dir)
+	return atomicfile.WriteFileHook(path, data, perm, testHookBeforeRename)
 }
 
 var testHookBeforeRename func(path string) error
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
 
 // dirLock is an exclusive advisory lock on a data directory, so that two
 // processes never mutate one authority at once.

@@ -20,6 +20,7 @@ import (
 	"github.com/straitmesh/strait/ca"
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
+	"github.com/straitmesh/strait/internal/atomicfile"
 )
 
 const dataDirEnv = "STRAIT_CA_DIR"
@@ -236,7 +237,7 @@ Workloads normally get SVIDs from their control plane with a CSR instead.`,
 				perm os.FileMode
 			}{{"key.pem", keyPEM, 0o600}, {"svid.pem", certPEM, 0o644}, {"bundle.pem", a.Bundle().MarshalPEM(), 0o644}}
 			for _, fl := range files {
-				if err := writeFile(filepath.Join(outDir, fl.name), fl.data, fl.perm); err != nil {
+				if err := atomicfile.WriteFile(filepath.Join(outDir, fl.name), fl.data, fl.perm); err != nil {
 					return err
 				}
 			}
@@ -251,32 +252,6 @@ Workloads normally get SVIDs from their control plane with a CSR instead.`,
 	cmd.Flags().StringVar(&cluster, "cluster", "", "cluster whose intermediate signs (default: the only one held here)")
 	cmd.Flags().Var(durationValue{&ttl}, "ttl", "SVID lifetime (default 1h, at most 24h)")
 	return cmd
-}
-
-// writeFile writes data to path through a temporary file and a rename, so a
-// crash never leaves a half-written credential.
-func writeFile(path string, data []byte, perm os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 func newCAIntermediateCmd(f *caFlags) *cobra.Command {
@@ -342,7 +317,7 @@ func newCAIntermediateCmd(f *caFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if err := writeFile(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
+			if err := atomicfile.WriteFile(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
 				return err
 			}
 			fmt.Fprintf(f.g.stdout, "Signed intermediate for cluster %s, valid until %s; wrote %s\n", cluster, day(c.NotAfter), out)
