@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -696,17 +697,7 @@ func (st *state) putIntermediate(now time.Time, rec *intermediateRecord) {
 	}
 	st.Intermediates = slices.DeleteFunc(st.Intermediates, func(im *intermediateRecord) bool { return im.Cluster == rec.Cluster })
 	st.Intermediates = append(st.Intermediates, rec)
-	slices.SortFunc(st.Intermediates, func(x, y *intermediateRecord) int { return cmpString(x.Cluster, y.Cluster) })
-}
-
-func cmpString(x, y string) int {
-	switch {
-	case x < y:
-		return -1
-	case x > y:
-		return 1
-	}
-	return 0
+	slices.SortFunc(st.Intermediates, func(x, y *intermediateRecord) int { return strings.Compare(x.Cluster, y.Cluster) })
 }
 
 func (a *Authority) destroyKey(ref string) {
