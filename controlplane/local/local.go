@@ -1,0 +1,236 @@
+// Package local is the data directory of a control plane in local mode: the
+// cluster's intermediate (its key generated here and never sent), the trust
+// bundle, the admin credentials and the path of the state store. Every file
+// is written atomically, so a crash leaves the old or the new version.
+//
+// It does not import the CA: the root authority is reached through the
+// small RootAuthority interface, which cmd/ satisfies with the ca package
+// (and, for joined clusters, the federation channel will).
+package local
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/identity"
+	"github.com/straitmesh/strait/internal/atomicfile"
+)
+
+// RootAuthority signs cluster intermediates and publishes the trust bundle.
+type RootAuthority interface {
+	SignIntermediate(ctx context.Context, cluster string, csr []byte, ttl time.Duration) (*x509.Certificate, error)
+	Bundle() *bundle.Bundle
+}
+
+// Minter issues SVIDs with a key generated on the spot.
+type Minter interface {
+	MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error)
+}
+
+// Files in a control-plane data directory.
+const (
+	fileCluster      = "cluster.json"
+	fileIntermediate = "intermediate.pem"
+	fileKey          = "intermediate-key.pem"
+	fileBundle       = "bundle.json"
+	fileBundlePEM    = "bundle.pem"
+	fileStore        = "state.db"
+	dirAdmin         = "admin"
+)
+
+// ErrNotInitialized is returned by Load for a directory without a cluster.
+var ErrNotInitialized = errors.New("local: not a control-plane data directory (run `strait controlplane init`)")
+
+type clusterFile struct {
+	Cluster     string    `json:"cluster"`
+	TrustDomain string    `json:"trust_domain"`
+	Created     time.Time `json:"created"`
+}
+
+// Dir is a loaded control-plane data directory.
+type Dir struct {
+	Path        string
+	Cluster     string
+	TrustDomain spiffeid.TrustDomain
+	// Chain is the intermediate first, up to (not including) the root.
+	Chain  []*x509.Certificate
+	Signer crypto.Signer
+	Bundle *bundle.Bundle
+}
+
+// StorePath is where the control plane's state store lives.
+func (d *Dir) StorePath() string { return filepath.Join(d.Path, fileStore) }
+
+// BundlePEMPath is the PEM copy of the trust bundle (for sidecars' first contact).
+func (d *Dir) BundlePEMPath() string { return filepath.Join(d.Path, fileBundlePEM) }
+
+// AdminPaths are the admin SVID's certificate and key files.
+func (d *Dir) AdminPaths() (cert, key string) {
+	return filepath.Join(d.Path, dirAdmin, "svid.pem"), filepath.Join(d.Path, dirAdmin, "svid-key.pem")
+}
+
+// Init creates a data directory for cluster: a new key, its intermediate
+// signed by root, and the bundle. An initialized directory is refused
+// unless force, which replaces the intermediate.
+func Init(ctx context.Context, path, cluster string, root RootAuthority, ttl time.Duration, force bool) (*Dir, error) {
+	if err := identity.ValidateClusterName(cluster); err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	if _, err := os.Stat(filepath.Join(path, fileCluster)); err == nil && !force {
+		return nil, fmt.Errorf("local: %s already holds a control plane (pass --force to re-issue its intermediate)", path)
+	}
+	if err := os.MkdirAll(filepath.Join(path, dirAdmin), 0o700); err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	b := root.Bundle()
+	if b == nil {
+		return nil, errors.New("local: the root authority has no trust bundle")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := root.SignIntermediate(ctx, cluster, csr, ttl)
+	if err != nil {
+		return nil, fmt.Errorf("local: sign intermediate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	// The key first: an intermediate on disk always has its key beside it.
+	if err := atomicfile.WriteFile(filepath.Join(path, fileKey), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(path, fileIntermediate), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
+		return nil, err
+	}
+	if err := WriteBundle(path, b); err != nil {
+		return nil, err
+	}
+	cf, _ := json.MarshalIndent(clusterFile{Cluster: cluster, TrustDomain: b.TrustDomain().Name(), Created: time.Now().UTC()}, "", "  ")
+	if err := atomicfile.WriteFile(filepath.Join(path, fileCluster), append(cf, '\n'), 0o644); err != nil {
+		return nil, err
+	}
+	return Load(path)
+}
+
+// WriteBundle stores b (JWKS, with its sequence, and PEM).
+func WriteBundle(path string, b *bundle.Bundle) error {
+	js, err := b.MarshalJWKS()
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(path, fileBundle), js, 0o644); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(filepath.Join(path, fileBundlePEM), b.MarshalPEM(), 0o644)
+}
+
+// Load reads a data directory written by Init.
+func Load(path string) (*Dir, error) {
+	raw, err := os.ReadFile(filepath.Join(path, fileCluster))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s", ErrNotInitialized, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	var cf clusterFile
+	if err := json.Unmarshal(raw, &cf); err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
+	}
+	td, err := identity.ParseTrustDomain(cf.TrustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
+	}
+	d := &Dir{Path: path, Cluster: cf.Cluster, TrustDomain: td}
+	certPEM, err := os.ReadFile(filepath.Join(path, fileIntermediate))
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	for rest := certPEM; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("local: %s: %w", fileIntermediate, err)
+		}
+		d.Chain = append(d.Chain, c)
+	}
+	if len(d.Chain) == 0 {
+		return nil, fmt.Errorf("local: %s holds no certificate", fileIntermediate)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(path, fileKey))
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	blk, _ := pem.Decode(keyPEM)
+	if blk == nil {
+		return nil, fmt.Errorf("local: %s holds no PEM key", fileKey)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileKey, err)
+	}
+	signer, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("local: %s is not a signing key", fileKey)
+	}
+	d.Signer = signer
+	bj, err := os.ReadFile(filepath.Join(path, fileBundle))
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	if d.Bundle, err = bundle.ParseJWKS(td, bj); err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileBundle, err)
+	}
+	return d, nil
+}
+
+// MintAdmin issues the cluster's admin SVID with m and writes it to the
+// admin directory; the CLI presents it to the admin API.
+func (d *Dir) MintAdmin(m Minter, ttl time.Duration) (*x509svid.SVID, error) {
+	id, err := identity.Admin(d.TrustDomain, d.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	s, err := m.MintSVID(id, ttl)
+	if err != nil {
+		return nil, fmt.Errorf("local: mint admin SVID: %w", err)
+	}
+	certPEM, keyPEM, err := s.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	cp, kp := d.AdminPaths()
+	if err := atomicfile.WriteFile(kp, keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(cp, certPEM, 0o644); err != nil {
+		return nil, err
+	}
+	return s, nil
+}

@@ -1,0 +1,291 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/identity"
+	"github.com/straitmesh/strait/ca/svid"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/registry"
+	"github.com/straitmesh/strait/controlplane/resource"
+)
+
+type x509bundleT = x509bundle.Bundle
+
+// world is everything snapshots are cut from, at one version.
+type world struct {
+	version   uint64
+	digest    [32]byte
+	instances []registry.Instance
+	traffic   map[string]*controlplanev1.TrafficPolicy // "namespace/service"
+	authz     map[string][]*resource.AuthorizationPolicy
+	bundle    *controlplanev1.TrustBundle
+}
+
+// node is one sidecar's configuration stream(s) and last report.
+type node struct {
+	name        string
+	id          spiffeid.ID
+	streams     int
+	sentVersion uint64
+	digest      string
+	health      controlplanev1.Health
+	wake        chan struct{}
+}
+
+func bundleProto(b *bundle.Bundle) *controlplanev1.TrustBundle {
+	if b == nil {
+		return nil
+	}
+	tb := &controlplanev1.TrustBundle{TrustDomain: b.TrustDomain().Name(), Sequence: b.Sequence(), Digest: b.Digest()}
+	for _, r := range b.Roots() {
+		tb.Roots = append(tb.Roots, r.Raw)
+	}
+	return tb
+}
+
+// rebuild reads the registry, the resources and the bundle; if anything
+// differs from the current world, it becomes the next version and every
+// watcher is woken to cut its snapshot.
+func (s *Server) rebuild(ctx context.Context) error {
+	insts, err := s.cfg.Registry.Instances(ctx)
+	if err != nil {
+		return fmt.Errorf("server: read registry: %w", err)
+	}
+	slices.SortFunc(insts, func(a, b registry.Instance) int { return strings.Compare(a.Name, b.Name) })
+	w := &world{instances: insts, traffic: map[string]*controlplanev1.TrafficPolicy{}, authz: map[string][]*resource.AuthorizationPolicy{}, bundle: bundleProto(s.cfg.Bundle())}
+	h := sha256.New()
+	for _, in := range insts {
+		fmt.Fprintf(h, "i\x00%s\x00%s\x00%s\x00%s\x00%d\x00%s\x00%s\x00%s\x00%d\n", in.Name, in.Service, in.Namespace, in.Address, in.Protocol, in.Region, in.Zone, in.SPIFFEID, in.Health)
+	}
+	rs, err := s.cfg.Store.List("", "", "")
+	if err != nil {
+		return fmt.Errorf("server: read resources: %w", err)
+	}
+	for _, r := range rs {
+		fmt.Fprintf(h, "r\x00%s\x00%s\x00%s\x00%d\n", r.Kind, r.Namespace, r.Name, r.Generation)
+		obj, err := resource.FromProto(&controlplanev1.Resource{ApiVersion: r.APIVersion, Kind: r.Kind, Namespace: r.Namespace, Name: r.Name, SpecJson: r.Spec})
+		if err != nil {
+			s.log.Warn("stored resource unreadable; ignored", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "err", err)
+			continue
+		}
+		typed, err := resource.Validate(obj, s.cfg.TrustDomain)
+		if err != nil {
+			s.log.Warn("stored resource no longer valid; ignored", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "err", err)
+			continue
+		}
+		ns, svc := resource.ServiceKey(typed)
+		key := ns + "/" + svc
+		switch t := typed.(type) {
+		case *resource.TrafficPolicy:
+			if _, dup := s.trafficOwner(w, key); dup {
+				s.log.Warn("more than one TrafficPolicy for a service; the first by name wins", "service", key, "ignored", r.Name)
+				continue
+			}
+			w.traffic[key] = t.Proto()
+		case *resource.AuthorizationPolicy:
+			w.authz[key] = append(w.authz[key], t)
+		}
+	}
+	if w.bundle != nil {
+		fmt.Fprintf(h, "b\x00%s\x00%d\n", w.bundle.GetDigest(), w.bundle.GetSequence())
+	}
+	copy(w.digest[:], h.Sum(nil))
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.world != nil && s.world.digest == w.digest {
+		return nil
+	}
+	v, err := s.cfg.Store.BumpRevision()
+	if err != nil {
+		return fmt.Errorf("server: bump revision: %w", err)
+	}
+	w.version = max(v, s.version+1)
+	s.version = w.version
+	s.world = w
+	for _, n := range s.nodes {
+		select {
+		case n.wake <- struct{}{}:
+		default:
+		}
+	}
+	return nil
+}
+
+func (s *Server) trafficOwner(w *world, key string) (string, bool) {
+	_, ok := w.traffic[key]
+	return key, ok
+}
+
+// pushLoop rebuilds the world after changes, debounced.
+func (s *Server) pushLoop(ctx context.Context) error {
+	storeCh, unsubscribe := s.cfg.Store.Subscribe()
+	defer unsubscribe()
+	tick := time.NewTicker(time.Second) // the bundle is polled
+	defer tick.Stop()
+	var lastDigest string
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-storeCh:
+		case <-s.cfg.Registry.Changed():
+		case <-s.wake:
+		case <-tick.C:
+			b := s.cfg.Bundle()
+			if b == nil || b.Digest() == lastDigest {
+				continue
+			}
+			lastDigest = b.Digest()
+		}
+		t := time.NewTimer(s.cfg.Debounce)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+		if err := s.rebuild(ctx); err != nil {
+			s.log.Error("rebuilding configuration failed; sidecars keep the last one", "err", err)
+		}
+	}
+}
+
+// Refresh asks for the world to be rebuilt (after a bundle change, say).
+func (s *Server) Refresh() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// snapshotFor cuts the snapshot of one node from w (version left zero).
+func snapshotFor(w *world, cluster string, ns string, req *controlplanev1.WatchRequest) *controlplanev1.Snapshot {
+	snap := &controlplanev1.Snapshot{Bundle: w.bundle, Cluster: cluster, Authorization: &controlplanev1.Authorization{}}
+	ups := slices.Clone(req.GetUpstreams())
+	slices.Sort(ups)
+	ups = slices.Compact(ups)
+	for _, up := range ups {
+		name, upNS := up, ns
+		if i := strings.IndexByte(up, '.'); i >= 0 {
+			name, upNS = up[:i], up[i+1:]
+		}
+		svc := &controlplanev1.Service{Name: up, Namespace: upNS, Protocol: controlplanev1.Protocol_PROTOCOL_HTTP}
+		for _, in := range w.instances {
+			if in.Service != name || in.Namespace != upNS {
+				continue
+			}
+			svc.Protocol = in.Protocol
+			svc.Endpoints = append(svc.Endpoints, registry.ToEndpoint(in))
+		}
+		if p := w.traffic[upNS+"/"+name]; p != nil {
+			svc.Policy = p
+		} else {
+			svc.Policy = resource.DefaultTrafficPolicy()
+		}
+		snap.Services = append(snap.Services, svc)
+	}
+	if req.GetService() != "" {
+		snap.Authorization = resource.BuildAuthorization(w.authz[ns+"/"+req.GetService()])
+	}
+	return snap
+}
+
+// watch streams snapshots to one node until the client leaves, the
+// caller's SVID expires or stops verifying against the current bundle.
+func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, send func(*controlplanev1.WatchResponse) error) error {
+	c, _ := callerFrom(ctx)
+	if err := identity.ValidateClusterName(req.GetNode()); err != nil {
+		return fmt.Errorf("%w: node: %w", ErrBadRequest, err)
+	}
+	for _, up := range req.GetUpstreams() {
+		if up == "" || len(up) > 253 {
+			return fmt.Errorf("%w: upstream %q is not a service name", ErrBadRequest, up)
+		}
+	}
+	n := s.attach(req.GetNode(), c.id)
+	defer s.detach(n)
+	s.metrics.watchers.Inc()
+	defer s.metrics.watchers.Dec()
+	expiry := time.NewTimer(time.Until(c.leaf.NotAfter))
+	defer expiry.Stop()
+	var last *controlplanev1.Snapshot
+	for {
+		// The caller's chain is re-verified against current trust each time.
+		p := ctx
+		if _, err := s.authenticate(p); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		w := s.world
+		s.mu.Unlock()
+		snap := snapshotFor(w, s.cfg.Cluster, c.info.Namespace, req)
+		if last == nil || !proto.Equal(last, snap) {
+			last = snap
+			out := proto.Clone(snap).(*controlplanev1.Snapshot)
+			out.Version = w.version
+			if err := send(&controlplanev1.WatchResponse{Snapshot: out}); err != nil {
+				return err
+			}
+			s.metrics.pushes.Inc()
+			s.mu.Lock()
+			n.sentVersion = w.version
+			s.mu.Unlock()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-expiry.C:
+			return fmt.Errorf("%w: %s", ErrUnauthenticated, &svid.Error{Reason: svid.ReasonExpired, Err: fmt.Errorf("the SVID this stream was opened with expired; reconnect with the renewed one")})
+		case <-n.wake:
+		}
+	}
+}
+
+func (s *Server) attach(name string, id spiffeid.ID) *node {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := s.nodes[name]
+	if n == nil || n.id != id {
+		n = &node{name: name, id: id, wake: make(chan struct{}, 1)}
+		s.nodes[name] = n
+	}
+	n.streams++
+	return n
+}
+
+func (s *Server) detach(n *node) {
+	s.mu.Lock()
+	n.streams--
+	s.mu.Unlock()
+}
+
+// noteDigest records what a sidecar reported (bundle digest, health).
+func (s *Server) noteDigest(name, digest string, h controlplanev1.Health) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.nodes[name]; n != nil {
+		n.digest = digest
+		n.health = h
+	}
+}
+
+func (s *Server) sortedNodes() []*node {
+	out := make([]*node, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b *node) int { return strings.Compare(a.name, b.name) })
+	return out
+}

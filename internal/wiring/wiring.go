@@ -1,0 +1,125 @@
+// Package wiring composes domains for local mode: the mesh CA behind the
+// interfaces the control plane declares, and a whole local control plane
+// from its data directory. The CLI and the end-to-end tests share it, so
+// what the tests run is what users run.
+package wiring
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca"
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/controlplane/local"
+	"github.com/straitmesh/strait/controlplane/registry"
+	"github.com/straitmesh/strait/controlplane/server"
+	"github.com/straitmesh/strait/controlplane/store"
+)
+
+// RootAuthority lets a local control plane get its intermediate from the
+// mesh CA's data directory.
+type RootAuthority struct {
+	CA      *ca.Authority
+	Replace bool
+}
+
+func (r RootAuthority) SignIntermediate(ctx context.Context, cluster string, csr []byte, ttl time.Duration) (*x509.Certificate, error) {
+	return r.CA.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: cluster, CSR: csr, TTL: ttl, Replace: r.Replace})
+}
+
+func (r RootAuthority) Bundle() *bundle.Bundle { return r.CA.Bundle() }
+
+// Issuer adapts ca.Issuer to what the control plane declares it needs.
+type Issuer struct{ I *ca.Issuer }
+
+func (i Issuer) IssueSVID(csr []byte, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	chain, err := i.I.IssueSVID(ca.SVIDRequest{CSR: csr, ID: id, TTL: ttl})
+	if errors.Is(err, ca.ErrCSRRefused) {
+		return nil, fmt.Errorf("%w: %w", server.ErrBadRequest, err)
+	}
+	return chain, err
+}
+
+func (i Issuer) MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {
+	return i.I.MintSVID(id, ttl)
+}
+
+var (
+	_ server.Issuer       = Issuer{}
+	_ local.RootAuthority = RootAuthority{}
+)
+
+// NewIssuer is the cluster intermediate of d as an Issuer.
+func NewIssuer(d *local.Dir, svidTTL time.Duration) (Issuer, error) {
+	i, err := ca.NewIssuer(ca.IssuerConfig{TrustDomain: d.TrustDomain, Chain: d.Chain, Signer: d.Signer, DefaultTTL: svidTTL})
+	return Issuer{i}, err
+}
+
+// ControlPlaneOptions configure RunControlPlane.
+type ControlPlaneOptions struct {
+	Dir     string        // data directory from local.Init; required
+	Listen  string        // gRPC listen address; required
+	SVIDTTL time.Duration // zero means 1h
+	Logger  *slog.Logger  // nil discards
+	Clock   func() time.Time
+	// Ready, if set, is called with the bound address before serving.
+	Ready func(addr string)
+	// Registerer receives metrics; nil means a private registry.
+	Registerer prometheus.Registerer
+}
+
+// RunControlPlane serves a local-mode control plane until ctx ends.
+func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
+	d, err := local.Load(o.Dir)
+	if err != nil {
+		return err
+	}
+	iss, err := NewIssuer(d, o.SVIDTTL)
+	if err != nil {
+		return err
+	}
+	if o.Clock != nil {
+		iss.I, err = ca.NewIssuer(ca.IssuerConfig{TrustDomain: d.TrustDomain, Chain: d.Chain, Signer: d.Signer, DefaultTTL: o.SVIDTTL, Clock: o.Clock})
+		if err != nil {
+			return err
+		}
+	}
+	st, err := store.Open(d.StorePath(), store.Options{Logger: o.Logger, Clock: o.Clock})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	reg, err := registry.NewLocal(registry.LocalConfig{Store: st, Cluster: d.Cluster, Clock: o.Clock})
+	if err != nil {
+		return err
+	}
+	if o.Registerer == nil {
+		o.Registerer = prometheus.NewRegistry()
+	}
+	b := d.Bundle
+	srv, err := server.New(server.Config{
+		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: iss, Bundle: func() *bundle.Bundle { return b },
+		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
+		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock,
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	if o.Ready != nil {
+		o.Ready(ln.Addr().String())
+	}
+	return srv.Run(ctx, ln)
+}
