@@ -1,0 +1,205 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/svid"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+)
+
+// Credentials holds the sidecar's current SVID and trust bundle. Both are
+// swapped atomically: TLS configs read them on every handshake, so a renewal
+// or a bundle update applies to the next connection without touching open
+// ones, and subscribers re-check open connections against the new trust.
+type Credentials struct {
+	td       spiffeid.TrustDomain
+	verifier *svid.Verifier
+	cert     atomic.Pointer[tls.Certificate]
+	svid     atomic.Pointer[x509svid.SVID]
+	bundle   atomic.Pointer[bundle.Bundle]
+
+	mu      sync.Mutex
+	changed chan struct{}
+}
+
+var (
+	_ x509bundle.Source = (*Credentials)(nil)
+	_ x509svid.Source   = (*Credentials)(nil)
+)
+
+// NewCredentials returns empty credentials for td, verified with clock.
+func NewCredentials(td spiffeid.TrustDomain, clock func() time.Time) (*Credentials, error) {
+	c := &Credentials{td: td, changed: make(chan struct{})}
+	v, err := svid.NewVerifier(svid.VerifierConfig{TrustDomain: td, Bundles: c, Clock: clock})
+	if err != nil {
+		return nil, err
+	}
+	c.verifier = v
+	return c, nil
+}
+
+// TrustDomain returns the mesh's trust domain.
+func (c *Credentials) TrustDomain() spiffeid.TrustDomain { return c.td }
+
+// Verifier verifies peers against the current bundle.
+func (c *Credentials) Verifier() *svid.Verifier { return c.verifier }
+
+// SetSVID installs a new SVID (leaf first, then intermediates).
+func (c *Credentials) SetSVID(s *x509svid.SVID) error {
+	if s == nil || len(s.Certificates) == 0 {
+		return errors.New("proxy: empty SVID")
+	}
+	if s.ID.TrustDomain() != c.td {
+		return fmt.Errorf("proxy: SVID %s is not in trust domain %s", s.ID, c.td)
+	}
+	chain := make([][]byte, 0, len(s.Certificates))
+	for _, cert := range s.Certificates {
+		chain = append(chain, cert.Raw)
+	}
+	c.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]})
+	c.svid.Store(s)
+	c.notify()
+	return nil
+}
+
+// SetBundle installs a new trust bundle. An older sequence is ignored.
+func (c *Credentials) SetBundle(b *bundle.Bundle) (bool, error) {
+	if b == nil {
+		return false, errors.New("proxy: nil bundle")
+	}
+	if b.TrustDomain() != c.td {
+		return false, fmt.Errorf("proxy: bundle for %s, want %s", b.TrustDomain(), c.td)
+	}
+	for {
+		cur := c.bundle.Load()
+		if cur != nil && (b.Sequence() < cur.Sequence() || b.Digest() == cur.Digest() && b.Sequence() == cur.Sequence()) {
+			return false, nil
+		}
+		if c.bundle.CompareAndSwap(cur, b) {
+			break
+		}
+	}
+	c.notify()
+	return true, nil
+}
+
+func (c *Credentials) notify() {
+	c.mu.Lock()
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
+}
+
+// Changed returns a channel closed at the next change of SVID or bundle.
+func (c *Credentials) Changed() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
+}
+
+// Bundle returns the current bundle, or nil.
+func (c *Credentials) Bundle() *bundle.Bundle { return c.bundle.Load() }
+
+// SVID returns the current SVID, or nil.
+func (c *Credentials) SVID() *x509svid.SVID { return c.svid.Load() }
+
+// GetX509SVID implements x509svid.Source.
+func (c *Credentials) GetX509SVID() (*x509svid.SVID, error) {
+	s := c.svid.Load()
+	if s == nil {
+		return nil, errors.New("proxy: no SVID yet")
+	}
+	return s, nil
+}
+
+// GetX509BundleForTrustDomain implements x509bundle.Source.
+func (c *Credentials) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	b := c.bundle.Load()
+	if b == nil {
+		return nil, errors.New("proxy: no trust bundle yet")
+	}
+	return b.GetX509BundleForTrustDomain(td)
+}
+
+// certificate returns the current TLS certificate or an error.
+func (c *Credentials) certificate() (*tls.Certificate, error) {
+	cert := c.cert.Load()
+	if cert == nil {
+		return nil, errors.New("proxy: no SVID yet")
+	}
+	return cert, nil
+}
+
+// Expiry returns the current SVID's NotAfter (zero if none).
+func (c *Credentials) Expiry() time.Time {
+	if s := c.svid.Load(); s != nil {
+		return s.Certificates[0].NotAfter
+	}
+	return time.Time{}
+}
+
+// ServerTLS returns a server config presenting the current SVID and
+// verifying clients with verify (run on every handshake, resumed included).
+func (c *Credentials) ServerTLS(nextProtos []string, verify func(tls.ConnectionState) error) *tls.Config {
+	return &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		ClientAuth:       tls.RequireAnyClientCert,
+		NextProtos:       nextProtos,
+		GetCertificate:   func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.certificate() },
+		VerifyConnection: verify,
+	}
+}
+
+// ClientTLS returns a client config presenting the current SVID and
+// verifying the server with verify. Verification is ours, not WebPKI's.
+func (c *Credentials) ClientTLS(nextProtos []string, verify func(tls.ConnectionState) error) *tls.Config {
+	return &tls.Config{
+		MinVersion:           tls.VersionTLS13,
+		InsecureSkipVerify:   true, // verify (SPIFFE rules, current bundle) replaces WebPKI checks
+		NextProtos:           nextProtos,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.certificate() },
+		VerifyConnection:     verify,
+	}
+}
+
+// bundleFromProto converts a wire bundle, checking it is for td.
+func bundleFromProto(td spiffeid.TrustDomain, tb *controlplanev1.TrustBundle) (*bundle.Bundle, error) {
+	if tb == nil {
+		return nil, errors.New("proxy: no trust bundle in response")
+	}
+	if tb.GetTrustDomain() != td.Name() {
+		return nil, fmt.Errorf("proxy: bundle for trust domain %q, want %q", tb.GetTrustDomain(), td.Name())
+	}
+	roots := make([]*x509.Certificate, 0, len(tb.GetRoots()))
+	for i, der := range tb.GetRoots() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("proxy: bundle root %d: %w", i, err)
+		}
+		roots = append(roots, c)
+	}
+	b, err := bundle.New(td, tb.GetSequence(), roots)
+	if err != nil {
+		return nil, err
+	}
+	if tb.GetDigest() != "" && tb.GetDigest() != b.Digest() {
+		return nil, fmt.Errorf("proxy: bundle digest %s does not match its roots (%s)", tb.GetDigest(), b.Digest())
+	}
+	return b, nil
+}
+
+type spiffeIDT = spiffeid.ID
+
+func randInt63n(n int64) int64 { return mrand.Int64N(n) }

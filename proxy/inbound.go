@@ -1,0 +1,330 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/ca/svid"
+)
+
+// ALPN protocols between sidecars. "strait-tcp/1" carries opaque TCP; the
+// HTTP ones carry requests the receiving sidecar parses.
+const (
+	alpnTCP   = "strait-tcp/1"
+	alpnH2    = "h2"
+	alpnHTTP1 = "http/1.1"
+)
+
+// HeaderXFCC carries the caller's verified identity to the application, in
+// Envoy's x-forwarded-client-cert format: By=<this workload>;URI=<caller>.
+// Whatever the caller sent under this name is removed first.
+const HeaderXFCC = "X-Forwarded-Client-Cert"
+
+// identityHeaderPrefix marks headers only the sidecar may set.
+const identityHeaderPrefix = "X-Strait-"
+
+// inbound terminates mTLS for the workload, authorizes every connection
+// against current trust and policy, and forwards to the application.
+type inbound struct {
+	creds   *Credentials
+	metrics *Metrics
+	log     *slog.Logger
+	service string
+	appAddr string
+	policy  atomic.Pointer[authorizer]
+
+	proxy     *httputil.ReverseProxy
+	appH1     *http.Transport
+	appH2C    *http.Transport
+	dialer    net.Dialer
+	selfID    atomic.Value // string
+	tlsConfig *tls.Config
+
+	mu    sync.Mutex
+	conns map[*tls.Conn]struct{}
+}
+
+func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string) *inbound {
+	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, conns: map[*tls.Conn]struct{}{}}
+	in.selfID.Store("")
+	in.appH1 = &http.Transport{
+		DialContext:         in.dialer.DialContext,
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	h2c := new(http.Protocols)
+	h2c.SetUnencryptedHTTP2(true)
+	in.appH2C = &http.Transport{DialContext: in.dialer.DialContext, Protocols: h2c, DisableCompression: true}
+	target := &url.URL{Scheme: "http", Host: appAddr}
+	in.proxy = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:     in,
+		FlushInterval: -1,
+		BufferPool:    bufferPool{},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			in.log.Debug("forward to application failed", "err", err)
+			w.WriteHeader(http.StatusBadGateway)
+		},
+	}
+	in.tlsConfig = creds.ServerTLS([]string{alpnH2, alpnHTTP1, alpnTCP}, in.verifyConnection)
+	return in
+}
+
+// RoundTrip sends a request to the application: gRPC over h2c, everything
+// else over HTTP/1.1 with keep-alive.
+func (in *inbound) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+		return in.appH2C.RoundTrip(r)
+	}
+	return in.appH1.RoundTrip(r)
+}
+
+// setPolicy installs the authorization for this workload's service and
+// closes open connections it no longer allows.
+func (in *inbound) setPolicy(z *authorizer) {
+	in.policy.Store(z)
+	in.recheck()
+}
+
+func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
+	id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
+	if err != nil {
+		in.metrics.handshakeFails.WithLabelValues("inbound", string(svid.ReasonOf(err))).Inc()
+		return err
+	}
+	if err := in.policy.Load().check(id); err != nil {
+		in.metrics.handshakeFails.WithLabelValues("inbound", "unauthorized").Inc()
+		in.log.Info("caller refused", "spiffe_id", id.String(), "service", in.service, "reason", err)
+		return err
+	}
+	return nil
+}
+
+// recheck closes open inbound connections whose caller is no longer
+// trusted (a root was removed) or authorized (policy changed). A leaf that
+// merely expired after its handshake keeps its session: the caller renews
+// and its next connection presents the new SVID.
+func (in *inbound) recheck() {
+	in.mu.Lock()
+	conns := make([]*tls.Conn, 0, len(in.conns))
+	for c := range in.conns {
+		conns = append(conns, c)
+	}
+	in.mu.Unlock()
+	z := in.policy.Load()
+	for _, c := range conns {
+		cs := c.ConnectionState()
+		if !cs.HandshakeComplete {
+			continue
+		}
+		reason := ""
+		id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
+		switch r := svid.ReasonOf(err); {
+		case err == nil:
+		case r == svid.ReasonExpired:
+			id, _ = x509svid.IDFromCert(cs.PeerCertificates[0])
+		default:
+			reason = string(r)
+		}
+		if reason == "" && z.check(id) != nil {
+			reason = "unauthorized"
+		}
+		if reason != "" {
+			in.metrics.connsClosed.WithLabelValues(reason).Inc()
+			in.log.Info("closing connection no longer allowed", "spiffe_id", id.String(), "reason", reason)
+			go c.Close()
+		}
+	}
+}
+
+func (in *inbound) track(c net.Conn, state http.ConnState) {
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return
+	}
+	in.mu.Lock()
+	switch state {
+	case http.StateNew:
+		in.conns[tc] = struct{}{}
+	case http.StateClosed, http.StateHijacked:
+		delete(in.conns, tc)
+	}
+	in.mu.Unlock()
+}
+
+func peerID(cs *tls.ConnectionState) spiffeid.ID {
+	if cs == nil || len(cs.PeerCertificates) == 0 {
+		return spiffeid.ID{}
+	}
+	id, _ := x509svid.IDFromCert(cs.PeerCertificates[0])
+	return id
+}
+
+func (in *inbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	caller := peerID(r.TLS)
+	for name := range r.Header {
+		if strings.EqualFold(name, HeaderXFCC) || len(name) >= len(identityHeaderPrefix) && strings.EqualFold(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
+			delete(r.Header, name)
+		}
+	}
+	r.Header.Set(HeaderXFCC, "By="+in.selfID.Load().(string)+";URI="+caller.String())
+	rec := &statusRecorder{ResponseWriter: w}
+	in.proxy.ServeHTTP(rec, r)
+	in.metrics.observeRequest("inbound", caller.String(), in.service, rec.code(), time.Since(start))
+}
+
+// serveTCP relays an opaque TCP connection to the application.
+func (in *inbound) serveTCP(c *tls.Conn) {
+	m := in.metrics
+	m.tcpConns.WithLabelValues("inbound", in.service).Inc()
+	active := m.tcpActive.WithLabelValues("inbound", in.service)
+	active.Inc()
+	defer active.Dec()
+	app, err := in.dialer.Dial("tcp", in.appAddr)
+	if err != nil {
+		in.log.Debug("dial application", "err", err)
+		c.Close()
+		return
+	}
+	sent, recv := relay(c, app)
+	m.tcpBytes.WithLabelValues("inbound", in.service, "sent").Add(float64(sent))
+	m.tcpBytes.WithLabelValues("inbound", in.service, "received").Add(float64(recv))
+}
+
+// run serves inbound connections on ln until ctx ends.
+func (in *inbound) run(ctx context.Context, ln net.Listener) error {
+	protos := new(http.Protocols)
+	protos.SetHTTP1(true)
+	protos.SetHTTP2(true)
+	srv := &http.Server{
+		Handler:           in,
+		Protocols:         protos,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		ConnState:         in.track,
+		ErrorLog:          slogErrorLog(in.log),
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){
+			alpnTCP: func(_ *http.Server, c *tls.Conn, _ http.Handler) { in.serveTCP(c) },
+		},
+	}
+	return serveUntil(ctx, srv, tls.NewListener(ln, in.tlsConfig))
+}
+
+// serveUntil serves srv on ln until ctx ends, then shuts down gracefully
+// for up to five seconds before closing what is left.
+func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		srv.Close()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// relay copies both ways until both sides are done and returns the bytes
+// written to a (sent) and read from a (received).
+func relay(a, b net.Conn) (sent, received int64) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		received, _ = io.Copy(b, a)
+		closeWrite(b)
+	}()
+	sent, _ = io.Copy(a, b)
+	closeWrite(a)
+	wg.Wait()
+	a.Close()
+	b.Close()
+	return sent, received
+}
+
+func closeWrite(c net.Conn) {
+	type closeWriter interface{ CloseWrite() error }
+	if cw, ok := c.(closeWriter); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
+}
+
+// statusRecorder remembers the status code written through it.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+func (s *statusRecorder) code() int {
+	if s.status == 0 {
+		return http.StatusOK
+	}
+	return s.status
+}
+
+// Unwrap lets http.ResponseController reach Flush and deadlines.
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// Flush forwards streaming flushes (gRPC, server-sent events).
+func (s *statusRecorder) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// bufferPool recycles the 32 KiB copy buffers of the reverse proxies.
+type bufferPool struct{}
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *(copyBuffers.Get().(*[]byte)) }
+func (bufferPool) Put(b []byte) { copyBuffers.Put(&b) }
+
+// slogErrorLog routes net/http's internal errors to the debug log.
+func slogErrorLog(l *slog.Logger) *log.Logger {
+	return slog.NewLogLogger(l.Handler(), slog.LevelDebug)
+}

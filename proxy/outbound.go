@@ -1,0 +1,547 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/straitmesh/strait/ca/svid"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/proxy/balance"
+)
+
+// maxRetryBody is the largest request body buffered so that the request can
+// be retried; larger bodies are streamed and never retried.
+const maxRetryBody = 64 << 10
+
+// HeaderUpstreamError tells the application why the sidecar answered itself
+// (no endpoint, overflow, timeout, upstream unreachable).
+const HeaderUpstreamError = "X-Strait-Error"
+
+// outbound owns the local listeners for upstream services and the mTLS
+// connection pools toward their endpoints.
+type outbound struct {
+	creds   *Credentials
+	metrics *Metrics
+	log     *slog.Logger
+	clock   func() time.Time
+
+	mu         sync.Mutex
+	upstreams  map[string]*upstream
+	transports map[string]*http.Transport // by endpoint address|SPIFFE ID
+}
+
+func newOutbound(creds *Credentials, m *Metrics, log *slog.Logger, clock func() time.Time) *outbound {
+	return &outbound{creds: creds, metrics: m, log: log, clock: clock,
+		upstreams: map[string]*upstream{}, transports: map[string]*http.Transport{}}
+}
+
+// upstream is one upstream service's local listener and its live config.
+type upstream struct {
+	o     *outbound
+	name  string
+	lb    *balance.Balancer
+	state atomic.Pointer[upstreamState]
+	proxy *httputil.ReverseProxy
+}
+
+type upstreamState struct {
+	svc       *controlplanev1.Service
+	policy    *controlplanev1.TrafficPolicy
+	budget    *balance.RetryBudget
+	requests  *balance.Limiter
+	conns     *balance.Limiter
+	retryOn   map[string]bool
+	namespace string
+}
+
+func (o *outbound) addUpstream(name string) (*upstream, error) {
+	lb, err := balance.New(balance.Config{Clock: o.clock})
+	if err != nil {
+		return nil, err
+	}
+	u := &upstream{o: o, name: name, lb: lb}
+	u.proxy = &httputil.ReverseProxy{
+		Rewrite:       func(pr *httputil.ProxyRequest) { pr.Out.URL.Scheme = "https"; pr.Out.URL.Host = name },
+		Transport:     u,
+		FlushInterval: -1,
+		BufferPool:    bufferPool{},
+		ErrorHandler:  u.errorHandler,
+	}
+	o.mu.Lock()
+	o.upstreams[name] = u
+	o.mu.Unlock()
+	return u, nil
+}
+
+// apply installs the services of a snapshot. Services the sidecar has no
+// listener for are ignored.
+func (o *outbound) apply(services []*controlplanev1.Service) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	live := map[string]bool{}
+	for _, svc := range services {
+		u := o.upstreams[svc.GetName()]
+		if u == nil {
+			continue
+		}
+		u.apply(svc)
+		for _, ep := range svc.GetEndpoints() {
+			live[transportKey(ep.GetAddress(), ep.GetSpiffeId())] = true
+		}
+	}
+	for k, t := range o.transports {
+		if !live[k] {
+			t.CloseIdleConnections()
+			delete(o.transports, k)
+		}
+	}
+}
+
+func (u *upstream) apply(svc *controlplanev1.Service) {
+	pol := svc.GetPolicy()
+	prev := u.state.Load()
+	st := &upstreamState{svc: svc, policy: pol, namespace: svc.GetNamespace(), retryOn: map[string]bool{}}
+	for _, c := range pol.GetRetries().GetRetryOn() {
+		st.retryOn[c] = true
+	}
+	r := pol.GetRetries()
+	if prev != nil && proto.Equal(prev.policy.GetRetries(), r) {
+		st.budget = prev.budget
+	} else {
+		st.budget = balance.NewRetryBudget(balance.RetryBudgetConfig{Percent: int(r.GetBudgetPercent()), MinPerSecond: int(r.GetMinRetriesPerSecond()), Clock: u.o.clock})
+	}
+	lim := pol.GetConnectionLimits()
+	if prev != nil && proto.Equal(prev.policy.GetConnectionLimits(), lim) {
+		st.requests, st.conns = prev.requests, prev.conns
+	} else {
+		st.requests = balance.NewLimiter(int(lim.GetMaxRequests()))
+		st.conns = balance.NewLimiter(int(lim.GetMaxConnections()))
+	}
+	od := pol.GetOutlierDetection()
+	cfg := balance.Config{
+		Policy: lbPolicy(pol.GetLoadBalancer()),
+		Outlier: balance.OutlierConfig{
+			ConsecutiveErrors:  int(od.GetConsecutiveErrors()),
+			BaseEjectionTime:   od.GetBaseEjectionTime().AsDuration(),
+			MaxEjectionPercent: int(od.GetMaxEjectionPercent()),
+		},
+		Clock: u.o.clock,
+	}
+	if err := u.lb.SetConfig(cfg); err != nil {
+		u.o.log.Warn("load balancer config refused; keeping the previous one", "service", u.name, "err", err)
+	}
+	eps := make([]balance.Endpoint, 0, len(svc.GetEndpoints()))
+	for _, ep := range svc.GetEndpoints() {
+		eps = append(eps, balance.Endpoint{
+			Key:      ep.GetInstance(),
+			Address:  ep.GetAddress(),
+			SPIFFEID: ep.GetSpiffeId(),
+			Cluster:  ep.GetCluster(),
+			Healthy:  ep.GetHealth() == controlplanev1.Health_HEALTH_HEALTHY,
+		})
+	}
+	u.lb.Update(eps)
+	u.state.Store(st)
+}
+
+func lbPolicy(p controlplanev1.LoadBalancer) balance.Policy {
+	switch p {
+	case controlplanev1.LoadBalancer_LOAD_BALANCER_LEAST_REQUEST:
+		return balance.LeastRequest
+	case controlplanev1.LoadBalancer_LOAD_BALANCER_ROUND_ROBIN:
+		return balance.RoundRobin
+	default:
+		return balance.P2CEWMA
+	}
+}
+
+func transportKey(addr, id string) string { return addr + "|" + id }
+
+// transport returns the mTLS connection pool toward one endpoint; it
+// verifies that the endpoint presents exactly the identity the control
+// plane says it has.
+func (o *outbound) transport(ep balance.Endpoint, st *upstreamState) (*http.Transport, error) {
+	key := transportKey(ep.Address, ep.SPIFFEID)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if t := o.transports[key]; t != nil {
+		return t, nil
+	}
+	want, err := spiffeid.FromString(ep.SPIFFEID)
+	if err != nil {
+		return nil, fmt.Errorf("endpoint %s has an invalid SPIFFE ID: %w", ep.Key, err)
+	}
+	verify := o.serverVerifier(want)
+	protos := new(http.Protocols)
+	protos.SetHTTP2(true)
+	protos.SetHTTP1(true)
+	connectTimeout := st.policy.GetConnectTimeout().AsDuration()
+	if connectTimeout <= 0 {
+		connectTimeout = time.Second
+	}
+	d := &net.Dialer{Timeout: connectTimeout}
+	t := &http.Transport{
+		DialContext:         d.DialContext,
+		TLSClientConfig:     o.creds.ClientTLS([]string{alpnH2, alpnHTTP1}, verify),
+		TLSHandshakeTimeout: connectTimeout,
+		ForceAttemptHTTP2:   true,
+		Protocols:           protos,
+		MaxIdleConnsPerHost: 256,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	if max := st.policy.GetConnectionLimits().GetMaxConnections(); max > 0 {
+		t.MaxConnsPerHost = int(max)
+	}
+	o.transports[key] = t
+	return t, nil
+}
+
+// serverVerifier checks an upstream's chain against current trust and that
+// it is exactly the workload expected.
+func (o *outbound) serverVerifier(want spiffeid.ID) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		id, _, err := o.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleServer)
+		if err != nil {
+			o.metrics.handshakeFails.WithLabelValues("outbound", string(svid.ReasonOf(err))).Inc()
+			return err
+		}
+		if id != want {
+			o.metrics.handshakeFails.WithLabelValues("outbound", "wrong_identity").Inc()
+			return fmt.Errorf("upstream presented %s, want %s", id, want)
+		}
+		return nil
+	}
+}
+
+// ServeHTTP proxies one application request to the upstream service.
+func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	st := u.state.Load()
+	rec := &statusRecorder{ResponseWriter: w}
+	defer func() {
+		u.o.metrics.observeRequest("outbound", u.selfID(), u.name, rec.code(), time.Since(start))
+	}()
+	if st == nil {
+		sidecarError(rec, http.StatusServiceUnavailable, "no configuration for "+u.name+" yet")
+		return
+	}
+	if !st.requests.TryAcquire() {
+		sidecarError(rec, http.StatusServiceUnavailable, "overflow: connection limits of "+u.name+" reached")
+		return
+	}
+	defer st.requests.Release()
+	st.budget.Request()
+	ctx := r.Context()
+	if d := st.policy.GetRequestTimeout().AsDuration(); d > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
+	if st.policy.GetRetries().GetAttempts() > 0 && r.Body != nil && r.Body != http.NoBody && r.ContentLength >= 0 && r.ContentLength <= maxRetryBody {
+		body, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
+		if err != nil || int64(len(body)) != r.ContentLength {
+			sidecarError(rec, http.StatusBadRequest, "reading the request body failed")
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	} else if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		r.GetBody = func() (io.ReadCloser, error) { return http.NoBody, nil }
+	}
+	u.proxy.ServeHTTP(rec, r)
+}
+
+func (u *upstream) selfID() string {
+	if s := u.o.creds.SVID(); s != nil {
+		return s.ID.String()
+	}
+	return ""
+}
+
+func sidecarError(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set(HeaderUpstreamError, msg)
+	http.Error(w, msg, code)
+}
+
+func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	code := http.StatusBadGateway
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		code = http.StatusGatewayTimeout
+	case errors.Is(err, balance.ErrNoEndpoints), errors.Is(err, balance.ErrNoHealthyEndpoints):
+		code = http.StatusServiceUnavailable
+	case errors.Is(err, context.Canceled):
+		code = 499 // client went away; nothing is written to it anyway
+	}
+	u.o.log.Debug("upstream request failed", "service", u.name, "err", err)
+	sidecarError(w, code, err.Error())
+}
+
+// RoundTrip sends one request to the service: it picks an endpoint, and
+// retries on another one when the policy, the budget and the body allow.
+func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
+	st := u.state.Load()
+	retries := st.policy.GetRetries()
+	perTry := retries.GetPerTryTimeout().AsDuration()
+	var tried []string
+	for attempt := 0; ; attempt++ {
+		pick, err := u.lb.Pick(tried...)
+		if err != nil {
+			return nil, err
+		}
+		tried = append(tried, pick.Endpoint.Key)
+		resp, cause, err := u.attempt(req, st, pick, perTry)
+		if cause == "" {
+			return resp, err
+		}
+		last := attempt >= int(retries.GetAttempts()) || req.Context().Err() != nil || req.GetBody == nil
+		if !last && !st.budget.TryRetry() {
+			u.o.metrics.retries.WithLabelValues(u.name, "budget_exhausted").Inc()
+			last = true
+		}
+		if last {
+			return resp, err
+		}
+		if resp != nil {
+			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+		}
+		body, gerr := req.GetBody()
+		if gerr != nil {
+			return nil, gerr
+		}
+		req = req.Clone(req.Context())
+		req.Body = body
+		u.o.metrics.retries.WithLabelValues(u.name, "sent").Inc()
+	}
+}
+
+// attempt sends req to one endpoint. It returns the retry condition that
+// matched ("" if the result is final).
+func (u *upstream) attempt(req *http.Request, st *upstreamState, pick *balance.Pick, perTry time.Duration) (*http.Response, string, error) {
+	start := time.Now()
+	t, err := u.o.transport(pick.Endpoint, st)
+	if err != nil {
+		pick.Done(0, balance.Failure)
+		return nil, "", err
+	}
+	out := req.Clone(req.Context())
+	out.URL.Host = pick.Endpoint.Address
+	ctx, cancel := context.WithCancel(req.Context())
+	var timedOut atomic.Bool
+	if perTry > 0 {
+		timer := time.AfterFunc(perTry, func() { timedOut.Store(true); cancel() })
+		defer timer.Stop()
+	}
+	resp, err := t.RoundTrip(out.WithContext(ctx))
+	latency := time.Since(start)
+	if err != nil {
+		cancel()
+		if req.Context().Err() != nil {
+			pick.Done(latency, balance.LocalError)
+			return nil, "", err
+		}
+		pick.Done(latency, balance.Failure)
+		cause := classifyError(err, timedOut.Load())
+		if timedOut.Load() {
+			err = fmt.Errorf("per-try timeout of %s: %w", perTry, context.DeadlineExceeded)
+		}
+		if st.retryOn[cause] || cause == "reset" && st.retryOn["5xx"] || cause == "connect-failure" && st.retryOn["gateway-error"] {
+			return nil, cause, err
+		}
+		return nil, "", err
+	}
+	resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: cancel}
+	outcome := balance.Success
+	if resp.StatusCode >= 500 {
+		outcome = balance.Failure
+	}
+	pick.Done(latency, outcome)
+	switch c := resp.StatusCode; {
+	case c >= 500 && st.retryOn["5xx"]:
+		return resp, "5xx", nil
+	case (c == 502 || c == 503 || c == 504) && st.retryOn["gateway-error"]:
+		return resp, "gateway-error", nil
+	case c == 409 && st.retryOn["retriable-4xx"]:
+		return resp, "retriable-4xx", nil
+	}
+	return resp, "", nil
+}
+
+func classifyError(err error, timedOut bool) string {
+	var op *net.OpError
+	switch {
+	case timedOut:
+		return "per-try-timeout"
+	case errors.As(err, &op) && op.Op == "dial", errors.Is(err, syscall.ECONNREFUSED):
+		return "connect-failure"
+	case isTLSError(err):
+		return "connect-failure"
+	default:
+		return "reset"
+	}
+}
+
+func isTLSError(err error) bool {
+	var se *svid.Error
+	var ae tls.AlertError
+	var re *tls.RecordHeaderError
+	return errors.As(err, &se) || errors.As(err, &ae) || errors.As(err, &re)
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c *cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
+}
+
+// serveTCP relays one application connection to an endpoint over mTLS,
+// trying other endpoints when the connect fails.
+func (u *upstream) serveTCP(app net.Conn) {
+	defer app.Close()
+	st := u.state.Load()
+	if st == nil {
+		return
+	}
+	if !st.conns.TryAcquire() {
+		return
+	}
+	defer st.conns.Release()
+	m := u.o.metrics
+	m.tcpConns.WithLabelValues("outbound", u.name).Inc()
+	active := m.tcpActive.WithLabelValues("outbound", u.name)
+	active.Inc()
+	defer active.Dec()
+	timeout := st.policy.GetConnectTimeout().AsDuration()
+	if timeout <= 0 {
+		timeout = time.Second
+	}
+	var tried []string
+	for attempt := 0; attempt <= int(st.policy.GetRetries().GetAttempts()); attempt++ {
+		pick, err := u.lb.Pick(tried...)
+		if err != nil {
+			return
+		}
+		tried = append(tried, pick.Endpoint.Key)
+		want, err := spiffeid.FromString(pick.Endpoint.SPIFFEID)
+		if err != nil {
+			pick.Done(0, balance.Failure)
+			continue
+		}
+		start := time.Now()
+		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: timeout}, Config: u.o.creds.ClientTLS([]string{alpnTCP}, u.o.serverVerifier(want))}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		c, err := d.DialContext(ctx, "tcp", pick.Endpoint.Address)
+		cancel()
+		if err != nil {
+			pick.Done(time.Since(start), balance.Failure)
+			u.o.log.Debug("tcp connect to endpoint failed", "service", u.name, "endpoint", pick.Endpoint.Key, "err", err)
+			continue
+		}
+		pick.Done(time.Since(start), balance.Success)
+		sent, recv := relay(c, app)
+		m.tcpBytes.WithLabelValues("outbound", u.name, "sent").Add(float64(sent))
+		m.tcpBytes.WithLabelValues("outbound", u.name, "received").Add(float64(recv))
+		return
+	}
+}
+
+// run serves the upstream's local listener until ctx ends. Each connection
+// is handled by the protocol the service speaks at accept time.
+func (u *upstream) run(ctx context.Context, ln net.Listener) error {
+	protos := new(http.Protocols)
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	srv := &http.Server{
+		Handler:           u,
+		Protocols:         protos,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		ErrorLog:          slogErrorLog(u.o.log),
+	}
+	httpLn := newChanListener(ln.Addr())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				httpLn.Close()
+				return
+			}
+			if st := u.state.Load(); st != nil && st.svc.GetProtocol() == controlplanev1.Protocol_PROTOCOL_TCP {
+				go u.serveTCP(c)
+				continue
+			}
+			if !httpLn.push(c) {
+				c.Close()
+				return
+			}
+		}
+	}()
+	go func() { <-ctx.Done(); ln.Close() }()
+	err := serveUntil(ctx, srv, httpLn)
+	ln.Close()
+	wg.Wait()
+	return err
+}
+
+// chanListener hands accepted connections to an http.Server.
+type chanListener struct {
+	addr   net.Addr
+	conns  chan net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func newChanListener(addr net.Addr) *chanListener {
+	return &chanListener{addr: addr, conns: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+func (l *chanListener) push(c net.Conn) bool {
+	select {
+	case l.conns <- c:
+		return true
+	case <-l.closed:
+		return false
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }

@@ -1,0 +1,387 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/proxy/workloadapi"
+)
+
+// Config configures a sidecar. Zero values mean what each field says.
+type Config struct {
+	// TrustDomain of the mesh. Required.
+	TrustDomain spiffeid.TrustDomain
+	// ControlPlane is the control plane's host:port. Required.
+	ControlPlane string
+	// TrustBundle verifies the control plane before the first Certify.
+	// Required; later bundles come from the control plane.
+	TrustBundle *bundle.Bundle
+	// Token is the single-use registration token; TokenFile names a file
+	// holding it. One is required unless DataDir holds a valid SVID.
+	Token, TokenFile string
+	// DataDir keeps the SVID across restarts. Empty keeps nothing.
+	DataDir string
+	// Instance, Service and Namespace name the workload. Required.
+	Instance, Service, Namespace string
+	// Protocol the service speaks; unspecified means HTTP.
+	Protocol controlplanev1.Protocol
+	// Region and Zone place the instance.
+	Region, Zone string
+	// Inbound is the mTLS listen address. Required.
+	Inbound string
+	// Advertise is the address registered for peers; empty means the
+	// inbound listener's address.
+	Advertise string
+	// App is the application's host:port. Required.
+	App string
+	// Upstreams maps an upstream service to its local listen address.
+	Upstreams map[string]string
+	// Admin is the admin listen address (/metrics, /ready, /config_dump);
+	// empty disables it.
+	Admin string
+	// WorkloadAPI is the Unix socket path of the SPIFFE Workload API;
+	// empty disables it.
+	WorkloadAPI string
+	// HealthInterval is how often the app is probed and health reported;
+	// zero means 5s.
+	HealthInterval time.Duration
+	// Clock is the time source; nil means time.Now.
+	Clock func() time.Time
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// Registry receives the metrics and is served on /metrics; nil means a
+	// new registry with the Go and process collectors.
+	Registry *prometheus.Registry
+}
+
+func (c *Config) token() (string, error) {
+	if c.Token != "" {
+		return c.Token, nil
+	}
+	if c.TokenFile == "" {
+		return "", errors.New("proxy: no SVID saved and no registration token given (--token or --token-file)")
+	}
+	b, err := os.ReadFile(c.TokenFile)
+	if err != nil {
+		return "", fmt.Errorf("proxy: read token: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func (c *Config) protocol() controlplanev1.Protocol {
+	if c.Protocol == controlplanev1.Protocol_PROTOCOL_UNSPECIFIED {
+		return controlplanev1.Protocol_PROTOCOL_HTTP
+	}
+	return c.Protocol
+}
+
+func (c *Config) upstreamNames() []string {
+	var names []string
+	for n := range c.Upstreams {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func (c *Config) validate() error {
+	var missing []string
+	for name, v := range map[string]string{"control plane address": c.ControlPlane, "instance": c.Instance, "service": c.Service,
+		"namespace": c.Namespace, "inbound address": c.Inbound, "application address": c.App} {
+		if v == "" {
+			missing = append(missing, name)
+		}
+	}
+	if c.TrustDomain.IsZero() {
+		missing = append(missing, "trust domain")
+	}
+	if c.TrustBundle == nil {
+		missing = append(missing, "trust bundle")
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		return fmt.Errorf("proxy: missing %s", strings.Join(missing, ", "))
+	}
+	if c.TrustBundle.TrustDomain() != c.TrustDomain {
+		return fmt.Errorf("proxy: trust bundle is for %s, not %s", c.TrustBundle.TrustDomain(), c.TrustDomain)
+	}
+	for name, addr := range c.Upstreams {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return fmt.Errorf("proxy: upstream %s: listen address %q: %w", name, addr, err)
+		}
+	}
+	return nil
+}
+
+// Sidecar is one workload's proxy.
+type Sidecar struct {
+	cfg      Config
+	creds    *Credentials
+	metrics  *Metrics
+	registry *prometheus.Registry
+	log      *slog.Logger
+	in       *inbound
+	out      *outbound
+	agent    *agent
+	wl       *workloadapi.Store
+	ready    atomic.Bool
+	addrs    atomic.Pointer[Addrs]
+	started  chan struct{}
+}
+
+// Addrs are the sidecar's bound addresses, known once Run has bound them.
+type Addrs struct {
+	Inbound   string            `json:"inbound"`
+	Admin     string            `json:"admin,omitempty"`
+	Upstreams map[string]string `json:"upstreams,omitempty"`
+}
+
+// New validates cfg and returns a sidecar; it does no I/O.
+func New(cfg Config) (*Sidecar, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = 5 * time.Second
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	creds, err := NewCredentials(cfg.TrustDomain, cfg.Clock)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := creds.SetBundle(cfg.TrustBundle); err != nil {
+		return nil, err
+	}
+	s := &Sidecar{cfg: cfg, creds: creds, registry: cfg.Registry, log: cfg.Logger, wl: workloadapi.NewStore(), started: make(chan struct{})}
+	s.metrics = NewMetrics(cfg.Registry)
+	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App)
+	s.out = newOutbound(creds, s.metrics, cfg.Logger, cfg.Clock)
+	s.agent = &agent{cfg: &s.cfg, creds: creds, metrics: s.metrics, log: cfg.Logger, clock: cfg.Clock, apply: s.applySnapshot, renewed: make(chan struct{}, 1)}
+	return s, nil
+}
+
+// Started is closed once the listeners are bound (Addrs is then valid).
+func (s *Sidecar) Started() <-chan struct{} { return s.started }
+
+// Addrs returns the bound addresses (nil before Started).
+func (s *Sidecar) Addrs() *Addrs { return s.addrs.Load() }
+
+// Ready reports whether the sidecar has an SVID and a snapshot, and its
+// instance is registered.
+func (s *Sidecar) Ready() bool { return s.ready.Load() && s.agent.registered.Load() }
+
+// Snapshot returns the configuration in force (nil before the first).
+func (s *Sidecar) Snapshot() *controlplanev1.Snapshot { return s.agent.lastSnap.Load() }
+
+// Credentials exposes the current SVID and bundle (for tests and tools).
+func (s *Sidecar) Credentials() *Credentials { return s.creds }
+
+// applySnapshot checks a snapshot whole, then installs it.
+func (s *Sidecar) applySnapshot(snap *controlplanev1.Snapshot) error {
+	var b *bundle.Bundle
+	if snap.GetBundle() != nil {
+		var err error
+		if b, err = bundleFromProto(s.cfg.TrustDomain, snap.GetBundle()); err != nil {
+			return err
+		}
+	}
+	for _, svc := range snap.GetServices() {
+		for _, ep := range svc.GetEndpoints() {
+			if _, err := spiffeid.FromString(ep.GetSpiffeId()); err != nil {
+				return fmt.Errorf("service %s endpoint %s: SPIFFE ID %q: %w", svc.GetName(), ep.GetInstance(), ep.GetSpiffeId(), err)
+			}
+			if _, _, err := net.SplitHostPort(ep.GetAddress()); err != nil {
+				return fmt.Errorf("service %s endpoint %s: address %q: %w", svc.GetName(), ep.GetInstance(), ep.GetAddress(), err)
+			}
+		}
+	}
+	z := compileAuthorization(snap.GetAuthorization())
+	if b != nil {
+		if _, err := s.creds.SetBundle(b); err != nil {
+			return err
+		}
+	}
+	s.out.apply(snap.GetServices())
+	s.in.setPolicy(z)
+	s.ready.Store(true)
+	return nil
+}
+
+// Run binds the listeners, obtains the SVID, and serves until ctx ends.
+func (s *Sidecar) Run(ctx context.Context) error {
+	inLn, err := net.Listen("tcp", s.cfg.Inbound)
+	if err != nil {
+		return fmt.Errorf("proxy: inbound listener: %w", err)
+	}
+	addrs := &Addrs{Inbound: inLn.Addr().String(), Upstreams: map[string]string{}}
+	var closers []net.Listener
+	closers = append(closers, inLn)
+	closeAll := func() {
+		for _, l := range closers {
+			l.Close()
+		}
+	}
+	upLns := map[*upstream]net.Listener{}
+	for _, name := range s.cfg.upstreamNames() {
+		ln, err := net.Listen("tcp", s.cfg.Upstreams[name])
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: listener for upstream %s: %w", name, err)
+		}
+		closers = append(closers, ln)
+		u, err := s.out.addUpstream(name)
+		if err != nil {
+			closeAll()
+			return err
+		}
+		upLns[u] = ln
+		addrs.Upstreams[name] = ln.Addr().String()
+	}
+	var adminLn net.Listener
+	if s.cfg.Admin != "" {
+		if adminLn, err = net.Listen("tcp", s.cfg.Admin); err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: admin listener: %w", err)
+		}
+		closers = append(closers, adminLn)
+		addrs.Admin = adminLn.Addr().String()
+	}
+	s.addrs.Store(addrs)
+	close(s.started)
+
+	g, ctx := errgroup.WithContext(ctx)
+	if adminLn != nil {
+		g.Go(func() error {
+			return serveUntil(ctx, &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}, adminLn)
+		})
+	}
+	if err := s.agent.bootstrap(ctx); err != nil {
+		closeAll()
+		g.Wait()
+		return err
+	}
+	s.syncWorkloadAPI()
+	advertise := s.cfg.Advertise
+	if advertise == "" {
+		advertise = addrs.Inbound
+	}
+	g.Go(func() error { return s.in.run(ctx, inLn) })
+	for u, ln := range upLns {
+		g.Go(func() error { return u.run(ctx, ln) })
+	}
+	g.Go(func() error { return s.agent.renewLoop(ctx) })
+	g.Go(func() error { return s.agent.watchLoop(ctx) })
+	g.Go(func() error { return s.agent.healthLoop(ctx, advertise) })
+	g.Go(func() error { return s.credentialsLoop(ctx) })
+	if s.cfg.WorkloadAPI != "" {
+		srv, err := workloadapi.New(workloadapi.Config{Source: s.wl, Logger: s.log, Path: s.cfg.WorkloadAPI})
+		if err != nil {
+			closeAll()
+			return err
+		}
+		g.Go(func() error { return srv.Run(ctx) })
+	}
+	err = g.Wait()
+	if conn := s.agent.conn.Load(); conn != nil {
+		conn.Close()
+	}
+	return err
+}
+
+// credentialsLoop reacts to SVID and bundle changes: the Workload API
+// store is updated and open inbound connections are re-checked.
+func (s *Sidecar) credentialsLoop(ctx context.Context) error {
+	for {
+		ch := s.creds.Changed()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ch:
+		}
+		s.syncWorkloadAPI()
+		s.in.recheck()
+	}
+}
+
+func (s *Sidecar) syncWorkloadAPI() {
+	if sv := s.creds.SVID(); sv != nil {
+		s.in.selfID.Store(sv.ID.String())
+		s.wl.SetSVID(sv)
+	}
+	if b := s.creds.Bundle(); b != nil {
+		xb, err := b.GetX509BundleForTrustDomain(s.cfg.TrustDomain)
+		if err == nil {
+			s.wl.SetBundle(xb)
+		}
+	}
+}
+
+func (s *Sidecar) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, r *http.Request) {
+		if !s.Ready() {
+			http.Error(w, "not ready: waiting for an SVID and a configuration snapshot", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ready\n")
+	})
+	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(s.configDump())
+	})
+	return mux
+}
+
+// configDump is what /config_dump shows: identity, trust, the snapshot in
+// force and the live state of every upstream's endpoints.
+func (s *Sidecar) configDump() map[string]any {
+	d := map[string]any{"ready": s.Ready(), "addresses": s.Addrs()}
+	if sv := s.creds.SVID(); sv != nil {
+		d["svid"] = map[string]any{"spiffe_id": sv.ID.String(), "not_after": sv.Certificates[0].NotAfter.UTC(), "serial": sv.Certificates[0].SerialNumber.String()}
+	}
+	if b := s.creds.Bundle(); b != nil {
+		d["bundle"] = map[string]any{"sequence": b.Sequence(), "digest": b.Digest(), "roots": len(b.Roots())}
+	}
+	if snap := s.agent.lastSnap.Load(); snap != nil {
+		raw, _ := protojson.Marshal(snap)
+		d["snapshot"] = json.RawMessage(raw)
+	}
+	ups := map[string]any{}
+	s.out.mu.Lock()
+	for name, u := range s.out.upstreams {
+		ups[name] = u.lb.Stats()
+	}
+	s.out.mu.Unlock()
+	d["upstreams"] = ups
+	return d
+}
