@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -290,8 +291,12 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 	case errors.Is(err, context.Canceled):
 		code = 499 // client went away; nothing is written to it anyway
 	}
+	msg := err.Error()
+	if strings.Contains(msg, "remote error: tls: bad certificate") {
+		msg = u.name + " refused this workload's identity (not allowed by its AuthorizationPolicy, or not trusted): " + msg
+	}
 	u.o.log.Debug("upstream request failed", "service", u.name, "err", err)
-	sidecarError(w, code, err.Error())
+	sidecarError(w, code, msg)
 }
 
 // RoundTrip sends one request to the service: it picks an endpoint, and

@@ -1,0 +1,301 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/status"
+
+	"github.com/straitmesh/strait/ca/identity"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/resource"
+)
+
+type spiffeIDT = spiffeid.ID
+
+// rpcError turns a gRPC status into the server's message.
+func rpcError(err error) error {
+	if s, ok := status.FromError(err); ok {
+		return fmt.Errorf("%s: %s", strings.ToLower(strings.ReplaceAll(s.Code().String(), "_", " ")), s.Message())
+	}
+	return err
+}
+
+func rpcContext(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(cmd.Context(), 15*time.Second)
+}
+
+func newApplyCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var file string
+	var dryRun bool
+	cmd := &cobra.Command{
+		Use:   "apply -f FILE",
+		Short: "Create or update resources (TrafficPolicy, AuthorizationPolicy) from YAML or JSON",
+		Long: `Create or update resources from a file of Kubernetes-style documents
+(apiVersion, kind, metadata, spec), separated by "---". Use -f - for stdin.
+Every document is checked before anything is stored: one invalid field and
+nothing is applied.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if file == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("-f FILE is required")}
+			}
+			var data []byte
+			var err error
+			if file == "-" {
+				data, err = io.ReadAll(io.LimitReader(os.Stdin, 8<<20))
+			} else {
+				data, err = os.ReadFile(file)
+			}
+			if err != nil {
+				return err
+			}
+			objs, err := resource.Decode(data)
+			if err != nil {
+				return fmt.Errorf("%s: %w", file, err)
+			}
+			client, done, cx, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			td, err := identity.ParseTrustDomain(cx.TrustDomain)
+			if err != nil {
+				return err
+			}
+			req := &controlplanev1.ApplyRequest{DryRun: dryRun}
+			var problems []string
+			for _, o := range objs {
+				if _, err := resource.Validate(o, td); err != nil {
+					problems = append(problems, err.Error())
+					continue
+				}
+				p, err := resource.ToProto(o)
+				if err != nil {
+					return err
+				}
+				req.Resources = append(req.Resources, p)
+			}
+			if len(problems) > 0 {
+				return fmt.Errorf("%s: nothing applied:\n%s", file, strings.Join(problems, "\n"))
+			}
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := client.Apply(ctx, req)
+			if err != nil {
+				return rpcError(err)
+			}
+			for _, r := range resp.GetResults() {
+				fmt.Fprintf(g.stdout, "%s %s/%s %s\n", strings.ToLower(r.GetKind()), r.GetNamespace(), r.GetName(), r.GetAction())
+			}
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVarP(&file, "filename", "f", "", "file to apply (- for stdin)")
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "validate on the server, store nothing")
+	return cmd
+}
+
+func newGetCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var ns, output string
+	cmd := &cobra.Command{
+		Use:   "get KIND [NAME]",
+		Short: "List stored resources of a kind",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			kind := resource.CanonicalKind(args[0])
+			name := ""
+			if len(args) == 2 {
+				name = args[1]
+			}
+			client, done, _, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := client.List(ctx, &controlplanev1.ListRequest{Kind: kind, Namespace: ns, Name: name})
+			if err != nil {
+				return rpcError(err)
+			}
+			if name != "" && len(resp.GetResources()) == 0 {
+				return fmt.Errorf("%s %q not found", kind, name)
+			}
+			switch output {
+			case "yaml":
+				var objs []resource.Object
+				for _, r := range resp.GetResources() {
+					o, err := resource.FromProto(r)
+					if err != nil {
+						return err
+					}
+					objs = append(objs, o)
+				}
+				out, err := resource.Encode(objs)
+				if err != nil {
+					return err
+				}
+				g.stdout.Write(out)
+			case "", "table":
+				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "KIND\tNAMESPACE\tNAME\tGENERATION")
+				for _, r := range resp.GetResources() {
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", r.GetKind(), r.GetNamespace(), r.GetName(), r.GetGeneration())
+				}
+				tw.Flush()
+			default:
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("-o: want table or yaml, got %q", output)}
+			}
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVarP(&ns, "namespace", "n", "", "namespace (default: all)")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or yaml")
+	return cmd
+}
+
+func newDeleteCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	ns := "default"
+	cmd := &cobra.Command{
+		Use:   "delete KIND NAME",
+		Short: "Delete a stored resource",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			client, done, _, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			kind := resource.CanonicalKind(args[0])
+			if _, err := client.Delete(ctx, &controlplanev1.DeleteRequest{Kind: kind, Namespace: ns, Name: args[1]}); err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintf(g.stdout, "%s %s/%s deleted\n", strings.ToLower(kind), ns, args[1])
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVarP(&ns, "namespace", "n", ns, "namespace")
+	return cmd
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show a control plane's state: trust, instances and connected sidecars",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			client, done, _, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			st, err := client.Status(ctx, &controlplanev1.StatusRequest{})
+			if err != nil {
+				return rpcError(err)
+			}
+			printCPStatus(g.stdout, st)
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func printCPStatus(w io.Writer, st *controlplanev1.StatusResponse) {
+	fmt.Fprintf(w, "cluster %s  trust domain %s\n  bundle %s\n  snapshot version %d\n", st.GetCluster(), st.GetTrustDomain(), st.GetBundleDigest(), st.GetSnapshotVersion())
+	if st.GetIntermediateExpiresAt() != nil {
+		fmt.Fprintf(w, "  intermediate expires %s\n", day(st.GetIntermediateExpiresAt().AsTime()))
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nINSTANCE\tSERVICE\tADDRESS\tHEALTH\tSNAPSHOT\tBUNDLE IN SYNC\tSPIFFE ID")
+	nodes := map[string]*controlplanev1.NodeStatus{}
+	for _, n := range st.GetNodes() {
+		nodes[n.GetNode()] = n
+	}
+	for _, in := range st.GetInstances() {
+		n := nodes[in.GetName()]
+		health, version, sync := "-", "-", "-"
+		if n != nil {
+			health = strings.TrimPrefix(n.GetHealth().String(), "HEALTH_")
+			version = fmt.Sprint(n.GetVersion())
+			if !n.GetConnected() {
+				version += " (disconnected)"
+			}
+			sync = yesNo(n.GetBundleDigest() == st.GetBundleDigest())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", in.GetName(), in.GetService(), in.GetAddress(), health, version, sync, in.GetSpiffeId())
+	}
+	tw.Flush()
+}
+
+func newWorkloadCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "workload",
+		Short: "Manage workloads' registration",
+	}
+	cmd.AddCommand(newWorkloadTokenCmd(g))
+	return cmd
+}
+
+func newWorkloadTokenCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var service, ns, sa string
+	ttl := 10 * time.Minute
+	cmd := &cobra.Command{
+		Use:   "token --service S [--namespace N] [--service-account A]",
+		Short: "Mint a short-lived, single-use registration token for a sidecar",
+		Long: `Mint a short-lived, single-use registration token. A sidecar presents it on
+its first Certify and receives the SVID spiffe://<trust domain>/ns/N/sa/A;
+it renews with that SVID afterwards. The token is printed once, on stdout.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if service == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--service is required")}
+			}
+			if sa == "" {
+				sa = service
+			}
+			client, done, _, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := rpcContext(cmd)
+			defer cancel()
+			resp, err := client.CreateRegistrationToken(ctx, &controlplanev1.CreateRegistrationTokenRequest{
+				Namespace: ns, ServiceAccount: sa, Service: service, TtlSeconds: uint32(ttl / time.Second)})
+			if err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintln(g.stdout, resp.GetToken())
+			fmt.Fprintf(g.stderr, "token for %s, single use, expires %s\n", resp.GetSpiffeId(), resp.GetExpiresAt().AsTime().UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVar(&service, "service", "", "service the workload serves")
+	cmd.Flags().StringVar(&ns, "namespace", "default", "namespace")
+	cmd.Flags().StringVar(&sa, "service-account", "", "service account (default: the service name)")
+	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime (10s to 1h)")
+	return cmd
+}

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/straitmesh/strait/ca"
+	"github.com/straitmesh/strait/controlplane/local"
+	"github.com/straitmesh/strait/internal/wiring"
+)
+
+func newControlPlaneCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "controlplane",
+		Short: "Run a cluster's control plane (local mode)",
+		Long: `Run a cluster's control plane in local mode: processes on one host, state in
+a data directory. The control plane holds the cluster's intermediate, issues
+SVIDs to sidecars, keeps the service registry and streams configuration.`,
+	}
+	cmd.AddCommand(newCPInitCmd(g), newCPRunCmd(g), newCPAdminCmd(g))
+	return cmd
+}
+
+func newCPInitCmd(g *globals) *cobra.Command {
+	var dir, caDir, cluster string
+	var ttl, adminTTL time.Duration
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "init --dir DIR --cluster NAME --ca-dir CADIR",
+		Short: "Create a control-plane data directory with an intermediate from the mesh CA",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" || cluster == "" || caDir == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir, --cluster and --ca-dir are required")}
+			}
+			auth, err := ca.Open(cmd.Context(), ca.Config{Dir: caDir, Logger: g.logger()})
+			if err != nil {
+				return err
+			}
+			defer auth.Close()
+			d, err := local.Init(cmd.Context(), dir, cluster, wiring.RootAuthority{CA: auth, Replace: force}, ttl, force)
+			if err != nil {
+				return err
+			}
+			iss, err := wiring.NewIssuer(d, 0)
+			if err != nil {
+				return err
+			}
+			if _, err := d.MintAdmin(iss, adminTTL); err != nil {
+				return err
+			}
+			cert, _ := d.AdminPaths()
+			fmt.Fprintf(g.stdout, "control plane for cluster %s initialized in %s\n  intermediate expires %s\n  admin credentials %s (expire in %s)\n",
+				d.Cluster, dir, day(d.Chain[0].NotAfter), cert, adminTTL)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (created)")
+	cmd.Flags().StringVar(&cluster, "cluster", "", "cluster name (DNS label)")
+	cmd.Flags().StringVar(&caDir, "ca-dir", os.Getenv(dataDirEnv), "mesh CA data directory (default $"+dataDirEnv+")")
+	cmd.Flags().Var(durationValue{&ttl}, "intermediate-ttl", "intermediate lifetime (default 90d)")
+	adminTTL = 24 * time.Hour
+	cmd.Flags().Var(durationValue{&adminTTL}, "admin-ttl", "lifetime of the admin credentials")
+	cmd.Flags().BoolVar(&force, "force", false, "re-issue the intermediate of an initialized directory")
+	return cmd
+}
+
+func newCPAdminCmd(g *globals) *cobra.Command {
+	var dir string
+	ttl := 24 * time.Hour
+	cmd := &cobra.Command{
+		Use:   "admin-credentials --dir DIR",
+		Short: "Re-issue the cluster's admin credentials (the CLI's identity toward the admin API)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}
+			}
+			d, err := local.Load(dir)
+			if err != nil {
+				return err
+			}
+			iss, err := wiring.NewIssuer(d, 0)
+			if err != nil {
+				return err
+			}
+			s, err := d.MintAdmin(iss, ttl)
+			if err != nil {
+				return err
+			}
+			cert, key := d.AdminPaths()
+			fmt.Fprintf(g.stdout, "%s\n  certificate %s\n  key %s\n  expires %s\n", s.ID, cert, key, day(s.Certificates[0].NotAfter))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory")
+	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime (at most 24h)")
+	return cmd
+}
+
+func newCPRunCmd(g *globals) *cobra.Command {
+	var dir, listen string
+	var svidTTL time.Duration
+	cmd := &cobra.Command{
+		Use:   "run --dir DIR --listen HOST:PORT",
+		Short: "Serve the control plane until interrupted",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}
+			}
+			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+			return wiring.RunControlPlane(cmd.Context(), wiring.ControlPlaneOptions{Dir: dir, Listen: listen, SVIDTTL: svidTTL, Logger: log})
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (from `strait controlplane init`)")
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7400", "gRPC listen address")
+	cmd.Flags().Var(durationValue{&svidTTL}, "svid-ttl", "lifetime of the SVIDs issued (default 1h)")
+	return cmd
+}
