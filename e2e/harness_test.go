@@ -208,6 +208,9 @@ type workloadOptions struct {
 	upstreams   []string
 	workloadAPI string
 	dataDir     string
+	protocol    controlplanev1.Protocol
+	// serve runs the app on ln; nil means the echo app over HTTP/1.1.
+	serve func(ln net.Listener) (stop func())
 }
 
 func (c *cluster) workload(instance, service string, o workloadOptions) *workload {
@@ -216,9 +219,13 @@ func (c *cluster) workload(instance, service string, o workloadOptions) *workloa
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	srv := &http.Server{Handler: echoApp(c.name, service, instance)}
-	go srv.Serve(app)
-	c.t.Cleanup(func() { srv.Close() })
+	if o.serve != nil {
+		c.t.Cleanup(o.serve(app))
+	} else {
+		srv := &http.Server{Handler: echoApp(c.name, service, instance)}
+		go srv.Serve(app)
+		c.t.Cleanup(func() { srv.Close() })
+	}
 	ups := map[string]string{}
 	for _, u := range o.upstreams {
 		ups[u] = "127.0.0.1:0"
@@ -226,7 +233,7 @@ func (c *cluster) workload(instance, service string, o workloadOptions) *workloa
 	reg := prometheus.NewRegistry()
 	sc, err := proxy.New(proxy.Config{
 		TrustDomain: c.td, ControlPlane: c.addr, TrustBundle: c.dir.Bundle, Token: c.token(service),
-		Instance: instance, Service: service, Namespace: "default", Inbound: "127.0.0.1:0", App: app.Addr().String(),
+		Instance: instance, Service: service, Namespace: "default", Protocol: o.protocol, Inbound: "127.0.0.1:0", App: app.Addr().String(),
 		Upstreams: ups, Admin: "127.0.0.1:0", WorkloadAPI: o.workloadAPI, DataDir: o.dataDir, HealthInterval: 500 * time.Millisecond,
 		Logger: testLogger(c.t).With("component", instance), Registry: reg,
 	})

@@ -24,6 +24,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/bundle"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/proxy/balance"
 	"github.com/straitmesh/strait/proxy/workloadapi"
 )
 
@@ -360,6 +361,17 @@ func (s *Sidecar) adminHandler() http.Handler {
 		json.NewEncoder(w).Encode(s.configDump())
 	})
 	return mux
+}
+
+// UpstreamStats returns the live balancer state of an upstream's endpoints.
+func (s *Sidecar) UpstreamStats(service string) []balance.EndpointStats {
+	s.out.mu.Lock()
+	u := s.out.upstreams[service]
+	s.out.mu.Unlock()
+	if u == nil {
+		return nil
+	}
+	return u.lb.Stats()
 }
 
 // configDump is what /config_dump shows: identity, trust, the snapshot in
