@@ -134,10 +134,14 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 		st.conns = balance.NewLimiter(int(lim.GetMaxConnections()))
 	}
 	od := pol.GetOutlierDetection()
+	consecutive := int(od.GetConsecutiveErrors())
+	if od.GetMaxEjectionPercent() == 0 {
+		consecutive = 0 // the policy's "0% may be ejected": ejection off
+	}
 	cfg := balance.Config{
 		Policy: lbPolicy(pol.GetLoadBalancer()),
 		Outlier: balance.OutlierConfig{
-			ConsecutiveErrors:  int(od.GetConsecutiveErrors()),
+			ConsecutiveErrors:  consecutive,
 			BaseEjectionTime:   od.GetBaseEjectionTime().AsDuration(),
 			MaxEjectionPercent: int(od.GetMaxEjectionPercent()),
 		},
