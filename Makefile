@@ -15,9 +15,15 @@ PKGS := ./...
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# The sidecar is built lean: static, without symbol tables, and without
+# grpc's x/net/trace (which pulls in html/template). Its resident memory
+# follows its size.
+PROXY_BUILD := CGO_ENABLED=0 $(GO) build -tags grpcnotrace -trimpath -ldflags '-s -w'
+
 .PHONY: build
-build: ## Build the binaries into bin/
-	$(GO) build -o bin/ ./cmd/...
+build: ## Build the binaries into bin/ (strait, strait-proxy)
+	$(GO) build -o bin/ ./cmd/strait
+	$(PROXY_BUILD) -o bin/ ./cmd/strait-proxy
 
 .PHONY: demo
 demo: build ## Run the main job: the Strait story on this machine (no Docker, no Kubernetes)
@@ -67,7 +73,7 @@ generate-check: generate ## Fail if checked-in generated code is not current
 
 .PHONY: bench
 bench: ## Benchmarks, reported as ratios against a baseline measured in the same run
-	STRAIT_BENCH=1 $(GO) test -count=1 -run '^TestReport' -v ./ca/ | grep -E 'report:|^(ok|FAIL|---)'
+	STRAIT_BENCH=1 $(GO) test -count=1 -run '^TestReport' -v ./ca/ ./e2e/ | grep -E 'report:|^(ok|FAIL|---)'
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for FUZZTIME each (default 30s)

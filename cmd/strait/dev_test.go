@@ -45,7 +45,10 @@ func buildProxy(t *testing.T) string {
 			return
 		}
 		proxyBin = filepath.Join(dir, "strait-proxy")
-		out, err := exec.Command("go", "build", "-o", proxyBin, "github.com/straitmesh/strait/cmd/strait-proxy").CombinedOutput()
+		// As `make build` does: the lean, static sidecar.
+		cmd := exec.Command("go", "build", "-tags", "grpcnotrace", "-trimpath", "-ldflags", "-s -w", "-o", proxyBin, "github.com/straitmesh/strait/cmd/strait-proxy")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			proxyBinErr = fmt.Errorf("go build strait-proxy: %v\n%s", err, out)
 		}
