@@ -51,6 +51,7 @@ func testLogger(t testing.TB) *slog.Logger {
 type cluster struct {
 	t       testing.TB
 	name    string
+	caDir   string
 	dir     *local.Dir
 	td      spiffeid.TrustDomain
 	addr    string
@@ -86,7 +87,7 @@ func newCluster(t testing.TB, name string, opts clusterOptions) *cluster {
 	if _, err := d.MintAdmin(iss, time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	c := &cluster{t: t, name: name, dir: d, td: td, addr: "127.0.0.1:0", svidTTL: opts.svidTTL}
+	c := &cluster{t: t, name: name, caDir: filepath.Join(root, "ca"), dir: d, td: td, addr: "127.0.0.1:0", svidTTL: opts.svidTTL}
 	c.startControlPlane()
 	t.Cleanup(c.stopControlPlane)
 	c.dialAdmin()

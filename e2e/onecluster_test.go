@@ -27,6 +27,7 @@ import (
 	"github.com/straitmesh/strait/ca"
 	"github.com/straitmesh/strait/ca/catest"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/local"
 )
 
 func frontendID() string { return "spiffe://" + trustDomain + "/ns/default/sa/frontend" }
@@ -384,5 +385,54 @@ func TestWorkloadAPI(t *testing.T) {
 	}
 	if _, _, err := x509svid.Verify(sv.Certificates, src); err != nil {
 		t.Errorf("SVID from the Workload API does not verify against its bundle: %v", err)
+	}
+}
+
+// A new root enters the trust bundle (rotation's prepare step) with
+// traffic flowing: every sidecar takes it, reports its digest, and no
+// request fails.
+func TestBundleUpdateUnderLoad(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{})
+	b0 := east.workload("backend-0", "backend", workloadOptions{})
+	fe := east.workload("frontend-0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 1)
+	l := startLoad(fe.url("backend"), 4, 30*time.Second)
+	time.Sleep(300 * time.Millisecond)
+
+	ctx := context.Background()
+	auth, err := ca.Open(ctx, ca.Config{Dir: east.caDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := auth.Prepare(ctx, ca.PrepareOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	next := auth.Bundle()
+	auth.Close()
+	if len(next.Roots()) != 2 {
+		t.Fatalf("prepared bundle has %d roots, want 2", len(next.Roots()))
+	}
+	if err := local.WriteBundle(east.dir.Path, next); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 15*time.Second, "both sidecars hold the new bundle and the control plane sees them in sync", func() bool {
+		if fe.sc.Credentials().Bundle().Digest() != next.Digest() || b0.sc.Credentials().Bundle().Digest() != next.Digest() {
+			return false
+		}
+		st, err := east.admin.Status(ctx, &controlplanev1.StatusRequest{})
+		if err != nil || st.GetBundleDigest() != next.Digest() {
+			return false
+		}
+		for _, n := range st.GetNodes() {
+			if n.GetBundleDigest() != next.Digest() {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(500 * time.Millisecond)
+	ok, fail, errs := l.finish()
+	if fail != 0 || ok == 0 {
+		t.Errorf("requests during the bundle update: %d ok, %d failed (%v), want all ok", ok, fail, errs)
 	}
 }

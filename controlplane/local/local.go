@@ -210,6 +210,20 @@ func Load(path string) (*Dir, error) {
 	return d, nil
 }
 
+// ReadBundle reads the trust bundle file again (it changes when the root
+// authority rotates roots).
+func (d *Dir) ReadBundle() (*bundle.Bundle, error) {
+	bj, err := os.ReadFile(filepath.Join(d.Path, fileBundle))
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	b, err := bundle.ParseJWKS(d.TrustDomain, bj)
+	if err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileBundle, err)
+	}
+	return b, nil
+}
+
 // MintAdmin issues the cluster's admin SVID with m and writes it to the
 // admin directory; the CLI presents it to the admin API.
 func (d *Dir) MintAdmin(m Minter, ttl time.Duration) (*x509svid.SVID, error) {

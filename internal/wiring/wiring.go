@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -105,9 +106,10 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	if o.Registerer == nil {
 		o.Registerer = prometheus.NewRegistry()
 	}
-	b := d.Bundle
+	var current atomic.Pointer[bundle.Bundle]
+	current.Store(d.Bundle)
 	srv, err := server.New(server.Config{
-		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: iss, Bundle: func() *bundle.Bundle { return b },
+		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: iss, Bundle: current.Load,
 		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
 		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock,
 	})
@@ -121,5 +123,40 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	if o.Ready != nil {
 		o.Ready(ln.Addr().String())
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go watchBundle(ctx, d, &current, o.Logger)
 	return srv.Run(ctx, ln)
+}
+
+// watchBundle re-reads the data directory's trust bundle every second and
+// installs a newer sequence; the server pushes it to every sidecar. A file
+// that does not parse is logged and ignored: the bundle in force stays.
+func watchBundle(ctx context.Context, d *local.Dir, current *atomic.Pointer[bundle.Bundle], log *slog.Logger) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	lastErr := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		b, err := d.ReadBundle()
+		if err != nil {
+			if err.Error() != lastErr {
+				log.Error("trust bundle file unreadable; keeping the bundle in force", "err", err)
+				lastErr = err.Error()
+			}
+			continue
+		}
+		lastErr = ""
+		if cur := current.Load(); b.Sequence() > cur.Sequence() {
+			current.Store(b)
+			log.Info("trust bundle updated", "sequence", b.Sequence(), "digest", b.Digest(), "roots", len(b.Roots()))
+		}
+	}
 }
