@@ -525,6 +525,9 @@ func startProc(t *testing.T, name, logPath, bin string, children bool, args ...s
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
+	if v := os.Getenv("STRAIT_BENCH_PROXY_GOMAXPROCS"); v != "" && !children {
+		cmd.Env = append(os.Environ(), "GOMAXPROCS="+v)
+	}
 	// If the test binary dies, so do its proxies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -753,6 +756,9 @@ func startSidecar(t *testing.T, c *cluster, bin, dir, instance, service, app str
 	}
 	for _, u := range upstreams {
 		args = append(args, "--upstream", u+"=127.0.0.1:0")
+	}
+	if os.Getenv("STRAIT_BENCH_PROFILE") != "" {
+		args = append(args, "--profiling")
 	}
 	p := startProc(t, instance, filepath.Join(dir, instance+".log"), bin, false, args...)
 	var addrs proxy.Addrs

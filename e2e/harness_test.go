@@ -455,3 +455,10 @@ func newCSR(t testing.TB) []byte {
 	}
 	return der
 }
+
+func x509ParseFirst(chain [][]byte) (*x509.Certificate, error) {
+	if len(chain) == 0 {
+		return nil, errors.New("empty chain")
+	}
+	return x509.ParseCertificate(chain[0])
+}

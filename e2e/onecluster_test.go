@@ -190,8 +190,10 @@ spec:
 	if err != nil || len(list.GetResources()) != 1 {
 		t.Fatalf("TrafficPolicy after restart: %v, %v; want the one applied", list, err)
 	}
-	waitUntil(t, 10*time.Second, "all three instances registered and streaming after restart", func() bool {
-		st, err := east.admin.Status(ctx, &controlplanev1.StatusRequest{})
+	waitUntil(t, 15*time.Second, "all three instances registered and streaming after restart", func() bool {
+		sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer scancel()
+		st, err := east.admin.Status(sctx, &controlplanev1.StatusRequest{})
 		if err != nil || len(st.GetInstances()) != 3 {
 			return false
 		}

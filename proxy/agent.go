@@ -14,11 +14,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
@@ -40,10 +42,12 @@ type agent struct {
 	clock   func() time.Time
 	apply   func(*controlplanev1.Snapshot) error
 
-	conn       atomic.Pointer[grpc.ClientConn]
-	renewed    chan struct{}
-	lastSnap   atomic.Pointer[controlplanev1.Snapshot]
-	registered atomic.Bool
+	conn          atomic.Pointer[grpc.ClientConn]
+	renewed       chan struct{}
+	lastSnap      atomic.Pointer[controlplanev1.Snapshot]
+	registered    atomic.Bool
+	firstSnapshot chan struct{}
+	firstOnce     sync.Once
 }
 
 // controlPlaneVerifier accepts any control plane of the trust domain.
@@ -61,7 +65,13 @@ func (a *agent) dial(withCert bool) (*grpc.ClientConn, error) {
 	if !withCert {
 		tc.GetClientCertificate = nil
 	}
-	return grpc.NewClient(a.cfg.ControlPlane, grpc.WithTransportCredentials(credentials.NewTLS(tc)))
+	// Reconnect within seconds when the control plane comes back, not on
+	// grpc's default schedule (up to two minutes).
+	return grpc.NewClient(a.cfg.ControlPlane, grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			MinConnectTimeout: 5 * time.Second,
+		}))
 }
 
 // svidPaths are where the current SVID and key are kept across restarts.
@@ -214,8 +224,7 @@ func (a *agent) renewLoop(ctx context.Context) error {
 	backoff := newBackoff(time.Second, 30*time.Second)
 	for {
 		leaf := a.creds.SVID().Certificates[0]
-		at := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
-		if !sleepUntil(ctx, a.clock, at) {
+		if !sleepUntil(ctx, a.clock, svid.RenewAt(leaf, a.clock())) {
 			return nil
 		}
 		for {
@@ -244,6 +253,13 @@ func (a *agent) renewLoop(ctx context.Context) error {
 
 // register records the instance, then reports health periodically.
 func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
+	// Peers are only told about this instance once it has the policy to
+	// accept them: until the first snapshot, every caller is refused.
+	select {
+	case <-a.firstSnapshot:
+	case <-ctx.Done():
+		return nil
+	}
 	registered := false
 	backoff := newBackoff(200*time.Millisecond, 5*time.Second)
 	ticker := time.NewTicker(a.cfg.HealthInterval)
@@ -313,7 +329,7 @@ func (a *agent) appHealth(ctx context.Context) controlplanev1.Health {
 // watchLoop keeps the configuration stream open and applies each snapshot
 // whole; while the control plane is away the last good snapshot stays.
 func (a *agent) watchLoop(ctx context.Context) error {
-	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
+	backoff := newBackoff(100*time.Millisecond, 2*time.Second)
 	for ctx.Err() == nil {
 		err := a.watchOnce(ctx, backoff)
 		a.metrics.cpConnected.Set(0)
@@ -345,11 +361,19 @@ func (a *agent) watchOnce(ctx context.Context, backoff *backoff) error {
 		a.metrics.cpConnected.Set(1)
 		backoff.reset()
 		snap := resp.GetSnapshot()
+		if snap == nil {
+			a.log.Error("control plane sent an empty watch response; keeping the last good snapshot")
+			continue
+		}
+		if last := a.lastSnap.Load(); last != nil && snap.GetVersion() < last.GetVersion() {
+			a.log.Warn("snapshot version went backwards (control plane state replaced?); applying it", "version", snap.GetVersion(), "previous", last.GetVersion())
+		}
 		if err := a.apply(snap); err != nil {
 			a.log.Error("snapshot refused; keeping the last good one", "version", snap.GetVersion(), "err", err)
 			continue
 		}
 		a.lastSnap.Store(snap)
+		a.firstOnce.Do(func() { close(a.firstSnapshot) })
 		a.metrics.snapshot.Set(float64(snap.GetVersion()))
 	}
 }

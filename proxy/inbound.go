@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -46,6 +47,7 @@ type inbound struct {
 	log     *slog.Logger
 	service string
 	appAddr string
+	tcp     bool // the service is opaque TCP: only strait-tcp/1 is offered
 	policy  atomic.Pointer[authorizer]
 
 	proxy     *httputil.ReverseProxy
@@ -59,8 +61,8 @@ type inbound struct {
 	conns map[*tls.Conn]struct{}
 }
 
-func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string) *inbound {
-	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, conns: map[*tls.Conn]struct{}{}}
+func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string, tcp bool) *inbound {
+	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, tcp: tcp, conns: map[*tls.Conn]struct{}{}}
 	in.selfID.Store("")
 	in.appH1 = &http.Transport{
 		DialContext:         in.dialer.DialContext,
@@ -74,20 +76,64 @@ func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAd
 	in.appH2C = &http.Transport{DialContext: in.dialer.DialContext, Protocols: h2c, DisableCompression: true}
 	target := &url.URL{Scheme: "http", Host: appAddr}
 	in.proxy = &httputil.ReverseProxy{
+		// Identity headers are handled here, after ReverseProxy removed
+		// hop-by-hop headers, so a caller cannot have ours removed by
+		// naming it in Connection.
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
 			pr.Out.Host = pr.In.Host
+			h := pr.Out.Header
+			for name := range h {
+				if strings.EqualFold(name, HeaderXFCC) || len(name) >= len(identityHeaderPrefix) && strings.EqualFold(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
+					delete(h, name)
+				}
+			}
+			if pc := in.caller(pr.In); pc != nil {
+				h[HeaderXFCC] = pc.xfcc
+			}
 		},
 		Transport:     in,
-		FlushInterval: -1,
+		FlushInterval: 0, // streaming responses (no length) still flush at once
 		BufferPool:    bufferPool{},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			in.log.Debug("forward to application failed", "err", err)
 			w.WriteHeader(http.StatusBadGateway)
 		},
 	}
-	in.tlsConfig = creds.ServerTLS([]string{alpnH2, alpnHTTP1, alpnTCP}, in.verifyConnection)
+	protos := []string{alpnH2, alpnHTTP1}
+	if tcp {
+		protos = []string{alpnTCP}
+	}
+	in.tlsConfig = creds.ServerTLS(protos, in.verifyConnection)
 	return in
+}
+
+// peerConn is what the inbound side knows of one connection's caller,
+// computed once per connection rather than per request.
+type peerConn struct {
+	once sync.Once
+	id   spiffeid.ID
+	xfcc []string
+}
+
+type peerKey struct{}
+
+// connContext gives each connection a slot for its caller's identity,
+// filled from the verified handshake by the first request.
+func (in *inbound) connContext(ctx context.Context, _ net.Conn) context.Context {
+	return context.WithValue(ctx, peerKey{}, &peerConn{})
+}
+
+func (in *inbound) caller(r *http.Request) *peerConn {
+	pc, ok := r.Context().Value(peerKey{}).(*peerConn)
+	if !ok || r.TLS == nil {
+		return nil
+	}
+	pc.once.Do(func() {
+		pc.id = peerID(r.TLS)
+		pc.xfcc = []string{"By=" + in.selfID.Load().(string) + ";URI=" + pc.id.String()}
+	})
+	return pc
 }
 
 // RoundTrip sends a request to the application: gRPC over h2c, everything
@@ -107,6 +153,10 @@ func (in *inbound) setPolicy(z *authorizer) {
 }
 
 func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
+	if !in.tcp && cs.NegotiatedProtocol == alpnTCP || in.tcp && cs.NegotiatedProtocol != alpnTCP {
+		in.metrics.handshakeFails.WithLabelValues("inbound", "wrong_protocol").Inc()
+		return fmt.Errorf("ALPN %q does not match the service's protocol", cs.NegotiatedProtocol)
+	}
 	id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
 	if err != nil {
 		in.metrics.handshakeFails.WithLabelValues("inbound", string(svid.ReasonOf(err))).Inc()
@@ -142,7 +192,17 @@ func (in *inbound) recheck() {
 		switch r := svid.ReasonOf(err); {
 		case err == nil:
 		case r == svid.ReasonExpired:
-			id, _ = x509svid.IDFromCert(cs.PeerCertificates[0])
+			// Still trusted as of just before it expired? (A removed root
+			// cuts these sessions too.)
+			leaf := cs.PeerCertificates[0]
+			asOf, verr := svid.NewVerifier(svid.VerifierConfig{TrustDomain: in.creds.TrustDomain(), Bundles: in.creds,
+				Clock: func() time.Time { return leaf.NotAfter.Add(-time.Second) }})
+			if verr == nil {
+				id, _, err = asOf.Verify(cs.PeerCertificates, svid.RoleClient)
+			}
+			if err != nil {
+				reason = string(svid.ReasonOf(err))
+			}
 		default:
 			reason = string(r)
 		}
@@ -182,16 +242,20 @@ func peerID(cs *tls.ConnectionState) spiffeid.ID {
 
 func (in *inbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	caller := peerID(r.TLS)
-	for name := range r.Header {
-		if strings.EqualFold(name, HeaderXFCC) || len(name) >= len(identityHeaderPrefix) && strings.EqualFold(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
-			delete(r.Header, name)
-		}
+	pc := in.caller(r)
+	if pc == nil {
+		http.Error(w, "no verified caller", http.StatusForbidden)
+		return
 	}
-	r.Header.Set(HeaderXFCC, "By="+in.selfID.Load().(string)+";URI="+caller.String())
+	if r.Header.Get("Upgrade") != "" {
+		// A hijacked connection would escape revocation on policy and
+		// trust changes; upgrades are refused until they can be tracked.
+		sidecarError(w, http.StatusNotImplemented, "connection upgrades are not supported by the sidecar")
+		return
+	}
 	rec := &statusRecorder{ResponseWriter: w}
 	in.proxy.ServeHTTP(rec, r)
-	in.metrics.observeRequest("inbound", caller.String(), in.service, rec.code(), time.Since(start))
+	in.metrics.observeRequest("inbound", pc.id.String(), in.service, rec.code(), time.Since(start))
 }
 
 // serveTCP relays an opaque TCP connection to the application.
@@ -223,6 +287,7 @@ func (in *inbound) run(ctx context.Context, ln net.Listener) error {
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		ConnState:         in.track,
+		ConnContext:       in.connContext,
 		ErrorLog:          slogErrorLog(in.log),
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){
 			alpnTCP: func(_ *http.Server, c *tls.Conn, _ http.Handler) { in.serveTCP(c) },

@@ -41,9 +41,11 @@ type outbound struct {
 	log     *slog.Logger
 	clock   func() time.Time
 
-	mu         sync.Mutex
-	upstreams  map[string]*upstream
-	transports map[string]*http.Transport // by endpoint address|SPIFFE ID
+	mu        sync.Mutex
+	upstreams map[string]*upstream
+
+	tmu        sync.RWMutex
+	transports map[string]*http.Transport // by endpoint address|SPIFFE ID|protocol
 }
 
 func newOutbound(creds *Credentials, m *Metrics, log *slog.Logger, clock func() time.Time) *outbound {
@@ -58,6 +60,7 @@ type upstream struct {
 	lb    *balance.Balancer
 	state atomic.Pointer[upstreamState]
 	proxy *httputil.ReverseProxy
+	tcp   sync.Map // open application connections of opaque TCP relays
 }
 
 type upstreamState struct {
@@ -79,9 +82,14 @@ func (o *outbound) addUpstream(name string) (*upstream, error) {
 	u.proxy = &httputil.ReverseProxy{
 		Rewrite:       func(pr *httputil.ProxyRequest) { pr.Out.URL.Scheme = "https"; pr.Out.URL.Host = name },
 		Transport:     u,
-		FlushInterval: -1,
+		FlushInterval: 0, // streaming responses (no length) still flush at once
 		BufferPool:    bufferPool{},
 		ErrorHandler:  u.errorHandler,
+		ModifyResponse: func(r *http.Response) error {
+			// Only this sidecar speaks in its own header.
+			r.Header.Del(HeaderUpstreamError)
+			return nil
+		},
 	}
 	o.mu.Lock()
 	o.upstreams[name] = u
@@ -94,15 +102,28 @@ func (o *outbound) addUpstream(name string) (*upstream, error) {
 func (o *outbound) apply(services []*controlplanev1.Service) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.tmu.Lock()
+	defer o.tmu.Unlock()
 	live := map[string]bool{}
 	for _, svc := range services {
 		u := o.upstreams[svc.GetName()]
 		if u == nil {
 			continue
 		}
+		if prev := u.state.Load(); prev != nil && transportSettingsChanged(prev.policy, svc.GetPolicy()) {
+			// Pools were built with the old connect timeout and connection
+			// cap: new ones are made on demand, idle old ones closed.
+			for k, t := range o.transports {
+				if strings.HasPrefix(k, u.name+"|") {
+					t.CloseIdleConnections()
+					delete(o.transports, k)
+				}
+			}
+		}
 		u.apply(svc)
 		for _, ep := range svc.GetEndpoints() {
-			live[transportKey(ep.GetAddress(), ep.GetSpiffeId())] = true
+			live[transportKey(u.name, ep.GetAddress(), ep.GetSpiffeId(), false)] = true
+			live[transportKey(u.name, ep.GetAddress(), ep.GetSpiffeId(), true)] = true
 		}
 	}
 	for k, t := range o.transports {
@@ -164,6 +185,11 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 	u.state.Store(st)
 }
 
+func transportSettingsChanged(a, b *controlplanev1.TrafficPolicy) bool {
+	return !proto.Equal(a.GetConnectTimeout(), b.GetConnectTimeout()) ||
+		a.GetConnectionLimits().GetMaxConnections() != b.GetConnectionLimits().GetMaxConnections()
+}
+
 func lbPolicy(p controlplanev1.LoadBalancer) balance.Policy {
 	switch p {
 	case controlplanev1.LoadBalancer_LOAD_BALANCER_LEAST_REQUEST:
@@ -175,16 +201,23 @@ func lbPolicy(p controlplanev1.LoadBalancer) balance.Policy {
 	}
 }
 
-func transportKey(addr, id string) string { return addr + "|" + id }
+func transportKey(service, addr, id string, h2 bool) string {
+	if h2 {
+		return service + "|" + addr + "|" + id + "|h2"
+	}
+	return service + "|" + addr + "|" + id + "|h1"
+}
 
 // transport returns the mTLS connection pool toward one endpoint; it
 // verifies that the endpoint presents exactly the identity the control
-// plane says it has.
-func (o *outbound) transport(ep balance.Endpoint, st *upstreamState) (*http.Transport, error) {
-	key := transportKey(ep.Address, ep.SPIFFEID)
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if t := o.transports[key]; t != nil {
+// plane says it has. HTTP/1.1 requests use a pool of HTTP/1.1 connections
+// (cheapest per request in Go); HTTP/2 requests (gRPC) use HTTP/2.
+func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (*http.Transport, error) {
+	key := transportKey(st.svc.GetName(), ep.Address, ep.SPIFFEID, h2)
+	o.tmu.RLock()
+	t := o.transports[key]
+	o.tmu.RUnlock()
+	if t != nil {
 		return t, nil
 	}
 	want, err := spiffeid.FromString(ep.SPIFFEID)
@@ -193,18 +226,23 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState) (*http.Tran
 	}
 	verify := o.serverVerifier(want)
 	protos := new(http.Protocols)
-	protos.SetHTTP2(true)
-	protos.SetHTTP1(true)
+	alpn := []string{alpnHTTP1}
+	if h2 {
+		protos.SetHTTP2(true)
+		alpn = []string{alpnH2}
+	} else {
+		protos.SetHTTP1(true)
+	}
 	connectTimeout := st.policy.GetConnectTimeout().AsDuration()
 	if connectTimeout <= 0 {
 		connectTimeout = time.Second
 	}
 	d := &net.Dialer{Timeout: connectTimeout}
-	t := &http.Transport{
+	t = &http.Transport{
 		DialContext:         d.DialContext,
-		TLSClientConfig:     o.creds.ClientTLS([]string{alpnH2, alpnHTTP1}, verify),
+		TLSClientConfig:     o.creds.ClientTLS(alpn, verify),
 		TLSHandshakeTimeout: connectTimeout,
-		ForceAttemptHTTP2:   true,
+		ForceAttemptHTTP2:   h2,
 		Protocols:           protos,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
@@ -212,6 +250,11 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState) (*http.Tran
 	}
 	if max := st.policy.GetConnectionLimits().GetMaxConnections(); max > 0 {
 		t.MaxConnsPerHost = int(max)
+	}
+	o.tmu.Lock()
+	defer o.tmu.Unlock()
+	if prev := o.transports[key]; prev != nil {
+		return prev, nil
 	}
 	o.transports[key] = t
 	return t, nil
@@ -346,20 +389,22 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 // matched ("" if the result is final).
 func (u *upstream) attempt(req *http.Request, st *upstreamState, pick *balance.Pick, perTry time.Duration) (*http.Response, string, error) {
 	start := time.Now()
-	t, err := u.o.transport(pick.Endpoint, st)
+	t, err := u.o.transport(pick.Endpoint, st, req.ProtoMajor == 2)
 	if err != nil {
 		pick.Done(0, balance.Failure)
 		return nil, "", err
 	}
-	out := req.Clone(req.Context())
-	out.URL.Host = pick.Endpoint.Address
 	ctx, cancel := context.WithCancel(req.Context())
+	out := req.WithContext(ctx)
+	target := *req.URL
+	target.Host = pick.Endpoint.Address
+	out.URL = &target
 	var timedOut atomic.Bool
 	if perTry > 0 {
 		timer := time.AfterFunc(perTry, func() { timedOut.Store(true); cancel() })
 		defer timer.Stop()
 	}
-	resp, err := t.RoundTrip(out.WithContext(ctx))
+	resp, err := t.RoundTrip(out)
 	latency := time.Since(start)
 	if err != nil {
 		cancel()
@@ -372,7 +417,10 @@ func (u *upstream) attempt(req *http.Request, st *upstreamState, pick *balance.P
 		if timedOut.Load() {
 			err = fmt.Errorf("per-try timeout of %s: %w", perTry, context.DeadlineExceeded)
 		}
-		if st.retryOn[cause] || cause == "reset" && st.retryOn["5xx"] || cause == "connect-failure" && st.retryOn["gateway-error"] {
+		// A connect failure or a per-try timeout is what a gateway reports
+		// as 502/504, and a reset as 5xx: the policy's conditions cover them.
+		gatewayish := cause == "connect-failure" || cause == "per-try-timeout"
+		if st.retryOn[cause] || (cause == "reset" || gatewayish) && st.retryOn["5xx"] || gatewayish && st.retryOn["gateway-error"] {
 			return nil, cause, err
 		}
 		return nil, "", err
@@ -429,6 +477,8 @@ func (c *cancelOnClose) Close() error {
 // serveTCP relays one application connection to an endpoint over mTLS,
 // trying other endpoints when the connect fails.
 func (u *upstream) serveTCP(app net.Conn) {
+	u.tcp.Store(app, struct{}{})
+	defer u.tcp.Delete(app)
 	defer app.Close()
 	st := u.state.Load()
 	if st == nil {
@@ -515,6 +565,7 @@ func (u *upstream) run(ctx context.Context, ln net.Listener) error {
 	err := serveUntil(ctx, srv, httpLn)
 	ln.Close()
 	wg.Wait()
+	u.tcp.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true })
 	return err
 }
 

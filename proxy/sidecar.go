@@ -10,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -73,9 +75,15 @@ type Config struct {
 	// Registry receives the metrics and is served on /metrics; nil means a
 	// new registry with the Go and process collectors.
 	Registry *prometheus.Registry
+	// Profiling serves /debug/pprof/profile?seconds=N (a CPU profile) and
+	// /debug/pprof/heap on the admin port.
+	Profiling bool
 }
 
 func (c *Config) token() (string, error) {
+	if c.Token != "" && c.TokenFile != "" {
+		return "", errors.New("proxy: give the registration token once: --token (or $STRAIT_TOKEN) or --token-file, not both")
+	}
 	if c.Token != "" {
 		return c.Token, nil
 	}
@@ -184,9 +192,10 @@ func New(cfg Config) (*Sidecar, error) {
 	}
 	s := &Sidecar{cfg: cfg, creds: creds, registry: cfg.Registry, log: cfg.Logger, wl: workloadapi.NewStore(), started: make(chan struct{})}
 	s.metrics = NewMetrics(cfg.Registry)
-	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App)
+	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App, cfg.protocol() == controlplanev1.Protocol_PROTOCOL_TCP)
 	s.out = newOutbound(creds, s.metrics, cfg.Logger, cfg.Clock)
-	s.agent = &agent{cfg: &s.cfg, creds: creds, metrics: s.metrics, log: cfg.Logger, clock: cfg.Clock, apply: s.applySnapshot, renewed: make(chan struct{}, 1)}
+	s.agent = &agent{cfg: &s.cfg, creds: creds, metrics: s.metrics, log: cfg.Logger, clock: cfg.Clock, apply: s.applySnapshot,
+		renewed: make(chan struct{}, 1), firstSnapshot: make(chan struct{})}
 	return s, nil
 }
 
@@ -198,7 +207,9 @@ func (s *Sidecar) Addrs() *Addrs { return s.addrs.Load() }
 
 // Ready reports whether the sidecar has an SVID and a snapshot, and its
 // instance is registered.
-func (s *Sidecar) Ready() bool { return s.ready.Load() && s.agent.registered.Load() }
+func (s *Sidecar) Ready() bool {
+	return s.ready.Load() && s.agent.registered.Load() && s.cfg.Clock().Before(s.creds.Expiry())
+}
 
 // Snapshot returns the configuration in force (nil before the first).
 func (s *Sidecar) Snapshot() *controlplanev1.Snapshot { return s.agent.lastSnap.Load() }
@@ -279,6 +290,13 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	s.addrs.Store(addrs)
 	close(s.started)
 
+	var wlSrv *workloadapi.Server
+	if s.cfg.WorkloadAPI != "" {
+		if wlSrv, err = workloadapi.New(workloadapi.Config{Source: s.wl, Logger: s.log, Path: s.cfg.WorkloadAPI}); err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: workload API: %w", err)
+		}
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	if adminLn != nil {
 		g.Go(func() error {
@@ -303,13 +321,8 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g.Go(func() error { return s.agent.watchLoop(ctx) })
 	g.Go(func() error { return s.agent.healthLoop(ctx, advertise) })
 	g.Go(func() error { return s.credentialsLoop(ctx) })
-	if s.cfg.WorkloadAPI != "" {
-		srv, err := workloadapi.New(workloadapi.Config{Source: s.wl, Logger: s.log, Path: s.cfg.WorkloadAPI})
-		if err != nil {
-			closeAll()
-			return err
-		}
-		g.Go(func() error { return srv.Run(ctx) })
+	if wlSrv != nil {
+		g.Go(func() error { return wlSrv.Run(ctx) })
 	}
 	err = g.Wait()
 	if conn := s.agent.conn.Load(); conn != nil {
@@ -351,11 +364,22 @@ func (s *Sidecar) adminHandler() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, r *http.Request) {
 		if !s.Ready() {
-			http.Error(w, "not ready: waiting for an SVID and a configuration snapshot", http.StatusServiceUnavailable)
+			msg := "not ready: waiting for an SVID, a configuration snapshot and registration"
+			if exp := s.creds.Expiry(); !exp.IsZero() && !s.cfg.Clock().Before(exp) {
+				msg = "not ready: the SVID expired at " + exp.UTC().Format(time.RFC3339) + " and could not be renewed (control plane unreachable?); if it stays away, restart with a new registration token"
+			}
+			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
 		io.WriteString(w, "ready\n")
 	})
+	if s.cfg.Profiling {
+		mux.HandleFunc("GET /debug/pprof/profile", cpuProfile)
+		mux.HandleFunc("GET /debug/pprof/heap", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			pprof.Lookup("heap").WriteTo(w, 0)
+		})
+	}
 	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(s.configDump())
@@ -372,6 +396,26 @@ func (s *Sidecar) UpstreamStats(service string) []balance.EndpointStats {
 		return nil
 	}
 	return u.lb.Stats()
+}
+
+// cpuProfile writes a CPU profile of the next ?seconds=N (default 10, at
+// most 120) seconds.
+func cpuProfile(w http.ResponseWriter, r *http.Request) {
+	secs, err := strconv.Atoi(r.URL.Query().Get("seconds"))
+	if err != nil || secs <= 0 {
+		secs = 10
+	}
+	secs = min(secs, 120)
+	w.Header().Set("Content-Type", "application/octet-stream")
+	if err := pprof.StartCPUProfile(w); err != nil {
+		http.Error(w, err.Error(), http.StatusConflict)
+		return
+	}
+	select {
+	case <-time.After(time.Duration(secs) * time.Second):
+	case <-r.Context().Done():
+	}
+	pprof.StopCPUProfile()
 }
 
 // configDump is what /config_dump shows: identity, trust, the snapshot in

@@ -284,3 +284,22 @@ func (v *Verifier) VerifyConnection(role Role, authorize Authorizer) func(tls.Co
 		return nil
 	}
 }
+
+// RenewAt is when an SVID should be renewed: at half its life. If that is
+// already past (a backdated NotBefore on a short-lived SVID, or a renewal
+// that failed for a while), it is half of what is left, and never sooner
+// than a second from now, so a renewal loop cannot spin.
+func RenewAt(leaf *x509.Certificate, now time.Time) time.Time {
+	at := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
+	if at.Before(now.Add(time.Second)) {
+		at = now.Add(leaf.NotAfter.Sub(now) / 2)
+	}
+	return maxTime(at, now.Add(time.Second))
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}

@@ -669,3 +669,27 @@ func TestVerifyConnection(t *testing.T) {
 		}
 	})
 }
+
+func TestRenewAt(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	cert := func(nb, na time.Duration) *x509.Certificate {
+		return &x509.Certificate{NotBefore: now.Add(nb), NotAfter: now.Add(na)}
+	}
+	tests := []struct {
+		name string
+		leaf *x509.Certificate
+		want time.Time
+	}{
+		{"fresh: half life", cert(-10*time.Second, 50*time.Minute), now.Add(25*time.Minute - 5*time.Second)},
+		{"half life past: half of what is left", cert(-time.Hour, 20*time.Minute), now.Add(10 * time.Minute)},
+		{"short backdated SVID: never a spin", cert(-10*time.Second, 5*time.Second), now.Add(2500 * time.Millisecond)},
+		{"expired: a second from now", cert(-time.Hour, -time.Minute), now.Add(time.Second)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := svid.RenewAt(tc.leaf, now); !got.Equal(tc.want) {
+				t.Errorf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+}

@@ -74,6 +74,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		addrFile    = fs.String("addresses-file", "", "write the bound addresses as JSON to this file once listening")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		showVersion = fs.Bool("version", false, "print the version and exit")
+		profiling   = fs.Bool("profiling", false, "serve CPU and heap profiles on the admin port (/debug/pprof/profile, /debug/pprof/heap)")
 	)
 	ups := upstreams{}
 	fs.Var(ups, "upstream", "SERVICE=HOST:PORT: a local listener for an upstream service (repeatable)")
@@ -136,7 +137,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		TrustDomain: trustDomain, ControlPlane: *cp, TrustBundle: b, Token: *token, TokenFile: *tokenFile,
 		DataDir: *dataDir, Instance: *instance, Service: *service, Namespace: *namespace, Protocol: proto,
 		Region: *region, Zone: *zone, Inbound: *inbound, Advertise: *advertise, App: *app, Upstreams: ups,
-		Admin: *admin, WorkloadAPI: *workloadAPI, Logger: log,
+		Admin: *admin, WorkloadAPI: *workloadAPI, Logger: log, Profiling: *profiling,
 	})
 	if err != nil {
 		return fail("%v", err)

@@ -14,7 +14,7 @@ import (
 )
 
 func newDemoCmd(g *globals) *cobra.Command {
-	var dir string
+	var dir, proxyBin string
 	var keep bool
 	cmd := &cobra.Command{
 		Use:   "demo",
@@ -35,18 +35,20 @@ Nothing outside --dir (default: a temporary directory) is touched.`,
 					defer os.RemoveAll(tmp)
 				}
 			}
-			d := &demo{g: g, cmd: cmd}
+			d := &demo{g: g, cmd: cmd, proxyBin: proxyBin}
 			return d.run(dir)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "working directory (default: a temporary directory, removed afterwards)")
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep the temporary directory")
+	cmd.Flags().StringVar(&proxyBin, "proxy-bin", "", "strait-proxy binary (default: next to strait, then $PATH)")
 	return cmd
 }
 
 type demo struct {
-	g   *globals
-	cmd *cobra.Command
+	g        *globals
+	cmd      *cobra.Command
+	proxyBin string
 }
 
 // step runs the CLI in-process with args, echoing the command line and its
@@ -122,7 +124,11 @@ func (d *demo) run(dir string) error {
 // call through two sidecars, authorization, and what the metrics saw.
 func (d *demo) mesh(dir string) (err error) {
 	d.section("6. Start cluster east: a control plane and frontend/backend behind sidecars")
-	if err := d.step(true, "dev", "up", "--dir", dir, "--clusters", "east"); err != nil {
+	up := []string{"dev", "up", "--dir", dir, "--clusters", "east"}
+	if d.proxyBin != "" {
+		up = append(up, "--proxy-bin", d.proxyBin)
+	}
+	if err := d.step(true, up...); err != nil {
 		return err
 	}
 	defer func() {

@@ -168,7 +168,14 @@ func startChild(bin string, args []string, logPath string) (*child, error) {
 	defer lf.Close()
 	c := exec.Command(bin, args...)
 	c.Stdout, c.Stderr = lf, lf
-	c.Env = append(os.Environ(), childEnv+"=1")
+	// Children get their credentials from their flags only.
+	env := []string{childEnv + "=1"}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "STRAIT_TOKEN=") && !strings.HasPrefix(kv, childEnv+"=") {
+			env = append(env, kv)
+		}
+	}
+	c.Env = env
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // outlives dev up and its terminal
 	if err := c.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", filepath.Base(bin), err)

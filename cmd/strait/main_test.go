@@ -120,8 +120,10 @@ func TestCLICAWorkflow(t *testing.T) {
 }
 
 func TestDemo(t *testing.T) {
-	out := mustCLI(t, "demo", "--dir", t.TempDir())
-	for _, want := range []string{"OK: spiffe://demo.strait.example/ns/shop/sa/frontend", "REFUSED (untrusted)", "Demo complete"} {
+	out := mustCLI(t, "demo", "--dir", t.TempDir(), "--proxy-bin", buildProxy(t))
+	for _, want := range []string{"OK: spiffe://demo.strait.example/ns/shop/sa/frontend", "REFUSED (untrusted)",
+		`"caller":"spiffe://strait.example/ns/default/sa/frontend"`, "HTTP 502", "spec.from[0].spifeID: unknown field",
+		`strait_proxy_requests_total{destination="backend",direction="inbound",response_class="2xx"`, "Demo complete"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out)
 		}

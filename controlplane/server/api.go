@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"strings"
@@ -18,6 +19,13 @@ import (
 	"github.com/straitmesh/strait/controlplane/store"
 )
 
+// maxCSRSize bounds the CSRs parsed; defaultSVIDTTL is the lifetime of
+// SVIDs when the server is not told otherwise.
+const (
+	maxCSRSize     = 8 << 10
+	defaultSVIDTTL = time.Hour
+)
+
 type identityServer struct {
 	controlplanev1.UnimplementedIdentityServiceServer
 	s *Server
@@ -27,6 +35,15 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 	s := i.s
 	if len(req.GetCsr()) == 0 {
 		return nil, fmt.Errorf("%w: csr is required", ErrBadRequest)
+	}
+	// Check the CSR before spending a single-use token on it.
+	if len(req.GetCsr()) > maxCSRSize {
+		return nil, fmt.Errorf("%w: csr of %d bytes, more than %d", ErrBadRequest, len(req.GetCsr()), maxCSRSize)
+	}
+	if csr, err := x509.ParseCertificateRequest(req.GetCsr()); err != nil {
+		return nil, fmt.Errorf("%w: csr: %w", ErrBadRequest, err)
+	} else if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("%w: csr signature: %w", ErrBadRequest, err)
 	}
 	var id spiffeid.ID
 	proof := "svid"
@@ -51,9 +68,14 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 	default:
 		return nil, fmt.Errorf("%w: present a credential or renew over mTLS with a valid SVID", ErrUnauthenticated)
 	}
+	// The caller may ask for less than the cluster's SVID lifetime, never more.
+	maxTTL := s.cfg.SVIDTTL
+	if maxTTL <= 0 {
+		maxTTL = defaultSVIDTTL
+	}
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
-	if ttl == 0 {
-		ttl = s.cfg.SVIDTTL
+	if ttl <= 0 || ttl > maxTTL {
+		ttl = maxTTL
 	}
 	chain, err := s.cfg.Issuer.IssueSVID(req.GetCsr(), id, ttl)
 	if err != nil {
@@ -90,6 +112,12 @@ func (d discoveryServer) Register(ctx context.Context, req *controlplanev1.Regis
 	if in == nil {
 		return nil, fmt.Errorf("%w: instance is required", ErrBadRequest)
 	}
+	if ok, err := d.s.cfg.Store.ServiceBound(c.info.Namespace, c.info.ServiceAccount, in.GetService()); err != nil {
+		return nil, err
+	} else if !ok {
+		return nil, fmt.Errorf("%w: %s may not register instances of service %q (its registration token was minted for another service; mint one with --service %s)",
+			ErrPermissionDenied, c.id, in.GetService(), in.GetService())
+	}
 	inst := registry.Instance{
 		Name: in.GetName(), Service: in.GetService(), Namespace: in.GetNamespace(), Address: in.GetAddress(),
 		Protocol: in.GetProtocol(), Region: in.GetLocality().GetRegion(), Zone: in.GetLocality().GetZone(),
@@ -109,7 +137,7 @@ func (d discoveryServer) ReportHealth(ctx context.Context, req *controlplanev1.R
 	if err := d.s.cfg.Registry.ReportHealth(ctx, req.GetInstance(), h, c.id); err != nil {
 		return nil, err
 	}
-	d.s.noteDigest(req.GetInstance(), req.GetBundleDigest(), h)
+	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), h)
 	return &controlplanev1.ReportHealthResponse{Lease: durationpb.New(d.s.cfg.Registry.Lease())}, nil
 }
 
@@ -239,7 +267,7 @@ func (a adminServer) Status(ctx context.Context, _ *controlplanev1.StatusRequest
 	resp.SnapshotVersion = s.version
 	for _, n := range s.sortedNodes() {
 		resp.Nodes = append(resp.Nodes, &controlplanev1.NodeStatus{Node: n.name, SpiffeId: n.id.String(), Version: n.sentVersion,
-			Connected: n.streams > 0, BundleDigest: n.digest, Health: n.health})
+			Connected: len(n.streams) > 0, BundleDigest: n.digest, Health: n.health})
 	}
 	s.mu.Unlock()
 	return resp, nil

@@ -152,7 +152,11 @@ func (b bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x50
 
 // renewOwnSVID issues the control plane's serving SVID.
 func (s *Server) renewOwnSVID() (*x509svid.SVID, error) {
-	sv, err := s.cfg.Issuer.MintSVID(s.selfID, s.cfg.SVIDTTL)
+	ttl := s.cfg.SVIDTTL
+	if ttl <= 0 {
+		ttl = defaultSVIDTTL
+	}
+	sv, err := s.cfg.Issuer.MintSVID(s.selfID, ttl)
 	if err != nil {
 		return nil, fmt.Errorf("server: issue own SVID: %w", err)
 	}
@@ -229,9 +233,7 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 
 func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 	for {
-		leaf := sv.Certificates[0]
-		at := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
-		if !sleepUntil(ctx, s.cfg.Clock, at) {
+		if !sleepUntil(ctx, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock())) {
 			return nil
 		}
 		next, err := s.renewOwnSVID()

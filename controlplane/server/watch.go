@@ -32,16 +32,22 @@ type world struct {
 	bundle    *controlplanev1.TrustBundle
 }
 
-// node is one sidecar's configuration stream(s) and last report.
+// node is one sidecar's configuration streams and last report. Nodes are
+// keyed by name and identity, so one workload cannot take over another's
+// stream by naming its node; each stream has its own wake-up channel.
 type node struct {
 	name        string
 	id          spiffeid.ID
-	streams     int
+	streams     map[chan struct{}]struct{}
 	sentVersion uint64
 	digest      string
 	health      controlplanev1.Health
-	wake        chan struct{}
 }
+
+func nodeKey(name string, id spiffeid.ID) string { return name + "\x00" + id.String() }
+
+// maxUpstreams bounds what one Watch may ask for.
+const maxUpstreams = 256
 
 func bundleProto(b *bundle.Bundle) *controlplanev1.TrustBundle {
 	if b == nil {
@@ -115,9 +121,11 @@ func (s *Server) rebuild(ctx context.Context) error {
 	s.version = w.version
 	s.world = w
 	for _, n := range s.nodes {
-		select {
-		case n.wake <- struct{}{}:
-		default:
+		for wake := range n.streams {
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
 		}
 	}
 	return nil
@@ -209,13 +217,16 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 	if err := identity.ValidateClusterName(req.GetNode()); err != nil {
 		return fmt.Errorf("%w: node: %w", ErrBadRequest, err)
 	}
+	if len(req.GetUpstreams()) > maxUpstreams {
+		return fmt.Errorf("%w: %d upstreams, more than the limit of %d", ErrBadRequest, len(req.GetUpstreams()), maxUpstreams)
+	}
 	for _, up := range req.GetUpstreams() {
 		if up == "" || len(up) > 253 {
 			return fmt.Errorf("%w: upstream %q is not a service name", ErrBadRequest, up)
 		}
 	}
-	n := s.attach(req.GetNode(), c.id)
-	defer s.detach(n)
+	n, wake := s.attach(req.GetNode(), c.id)
+	defer s.detach(n, wake)
 	s.metrics.watchers.Inc()
 	defer s.metrics.watchers.Dec()
 	expiry := time.NewTimer(time.Until(c.leaf.NotAfter))
@@ -248,34 +259,39 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 			return ctx.Err()
 		case <-expiry.C:
 			return fmt.Errorf("%w: %s", ErrUnauthenticated, &svid.Error{Reason: svid.ReasonExpired, Err: fmt.Errorf("the SVID this stream was opened with expired; reconnect with the renewed one")})
-		case <-n.wake:
+		case <-wake:
 		}
 	}
 }
 
-func (s *Server) attach(name string, id spiffeid.ID) *node {
+func (s *Server) attach(name string, id spiffeid.ID) (*node, chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := s.nodes[name]
-	if n == nil || n.id != id {
-		n = &node{name: name, id: id, wake: make(chan struct{}, 1)}
-		s.nodes[name] = n
+	key := nodeKey(name, id)
+	n := s.nodes[key]
+	if n == nil {
+		n = &node{name: name, id: id, streams: map[chan struct{}]struct{}{}}
+		s.nodes[key] = n
 	}
-	n.streams++
-	return n
+	wake := make(chan struct{}, 1)
+	n.streams[wake] = struct{}{}
+	return n, wake
 }
 
-func (s *Server) detach(n *node) {
+func (s *Server) detach(n *node, wake chan struct{}) {
 	s.mu.Lock()
-	n.streams--
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	delete(n.streams, wake)
+	if len(n.streams) == 0 {
+		delete(s.nodes, nodeKey(n.name, n.id))
+	}
 }
 
 // noteDigest records what a sidecar reported (bundle digest, health).
-func (s *Server) noteDigest(name, digest string, h controlplanev1.Health) {
+func (s *Server) noteDigest(name string, id spiffeid.ID, digest string, h controlplanev1.Health) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if n := s.nodes[name]; n != nil {
+	if n := s.nodes[nodeKey(name, id)]; n != nil {
 		n.digest = digest
 		n.health = h
 	}

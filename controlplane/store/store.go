@@ -48,6 +48,7 @@ var (
 	bucketResources = []byte("resources")
 	bucketTokens    = []byte("tokens")
 	bucketInstances = []byte("instances")
+	bucketBindings  = []byte("bindings")
 
 	keySchema   = []byte("schema")
 	keyRevision = []byte("revision")
@@ -188,7 +189,7 @@ func (s *Store) initSchema(tx *bolt.Tx) (uint64, error) {
 		return 0, fmt.Errorf("%w: %s has schema %d; this binary supports up to %d", ErrSchema, s.path, version, SchemaVersion)
 	}
 	// Migrations from older schemas go here, each in this transaction.
-	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances} {
+	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances, bucketBindings} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return 0, fmt.Errorf("store: create bucket %s: %w", name, err)
 		}

@@ -242,6 +242,12 @@ func (s *Store) RedeemToken(token string) (TokenRecord, error) {
 			return err
 		}
 		rec = tv.record(id[:])
+		if rec.Service != "" {
+			// The identity may now register instances of this service.
+			if err := tx.Bucket(bucketBindings).Put(bindingKey(rec.Namespace, rec.ServiceAccount, rec.Service), []byte{1}); err != nil {
+				return err
+			}
+		}
 		return b.Put(id[:], nv)
 	})
 	if err != nil {
@@ -324,4 +330,20 @@ func (s *Store) PruneTokens(now time.Time) (int, error) {
 		s.log.Info("pruned expired registration tokens", "count", n)
 	}
 	return n, nil
+}
+
+func bindingKey(ns, sa, service string) []byte {
+	return []byte(ns + "\x00" + sa + "\x00" + service)
+}
+
+// ServiceBound reports whether the workload identity ns/sa was ever given a
+// registration token for service: only then may it register instances of
+// it (a workload cannot pose as an endpoint of another service).
+func (s *Store) ServiceBound(ns, sa, service string) (bool, error) {
+	var ok bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		ok = tx.Bucket(bucketBindings).Get(bindingKey(ns, sa, service)) != nil
+		return nil
+	})
+	return ok, err
 }
