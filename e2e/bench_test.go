@@ -525,8 +525,8 @@ func startProc(t *testing.T, name, logPath, bin string, children bool, args ...s
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
-	if v := os.Getenv("STRAIT_BENCH_PROXY_GOMAXPROCS"); v != "" && !children {
-		cmd.Env = append(os.Environ(), "GOMAXPROCS="+v)
+	if v := os.Getenv("STRAIT_BENCH_PROXY_ENV"); v != "" && !children {
+		cmd.Env = append(os.Environ(), strings.Fields(v)...) // e.g. "GOMAXPROCS=2 GOGC=100" to compare runtime settings
 	}
 	// If the test binary dies, so do its proxies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

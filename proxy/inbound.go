@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -142,8 +143,21 @@ func (in *inbound) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
 		return in.appH2C.RoundTrip(r)
 	}
+	if r.ContentLength > 0 && r.ContentLength <= smallBody {
+		// A small body is read first (it usually arrived with the headers)
+		// so that headers and body reach the app in one write.
+		buf := make([]byte, r.ContentLength)
+		if _, err := io.ReadFull(r.Body, buf); err != nil {
+			return nil, err
+		}
+		r.Body = io.NopCloser(bytes.NewReader(buf))
+	}
 	return in.appH1.RoundTrip(r)
 }
+
+// smallBody is the largest request body the inbound side reads whole
+// before forwarding.
+const smallBody = 16 << 10
 
 // setPolicy installs the authorization for this workload's service and
 // closes open connections it no longer allows.

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -350,6 +351,13 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 // retries on another one when the policy, the budget and the body allow.
 func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	st := u.state.Load()
+	if req.GetBody != nil && req.ContentLength > 0 {
+		// ReverseProxy wraps the body; the buffered one is handed over
+		// unwrapped so net/http sends headers and body in one write.
+		if body, err := req.GetBody(); err == nil {
+			req.Body = body
+		}
+	}
 	retries := st.policy.GetRetries()
 	perTry := retries.GetPerTryTimeout().AsDuration()
 	var tried []string
@@ -530,44 +538,98 @@ func (u *upstream) serveTCP(app net.Conn) {
 // run serves the upstream's local listener until ctx ends. Each connection
 // is handled by the protocol the service speaks at accept time.
 func (u *upstream) run(ctx context.Context, ln net.Listener) error {
-	protos := new(http.Protocols)
-	protos.SetHTTP1(true)
-	protos.SetUnencryptedHTTP2(true)
-	srv := &http.Server{
-		Handler:           u,
-		Protocols:         protos,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       5 * time.Minute,
-		ErrorLog:          slogErrorLog(u.o.log),
+	// Two servers: HTTP/1.1, and HTTP/2 with prior knowledge (gRPC over
+	// h2c). The protocol is told apart once per connection from its first
+	// bytes; a server offering both would peek at every request.
+	h1 := new(http.Protocols)
+	h1.SetHTTP1(true)
+	h2c := new(http.Protocols)
+	h2c.SetUnencryptedHTTP2(true)
+	servers := []*http.Server{
+		{Handler: u, Protocols: h1, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)},
+		{Handler: u, Protocols: h2c, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)},
 	}
-	httpLn := newChanListener(ln.Addr())
+	lns := []*chanListener{newChanListener(ln.Addr()), newChanListener(ln.Addr())}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		defer lns[0].Close()
+		defer lns[1].Close()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
-				httpLn.Close()
 				return
 			}
 			if st := u.state.Load(); st != nil && st.svc.GetProtocol() == controlplanev1.Protocol_PROTOCOL_TCP {
 				go u.serveTCP(c)
 				continue
 			}
-			if !httpLn.push(c) {
-				c.Close()
-				return
-			}
+			go func() {
+				pc, isH2 := sniffH2C(c)
+				i := 0
+				if isH2 {
+					i = 1
+				}
+				if !lns[i].push(pc) {
+					c.Close()
+				}
+			}()
 		}
 	}()
 	go func() { <-ctx.Done(); ln.Close() }()
-	err := serveUntil(ctx, srv, httpLn)
+	errc := make(chan error, 2)
+	for i, srv := range servers {
+		go func() { errc <- serveUntil(ctx, srv, lns[i]) }()
+	}
+	err := <-errc
+	if err2 := <-errc; err == nil {
+		err = err2
+	}
 	ln.Close()
 	wg.Wait()
 	u.tcp.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true })
 	return err
 }
+
+// h2Preface starts every HTTP/2 connection with prior knowledge.
+const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+// sniffH2C reads the start of a connection and reports whether it is
+// HTTP/2 with prior knowledge; the returned conn replays what was read.
+func sniffH2C(c net.Conn) (net.Conn, bool) {
+	br := bufio.NewReaderSize(c, 4096)
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	want := 1
+	for {
+		// Decide as soon as the bytes stop matching the preface: a short
+		// HTTP/1.0 request must not wait for more.
+		_, err := br.Peek(want)
+		b, _ := br.Peek(br.Buffered()) // everything read so far, no blocking
+		if len(b) > len(h2Preface) {
+			b = b[:len(h2Preface)]
+		}
+		if !strings.HasPrefix(h2Preface, string(b)) {
+			return &peekedConn{Conn: c, r: br}, false
+		}
+		if len(b) == len(h2Preface) {
+			return &peekedConn{Conn: c, r: br}, true
+		}
+		if err != nil {
+			return &peekedConn{Conn: c, r: br}, false
+		}
+		want = len(b) + 1
+	}
+}
+
+// peekedConn is a connection whose first bytes sit in a bufio.Reader.
+type peekedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (p *peekedConn) Read(b []byte) (int, error) { return p.r.Read(b) }
 
 // chanListener hands accepted connections to an http.Server.
 type chanListener struct {

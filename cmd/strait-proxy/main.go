@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"strings"
 	"syscall"
@@ -74,7 +75,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		addrFile    = fs.String("addresses-file", "", "write the bound addresses as JSON to this file once listening")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		showVersion = fs.Bool("version", false, "print the version and exit")
-		profiling   = fs.Bool("profiling", false, "serve CPU and heap profiles on the admin port (/debug/pprof/profile, /debug/pprof/heap)")
+		concurrency = fs.Int("concurrency", 1, "OS threads running Go code at once (GOMAXPROCS); one is fastest per request for a sidecar beside its app (make bench), 0 means one per CPU")
+		profiling   = fs.Bool("profiling", os.Getenv("STRAIT_PROXY_PROFILING") == "1", "serve CPU and heap profiles on the admin port (/debug/pprof/profile, /debug/pprof/heap)")
 	)
 	ups := upstreams{}
 	fs.Var(ups, "upstream", "SERVICE=HOST:PORT: a local listener for an upstream service (repeatable)")
@@ -95,6 +97,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "strait-proxy: unexpected argument %q\n", fs.Arg(0))
 		return 2
+	}
+	if *concurrency < 0 {
+		fmt.Fprintln(stderr, "strait-proxy: --concurrency must be 0 or more")
+		return 2
+	}
+	if *concurrency > 0 && os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(*concurrency)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
