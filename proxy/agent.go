@@ -29,6 +29,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/clock"
 )
 
 // agent is the sidecar's side of the control-plane API: it proves the
@@ -224,7 +225,7 @@ func (a *agent) renewLoop(ctx context.Context) error {
 	backoff := newBackoff(time.Second, 30*time.Second)
 	for {
 		leaf := a.creds.SVID().Certificates[0]
-		if !sleepUntil(ctx, a.clock, svid.RenewAt(leaf, a.clock())) {
+		if !clock.SleepUntil(ctx, a.clock, svid.RenewAt(leaf, a.clock())) {
 			return nil
 		}
 		for {
@@ -397,23 +398,5 @@ func (b *backoff) wait(ctx context.Context) bool {
 		return false
 	case <-t.C:
 		return true
-	}
-}
-
-// sleepUntil waits until clock reaches at (re-checking every second so an
-// injected clock can move ahead), or ctx ends.
-func sleepUntil(ctx context.Context, clock func() time.Time, at time.Time) bool {
-	for {
-		d := at.Sub(clock())
-		if d <= 0 {
-			return true
-		}
-		t := time.NewTimer(min(d, time.Second))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false
-		case <-t.C:
-		}
 	}
 }

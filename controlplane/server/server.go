@@ -27,6 +27,7 @@ import (
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/registry"
 	"github.com/straitmesh/strait/controlplane/store"
+	"github.com/straitmesh/strait/internal/clock"
 )
 
 // Config configures a Server. Zero values mean what each field says.
@@ -233,36 +234,18 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 
 func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 	for {
-		if !sleepUntil(ctx, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock())) {
+		if !clock.SleepUntil(ctx, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock())) {
 			return nil
 		}
 		next, err := s.renewOwnSVID()
 		if err != nil {
 			s.log.Error("renewing the control plane's SVID failed; retrying", "err", err)
-			if !sleepUntil(ctx, s.cfg.Clock, s.cfg.Clock().Add(10*time.Second)) {
+			if !clock.SleepUntil(ctx, s.cfg.Clock, s.cfg.Clock().Add(10*time.Second)) {
 				return nil
 			}
 			continue
 		}
 		sv = next
-	}
-}
-
-// sleepUntil waits until clock reaches at (re-reading the clock every
-// second, so an injected clock may jump), or ctx ends.
-func sleepUntil(ctx context.Context, clock func() time.Time, at time.Time) bool {
-	for {
-		d := at.Sub(clock())
-		if d <= 0 {
-			return true
-		}
-		t := time.NewTimer(min(d, time.Second))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false
-		case <-t.C:
-		}
 	}
 }
 
