@@ -7,6 +7,8 @@ BUF_VERSION := v1.75.0
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 FUZZTIME ?= 30s
+# Minimizing a new interesting input may otherwise stall a run for a minute.
+FUZZMINIMIZE ?= 5s
 PKGS := ./...
 
 .DEFAULT_GOAL := help
@@ -81,7 +83,7 @@ fuzz: ## Run every fuzz target for FUZZTIME each (default 30s)
 	  pkg=$$(dirname $$f); \
 	  for t in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | cut -d' ' -f2); do \
 	    echo "== $$pkg $$t ($(FUZZTIME))"; \
-	    $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	    $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZE) $$pkg; \
 	  done; \
 	done
 
