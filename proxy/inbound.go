@@ -112,9 +112,10 @@ func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAd
 // peerConn is what the inbound side knows of one connection's caller,
 // computed once per connection rather than per request.
 type peerConn struct {
-	once sync.Once
-	id   spiffeid.ID
-	xfcc []string
+	once  sync.Once
+	id    spiffeid.ID
+	idStr string
+	xfcc  []string
 }
 
 type peerKey struct{}
@@ -132,7 +133,8 @@ func (in *inbound) caller(r *http.Request) *peerConn {
 	}
 	pc.once.Do(func() {
 		pc.id = peerID(r.TLS)
-		pc.xfcc = []string{"By=" + in.selfID.Load().(string) + ";URI=" + pc.id.String()}
+		pc.idStr = pc.id.String()
+		pc.xfcc = []string{"By=" + in.selfID.Load().(string) + ";URI=" + pc.idStr}
 	})
 	return pc
 }
@@ -269,7 +271,7 @@ func (in *inbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	rec := &statusRecorder{ResponseWriter: w}
 	in.proxy.ServeHTTP(rec, r)
-	in.metrics.observeRequest("inbound", pc.id.String(), in.service, rec.code(), time.Since(start))
+	in.metrics.observeRequest("inbound", pc.idStr, in.service, rec.code(), time.Since(start))
 }
 
 // serveTCP relays an opaque TCP connection to the application.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,11 +22,15 @@ type Metrics struct {
 	svidExpiry     prometheus.Gauge
 	snapshot       prometheus.Gauge
 	cpConnected    prometheus.Gauge
+
+	seriesMu sync.RWMutex
+	series   map[seriesKey]*series
 }
 
 // NewMetrics registers the sidecar's metrics with reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
+		series: map[seriesKey]*series{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strait_proxy_requests_total",
 			Help: "HTTP requests by direction, source identity, destination service and response class.",
@@ -88,7 +93,38 @@ func responseClass(code int) string {
 	}
 }
 
+// seriesKey names one request series; looking it up allocates nothing.
+type seriesKey struct {
+	direction, source, dest string
+	class                   int
+}
+
+type series struct {
+	requests prometheus.Counter
+	duration prometheus.Observer
+}
+
+// observeRequest counts one request. The label lookups of client_golang
+// cost more than the rest of this, so series are cached per label set
+// (bounded: mesh identities × services × 6 classes).
 func (m *Metrics) observeRequest(direction, source, dest string, code int, d time.Duration) {
-	m.requests.WithLabelValues(direction, source, dest, responseClass(code)).Inc()
-	m.duration.WithLabelValues(direction, dest).Observe(d.Seconds())
+	class := code / 100
+	if code < 100 || code >= 600 {
+		class = 0
+	}
+	k := seriesKey{direction, source, dest, class}
+	m.seriesMu.RLock()
+	ser := m.series[k]
+	m.seriesMu.RUnlock()
+	if ser == nil {
+		ser = &series{
+			requests: m.requests.WithLabelValues(direction, source, dest, responseClass(code)),
+			duration: m.duration.WithLabelValues(direction, dest),
+		}
+		m.seriesMu.Lock()
+		m.series[k] = ser
+		m.seriesMu.Unlock()
+	}
+	ser.requests.Inc()
+	ser.duration.Observe(d.Seconds())
 }
