@@ -163,6 +163,9 @@ func Load(path string) (*Dir, error) {
 	if err != nil {
 		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
 	}
+	if err := identity.ValidateClusterName(cf.Cluster); err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
+	}
 	d := &Dir{Path: path, Cluster: cf.Cluster, TrustDomain: td}
 	certPEM, err := os.ReadFile(filepath.Join(path, fileIntermediate))
 	if err != nil {
@@ -198,6 +201,9 @@ func Load(path string) (*Dir, error) {
 	signer, ok := k.(crypto.Signer)
 	if !ok {
 		return nil, fmt.Errorf("local: %s is not a signing key", fileKey)
+	}
+	if pub, ok := d.Chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(signer.Public()) {
+		return nil, fmt.Errorf("local: %s does not belong to the certificate in %s", fileKey, fileIntermediate)
 	}
 	d.Signer = signer
 	bj, err := os.ReadFile(filepath.Join(path, fileBundle))
