@@ -17,7 +17,10 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/catest"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/local"
 	"github.com/straitmesh/strait/internal/wiring"
 )
 
@@ -159,5 +162,59 @@ func TestSVIDLifetimeCapped(t *testing.T) {
 	}
 	if life := time.Until(leaf.NotAfter); life > 2*time.Minute+time.Second {
 		t.Errorf("SVID lives %s more, want at most the cluster's 2m", life)
+	}
+}
+
+// Removing a root from the bundle cuts sessions already open under it: a
+// caller whose chain ends at a root that leaves the bundle is disconnected,
+// not merely refused next time.
+func TestRootRemovalCutsOpenSessions(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{})
+	b0 := east.workload("backend-0", "backend", workloadOptions{})
+	// A second root joins the bundle (as during a rotation, or a peer's).
+	other := catest.New(t, trustDomain, catest.Options{Cluster: "other"})
+	r1 := east.dir.Bundle.Roots()
+	both, err := bundle.New(east.td, east.dir.Bundle.Sequence()+1, append(r1, other.Bundle().Roots()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := local.WriteBundle(east.dir.Path, both); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "backend trusts both roots", func() bool {
+		return b0.sc.Credentials().Bundle().Digest() == both.Digest()
+	})
+	// A caller under the second root opens a keep-alive connection.
+	guest := other.SVID(t, "spiffe://"+trustDomain+"/ns/default/sa/guest", time.Hour)
+	conn, err := tls.Dial("tcp", b0.sc.Addrs().Inbound, &tls.Config{InsecureSkipVerify: true,
+		Certificates: []tls.Certificate{tlsCert(guest)}, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReader(conn)
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("guest under the second root: %v, %v; want 200", resp, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+
+	// The second root leaves the bundle.
+	only, err := bundle.New(east.td, both.Sequence()+1, r1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := local.WriteBundle(east.dir.Path, only); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "backend closes the guest's open connection", func() bool {
+		return metric(t, b0.registry, "strait_proxy_connections_revoked_total", map[string]string{"reason": "untrusted"}) > 0
+	})
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	if _, err := http.ReadResponse(br, nil); err == nil {
+		t.Error("the guest's connection still answers after its root left the bundle")
 	}
 }

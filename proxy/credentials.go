@@ -203,3 +203,22 @@ func bundleFromProto(td spiffeid.TrustDomain, tb *controlplanev1.TrustBundle) (*
 type spiffeIDT = spiffeid.ID
 
 func randInt63n(n int64) int64 { return mrand.Int64N(n) }
+
+// StillTrusted verifies an open session's peer chain against the current
+// bundle. A leaf that merely expired since the handshake is judged as of
+// just before it expired, so the session survives its expiry but not the
+// removal of the root it chains to.
+func (c *Credentials) StillTrusted(chain []*x509.Certificate, role svid.Role) (spiffeid.ID, error) {
+	id, _, err := c.verifier.Verify(chain, role)
+	if svid.ReasonOf(err) != svid.ReasonExpired || len(chain) == 0 {
+		return id, err
+	}
+	leaf := chain[0]
+	asOf, verr := svid.NewVerifier(svid.VerifierConfig{TrustDomain: c.td, Bundles: c,
+		Clock: func() time.Time { return leaf.NotAfter.Add(-time.Second) }})
+	if verr != nil {
+		return id, verr
+	}
+	id, _, err = asOf.Verify(chain, role)
+	return id, err
+}

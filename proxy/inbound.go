@@ -188,8 +188,8 @@ func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
 
 // recheck closes open inbound connections whose caller is no longer
 // trusted (a root was removed) or authorized (policy changed). A leaf that
-// merely expired after its handshake keeps its session: the caller renews
-// and its next connection presents the new SVID.
+// merely expired after its handshake keeps its session (see StillTrusted):
+// the caller renews and its next connection presents the new SVID.
 func (in *inbound) recheck() {
 	in.mu.Lock()
 	conns := make([]*tls.Conn, 0, len(in.conns))
@@ -204,23 +204,9 @@ func (in *inbound) recheck() {
 			continue
 		}
 		reason := ""
-		id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
-		switch r := svid.ReasonOf(err); {
-		case err == nil:
-		case r == svid.ReasonExpired:
-			// Still trusted as of just before it expired? (A removed root
-			// cuts these sessions too.)
-			leaf := cs.PeerCertificates[0]
-			asOf, verr := svid.NewVerifier(svid.VerifierConfig{TrustDomain: in.creds.TrustDomain(), Bundles: in.creds,
-				Clock: func() time.Time { return leaf.NotAfter.Add(-time.Second) }})
-			if verr == nil {
-				id, _, err = asOf.Verify(cs.PeerCertificates, svid.RoleClient)
-			}
-			if err != nil {
-				reason = string(svid.ReasonOf(err))
-			}
-		default:
-			reason = string(r)
+		id, err := in.creds.StillTrusted(cs.PeerCertificates, svid.RoleClient)
+		if err != nil {
+			reason = string(svid.ReasonOf(err))
 		}
 		if reason == "" && z.check(id) != nil {
 			reason = "unauthorized"

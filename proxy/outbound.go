@@ -62,6 +62,7 @@ type upstream struct {
 	state atomic.Pointer[upstreamState]
 	proxy *httputil.ReverseProxy
 	tcp   sync.Map // open application connections of opaque TCP relays
+	tcpUp sync.Map // their mTLS connections to endpoints (*tls.Conn)
 }
 
 type upstreamState struct {
@@ -259,6 +260,40 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (*
 	}
 	o.transports[key] = t
 	return t, nil
+}
+
+// trustShrank reacts to a root leaving the bundle: every pooled upstream
+// connection was verified against the old trust, so the pools are dropped
+// (idle connections closed now, busy ones when their request ends) and
+// opaque TCP relays whose endpoint no longer verifies are cut.
+func (o *outbound) trustShrank() {
+	o.tmu.Lock()
+	old := o.transports
+	o.transports = map[string]*http.Transport{}
+	o.tmu.Unlock()
+	for _, t := range old {
+		t.CloseIdleConnections()
+		// Busy connections go idle once their response is read; close
+		// those too, a little later.
+		time.AfterFunc(30*time.Second, t.CloseIdleConnections)
+	}
+	o.mu.Lock()
+	ups := make([]*upstream, 0, len(o.upstreams))
+	for _, u := range o.upstreams {
+		ups = append(ups, u)
+	}
+	o.mu.Unlock()
+	for _, u := range ups {
+		u.tcpUp.Range(func(k, _ any) bool {
+			c := k.(*tls.Conn)
+			cs := c.ConnectionState()
+			if _, err := o.creds.StillTrusted(cs.PeerCertificates, svid.RoleServer); err != nil {
+				o.metrics.connsClosed.WithLabelValues(string(svid.ReasonOf(err))).Inc()
+				c.Close()
+			}
+			return true
+		})
+	}
 }
 
 // serverVerifier checks an upstream's chain against current trust and that
@@ -528,7 +563,9 @@ func (u *upstream) serveTCP(app net.Conn) {
 			continue
 		}
 		pick.Done(time.Since(start), balance.Success)
+		u.tcpUp.Store(c, struct{}{})
 		sent, recv := relay(c, app)
+		u.tcpUp.Delete(c)
 		m.tcpBytes.WithLabelValues("outbound", u.name, "sent").Add(float64(sent))
 		m.tcpBytes.WithLabelValues("outbound", u.name, "received").Add(float64(recv))
 		return

@@ -334,6 +334,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 // credentialsLoop reacts to SVID and bundle changes: the Workload API
 // store is updated and open inbound connections are re-checked.
 func (s *Sidecar) credentialsLoop(ctx context.Context) error {
+	prev := s.creds.Bundle()
 	for {
 		ch := s.creds.Changed()
 		select {
@@ -343,7 +344,28 @@ func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 		}
 		s.syncWorkloadAPI()
 		s.in.recheck()
+		if cur := s.creds.Bundle(); rootRemoved(prev, cur) {
+			// Upstream connections were verified against a root that is
+			// gone: pooled ones are replaced, opaque relays re-checked.
+			s.out.trustShrank()
+			prev = cur
+		} else if cur != nil {
+			prev = cur
+		}
 	}
+}
+
+// rootRemoved reports whether next lacks a root that prev had.
+func rootRemoved(prev, next *bundle.Bundle) bool {
+	if prev == nil || next == nil {
+		return false
+	}
+	for _, r := range prev.Roots() {
+		if !next.Contains(r) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Sidecar) syncWorkloadAPI() {
