@@ -209,7 +209,10 @@ func TestRootRemovalCutsOpenSessions(t *testing.T) {
 	if err := local.WriteBundle(east.dir.Path, only); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "backend closes the guest's open connection", func() bool {
+	waitUntil(t, 10*time.Second, "backend holds the bundle without the second root", func() bool {
+		return b0.sc.Credentials().Bundle().Digest() == only.Digest()
+	})
+	waitUntil(t, 5*time.Second, "backend closes the guest's open connection", func() bool {
 		return metric(t, b0.registry, "strait_proxy_connections_revoked_total", map[string]string{"reason": "untrusted"}) > 0
 	})
 	conn.SetReadDeadline(time.Now().Add(5 * time.Second))

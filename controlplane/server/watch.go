@@ -120,6 +120,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 	w.version = max(v, s.version+1)
 	s.version = w.version
 	s.world = w
+	s.log.Debug("configuration changed", "version", w.version, "instances", len(w.instances), "bundle", w.bundle.GetDigest(), "watchers", len(s.nodes))
 	for _, n := range s.nodes {
 		for wake := range n.streams {
 			select {
@@ -142,7 +143,6 @@ func (s *Server) pushLoop(ctx context.Context) error {
 	defer unsubscribe()
 	tick := time.NewTicker(time.Second) // the bundle is polled
 	defer tick.Stop()
-	var lastDigest string
 	for {
 		select {
 		case <-ctx.Done():
@@ -151,11 +151,18 @@ func (s *Server) pushLoop(ctx context.Context) error {
 		case <-s.cfg.Registry.Changed():
 		case <-s.wake:
 		case <-tick.C:
+			// Compared with what the world holds, by digest and sequence:
+			// a bundle may come back to an earlier root set.
 			b := s.cfg.Bundle()
-			if b == nil || b.Digest() == lastDigest {
+			s.mu.Lock()
+			var held *controlplanev1.TrustBundle
+			if s.world != nil {
+				held = s.world.bundle
+			}
+			s.mu.Unlock()
+			if b == nil || held != nil && b.Digest() == held.GetDigest() && b.Sequence() == held.GetSequence() {
 				continue
 			}
-			lastDigest = b.Digest()
 		}
 		t := time.NewTimer(s.cfg.Debounce)
 		select {
@@ -250,6 +257,7 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 				return err
 			}
 			s.metrics.pushes.Inc()
+			s.log.Debug("snapshot sent", "node", req.GetNode(), "version", w.version)
 			s.mu.Lock()
 			n.sentVersion = w.version
 			s.mu.Unlock()
