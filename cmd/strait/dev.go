@@ -432,6 +432,23 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 			say("cluster %-6s %-10s %-8s sidecar %s (pid %d), app %s", name, p.w.Instance, p.w.Service, p.w.Inbound, p.w.PID, p.w.App)
 			dc.Workloads = append(dc.Workloads, *p.w)
 		}
+		// Ready means callers know their upstreams' endpoints too.
+		want := map[string]int{}
+		for _, w := range dc.Workloads {
+			want[w.Service]++
+		}
+		for _, p := range waits {
+			for up := range p.w.Upstreams {
+				err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance+" learning "+up+"'s endpoints", 15*time.Second, func() error {
+					return healthyEndpoints(p.w.Admin, up, want[up])
+				})
+				if err != nil {
+					conn.Close()
+					auth.Close()
+					return err
+				}
+			}
+		}
 		conn.Close()
 		df.Clusters = append(df.Clusters, dc)
 	}
@@ -447,6 +464,45 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 	say("ready: %s\n       %s\ntry:   curl http://%s/   (frontend-0's outbound listener for backend)\n       strait status --config %s\nstop:  strait dev down --dir %s",
 		filepath.Join(dir, "dev.json"), df.Config, df.Clusters[0].Workloads[0].Upstreams["backend"], df.Config, dir)
 	return nil
+}
+
+// healthyEndpoints checks, through a sidecar's /config_dump, that its
+// snapshot lists at least n healthy endpoints of upstream.
+func healthyEndpoints(admin, upstream string, n int) error {
+	resp, err := http.Get("http://" + admin + "/config_dump")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var dump struct {
+		Snapshot struct {
+			Services []struct {
+				Name      string `json:"name"`
+				Endpoints []struct {
+					Health string `json:"health"`
+				} `json:"endpoints"`
+			} `json:"services"`
+		} `json:"snapshot"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&dump); err != nil {
+		return err
+	}
+	for _, svc := range dump.Snapshot.Services {
+		if svc.Name != upstream {
+			continue
+		}
+		healthy := 0
+		for _, ep := range svc.Endpoints {
+			if ep.Health == "HEALTH_HEALTHY" {
+				healthy++
+			}
+		}
+		if healthy >= n {
+			return nil
+		}
+		return fmt.Errorf("%d of %d endpoints healthy", healthy, n)
+	}
+	return errors.New("no configuration for it yet")
 }
 
 func readDevFile(dir string) (*devFile, error) {
