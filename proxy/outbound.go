@@ -46,12 +46,19 @@ type outbound struct {
 	upstreams map[string]*upstream
 
 	tmu        sync.RWMutex
-	transports map[string]*http.Transport // by endpoint address|SPIFFE ID|protocol
+	transports map[string]pool // by service|endpoint address|SPIFFE ID|protocol
+}
+
+// pool is the connections toward one endpoint: an h1Pool for HTTP/1.1,
+// an http.Transport for HTTP/2.
+type pool interface {
+	http.RoundTripper
+	CloseIdleConnections()
 }
 
 func newOutbound(creds *Credentials, m *Metrics, log *slog.Logger, clock func() time.Time) *outbound {
 	return &outbound{creds: creds, metrics: m, log: log, clock: clock,
-		upstreams: map[string]*upstream{}, transports: map[string]*http.Transport{}}
+		upstreams: map[string]*upstream{}, transports: map[string]pool{}}
 }
 
 // upstream is one upstream service's local listener and its live config.
@@ -212,9 +219,9 @@ func transportKey(service, addr, id string, h2 bool) string {
 
 // transport returns the mTLS connection pool toward one endpoint; it
 // verifies that the endpoint presents exactly the identity the control
-// plane says it has. HTTP/1.1 requests use a pool of HTTP/1.1 connections
-// (cheapest per request in Go); HTTP/2 requests (gRPC) use HTTP/2.
-func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (*http.Transport, error) {
+// plane says it has. HTTP/1.1 requests use an h1Pool of HTTP/1.1
+// connections (cheapest per request); HTTP/2 requests (gRPC) use HTTP/2.
+func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (pool, error) {
 	key := transportKey(st.svc.GetName(), ep.Address, ep.SPIFFEID, h2)
 	o.tmu.RLock()
 	t := o.transports[key]
@@ -227,31 +234,42 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (*
 		return nil, fmt.Errorf("endpoint %s has an invalid SPIFFE ID: %w", ep.Key, err)
 	}
 	verify := o.serverVerifier(want)
-	protos := new(http.Protocols)
-	alpn := []string{alpnHTTP1}
-	if h2 {
-		protos.SetHTTP2(true)
-		alpn = []string{alpnH2}
-	} else {
-		protos.SetHTTP1(true)
-	}
 	connectTimeout := st.policy.GetConnectTimeout().AsDuration()
 	if connectTimeout <= 0 {
 		connectTimeout = time.Second
 	}
-	d := &net.Dialer{Timeout: connectTimeout}
-	t = &http.Transport{
-		DialContext:         d.DialContext,
-		TLSClientConfig:     o.creds.ClientTLS(alpn, verify),
-		TLSHandshakeTimeout: connectTimeout,
-		ForceAttemptHTTP2:   h2,
-		Protocols:           protos,
-		MaxIdleConnsPerHost: 256,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
-	}
-	if max := st.policy.GetConnectionLimits().GetMaxConnections(); max > 0 {
-		t.MaxConnsPerHost = int(max)
+	maxConns := int(st.policy.GetConnectionLimits().GetMaxConnections())
+	if h2 {
+		protos := new(http.Protocols)
+		protos.SetHTTP2(true)
+		d := &net.Dialer{Timeout: connectTimeout}
+		ht := &http.Transport{
+			DialContext:         d.DialContext,
+			TLSClientConfig:     o.creds.ClientTLS([]string{alpnH2}, verify),
+			TLSHandshakeTimeout: connectTimeout,
+			ForceAttemptHTTP2:   true,
+			Protocols:           protos,
+			IdleConnTimeout:     90 * time.Second,
+			DisableCompression:  true,
+			MaxConnsPerHost:     maxConns,
+		}
+		t = ht
+	} else {
+		td := &tls.Dialer{NetDialer: &net.Dialer{Timeout: connectTimeout}, Config: o.creds.ClientTLS([]string{alpnHTTP1}, verify)}
+		addr := ep.Address
+		p := &h1Pool{
+			dial: func(ctx context.Context) (net.Conn, error) {
+				ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+				defer cancel()
+				return td.DialContext(ctx, "tcp", addr)
+			},
+			maxIdle:     256,
+			idleTimeout: 60 * time.Second,
+		}
+		if maxConns > 0 {
+			p.sem, p.avail = make(chan struct{}, maxConns), make(chan struct{}, 1)
+		}
+		t = p
 	}
 	o.tmu.Lock()
 	defer o.tmu.Unlock()
@@ -269,7 +287,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (*
 func (o *outbound) trustShrank() {
 	o.tmu.Lock()
 	old := o.transports
-	o.transports = map[string]*http.Transport{}
+	o.transports = map[string]pool{}
 	o.tmu.Unlock()
 	for _, t := range old {
 		t.CloseIdleConnections()

@@ -1,0 +1,254 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// h1Pool is a pool of HTTP/1.1 connections to one endpoint, driven from
+// the request's own goroutine: it writes the request with net/http's
+// Request.Write and parses the response with http.ReadResponse, without
+// the per-connection read and write loops (and their goroutine handoffs)
+// of http.Transport. Parsing stays the standard library's.
+type h1Pool struct {
+	dial        func(ctx context.Context) (net.Conn, error)
+	maxIdle     int
+	idleTimeout time.Duration
+	// sem caps open connections (nil: no cap); a request at the cap waits
+	// for a slot or for avail (a connection went back to the pool).
+	sem   chan struct{}
+	avail chan struct{}
+
+	mu   sync.Mutex
+	idle []*h1Conn
+}
+
+type h1Conn struct {
+	c         net.Conn
+	br        *bufio.Reader
+	bw        *bufio.Writer
+	idleSince time.Time
+	sem       chan struct{}
+	closeOnce sync.Once
+}
+
+func (hc *h1Conn) close() {
+	hc.closeOnce.Do(func() {
+		hc.c.Close()
+		if hc.sem != nil {
+			<-hc.sem
+		}
+	})
+}
+
+var errStaleConn = errors.New("proxy: pooled connection was closed by the peer")
+
+func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
+	for {
+		if hc := p.takeIdle(); hc != nil {
+			return hc, true, nil
+		}
+		if p.sem != nil {
+			// At the cap, wait for a connection slot or an idle connection.
+			select {
+			case p.sem <- struct{}{}:
+			case <-p.avail:
+				continue
+			case <-ctx.Done():
+				return nil, false, ctx.Err()
+			}
+		}
+		c, err := p.dial(ctx)
+		if err != nil {
+			if p.sem != nil {
+				<-p.sem
+			}
+			return nil, false, err
+		}
+		return &h1Conn{c: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096), sem: p.sem}, false, nil
+	}
+}
+
+func (p *h1Pool) takeIdle() *h1Conn {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.idle) > 0 {
+		hc := p.idle[len(p.idle)-1]
+		p.idle = p.idle[:len(p.idle)-1]
+		if now.Sub(hc.idleSince) < p.idleTimeout {
+			return hc
+		}
+		go hc.close()
+	}
+	return nil
+}
+
+func (p *h1Pool) put(hc *h1Conn) {
+	hc.idleSince = time.Now()
+	p.mu.Lock()
+	if len(p.idle) < p.maxIdle {
+		p.idle = append(p.idle, hc)
+		hc = nil
+	}
+	p.mu.Unlock()
+	if hc != nil {
+		hc.close()
+		return
+	}
+	if p.avail != nil {
+		select {
+		case p.avail <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// CloseIdleConnections closes the pooled connections not in use.
+func (p *h1Pool) CloseIdleConnections() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, hc := range idle {
+		hc.close()
+	}
+}
+
+// RoundTrip sends req on a pooled connection. A reused connection that
+// the peer had already closed is retried once on a fresh one when the
+// request can be sent again.
+func (p *h1Pool) RoundTrip(req *http.Request) (*http.Response, error) {
+	for try := 0; ; try++ {
+		hc, reused, err := p.get(req.Context())
+		if err != nil {
+			return nil, err
+		}
+		resp, err := p.roundTrip(hc, req)
+		if err == nil {
+			return resp, nil
+		}
+		hc.close()
+		if !reused || try > 0 || !errors.Is(err, errStaleConn) || req.Context().Err() != nil {
+			return nil, err
+		}
+		if req.Body != nil && req.Body != http.NoBody {
+			if req.GetBody == nil {
+				return nil, err
+			}
+			body, gerr := req.GetBody()
+			if gerr != nil {
+				return nil, err
+			}
+			req = req.Clone(req.Context())
+			req.Body = body
+		}
+	}
+}
+
+var longAgo = time.Unix(1, 0)
+
+func (p *h1Pool) roundTrip(hc *h1Conn, req *http.Request) (*http.Response, error) {
+	// Cancellation unblocks the reads and writes below.
+	stop := context.AfterFunc(req.Context(), func() { hc.c.SetDeadline(longAgo) })
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		if ctxErr := req.Context().Err(); ctxErr != nil {
+			return nil, ctxErr
+		}
+		return nil, err
+	}
+	if err := req.Write(hc.bw); err != nil {
+		return fail(staleIf(err, true))
+	}
+	if err := hc.bw.Flush(); err != nil {
+		return fail(staleIf(err, true))
+	}
+	var resp *http.Response
+	for {
+		// Reading nothing at all means the peer closed an idle connection.
+		if _, err := hc.br.Peek(1); err != nil {
+			return fail(staleIf(err, true))
+		}
+		r, err := http.ReadResponse(hc.br, req)
+		if err != nil {
+			return fail(err)
+		}
+		if r.StatusCode >= 100 && r.StatusCode < 200 && r.StatusCode != http.StatusSwitchingProtocols {
+			continue // interim responses (100 Continue, 103 Early Hints)
+		}
+		resp = r
+		break
+	}
+	reusable := !resp.Close && !req.Close
+	if resp.Body == http.NoBody || resp.Body == nil {
+		p.release(hc, stop, reusable)
+		return resp, nil
+	}
+	resp.Body = &h1Body{body: resp.Body, pool: p, hc: hc, stop: stop, reusable: reusable}
+	return resp, nil
+}
+
+// staleIf marks an I/O error on a connection taken from the pool as a
+// sign the peer had closed it.
+func staleIf(err error, reused bool) error {
+	if reused && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || isConnReset(err)) {
+		return errors.Join(errStaleConn, err)
+	}
+	return err
+}
+
+func isConnReset(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op != "dial"
+}
+
+func (p *h1Pool) release(hc *h1Conn, stop func() bool, reusable bool) {
+	if !stop() || !reusable {
+		// Cancelled (its deadline is spoiled) or not reusable.
+		hc.close()
+		return
+	}
+	p.put(hc)
+}
+
+// h1Body returns its connection to the pool once read to the end.
+type h1Body struct {
+	body     io.ReadCloser
+	pool     *h1Pool
+	hc       *h1Conn
+	stop     func() bool
+	reusable bool
+	done     bool
+}
+
+func (b *h1Body) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, io.EOF
+	}
+	n, err := b.body.Read(p)
+	if err == io.EOF {
+		b.done = true
+		b.body.Close()
+		b.pool.release(b.hc, b.stop, b.reusable)
+	}
+	return n, err
+}
+
+func (b *h1Body) Close() error {
+	if b.done {
+		return nil
+	}
+	b.done = true
+	b.body.Close()
+	// Not read to the end: the connection's framing is unknown.
+	b.stop()
+	b.hc.close()
+	return nil
+}
