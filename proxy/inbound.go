@@ -52,7 +52,7 @@ type inbound struct {
 	policy  atomic.Pointer[authorizer]
 
 	proxy     *httputil.ReverseProxy
-	appH1     *http.Transport
+	appH1     *h1Pool
 	appH2C    *http.Transport
 	dialer    net.Dialer
 	selfID    atomic.Value // string
@@ -65,12 +65,10 @@ type inbound struct {
 func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string, tcp bool) *inbound {
 	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, tcp: tcp, conns: map[*tls.Conn]struct{}{}}
 	in.selfID.Store("")
-	in.appH1 = &http.Transport{
-		DialContext:         in.dialer.DialContext,
-		MaxIdleConns:        1024,
-		MaxIdleConnsPerHost: 1024,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
+	in.appH1 = &h1Pool{
+		dial:        func(ctx context.Context) (net.Conn, error) { return in.dialer.DialContext(ctx, "tcp", appAddr) },
+		maxIdle:     1024,
+		idleTimeout: 60 * time.Second,
 	}
 	h2c := new(http.Protocols)
 	h2c.SetUnencryptedHTTP2(true)
