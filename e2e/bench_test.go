@@ -102,7 +102,7 @@ func TestReportProxyBench(t *testing.T) {
 		}
 	}
 	runtime.GC()
-	time.Sleep(time.Second) // let the proxies settle after the burst
+	time.Sleep(5 * time.Second) // let the proxies settle after the burst (the sidecar returns memory after 3s idle)
 	for _, p := range paths {
 		if p.skip == "" && p.procs[0] != nil {
 			p.rssIdle = p.rss()

@@ -3,6 +3,7 @@ package proxy
 import (
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +26,9 @@ type Metrics struct {
 
 	seriesMu sync.RWMutex
 	series   map[seriesKey]*series
+
+	// activity counts requests and connections, for idle detection.
+	activity atomic.Uint64
 }
 
 // NewMetrics registers the sidecar's metrics with reg.
@@ -127,4 +131,5 @@ func (m *Metrics) observeRequest(direction, source, dest string, code int, d tim
 	}
 	ser.requests.Inc()
 	ser.duration.Observe(d.Seconds())
+	m.activity.Add(1)
 }

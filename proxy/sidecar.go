@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/debug"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -321,6 +322,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g.Go(func() error { return s.agent.watchLoop(ctx) })
 	g.Go(func() error { return s.agent.healthLoop(ctx, advertise) })
 	g.Go(func() error { return s.credentialsLoop(ctx) })
+	g.Go(func() error { return s.idleLoop(ctx) })
 	if wlSrv != nil {
 		g.Go(func() error { return wlSrv.Run(ctx) })
 	}
@@ -351,6 +353,31 @@ func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 			prev = cur
 		} else if cur != nil {
 			prev = cur
+		}
+	}
+}
+
+// idleLoop hands memory back to the OS once traffic stops: after a burst
+// the Go heap keeps what it grew to, and a sidecar sits idle most of its
+// life. Three quiet seconds after activity trigger one release.
+func (s *Sidecar) idleLoop(ctx context.Context) error {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	last, quiet, released := s.metrics.activity.Load(), 0, true
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		cur := s.metrics.activity.Load()
+		if cur != last {
+			last, quiet, released = cur, 0, false
+			continue
+		}
+		if quiet++; quiet >= 3 && !released {
+			debug.FreeOSMemory()
+			released = true
 		}
 	}
 }
