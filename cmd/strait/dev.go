@@ -345,14 +345,27 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 				auth.Close()
 				return err
 			}
-			appAddr, err := freeAddr()
+			logPath := filepath.Join(dir, name, sw.instance+".log")
+			// The app binds port 0 and reports what it got: reserving a
+			// port here and handing it over races with other processes.
+			appAddrFile := filepath.Join(wdir, "app-address")
+			os.Remove(appAddrFile)
+			app, err := startChild(self, []string{"dev", "echo", "--listen", "127.0.0.1:0", "--address-file", appAddrFile,
+				"--cluster", name, "--service", sw.service, "--instance", sw.instance}, filepath.Join(dir, name, sw.instance+"-app.log"))
 			if err != nil {
 				conn.Close()
 				auth.Close()
 				return err
 			}
-			logPath := filepath.Join(dir, name, sw.instance+".log")
-			app, err := startChild(self, []string{"dev", "echo", "--listen", appAddr, "--cluster", name, "--service", sw.service, "--instance", sw.instance}, filepath.Join(dir, name, sw.instance+"-app.log"))
+			var appAddr string
+			err = waitFor(ctx, app, "sample app "+sw.instance, 10*time.Second, func() error {
+				b, err := os.ReadFile(appAddrFile)
+				if err != nil {
+					return errors.New("not listening yet")
+				}
+				appAddr = strings.TrimSpace(string(b))
+				return nil
+			})
 			if err != nil {
 				conn.Close()
 				auth.Close()

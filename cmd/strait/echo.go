@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/straitmesh/strait/internal/atomicfile"
 )
 
 // echoReply is what `strait dev echo` answers.
@@ -62,7 +64,7 @@ func echoHandler(cluster, service, instance string) http.Handler {
 }
 
 func newDevEchoCmd(g *globals) *cobra.Command {
-	var listen, cluster, service, instance string
+	var listen, cluster, service, instance, addrFile string
 	cmd := &cobra.Command{
 		Use:   "echo --listen HOST:PORT --service S --instance I",
 		Short: "The sample application: answers with its cluster, service, instance and the caller's verified SPIFFE ID",
@@ -80,6 +82,12 @@ verified by the sidecar. ?status=503 answers with that status and
 				return err
 			}
 			fmt.Fprintf(g.stderr, "echo %s/%s listening on %s\n", service, instance, ln.Addr())
+			if addrFile != "" {
+				if err := atomicfile.WriteFile(addrFile, []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
+					ln.Close()
+					return err
+				}
+			}
 			srv := &http.Server{Handler: echoHandler(cluster, service, instance), ReadHeaderTimeout: 10 * time.Second}
 			go func() {
 				<-cmd.Context().Done()
@@ -97,5 +105,6 @@ verified by the sidecar. ?status=503 answers with that status and
 	cmd.Flags().StringVar(&cluster, "cluster", "", "cluster name to report")
 	cmd.Flags().StringVar(&service, "service", "", "service name to report")
 	cmd.Flags().StringVar(&instance, "instance", "", "instance name to report")
+	cmd.Flags().StringVar(&addrFile, "address-file", "", "write the bound address to this file once listening")
 	return cmd
 }

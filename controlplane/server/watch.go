@@ -232,6 +232,14 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 			return fmt.Errorf("%w: upstream %q is not a service name", ErrBadRequest, up)
 		}
 	}
+	if svc := req.GetService(); svc != "" {
+		// The authorization of a service is only for its own instances.
+		if ok, err := s.cfg.Store.ServiceBound(c.info.Namespace, c.info.ServiceAccount, svc); err != nil {
+			return err
+		} else if !ok {
+			return fmt.Errorf("%w: %s does not serve %q (its registration token was minted for another service)", ErrPermissionDenied, c.id, svc)
+		}
+	}
 	n, wake := s.attach(req.GetNode(), c.id)
 	defer s.detach(n, wake)
 	s.metrics.watchers.Inc()
