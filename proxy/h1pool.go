@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -24,6 +25,10 @@ type h1Pool struct {
 	// for a slot or for avail (a connection went back to the pool).
 	sem   chan struct{}
 	avail chan struct{}
+	// maxWaiting bounds the requests waiting at the cap (0: no bound);
+	// beyond it a request fails at once with errOverflow.
+	maxWaiting int64
+	waiting    atomic.Int64
 
 	mu   sync.Mutex
 	idle []*h1Conn
@@ -47,7 +52,10 @@ func (hc *h1Conn) close() {
 	})
 }
 
-var errStaleConn = errors.New("proxy: pooled connection was closed by the peer")
+var (
+	errStaleConn = errors.New("proxy: pooled connection was closed by the peer")
+	errOverflow  = errors.New("proxy: overflow: connection limit reached and too many requests waiting for a connection")
+)
 
 func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 	for {
@@ -55,13 +63,25 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 			return hc, true, nil
 		}
 		if p.sem != nil {
-			// At the cap, wait for a connection slot or an idle connection.
 			select {
 			case p.sem <- struct{}{}:
-			case <-p.avail:
-				continue
-			case <-ctx.Done():
-				return nil, false, ctx.Err()
+			default:
+				// At the cap: wait for a slot or an idle connection, if
+				// the queue has room.
+				if n := p.waiting.Add(1); p.maxWaiting > 0 && n > p.maxWaiting {
+					p.waiting.Add(-1)
+					return nil, false, errOverflow
+				}
+				select {
+				case p.sem <- struct{}{}:
+					p.waiting.Add(-1)
+				case <-p.avail:
+					p.waiting.Add(-1)
+					continue
+				case <-ctx.Done():
+					p.waiting.Add(-1)
+					return nil, false, ctx.Err()
+				}
 			}
 		}
 		c, err := p.dial(ctx)

@@ -153,3 +153,38 @@ func TestH1PoolConnectionCap(t *testing.T) {
 		t.Errorf("with a cap of 2: peak concurrency %d, dials %d; want at most 2", peak.Load(), dials.Load())
 	}
 }
+
+func TestH1PoolPendingBound(t *testing.T) {
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-release }))
+	defer srv.Close()
+	p, _ := newTestPool(srv, 1)
+	p.maxWaiting = 1
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			req, _ := http.NewRequest("GET", srv.URL, nil)
+			resp, err := p.RoundTrip(req)
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			errs <- err
+		}()
+	}
+	// One request holds the only connection, one waits, the third overflows.
+	select {
+	case err := <-errs:
+		if !errors.Is(err, errOverflow) {
+			t.Fatalf("first to finish: %v, want overflow", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no request overflowed")
+	}
+	close(release)
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Errorf("queued request: %v", err)
+		}
+	}
+}

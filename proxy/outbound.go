@@ -196,7 +196,8 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 
 func transportSettingsChanged(a, b *controlplanev1.TrafficPolicy) bool {
 	return !proto.Equal(a.GetConnectTimeout(), b.GetConnectTimeout()) ||
-		a.GetConnectionLimits().GetMaxConnections() != b.GetConnectionLimits().GetMaxConnections()
+		a.GetConnectionLimits().GetMaxConnections() != b.GetConnectionLimits().GetMaxConnections() ||
+		a.GetConnectionLimits().GetMaxPendingRequests() != b.GetConnectionLimits().GetMaxPendingRequests()
 }
 
 func lbPolicy(p controlplanev1.LoadBalancer) balance.Policy {
@@ -268,6 +269,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 		}
 		if maxConns > 0 {
 			p.sem, p.avail = make(chan struct{}, maxConns), make(chan struct{}, 1)
+			p.maxWaiting = int64(st.policy.GetConnectionLimits().GetMaxPendingRequests())
 		}
 		t = p
 	}
@@ -387,7 +389,7 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		code = http.StatusGatewayTimeout
-	case errors.Is(err, balance.ErrNoEndpoints), errors.Is(err, balance.ErrNoHealthyEndpoints):
+	case errors.Is(err, balance.ErrNoEndpoints), errors.Is(err, balance.ErrNoHealthyEndpoints), errors.Is(err, errOverflow):
 		code = http.StatusServiceUnavailable
 	case errors.Is(err, context.Canceled):
 		code = 499 // client went away; nothing is written to it anyway
