@@ -57,10 +57,12 @@ var (
 	errOverflow  = errors.New("proxy: overflow: connection limit reached and too many requests waiting for a connection")
 )
 
-func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
+func (p *h1Pool) get(ctx context.Context, fresh bool) (*h1Conn, bool, error) {
 	for {
-		if hc := p.takeIdle(); hc != nil {
-			return hc, true, nil
+		if !fresh {
+			if hc := p.takeIdle(); hc != nil {
+				return hc, true, nil
+			}
 		}
 		if p.sem != nil {
 			select {
@@ -72,13 +74,22 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 					p.waiting.Add(-1)
 					return nil, false, errOverflow
 				}
+				// avail holds one signal; the timer covers signals lost
+				// between two waiters.
+				t := time.NewTimer(20 * time.Millisecond)
 				select {
 				case p.sem <- struct{}{}:
+					t.Stop()
 					p.waiting.Add(-1)
 				case <-p.avail:
+					t.Stop()
+					p.waiting.Add(-1)
+					continue
+				case <-t.C:
 					p.waiting.Add(-1)
 					continue
 				case <-ctx.Done():
+					t.Stop()
 					p.waiting.Add(-1)
 					return nil, false, ctx.Err()
 				}
@@ -97,20 +108,45 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 
 func (p *h1Pool) takeIdle() *h1Conn {
 	now := time.Now()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for len(p.idle) > 0 {
+	for {
+		p.mu.Lock()
+		if len(p.idle) == 0 {
+			p.mu.Unlock()
+			return nil
+		}
 		hc := p.idle[len(p.idle)-1]
 		p.idle = p.idle[:len(p.idle)-1]
-		if now.Sub(hc.idleSince) < p.idleTimeout {
+		p.mu.Unlock()
+		idle := now.Sub(hc.idleSince)
+		if idle < p.idleTimeout && (idle < probeAfter || hc.alive()) {
 			return hc
 		}
-		go hc.close()
+		hc.close()
 	}
-	return nil
+}
+
+// probeAfter is how long a connection may sit idle before it is checked
+// for a close by the peer before reuse. Younger ones are reused blind: a
+// request lost to that race is retried only if it is idempotent.
+const probeAfter = time.Second
+
+// alive reports whether the peer has neither closed the idle connection
+// nor sent anything unsolicited on it.
+func (hc *h1Conn) alive() bool {
+	hc.c.SetReadDeadline(time.Now().Add(time.Millisecond))
+	_, err := hc.br.Peek(1)
+	hc.c.SetReadDeadline(time.Time{})
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func (p *h1Pool) put(hc *h1Conn) {
+	if hc.br.Buffered() > 0 {
+		// Bytes beyond the response: they would be read as the next
+		// caller's response. Such a connection is never reused.
+		hc.close()
+		return
+	}
 	hc.idleSince = time.Now()
 	p.mu.Lock()
 	if len(p.idle) < p.maxIdle {
@@ -146,7 +182,7 @@ func (p *h1Pool) CloseIdleConnections() {
 // request can be sent again.
 func (p *h1Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	for try := 0; ; try++ {
-		hc, reused, err := p.get(req.Context())
+		hc, reused, err := p.get(req.Context(), try > 0)
 		if err != nil {
 			return nil, err
 		}
@@ -185,23 +221,34 @@ func (p *h1Pool) roundTrip(hc *h1Conn, req *http.Request) (*http.Response, error
 		return nil, err
 	}
 	if err := req.Write(hc.bw); err != nil {
-		return fail(staleIf(err, true))
+		return fail(staleIf(err))
 	}
 	if err := hc.bw.Flush(); err != nil {
-		return fail(staleIf(err, true))
+		return fail(staleIf(err))
 	}
 	var resp *http.Response
-	for {
-		// Reading nothing at all means the peer closed an idle connection.
+	for interim := 0; ; interim++ {
+		// Nothing at all read back on a pooled connection: the peer had
+		// closed it. The request went out, though, so it is only sent
+		// again if doing so is safe (as net/http's Transport decides).
 		if _, err := hc.br.Peek(1); err != nil {
-			return fail(staleIf(err, true))
+			if idempotent(req) {
+				err = staleIf(err)
+			}
+			return fail(err)
 		}
 		r, err := http.ReadResponse(hc.br, req)
 		if err != nil {
 			return fail(err)
 		}
-		if r.StatusCode >= 100 && r.StatusCode < 200 && r.StatusCode != http.StatusSwitchingProtocols {
-			continue // interim responses (100 Continue, 103 Early Hints)
+		if r.StatusCode == http.StatusSwitchingProtocols {
+			return fail(errors.New("proxy: upstream switched protocols; upgrades are not supported"))
+		}
+		if r.StatusCode >= 100 && r.StatusCode < 200 {
+			if interim >= 5 {
+				return fail(errors.New("proxy: too many interim (1xx) responses"))
+			}
+			continue // 100 Continue, 103 Early Hints
 		}
 		resp = r
 		break
@@ -215,13 +262,25 @@ func (p *h1Pool) roundTrip(hc *h1Conn, req *http.Request) (*http.Response, error
 	return resp, nil
 }
 
-// staleIf marks an I/O error on a connection taken from the pool as a
-// sign the peer had closed it.
-func staleIf(err error, reused bool) error {
-	if reused && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || isConnReset(err)) {
+// staleIf marks an I/O error on a pooled connection as a sign the peer
+// had closed it (RoundTrip retries only on connections it reused).
+func staleIf(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || isConnReset(err) {
 		return errors.Join(errStaleConn, err)
 	}
 	return err
+}
+
+// idempotent reports whether req may be sent twice: a safe method, or
+// one carrying an idempotency key (as net/http's Transport decides).
+func idempotent(req *http.Request) bool {
+	switch req.Method {
+	case "", http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	_, k1 := req.Header["Idempotency-Key"]
+	_, k2 := req.Header["X-Idempotency-Key"]
+	return k1 || k2
 }
 
 func isConnReset(err error) bool {
@@ -245,10 +304,14 @@ type h1Body struct {
 	hc       *h1Conn
 	stop     func() bool
 	reusable bool
-	done     bool
+
+	mu   sync.Mutex
+	done bool
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.done {
 		return 0, io.EOF
 	}
@@ -262,6 +325,8 @@ func (b *h1Body) Read(p []byte) (int, error) {
 }
 
 func (b *h1Body) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.done {
 		return nil
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"io"
@@ -64,7 +65,9 @@ func TestH1PoolRetriesStaleConnection(t *testing.T) {
 	p, dials := newTestPool(srv, 0)
 	doGet(t, p, srv.URL)
 	srv.CloseClientConnections() // the server drops the idle connection
-	time.Sleep(50 * time.Millisecond)
+	time.Sleep(probeAfter + 100*time.Millisecond)
+	// A POST on a connection idle long enough to be probed: the dead
+	// connection is noticed before the request is sent.
 	req, _ := http.NewRequest("POST", srv.URL, strings.NewReader("body"))
 	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("body")), nil }
 	resp, err := p.RoundTrip(req)
@@ -186,5 +189,142 @@ func TestH1PoolPendingBound(t *testing.T) {
 		if err := <-errs; err != nil {
 			t.Errorf("queued request: %v", err)
 		}
+	}
+}
+
+// rawServer answers each connection with handle, on loopback.
+func rawServer(t *testing.T, handle func(c net.Conn, n int)) (string, *atomic.Int32) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var conns atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := int(conns.Add(1))
+			go handle(c, n)
+		}
+	}()
+	return ln.Addr().String(), &conns
+}
+
+func rawPool(addr string) *h1Pool {
+	return &h1Pool{dial: func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
+	}, maxIdle: 8, idleTimeout: time.Minute}
+}
+
+func readRequest(c net.Conn) {
+	br := bufio.NewReader(c)
+	req, err := http.ReadRequest(br)
+	if err == nil {
+		io.Copy(io.Discard, req.Body)
+	}
+}
+
+// A POST that reached the server on a pooled connection, which then closed
+// without answering, is not sent again: the server may have acted on it.
+func TestH1PoolDoesNotResendNonIdempotent(t *testing.T) {
+	var posts atomic.Int32
+	addr, _ := rawServer(t, func(c net.Conn, n int) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for i := 0; ; i++ {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			if req.Method == "POST" {
+				posts.Add(1)
+				return // processed, then gone without an answer
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	p := rawPool(addr)
+	doGet(t, p, "http://"+addr+"/") // leaves a pooled connection
+	req, _ := http.NewRequest("POST", "http://"+addr+"/", strings.NewReader("pay"))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("pay")), nil }
+	if _, err := p.RoundTrip(req); err == nil {
+		t.Fatal("POST answered by nobody succeeded")
+	}
+	if got := posts.Load(); got != 1 {
+		t.Errorf("the server received the POST %d times, want 1", got)
+	}
+}
+
+// Bytes beyond a response are never read as the next caller's response.
+func TestH1PoolDoesNotReuseAfterExtraBytes(t *testing.T) {
+	addr, conns := rawServer(t, func(c net.Conn, n int) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+		}
+	})
+	p := rawPool(addr)
+	doGet(t, p, "http://"+addr+"/a")
+	time.Sleep(20 * time.Millisecond)
+	if _, body := doGet(t, p, "http://"+addr+"/b"); body == "forged" {
+		t.Fatal("the second request got bytes left over from the first response")
+	}
+	if got := conns.Load(); got != 2 {
+		t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)
+	}
+}
+
+// An unexpected 101 is an error, and its connection is not pooled.
+func TestH1PoolRefusesSwitchingProtocols(t *testing.T) {
+	addr, _ := rawServer(t, func(c net.Conn, n int) {
+		defer c.Close()
+		readRequest(c)
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: Upgrade\r\n\r\n")
+		time.Sleep(time.Second)
+	})
+	p := rawPool(addr)
+	req, _ := http.NewRequest("GET", "http://"+addr+"/", nil)
+	if _, err := p.RoundTrip(req); err == nil {
+		t.Fatal("a 101 response was returned as a normal response")
+	}
+	if n := len(p.idle); n != 0 {
+		t.Errorf("idle connections after a 101: %d, want 0", n)
+	}
+}
+
+// After the server dropped all idle connections, requests still succeed:
+// the retry dials afresh instead of taking another dead one.
+func TestH1PoolRetryDialsFresh(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	defer srv.Close()
+	p, _ := newTestPool(srv, 0)
+	var wg sync.WaitGroup
+	for range 4 { // four pooled connections
+		wg.Add(1)
+		go func() { defer wg.Done(); doGet(t, p, srv.URL) }()
+	}
+	wg.Wait()
+	srv.CloseClientConnections()
+	time.Sleep(50 * time.Millisecond)
+	for i := range 4 {
+		req, _ := http.NewRequest("GET", srv.URL, nil)
+		resp, err := p.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("request %d after the server dropped idle connections: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
 	}
 }
