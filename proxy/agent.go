@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
@@ -44,7 +46,6 @@ type agent struct {
 	apply   func(*controlplanev1.Snapshot) error
 
 	conn          atomic.Pointer[grpc.ClientConn]
-	renewed       chan struct{}
 	lastSnap      atomic.Pointer[controlplanev1.Snapshot]
 	registered    atomic.Bool
 	firstSnapshot chan struct{}
@@ -53,7 +54,7 @@ type agent struct {
 
 // controlPlaneVerifier accepts any control plane of the trust domain.
 func (a *agent) controlPlaneVerifier() func(tls.ConnectionState) error {
-	return a.creds.Verifier().VerifyConnection(svid.RoleServer, func(id spiffeIDT) error {
+	return a.creds.Verifier().VerifyConnection(svid.RoleServer, func(id spiffeid.ID) error {
 		if k := identity.Classify(id).Kind; k != identity.KindControlPlane {
 			return fmt.Errorf("%s is a %s, not a control plane", id, k)
 		}
@@ -245,10 +246,6 @@ func (a *agent) renewLoop(ctx context.Context) error {
 			old := a.conn.Swap(conn)
 			old.Close()
 		}
-		select {
-		case a.renewed <- struct{}{}:
-		default:
-		}
 	}
 }
 
@@ -292,7 +289,6 @@ func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 			}
 		}
 		cancel()
-		wait := ticker.C
 		if err != nil {
 			a.log.Debug("health report failed", "err", err)
 			if !backoff.wait(ctx) {
@@ -305,7 +301,7 @@ func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 		case <-ctx.Done():
 			a.deregister()
 			return nil
-		case <-wait:
+		case <-ticker.C:
 		}
 	}
 }
@@ -389,7 +385,7 @@ func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max
 func (b *backoff) reset() { b.cur = b.min }
 
 func (b *backoff) wait(ctx context.Context) bool {
-	d := b.cur/2 + time.Duration(randInt63n(int64(b.cur/2)+1))
+	d := b.cur/2 + time.Duration(mrand.Int64N(int64(b.cur/2)+1))
 	b.cur = min(b.cur*2, b.max)
 	t := time.NewTimer(d)
 	defer t.Stop()

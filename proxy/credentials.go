@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	mrand "math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -199,10 +198,6 @@ func bundleFromProto(td spiffeid.TrustDomain, tb *controlplanev1.TrustBundle) (*
 	}
 	return b, nil
 }
-
-type spiffeIDT = spiffeid.ID
-
-func randInt63n(n int64) int64 { return mrand.Int64N(n) }
 
 // StillTrusted verifies an open session's peer chain against the current
 // bundle. A leaf that merely expired since the handshake is judged as of

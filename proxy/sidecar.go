@@ -196,7 +196,7 @@ func New(cfg Config) (*Sidecar, error) {
 	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App, cfg.protocol() == controlplanev1.Protocol_PROTOCOL_TCP)
 	s.out = newOutbound(creds, s.metrics, cfg.Logger, cfg.Clock)
 	s.agent = &agent{cfg: &s.cfg, creds: creds, metrics: s.metrics, log: cfg.Logger, clock: cfg.Clock, apply: s.applySnapshot,
-		renewed: make(chan struct{}, 1), firstSnapshot: make(chan struct{})}
+		firstSnapshot: make(chan struct{})}
 	return s, nil
 }
 

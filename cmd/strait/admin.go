@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/status"
 
 	"github.com/straitmesh/strait/ca/identity"
@@ -19,18 +17,12 @@ import (
 	"github.com/straitmesh/strait/controlplane/resource"
 )
 
-type spiffeIDT = spiffeid.ID
-
 // rpcError turns a gRPC status into the server's message.
 func rpcError(err error) error {
 	if s, ok := status.FromError(err); ok {
 		return fmt.Errorf("%s: %s", strings.ToLower(strings.ReplaceAll(s.Code().String(), "_", " ")), s.Message())
 	}
 	return err
-}
-
-func rpcContext(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), 15*time.Second)
 }
 
 func newApplyCmd(g *globals) *cobra.Command {
@@ -63,7 +55,7 @@ nothing is applied.`,
 			if err != nil {
 				return fmt.Errorf("%s: %w", file, err)
 			}
-			client, done, cx, err := f.admin(cmd)
+			ctx, client, cx, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
@@ -88,8 +80,6 @@ nothing is applied.`,
 			if len(problems) > 0 {
 				return fmt.Errorf("%s: nothing applied:\n%s", file, strings.Join(problems, "\n"))
 			}
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
 			resp, err := client.Apply(ctx, req)
 			if err != nil {
 				return rpcError(err)
@@ -119,13 +109,11 @@ func newGetCmd(g *globals) *cobra.Command {
 			if len(args) == 2 {
 				name = args[1]
 			}
-			client, done, _, err := f.admin(cmd)
+			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
 			resp, err := client.List(ctx, &controlplanev1.ListRequest{Kind: kind, Namespace: ns, Name: name})
 			if err != nil {
 				return rpcError(err)
@@ -175,13 +163,11 @@ func newDeleteCmd(g *globals) *cobra.Command {
 		Short: "Delete a stored resource",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			client, done, _, err := f.admin(cmd)
+			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
 			kind := resource.CanonicalKind(args[0])
 			if _, err := client.Delete(ctx, &controlplanev1.DeleteRequest{Kind: kind, Namespace: ns, Name: args[1]}); err != nil {
 				return rpcError(err)
@@ -202,13 +188,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Short: "Show a control plane's state: trust, instances and connected sidecars",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			client, done, _, err := f.admin(cmd)
+			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
 			st, err := client.Status(ctx, &controlplanev1.StatusRequest{})
 			if err != nil {
 				return rpcError(err)
@@ -275,13 +259,11 @@ it renews with that SVID afterwards. The token is printed once, on stdout.`,
 			if sa == "" {
 				sa = service
 			}
-			client, done, _, err := f.admin(cmd)
+			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := rpcContext(cmd)
-			defer cancel()
 			resp, err := client.CreateRegistrationToken(ctx, &controlplanev1.CreateRegistrationTokenRequest{
 				Namespace: ns, ServiceAccount: sa, Service: service, TtlSeconds: uint32(ttl / time.Second)})
 			if err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -161,7 +163,7 @@ func dialContext(cx *clientContext) (*grpc.ClientConn, error) {
 		MinVersion:         tls.VersionTLS13,
 		InsecureSkipVerify: true, // replaced by the SPIFFE verification below
 		Certificates:       []tls.Certificate{{Certificate: chain, PrivateKey: admin.PrivateKey}},
-		VerifyConnection: v.VerifyConnection(svid.RoleServer, func(id spiffeIDT) error {
+		VerifyConnection: v.VerifyConnection(svid.RoleServer, func(id spiffeid.ID) error {
 			if id != want {
 				return fmt.Errorf("server is %s, want %s", id, want)
 			}
@@ -175,10 +177,13 @@ func dialContext(cx *clientContext) (*grpc.ClientConn, error) {
 	return conn, nil
 }
 
-func (f *clientFlags) admin(cmd *cobra.Command) (controlplanev1.AdminServiceClient, func(), *clientContext, error) {
+// admin connects to the context's admin API and returns a context for the
+// calls (bounded to 15s); done closes both.
+func (f *clientFlags) admin(cmd *cobra.Command) (context.Context, controlplanev1.AdminServiceClient, *clientContext, func(), error) {
 	conn, cx, err := f.dial(cmd)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
-	return controlplanev1.NewAdminServiceClient(conn), func() { conn.Close() }, cx, nil
+	ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
+	return ctx, controlplanev1.NewAdminServiceClient(conn), cx, func() { cancel(); conn.Close() }, nil
 }

@@ -154,46 +154,33 @@ func (d *demo) mesh(dir string) (err error) {
 		return err
 	}
 	d.section("8. Only billing may call backend: frontend is refused at backend's inbound listener")
-	deny := filepath.Join(dir, "backend-callers.yaml")
-	if err := os.WriteFile(deny, []byte(`apiVersion: strait.dev/v1alpha1
+	// The same AuthorizationPolicy, three times: only billing, a typo,
+	// then frontend.
+	apply := func(file, field, sa string, wantOK bool) error {
+		path := filepath.Join(dir, file)
+		doc := `apiVersion: strait.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: backend-callers, namespace: default}
 spec:
   service: backend
   from:
-    - spiffeID: spiffe://`+df.TrustDomain+`/ns/default/sa/billing
-`), 0o644); err != nil {
-		return err
+    - ` + field + `: spiffe://` + df.TrustDomain + `/ns/default/sa/` + sa + "\n"
+		if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+			return err
+		}
+		return d.step(wantOK, "apply", "--config", cfg, "-f", path)
 	}
-	if err := d.step(true, "apply", "--config", cfg, "-f", deny); err != nil {
+	if err := apply("backend-callers.yaml", "spiffeID", "billing", true); err != nil {
 		return err
 	}
 	if err := d.eventually(url, http.StatusBadGateway); err != nil {
 		return err
 	}
 	d.section("9. Allow frontend again; a typo is refused with the field named, and nothing changes")
-	typo := filepath.Join(dir, "typo.yaml")
-	os.WriteFile(typo, []byte(`apiVersion: strait.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: backend-callers, namespace: default}
-spec:
-  service: backend
-  from:
-    - spifeID: spiffe://`+df.TrustDomain+`/ns/default/sa/frontend
-`), 0o644)
-	if err := d.step(false, "apply", "--config", cfg, "-f", typo); err != nil {
+	if err := apply("typo.yaml", "spifeID", "frontend", false); err != nil {
 		return err
 	}
-	allow := filepath.Join(dir, "backend-callers-fixed.yaml")
-	os.WriteFile(allow, []byte(`apiVersion: strait.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: backend-callers, namespace: default}
-spec:
-  service: backend
-  from:
-    - spiffeID: spiffe://`+df.TrustDomain+`/ns/default/sa/frontend
-`), 0o644)
-	if err := d.step(true, "apply", "--config", cfg, "-f", allow); err != nil {
+	if err := apply("backend-callers-fixed.yaml", "spiffeID", "frontend", true); err != nil {
 		return err
 	}
 	if err := d.eventually(url, http.StatusOK); err != nil {

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/straitmesh/strait/ca"
 	"github.com/straitmesh/strait/ca/identity"
@@ -27,6 +28,7 @@ import (
 	"github.com/straitmesh/strait/controlplane/local"
 	"github.com/straitmesh/strait/internal/atomicfile"
 	"github.com/straitmesh/strait/internal/wiring"
+	"github.com/straitmesh/strait/proxy"
 )
 
 // childEnv marks processes started by `strait dev up`; a test binary
@@ -225,6 +227,29 @@ func socketPath(dir, cluster, instance string) string {
 	return filepath.Join(os.TempDir(), "strait-"+hex.EncodeToString(sum[:6]), cluster+"-"+instance+".sock")
 }
 
+// devUpper is one run of `strait dev up`: what it shares across clusters
+// and what it started (stopped again if the run fails).
+type devUpper struct {
+	g        *globals
+	dir      string
+	self     string
+	proxyBin string
+	svidTTL  time.Duration
+	auth     *ca.Authority
+	td       spiffeid.TrustDomain
+	started  []*child
+}
+
+func (u *devUpper) say(format string, a ...any) { fmt.Fprintf(u.g.stdout, format+"\n", a...) }
+
+func (u *devUpper) start(bin string, args []string, logPath string) (*child, error) {
+	c, err := startChild(bin, args, logPath)
+	if err == nil {
+		u.started = append(u.started, c)
+	}
+	return c, err
+}
+
 func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdName, proxyFlag string, svidTTL time.Duration) error {
 	if old, err := readDevFile(dir); err == nil && anyAlive(dir, old) {
 		return fmt.Errorf("%s is already up; run `strait dev down --dir %s` first", dir, dir)
@@ -240,232 +265,43 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	started := []*child{}
+	u := &devUpper{g: g, dir: dir, self: self, proxyBin: proxyBin, svidTTL: svidTTL}
 	ok := false
 	defer func() {
 		if !ok {
-			for _, c := range started {
+			for _, c := range u.started {
 				stopPID(c.cmd.Process.Pid, "", 3*time.Second)
 			}
 		}
 	}()
-	say := func(format string, a ...any) { fmt.Fprintf(g.stdout, format+"\n", a...) }
 
 	caDir := filepath.Join(dir, "ca")
-	td, err := identity.ParseTrustDomain(tdName)
-	if err != nil {
+	if u.td, err = identity.ParseTrustDomain(tdName); err != nil {
 		return err
 	}
-	var auth *ca.Authority
 	if _, err := os.Stat(filepath.Join(caDir, "state.json")); err == nil {
-		auth, err = ca.Open(ctx, ca.Config{Dir: caDir, Logger: g.logger()})
-		if err != nil {
+		if u.auth, err = ca.Open(ctx, ca.Config{Dir: caDir, Logger: g.logger()}); err != nil {
 			return err
 		}
-		td = auth.TrustDomain()
-		say("mesh CA      %s (existing, trust domain %s)", caDir, td.Name())
+		u.td = u.auth.TrustDomain()
+		u.say("mesh CA      %s (existing, trust domain %s)", caDir, u.td.Name())
 	} else {
-		auth, err = ca.Init(ctx, ca.Config{Dir: caDir, Logger: g.logger()}, ca.InitOptions{TrustDomain: td})
-		if err != nil {
+		if u.auth, err = ca.Init(ctx, ca.Config{Dir: caDir, Logger: g.logger()}, ca.InitOptions{TrustDomain: u.td}); err != nil {
 			return err
 		}
-		say("mesh CA      %s (new, trust domain %s)", caDir, td.Name())
+		u.say("mesh CA      %s (new, trust domain %s)", caDir, u.td.Name())
 	}
-	df := &devFile{TrustDomain: td.Name(), CADir: caDir, Config: filepath.Join(dir, "strait.config")}
+	defer u.auth.Close()
+	df := &devFile{TrustDomain: u.td.Name(), CADir: caDir, Config: filepath.Join(dir, "strait.config")}
 	cfg := &clientConfig{CurrentContext: clusters[0]}
 	for _, name := range clusters {
-		cpDir := filepath.Join(dir, name, "controlplane")
-		d, err := local.Load(cpDir)
-		if errors.Is(err, local.ErrNotInitialized) {
-			d, err = local.Init(ctx, cpDir, name, wiring.RootAuthority{CA: auth}, 0, false)
-			if err == nil {
-				var iss wiring.Issuer
-				if iss, err = wiring.NewIssuer(d, 0); err == nil {
-					_, err = d.MintAdmin(iss, 24*time.Hour)
-				}
-			}
-		} else if err == nil {
-			// Fresh admin credentials for this session.
-			var iss wiring.Issuer
-			if iss, err = wiring.NewIssuer(d, 0); err == nil {
-				_, err = d.MintAdmin(iss, 24*time.Hour)
-			}
-		}
+		dc, cx, err := u.cluster(ctx, name)
 		if err != nil {
-			auth.Close()
-			return fmt.Errorf("cluster %s: %w", name, err)
-		}
-		addr, err := freeAddr()
-		if err != nil {
-			auth.Close()
 			return err
 		}
-		args := []string{"controlplane", "run", "--dir", cpDir, "--listen", addr}
-		if svidTTL > 0 {
-			args = append(args, "--svid-ttl", svidTTL.String())
-		}
-		cp, err := startChild(self, args, filepath.Join(dir, name, "controlplane.log"))
-		if err != nil {
-			auth.Close()
-			return err
-		}
-		started = append(started, cp)
-		certPath, keyPath := d.AdminPaths()
-		cx := clientContext{Name: name, Cluster: name, Server: addr, TrustDomain: td.Name(), TrustBundle: d.BundlePEMPath(), ClientCertificate: certPath, ClientKey: keyPath}
 		cfg.Contexts = append(cfg.Contexts, cx)
-		dc := devCluster{Name: name, ControlPlane: devCP{Address: addr, DataDir: cpDir, PID: cp.cmd.Process.Pid, Log: cp.log}}
-		conn, err := dialContext(&cx)
-		if err != nil {
-			auth.Close()
-			return err
-		}
-		admin := controlplanev1.NewAdminServiceClient(conn)
-		err = waitFor(ctx, cp, "control plane "+name, 20*time.Second, func() error {
-			rctx, cancel := context.WithTimeout(ctx, time.Second)
-			defer cancel()
-			_, err := admin.Status(rctx, &controlplanev1.StatusRequest{})
-			return err
-		})
-		if err != nil {
-			conn.Close()
-			auth.Close()
-			return err
-		}
-		say("cluster %-6s control plane %s (pid %d)", name, addr, cp.cmd.Process.Pid)
-		type pending struct {
-			w       *devWorkload
-			sidecar *child
-			addrs   string
-		}
-		var waits []pending
-		for _, sw := range sampleWorkloads {
-			wdir := filepath.Join(dir, name, sw.instance)
-			if err := os.MkdirAll(wdir, 0o700); err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			logPath := filepath.Join(dir, name, sw.instance+".log")
-			// The app binds port 0 and reports what it got: reserving a
-			// port here and handing it over races with other processes.
-			appAddrFile := filepath.Join(wdir, "app-address")
-			os.Remove(appAddrFile)
-			app, err := startChild(self, []string{"dev", "echo", "--listen", "127.0.0.1:0", "--address-file", appAddrFile,
-				"--cluster", name, "--service", sw.service, "--instance", sw.instance}, filepath.Join(dir, name, sw.instance+"-app.log"))
-			if err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			var appAddr string
-			err = waitFor(ctx, app, "sample app "+sw.instance, 10*time.Second, func() error {
-				b, err := os.ReadFile(appAddrFile)
-				if err != nil {
-					return errors.New("not listening yet")
-				}
-				appAddr = strings.TrimSpace(string(b))
-				return nil
-			})
-			if err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			started = append(started, app)
-			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			tok, err := admin.CreateRegistrationToken(rctx, &controlplanev1.CreateRegistrationTokenRequest{Namespace: "default", ServiceAccount: sw.service, Service: sw.service})
-			cancel()
-			if err != nil {
-				conn.Close()
-				auth.Close()
-				return fmt.Errorf("registration token for %s: %w", sw.instance, rpcError(err))
-			}
-			tokenFile := filepath.Join(wdir, "token")
-			if err := atomicfile.WriteFile(tokenFile, []byte(tok.GetToken()+"\n"), 0o600); err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			addrsFile := filepath.Join(wdir, "addresses.json")
-			os.Remove(addrsFile)
-			sock := socketPath(dir, name, sw.instance)
-			os.MkdirAll(filepath.Dir(sock), 0o700)
-			args := []string{"--trust-domain", td.Name(), "--control-plane", addr, "--trust-bundle", d.BundlePEMPath(),
-				"--token-file", tokenFile, "--data-dir", wdir, "--instance", sw.instance, "--service", sw.service,
-				"--namespace", "default", "--inbound", "127.0.0.1:0", "--app", appAddr, "--admin", "127.0.0.1:0",
-				"--workload-api", sock, "--addresses-file", addrsFile}
-			for _, up := range sw.upstreams {
-				args = append(args, "--upstream", up+"=127.0.0.1:0")
-			}
-			sc, err := startChild(proxyBin, args, logPath)
-			if err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			started = append(started, sc)
-			id, _ := identity.Workload(td, "default", sw.service)
-			w := &devWorkload{Instance: sw.instance, Service: sw.service, Namespace: "default", SPIFFEID: id.String(),
-				PID: sc.cmd.Process.Pid, AppPID: app.cmd.Process.Pid, App: appAddr, WorkloadAPI: sock, Log: logPath}
-			waits = append(waits, pending{w: w, sidecar: sc, addrs: addrsFile})
-		}
-		for _, p := range waits {
-			err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance, 30*time.Second, func() error {
-				if p.w.Admin == "" {
-					data, err := os.ReadFile(p.addrs)
-					if err != nil {
-						return errors.New("not listening yet")
-					}
-					var a struct {
-						Inbound   string            `json:"inbound"`
-						Admin     string            `json:"admin"`
-						Upstreams map[string]string `json:"upstreams"`
-					}
-					if err := json.Unmarshal(data, &a); err != nil {
-						return err
-					}
-					p.w.Inbound, p.w.Admin, p.w.Upstreams = a.Inbound, a.Admin, a.Upstreams
-				}
-				resp, err := http.Get("http://" + p.w.Admin + "/ready")
-				if err != nil {
-					return err
-				}
-				body, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					return errors.New(strings.TrimSpace(string(body)))
-				}
-				return nil
-			})
-			if err != nil {
-				conn.Close()
-				auth.Close()
-				return err
-			}
-			say("cluster %-6s %-10s %-8s sidecar %s (pid %d), app %s", name, p.w.Instance, p.w.Service, p.w.Inbound, p.w.PID, p.w.App)
-			dc.Workloads = append(dc.Workloads, *p.w)
-		}
-		// Ready means callers know their upstreams' endpoints too.
-		want := map[string]int{}
-		for _, w := range dc.Workloads {
-			want[w.Service]++
-		}
-		for _, p := range waits {
-			for up := range p.w.Upstreams {
-				err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance+" learning "+up+"'s endpoints", 15*time.Second, func() error {
-					return healthyEndpoints(p.w.Admin, up, want[up])
-				})
-				if err != nil {
-					conn.Close()
-					auth.Close()
-					return err
-				}
-			}
-		}
-		conn.Close()
 		df.Clusters = append(df.Clusters, dc)
 	}
-	auth.Close()
 	if err := writeClientConfig(df.Config, cfg); err != nil {
 		return err
 	}
@@ -474,9 +310,178 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 		return err
 	}
 	ok = true
-	say("ready: %s\n       %s\ntry:   curl http://%s/   (frontend-0's outbound listener for backend)\n       strait status --config %s\nstop:  strait dev down --dir %s",
+	u.say("ready: %s\n       %s\ntry:   curl http://%s/   (frontend-0's outbound listener for backend)\n       strait status --config %s\nstop:  strait dev down --dir %s",
 		filepath.Join(dir, "dev.json"), df.Config, df.Clusters[0].Workloads[0].Upstreams["backend"], df.Config, dir)
 	return nil
+}
+
+// cluster starts one cluster: its control plane (initialized on first
+// use, with fresh admin credentials every time) and the sample workloads.
+func (u *devUpper) cluster(ctx context.Context, name string) (devCluster, clientContext, error) {
+	cpDir := filepath.Join(u.dir, name, "controlplane")
+	d, err := local.Load(cpDir)
+	if errors.Is(err, local.ErrNotInitialized) {
+		d, err = local.Init(ctx, cpDir, name, wiring.RootAuthority{CA: u.auth}, 0, false)
+	}
+	if err == nil {
+		var iss wiring.Issuer
+		if iss, err = wiring.NewIssuer(d, 0); err == nil {
+			_, err = d.MintAdmin(iss, 24*time.Hour)
+		}
+	}
+	if err != nil {
+		return devCluster{}, clientContext{}, fmt.Errorf("cluster %s: %w", name, err)
+	}
+	addr, err := freeAddr()
+	if err != nil {
+		return devCluster{}, clientContext{}, err
+	}
+	args := []string{"controlplane", "run", "--dir", cpDir, "--listen", addr}
+	if u.svidTTL > 0 {
+		args = append(args, "--svid-ttl", u.svidTTL.String())
+	}
+	cp, err := u.start(u.self, args, filepath.Join(u.dir, name, "controlplane.log"))
+	if err != nil {
+		return devCluster{}, clientContext{}, err
+	}
+	certPath, keyPath := d.AdminPaths()
+	cx := clientContext{Name: name, Cluster: name, Server: addr, TrustDomain: u.td.Name(), TrustBundle: d.BundlePEMPath(), ClientCertificate: certPath, ClientKey: keyPath}
+	dc := devCluster{Name: name, ControlPlane: devCP{Address: addr, DataDir: cpDir, PID: cp.cmd.Process.Pid, Log: cp.log}}
+	conn, err := dialContext(&cx)
+	if err != nil {
+		return dc, cx, err
+	}
+	defer conn.Close()
+	admin := controlplanev1.NewAdminServiceClient(conn)
+	err = waitFor(ctx, cp, "control plane "+name, 20*time.Second, func() error {
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		_, err := admin.Status(rctx, &controlplanev1.StatusRequest{})
+		return err
+	})
+	if err != nil {
+		return dc, cx, err
+	}
+	u.say("cluster %-6s control plane %s (pid %d)", name, addr, cp.cmd.Process.Pid)
+	type pending struct {
+		w       *devWorkload
+		sidecar *child
+		addrs   string
+	}
+	var waits []pending
+	for _, sw := range sampleWorkloads {
+		w, sc, addrsFile, err := u.workload(ctx, admin, name, addr, d, sw.instance, sw.service, sw.upstreams)
+		if err != nil {
+			return dc, cx, err
+		}
+		waits = append(waits, pending{w: w, sidecar: sc, addrs: addrsFile})
+	}
+	for _, p := range waits {
+		err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance, 30*time.Second, func() error {
+			if p.w.Admin == "" {
+				data, err := os.ReadFile(p.addrs)
+				if err != nil {
+					return errors.New("not listening yet")
+				}
+				var a proxy.Addrs
+				if err := json.Unmarshal(data, &a); err != nil {
+					return err
+				}
+				p.w.Inbound, p.w.Admin, p.w.Upstreams = a.Inbound, a.Admin, a.Upstreams
+			}
+			resp, err := http.Get("http://" + p.w.Admin + "/ready")
+			if err != nil {
+				return err
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return errors.New(strings.TrimSpace(string(body)))
+			}
+			return nil
+		})
+		if err != nil {
+			return dc, cx, err
+		}
+		u.say("cluster %-6s %-10s %-8s sidecar %s (pid %d), app %s", name, p.w.Instance, p.w.Service, p.w.Inbound, p.w.PID, p.w.App)
+		dc.Workloads = append(dc.Workloads, *p.w)
+	}
+	// Ready means callers know their upstreams' endpoints too.
+	want := map[string]int{}
+	for _, w := range dc.Workloads {
+		want[w.Service]++
+	}
+	for _, p := range waits {
+		for up := range p.w.Upstreams {
+			err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance+" learning "+up+"'s endpoints", 15*time.Second, func() error {
+				return healthyEndpoints(p.w.Admin, up, want[up])
+			})
+			if err != nil {
+				return dc, cx, err
+			}
+		}
+	}
+	return dc, cx, nil
+}
+
+// workload starts one sample instance (an echo app and its sidecar, with
+// a fresh registration token) and returns without waiting for readiness.
+func (u *devUpper) workload(ctx context.Context, admin controlplanev1.AdminServiceClient, cluster, cpAddr string, d *local.Dir,
+	instance, service string, upstreams []string) (*devWorkload, *child, string, error) {
+	wdir := filepath.Join(u.dir, cluster, instance)
+	if err := os.MkdirAll(wdir, 0o700); err != nil {
+		return nil, nil, "", err
+	}
+	// The app binds port 0 and reports what it got: reserving a port here
+	// and handing it over races with other processes.
+	appAddrFile := filepath.Join(wdir, "app-address")
+	os.Remove(appAddrFile)
+	app, err := u.start(u.self, []string{"dev", "echo", "--listen", "127.0.0.1:0", "--address-file", appAddrFile,
+		"--cluster", cluster, "--service", service, "--instance", instance}, filepath.Join(u.dir, cluster, instance+"-app.log"))
+	if err != nil {
+		return nil, nil, "", err
+	}
+	var appAddr string
+	err = waitFor(ctx, app, "sample app "+instance, 10*time.Second, func() error {
+		b, err := os.ReadFile(appAddrFile)
+		if err != nil {
+			return errors.New("not listening yet")
+		}
+		appAddr = strings.TrimSpace(string(b))
+		return nil
+	})
+	if err != nil {
+		return nil, nil, "", err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	tok, err := admin.CreateRegistrationToken(rctx, &controlplanev1.CreateRegistrationTokenRequest{Namespace: "default", ServiceAccount: service, Service: service})
+	cancel()
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("registration token for %s: %w", instance, rpcError(err))
+	}
+	tokenFile := filepath.Join(wdir, "token")
+	if err := atomicfile.WriteFile(tokenFile, []byte(tok.GetToken()+"\n"), 0o600); err != nil {
+		return nil, nil, "", err
+	}
+	addrsFile := filepath.Join(wdir, "addresses.json")
+	os.Remove(addrsFile)
+	sock := socketPath(u.dir, cluster, instance)
+	os.MkdirAll(filepath.Dir(sock), 0o700)
+	args := []string{"--trust-domain", u.td.Name(), "--control-plane", cpAddr, "--trust-bundle", d.BundlePEMPath(),
+		"--token-file", tokenFile, "--data-dir", wdir, "--instance", instance, "--service", service,
+		"--namespace", "default", "--inbound", "127.0.0.1:0", "--app", appAddr, "--admin", "127.0.0.1:0",
+		"--workload-api", sock, "--addresses-file", addrsFile}
+	for _, up := range upstreams {
+		args = append(args, "--upstream", up+"=127.0.0.1:0")
+	}
+	logPath := filepath.Join(u.dir, cluster, instance+".log")
+	sc, err := u.start(u.proxyBin, args, logPath)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	id, _ := identity.Workload(u.td, "default", service)
+	return &devWorkload{Instance: instance, Service: service, Namespace: "default", SPIFFEID: id.String(),
+		PID: sc.cmd.Process.Pid, AppPID: app.cmd.Process.Pid, App: appAddr, WorkloadAPI: sock, Log: logPath}, sc, addrsFile, nil
 }
 
 // healthyEndpoints checks, through a sidecar's /config_dump, that its

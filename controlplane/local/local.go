@@ -76,6 +76,9 @@ type Dir struct {
 // StorePath is where the control plane's state store lives.
 func (d *Dir) StorePath() string { return filepath.Join(d.Path, fileStore) }
 
+// BundlePath is the trust bundle (JWKS, with its sequence).
+func (d *Dir) BundlePath() string { return filepath.Join(d.Path, fileBundle) }
+
 // BundlePEMPath is the PEM copy of the trust bundle (for sidecars' first contact).
 func (d *Dir) BundlePEMPath() string { return filepath.Join(d.Path, fileBundlePEM) }
 
@@ -206,12 +209,8 @@ func Load(path string) (*Dir, error) {
 		return nil, fmt.Errorf("local: %s does not belong to the certificate in %s", fileKey, fileIntermediate)
 	}
 	d.Signer = signer
-	bj, err := os.ReadFile(filepath.Join(path, fileBundle))
-	if err != nil {
-		return nil, fmt.Errorf("local: %w", err)
-	}
-	if d.Bundle, err = bundle.ParseJWKS(td, bj); err != nil {
-		return nil, fmt.Errorf("local: %s: %w", fileBundle, err)
+	if d.Bundle, err = d.ReadBundle(); err != nil {
+		return nil, err
 	}
 	return d, nil
 }
@@ -219,7 +218,7 @@ func Load(path string) (*Dir, error) {
 // ReadBundle reads the trust bundle file again (it changes when the root
 // authority rotates roots).
 func (d *Dir) ReadBundle() (*bundle.Bundle, error) {
-	bj, err := os.ReadFile(filepath.Join(d.Path, fileBundle))
+	bj, err := os.ReadFile(d.BundlePath())
 	if err != nil {
 		return nil, fmt.Errorf("local: %w", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
@@ -76,7 +77,6 @@ type Server struct {
 	world   *world
 	version uint64
 	nodes   map[string]*node
-	wake    chan struct{}
 }
 
 type metrics struct {
@@ -132,7 +132,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer), selfID: selfID,
-		nodes: map[string]*node{}, wake: make(chan struct{}, 1)}
+		nodes: map[string]*node{}}
 	s.verifier, err = svid.NewVerifier(svid.VerifierConfig{TrustDomain: cfg.TrustDomain, Bundles: bundleSource{cfg.Bundle}, Clock: cfg.Clock})
 	if err != nil {
 		return nil, err
@@ -143,7 +143,7 @@ func New(cfg Config) (*Server, error) {
 // bundleSource reads the current bundle on every verification.
 type bundleSource struct{ get func() *bundle.Bundle }
 
-func (b bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundleT, error) {
+func (b bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	cur := b.get()
 	if cur == nil {
 		return nil, errors.New("server: no trust bundle")

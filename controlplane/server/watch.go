@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 
@@ -19,8 +18,6 @@ import (
 	"github.com/straitmesh/strait/controlplane/registry"
 	"github.com/straitmesh/strait/controlplane/resource"
 )
-
-type x509bundleT = x509bundle.Bundle
 
 // world is everything snapshots are cut from, at one version.
 type world struct {
@@ -94,7 +91,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 		key := ns + "/" + svc
 		switch t := typed.(type) {
 		case *resource.TrafficPolicy:
-			if _, dup := s.trafficOwner(w, key); dup {
+			if _, dup := w.traffic[key]; dup {
 				s.log.Warn("more than one TrafficPolicy for a service; the first by name wins", "service", key, "ignored", r.Name)
 				continue
 			}
@@ -132,11 +129,6 @@ func (s *Server) rebuild(ctx context.Context) error {
 	return nil
 }
 
-func (s *Server) trafficOwner(w *world, key string) (string, bool) {
-	_, ok := w.traffic[key]
-	return key, ok
-}
-
 // pushLoop rebuilds the world after changes, debounced.
 func (s *Server) pushLoop(ctx context.Context) error {
 	storeCh, unsubscribe := s.cfg.Store.Subscribe()
@@ -149,7 +141,6 @@ func (s *Server) pushLoop(ctx context.Context) error {
 			return nil
 		case <-storeCh:
 		case <-s.cfg.Registry.Changed():
-		case <-s.wake:
 		case <-tick.C:
 			// Compared with what the world holds, by digest and sequence:
 			// a bundle may come back to an earlier root set.
@@ -174,14 +165,6 @@ func (s *Server) pushLoop(ctx context.Context) error {
 		if err := s.rebuild(ctx); err != nil {
 			s.log.Error("rebuilding configuration failed; sidecars keep the last one", "err", err)
 		}
-	}
-}
-
-// Refresh asks for the world to be rebuilt (after a bundle change, say).
-func (s *Server) Refresh() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -61,7 +62,11 @@ var (
 
 // NewIssuer is the cluster intermediate of d as an Issuer.
 func NewIssuer(d *local.Dir, svidTTL time.Duration) (Issuer, error) {
-	i, err := ca.NewIssuer(ca.IssuerConfig{TrustDomain: d.TrustDomain, Chain: d.Chain, Signer: d.Signer, DefaultTTL: svidTTL})
+	return newIssuer(d, svidTTL, nil)
+}
+
+func newIssuer(d *local.Dir, svidTTL time.Duration, clock func() time.Time) (Issuer, error) {
+	i, err := ca.NewIssuer(ca.IssuerConfig{TrustDomain: d.TrustDomain, Chain: d.Chain, Signer: d.Signer, DefaultTTL: svidTTL, Clock: clock})
 	return Issuer{i}, err
 }
 
@@ -84,15 +89,9 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	if err != nil {
 		return err
 	}
-	iss, err := NewIssuer(d, o.SVIDTTL)
+	iss, err := newIssuer(d, o.SVIDTTL, o.Clock)
 	if err != nil {
 		return err
-	}
-	if o.Clock != nil {
-		iss.I, err = ca.NewIssuer(ca.IssuerConfig{TrustDomain: d.TrustDomain, Chain: d.Chain, Signer: d.Signer, DefaultTTL: o.SVIDTTL, Clock: o.Clock})
-		if err != nil {
-			return err
-		}
 	}
 	st, err := store.Open(d.StorePath(), store.Options{Logger: o.Logger, Clock: o.Clock})
 	if err != nil {
@@ -139,11 +138,20 @@ func watchBundle(ctx context.Context, d *local.Dir, current *atomic.Pointer[bund
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	lastErr := ""
+	var lastMod time.Time
+	var lastSize int64 = -1
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		// Only a file that changed is read and parsed again.
+		if fi, err := os.Stat(d.BundlePath()); err == nil {
+			if fi.ModTime().Equal(lastMod) && fi.Size() == lastSize {
+				continue
+			}
+			lastMod, lastSize = fi.ModTime(), fi.Size()
 		}
 		b, err := d.ReadBundle()
 		if err != nil {
