@@ -63,6 +63,8 @@ const (
 //
 // Knobs: STRAIT_BENCH=1 runs it; STRAIT_BENCH_SECONDS (default 5, at most
 // 60) is the length of each of phases 3 and 4 per path;
+// STRAIT_BENCH_PROFILE=DIR runs the sidecars with --profiling and saves
+// CPU profiles of the last maximum-throughput round in DIR;
 // STRAIT_BENCH_NGINX_INSTALL=0 stops it from apt-get installing nginx-light
 // when nginx is missing (it only tries as root).
 func TestReportProxyBench(t *testing.T) {
@@ -121,13 +123,18 @@ func TestReportProxyBench(t *testing.T) {
 		}
 	}
 	// 4. Maximum throughput.
-	for range benchRounds {
+	for i := range benchRounds {
 		for _, p := range paths {
 			if p.skip != "" {
 				continue
 			}
 			runtime.GC()
+			var profiled sync.WaitGroup
+			if i == benchRounds-1 {
+				p.profile(t, &profiled, round)
+			}
 			p.measure(&p.max, func() phaseStats { return closedLoop(p.client, p.url, appBody, round) })
+			profiled.Wait()
 		}
 	}
 
@@ -183,12 +190,43 @@ type benchPath struct {
 	name   string
 	url    string
 	procs  [2]*benchProc // client-side and server-side proxy; nil for direct
+	admins [2]string     // admin addresses of the strait sidecars (for profiles)
 	skip   string        // why the path is not measured
 	note   string
 	client *http.Client
 
 	rssStart, rssIdle [2]rssSample
 	fixed, max        phase
+}
+
+// profile saves CPU profiles of the strait sidecars over the next d into
+// the directory STRAIT_BENCH_PROFILE names (the sidecars run with
+// --profiling then).
+func (p *benchPath) profile(t *testing.T, wg *sync.WaitGroup, d time.Duration) {
+	dir := os.Getenv("STRAIT_BENCH_PROFILE")
+	if dir == "" || p.admins[0] == "" {
+		return
+	}
+	for i, side := range []string{"client", "server"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			secs := max(int(d/time.Second), 1)
+			resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", p.admins[i], secs))
+			if err != nil {
+				t.Logf("profile %s: %v", side, err)
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(dir, side+".pprof"), b, 0o644)
+			}
+			if err != nil {
+				t.Logf("profile %s: %v", side, err)
+			}
+		}()
+	}
 }
 
 // phase accumulates the rounds of one phase on one path.
@@ -704,9 +742,9 @@ func startStraitPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 		t.Fatal(err)
 	}
 	bin := buildProxy(t, dir)
-	server, _ := startSidecar(t, c, bin, dir, "backend-0", "backend", app, nil)
+	server, saddrs := startSidecar(t, c, bin, dir, "backend-0", "backend", app, nil)
 	client, addrs := startSidecar(t, c, bin, dir, "frontend-0", "frontend", app, []string{"backend"})
-	p := &benchPath{name: "strait pair", url: "http://" + addrs.Upstreams["backend"] + "/", procs: [2]*benchProc{client, server}}
+	p := &benchPath{name: "strait pair", url: "http://" + addrs.Upstreams["backend"] + "/", procs: [2]*benchProc{client, server}, admins: [2]string{addrs.Admin, saddrs.Admin}}
 	// Ready means an SVID and a snapshot; the backend's endpoint may come
 	// a moment later.
 	hc := &http.Client{Timeout: 2 * time.Second}

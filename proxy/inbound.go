@@ -58,8 +58,9 @@ type inbound struct {
 	selfID    atomic.Value // string
 	tlsConfig *tls.Config
 
-	mu    sync.Mutex
-	conns map[*tls.Conn]struct{}
+	mu      sync.Mutex
+	conns   map[*tls.Conn]struct{}
+	changes atomic.Uint64 // counts rechecks, to catch handshakes that straddle one
 }
 
 func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string, tcp bool) *inbound {
@@ -189,31 +190,36 @@ func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
 // merely expired after its handshake keeps its session (see StillTrusted):
 // the caller renews and its next connection presents the new SVID.
 func (in *inbound) recheck() {
+	in.changes.Add(1)
 	in.mu.Lock()
 	conns := make([]*tls.Conn, 0, len(in.conns))
 	for c := range in.conns {
 		conns = append(conns, c)
 	}
 	in.mu.Unlock()
-	z := in.policy.Load()
 	for _, c := range conns {
-		cs := c.ConnectionState()
-		if !cs.HandshakeComplete {
-			continue
-		}
-		reason := ""
-		id, err := in.creds.StillTrusted(cs.PeerCertificates, svid.RoleClient)
-		if err != nil {
-			reason = string(svid.ReasonOf(err))
-		}
-		if reason == "" && z.check(id) != nil {
-			reason = "unauthorized"
-		}
-		if reason != "" {
-			in.metrics.connsClosed.WithLabelValues(reason).Inc()
-			in.log.Info("closing connection no longer allowed", "spiffe_id", id.String(), "reason", reason)
-			go c.Close()
-		}
+		in.recheckConn(c)
+	}
+}
+
+// recheckConn closes c if its caller is no longer trusted or authorized.
+func (in *inbound) recheckConn(c *tls.Conn) {
+	cs := c.ConnectionState()
+	if !cs.HandshakeComplete {
+		return
+	}
+	reason := ""
+	id, err := in.creds.StillTrusted(cs.PeerCertificates, svid.RoleClient)
+	if err != nil {
+		reason = string(svid.ReasonOf(err))
+	}
+	if reason == "" && in.policy.Load().check(id) != nil {
+		reason = "unauthorized"
+	}
+	if reason != "" {
+		in.metrics.connsClosed.WithLabelValues(reason).Inc()
+		in.log.Info("closing connection no longer allowed", "spiffe_id", id.String(), "reason", reason)
+		go c.Close()
 	}
 }
 
@@ -276,12 +282,14 @@ func (in *inbound) serveTCP(c *tls.Conn) {
 	m.tcpBytes.WithLabelValues("inbound", in.service, "received").Add(float64(recv))
 }
 
-// run serves inbound connections on ln until ctx ends.
+// run serves inbound connections on ln until ctx ends. The TLS handshake
+// is done here; HTTP/1.1 is served by h1Server, HTTP/2 by net/http, and
+// strait-tcp/1 is relayed.
 func (in *inbound) run(ctx context.Context, ln net.Listener) error {
 	protos := new(http.Protocols)
 	protos.SetHTTP1(true)
 	protos.SetHTTP2(true)
-	srv := &http.Server{
+	h2 := &http.Server{
 		Handler:           in,
 		Protocols:         protos,
 		ReadHeaderTimeout: 30 * time.Second,
@@ -289,11 +297,83 @@ func (in *inbound) run(ctx context.Context, ln net.Listener) error {
 		ConnState:         in.track,
 		ConnContext:       in.connContext,
 		ErrorLog:          slogErrorLog(in.log),
-		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){
-			alpnTCP: func(_ *http.Server, c *tls.Conn, _ http.Handler) { in.serveTCP(c) },
-		},
 	}
-	return serveUntil(ctx, srv, tls.NewListener(ln, in.tlsConfig))
+	h1 := &h1Server{handler: in, log: in.log, connContext: in.connContext, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
+	h2ln := newChanListener(ln.Addr())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer h2ln.Close()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				in.serveConn(ctx, c, h1, h2ln)
+			}()
+		}
+	}()
+	go func() { <-ctx.Done(); ln.Close() }()
+	errc := make(chan error, 1)
+	go func() { errc <- serveUntil(ctx, h2, h2ln) }()
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	h1.Shutdown(sctx)
+	err := <-errc
+	ln.Close()
+	in.mu.Lock()
+	for c := range in.conns {
+		c.Close() // TCP relays
+	}
+	in.mu.Unlock()
+	wg.Wait()
+	return err
+}
+
+// serveConn completes the handshake of one accepted connection and serves
+// it by its negotiated protocol.
+func (in *inbound) serveConn(ctx context.Context, c net.Conn, h1 *h1Server, h2 *chanListener) {
+	tc := tls.Server(c, in.tlsConfig)
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	gen := in.changes.Load()
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		in.log.Debug("inbound handshake failed", "remote", c.RemoteAddr().String(), "err", err)
+		c.Close()
+		return
+	}
+	if tc.ConnectionState().NegotiatedProtocol == alpnH2 {
+		in.track(tc, http.StateNew) // net/http untracks it (ConnState)
+		if in.changes.Load() != gen {
+			in.recheckConn(tc)
+		}
+		if !h2.push(tc) {
+			tc.Close()
+			in.track(tc, http.StateClosed)
+		}
+		return
+	}
+	in.track(tc, http.StateNew)
+	defer in.track(tc, http.StateClosed)
+	if in.changes.Load() != gen {
+		// Policy or trust changed while this handshake was verified
+		// against the old one: judge it again now that it is tracked.
+		in.recheckConn(tc)
+	}
+	switch {
+	case ctx.Err() != nil:
+		tc.Close()
+	case tc.ConnectionState().NegotiatedProtocol == alpnTCP:
+		in.serveTCP(tc)
+	default:
+		h1.serveConn(tc)
+	}
 }
 
 // serveUntil serves srv on ln until ctx ends, then shuts down gracefully
@@ -351,7 +431,7 @@ type statusRecorder struct {
 }
 
 func (s *statusRecorder) WriteHeader(code int) {
-	if s.status == 0 {
+	if s.status == 0 && code >= 200 {
 		s.status = code
 	}
 	s.ResponseWriter.WriteHeader(code)

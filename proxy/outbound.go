@@ -595,24 +595,20 @@ func (u *upstream) serveTCP(app net.Conn) {
 // run serves the upstream's local listener until ctx ends. Each connection
 // is handled by the protocol the service speaks at accept time.
 func (u *upstream) run(ctx context.Context, ln net.Listener) error {
-	// Two servers: HTTP/1.1, and HTTP/2 with prior knowledge (gRPC over
-	// h2c). The protocol is told apart once per connection from its first
-	// bytes; a server offering both would peek at every request.
-	h1 := new(http.Protocols)
-	h1.SetHTTP1(true)
+	// HTTP/1.1 is served by h1Server, HTTP/2 with prior knowledge (gRPC
+	// over h2c) by net/http. The protocol is told apart once per
+	// connection from its first bytes; a server offering both would peek
+	// at every request.
 	h2c := new(http.Protocols)
 	h2c.SetUnencryptedHTTP2(true)
-	servers := []*http.Server{
-		{Handler: u, Protocols: h1, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)},
-		{Handler: u, Protocols: h2c, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)},
-	}
-	lns := []*chanListener{newChanListener(ln.Addr()), newChanListener(ln.Addr())}
+	h2 := &http.Server{Handler: u, Protocols: h2c, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)}
+	h1 := &h1Server{handler: u, log: u.o.log, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
+	h2ln := newChanListener(ln.Addr())
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		defer lns[0].Close()
-		defer lns[1].Close()
+		defer h2ln.Close()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
@@ -623,29 +619,28 @@ func (u *upstream) run(ctx context.Context, ln net.Listener) error {
 				continue
 			}
 			go func() {
+				// Not waited for: h1 refuses connections after its
+				// shutdown, and h2ln after it closed.
 				pc, isH2 := sniffH2C(c)
-				i := 0
-				if isH2 {
-					i = 1
-				}
-				if !lns[i].push(pc) {
+				if !isH2 {
+					h1.serveBuffered(c, pc.lr, pc.r)
+				} else if pc.lr.n = 1<<63 - 1; !h2ln.push(pc) {
 					c.Close()
 				}
 			}()
 		}
 	}()
 	go func() { <-ctx.Done(); ln.Close() }()
-	errc := make(chan error, 2)
-	for i, srv := range servers {
-		go func() { errc <- serveUntil(ctx, srv, lns[i]) }()
-	}
+	errc := make(chan error, 1)
+	go func() { errc <- serveUntil(ctx, h2, h2ln) }()
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	h1.Shutdown(sctx)
 	err := <-errc
-	if err2 := <-errc; err == nil {
-		err = err2
-	}
 	ln.Close()
-	wg.Wait()
 	u.tcp.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true })
+	wg.Wait()
 	return err
 }
 
@@ -654,8 +649,9 @@ const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 // sniffH2C reads the start of a connection and reports whether it is
 // HTTP/2 with prior knowledge; the returned conn replays what was read.
-func sniffH2C(c net.Conn) (net.Conn, bool) {
-	br := bufio.NewReaderSize(c, 4096)
+func sniffH2C(c net.Conn) (*peekedConn, bool) {
+	lr := &h1Reader{c: c, n: 1 << 20}
+	br := bufio.NewReaderSize(lr, 4096)
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	defer c.SetReadDeadline(time.Time{})
 	want := 1
@@ -668,13 +664,13 @@ func sniffH2C(c net.Conn) (net.Conn, bool) {
 			b = b[:len(h2Preface)]
 		}
 		if !strings.HasPrefix(h2Preface, string(b)) {
-			return &peekedConn{Conn: c, r: br}, false
+			return &peekedConn{Conn: c, r: br, lr: lr}, false
 		}
 		if len(b) == len(h2Preface) {
-			return &peekedConn{Conn: c, r: br}, true
+			return &peekedConn{Conn: c, r: br, lr: lr}, true
 		}
 		if err != nil {
-			return &peekedConn{Conn: c, r: br}, false
+			return &peekedConn{Conn: c, r: br, lr: lr}, false
 		}
 		want = len(b) + 1
 	}
@@ -683,7 +679,8 @@ func sniffH2C(c net.Conn) (net.Conn, bool) {
 // peekedConn is a connection whose first bytes sit in a bufio.Reader.
 type peekedConn struct {
 	net.Conn
-	r *bufio.Reader
+	r  *bufio.Reader
+	lr *h1Reader // what r reads from; it limits nothing once handed to net/http
 }
 
 func (p *peekedConn) Read(b []byte) (int, error) { return p.r.Read(b) }

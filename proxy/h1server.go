@@ -1,0 +1,498 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// h1Server serves HTTP/1.1 connections with an http.Handler, one request
+// at a time per connection, in the connection's goroutine. It replaces
+// http.Server on the sidecar's hot paths: net/http starts a goroutine and
+// an extra read per request to notice a client going away, allocates a
+// cancelable context per request and buffers the response twice; a proxy
+// does not need any of that (its upstream calls have their own timeouts).
+//
+// Request framing is net/http's (http.ReadRequest: Content-Length and
+// chunked, conflicting lengths refused), with the checks http.Server adds
+// on top (Host, header names and values, header size); responses are
+// framed here from the handler's Content-Length, chunked otherwise.
+type h1Server struct {
+	handler       http.Handler
+	log           *slog.Logger
+	connContext   func(ctx context.Context, c net.Conn) context.Context
+	headerTimeout time.Duration // for a request's headers once the connection is in use
+	idleTimeout   time.Duration // between requests
+
+	mu       sync.Mutex
+	conns    map[*h1ServerConn]struct{}
+	shutdown atomic.Bool
+	wg       sync.WaitGroup
+}
+
+const (
+	h1MaxHeaderBytes = 1 << 20 // as http.DefaultMaxHeaderBytes
+	h1MaxDrain       = 256 << 10
+)
+
+// h1ServerConn is one connection being served.
+type h1ServerConn struct {
+	c    net.Conn
+	idle atomic.Bool // waiting for the next request
+}
+
+// h1Reader limits how much a request's header block may read.
+type h1Reader struct {
+	c net.Conn
+	n int64
+}
+
+func (r *h1Reader) Read(p []byte) (int, error) {
+	if r.n <= 0 {
+		return 0, errHeaderTooLarge
+	}
+	if int64(len(p)) > r.n {
+		p = p[:r.n]
+	}
+	n, err := r.c.Read(p)
+	r.n -= int64(n)
+	return n, err
+}
+
+var errHeaderTooLarge = errors.New("request header too large")
+
+// serveConn serves c until the client closes it, an error, or shutdown.
+func (s *h1Server) serveConn(c net.Conn) {
+	lr := &h1Reader{c: c}
+	s.serveBuffered(c, lr, bufio.NewReaderSize(lr, 4096))
+}
+
+// serveBuffered is serveConn for a connection whose first bytes may
+// already sit in br, a reader of lr (as sniffH2C leaves them).
+func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
+	sc := &h1ServerConn{c: c}
+	s.mu.Lock()
+	if s.shutdown.Load() {
+		s.mu.Unlock()
+		c.Close()
+		return
+	}
+	if s.conns == nil {
+		s.conns = map[*h1ServerConn]struct{}{}
+	}
+	s.conns[sc] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer func() {
+		c.Close()
+		s.mu.Lock()
+		delete(s.conns, sc)
+		s.mu.Unlock()
+		s.wg.Done()
+	}()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if s.connContext != nil {
+		ctx = s.connContext(ctx, c)
+	}
+	remote := c.RemoteAddr().String()
+	var tlsState *tls.ConnectionState
+	if tc, ok := c.(interface{ ConnectionState() tls.ConnectionState }); ok {
+		cs := tc.ConnectionState()
+		tlsState = &cs
+	}
+
+	bw := bufio.NewWriterSize(c, 4096)
+	w := &h1Response{bw: bw, header: make(http.Header)}
+	for first := true; ; first = false {
+		sc.idle.Store(true)
+		if s.shutdown.Load() {
+			return
+		}
+		timeout := s.idleTimeout
+		if first {
+			timeout = s.headerTimeout
+		}
+		c.SetReadDeadline(time.Now().Add(timeout))
+		lr.n = h1MaxHeaderBytes
+		if !first {
+			// The next request's first byte ends the idle wait; its
+			// headers then get headerTimeout.
+			if _, err := br.Peek(1); err != nil {
+				return
+			}
+			c.SetReadDeadline(time.Now().Add(s.headerTimeout))
+		}
+		sc.idle.Store(false)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			s.refuse(bw, err)
+			return
+		}
+		lr.n = 1<<63 - 1
+		c.SetReadDeadline(time.Time{})
+		if msg := checkRequest(req); msg != "" {
+			s.refuseMsg(bw, http.StatusBadRequest, msg)
+			return
+		}
+		req.RemoteAddr = remote
+		req.TLS = tlsState
+		req = req.WithContext(ctx)
+		var ecr *expectContinueReader
+		if req.ProtoAtLeast(1, 1) && req.Body != http.NoBody {
+			if ex := req.Header.Get("Expect"); ex != "" {
+				if !strings.EqualFold(ex, "100-continue") {
+					s.refuseMsg(bw, http.StatusExpectationFailed, "unsupported Expect")
+					return
+				}
+				ecr = &expectContinueReader{r: req.Body, bw: bw}
+				req.Body = ecr
+				delete(req.Header, "Expect")
+			}
+		}
+		w.reset(req)
+		s.handler.ServeHTTP(w, req)
+		w.finish()
+		// The rest of an unread body must be drained to reach the next
+		// request; a large one, or one the client was told not to send,
+		// ends the connection instead.
+		if req.Body != http.NoBody && !w.closeAfter {
+			if ecr != nil && !ecr.sent {
+				w.closeAfter = true
+			} else if n, err := io.CopyN(io.Discard, req.Body, h1MaxDrain+1); n > h1MaxDrain || (err != nil && err != io.EOF) {
+				w.closeAfter = true
+			}
+		}
+		if err := bw.Flush(); err != nil || w.err != nil || w.closeAfter || req.Close {
+			return
+		}
+	}
+}
+
+// refuse answers a request that could not be read, unless the client
+// simply went away or idled out.
+func (s *h1Server) refuse(bw *bufio.Writer, err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed), errors.As(err, &ne) && ne.Timeout():
+		return
+	case errors.Is(err, errHeaderTooLarge):
+		s.refuseMsg(bw, http.StatusRequestHeaderFieldsTooLarge, "request header too large")
+	case strings.Contains(err.Error(), "unsupported transfer encoding"):
+		s.refuseMsg(bw, http.StatusNotImplemented, "unsupported transfer encoding")
+	default:
+		s.log.Debug("malformed HTTP/1.1 request", "err", err)
+		s.refuseMsg(bw, http.StatusBadRequest, "malformed request")
+	}
+}
+
+func (s *h1Server) refuseMsg(bw *bufio.Writer, code int, msg string) {
+	bw.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) +
+		"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: " +
+		strconv.Itoa(len(msg)+1) + "\r\n\r\n" + msg + "\n")
+	bw.Flush()
+}
+
+// checkRequest applies what http.Server checks beyond http.ReadRequest.
+func checkRequest(req *http.Request) string {
+	if req.ProtoMajor != 1 {
+		return "unsupported protocol version"
+	}
+	// http.ReadRequest already refused repeated Host headers and moved
+	// the one there is to req.Host.
+	if req.Host == "" && req.ProtoAtLeast(1, 1) && req.Method != http.MethodConnect {
+		return "missing required Host header"
+	}
+	if !httpguts.ValidHostHeader(req.Host) {
+		return "malformed Host header"
+	}
+	for k, vv := range req.Header {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return "invalid header name"
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return "invalid header value"
+			}
+		}
+	}
+	return ""
+}
+
+// Shutdown stops new requests: idle connections close now, busy ones after
+// their response; whatever is left when ctx ends is closed.
+func (s *h1Server) Shutdown(ctx context.Context) {
+	s.shutdown.Store(true)
+	closeIdle := func() {
+		s.mu.Lock()
+		for sc := range s.conns {
+			if sc.idle.Load() {
+				sc.c.Close()
+			}
+		}
+		s.mu.Unlock()
+	}
+	closeIdle()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			closeIdle()
+		case <-ctx.Done():
+			s.mu.Lock()
+			for sc := range s.conns {
+				sc.c.Close()
+			}
+			s.mu.Unlock()
+			<-done
+			return
+		}
+	}
+}
+
+// expectContinueReader sends "100 Continue" before the first body read.
+type expectContinueReader struct {
+	r    io.ReadCloser
+	bw   *bufio.Writer
+	sent bool
+}
+
+func (e *expectContinueReader) Read(p []byte) (int, error) {
+	if !e.sent {
+		e.sent = true
+		e.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+		if err := e.bw.Flush(); err != nil {
+			return 0, err
+		}
+	}
+	return e.r.Read(p)
+}
+
+func (e *expectContinueReader) Close() error { return e.r.Close() }
+
+// h1Response is the http.ResponseWriter of h1Server, reused across the
+// requests of one connection. The header block is written at the first
+// body write, flush or the end of the handler, so a handler that writes
+// nothing gets Content-Length: 0 rather than a chunked empty body.
+type h1Response struct {
+	bw     *bufio.Writer
+	req    *http.Request
+	header http.Header
+
+	status      int
+	headerSent  bool
+	noBody      bool
+	chunked     bool
+	length      int64 // declared Content-Length, -1 if none
+	written     int64
+	closeAfter  bool
+	err         error
+	trailerKeys []string
+}
+
+func (w *h1Response) reset(req *http.Request) {
+	clear(w.header)
+	*w = h1Response{bw: w.bw, header: w.header, req: req, length: -1, trailerKeys: w.trailerKeys[:0]}
+}
+
+func (w *h1Response) Header() http.Header { return w.header }
+
+func (w *h1Response) WriteHeader(code int) {
+	if w.status != 0 || w.err != nil {
+		return
+	}
+	if code >= 100 && code <= 199 && code != http.StatusSwitchingProtocols {
+		// Interim responses go out at once with the headers set so far.
+		w.bw.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) + "\r\n")
+		w.header.Write(w.bw)
+		w.bw.WriteString("\r\n")
+		w.err = w.bw.Flush()
+		return
+	}
+	if code < 100 || code > 999 {
+		code = http.StatusInternalServerError
+	}
+	w.status = code
+}
+
+// sendHeader writes the status line and header block, choosing framing.
+func (w *h1Response) sendHeader(finished bool) {
+	w.headerSent = true
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	h := w.header
+	w.noBody = w.req.Method == http.MethodHead || w.status == http.StatusNoContent || w.status == http.StatusNotModified || w.status < 200
+	delete(h, "Transfer-Encoding")
+	if v := h.Get("Content-Length"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			delete(h, "Content-Length")
+		} else {
+			w.length = n
+		}
+	}
+	if conn := h.Get("Connection"); conn != "" {
+		if strings.EqualFold(conn, "close") {
+			w.closeAfter = true
+		}
+		delete(h, "Connection")
+	}
+	if w.req.Close || !w.req.ProtoAtLeast(1, 1) {
+		w.closeAfter = true
+	}
+	switch {
+	case w.noBody:
+		if w.status == http.StatusNoContent || w.status < 200 {
+			delete(h, "Content-Length")
+		}
+	case w.length >= 0:
+	case finished:
+		w.length = 0
+		h["Content-Length"] = []string{"0"}
+	case w.req.ProtoAtLeast(1, 1):
+		w.chunked = true
+		h["Transfer-Encoding"] = []string{"chunked"}
+		for _, k := range h["Trailer"] {
+			for _, k := range strings.Split(k, ",") {
+				if k = strings.TrimSpace(k); k != "" {
+					w.trailerKeys = append(w.trailerKeys, http.CanonicalHeaderKey(k))
+				}
+			}
+		}
+	default:
+		w.closeAfter = true // HTTP/1.0 without a length: the close ends the body
+	}
+	if w.closeAfter {
+		h["Connection"] = []string{"close"}
+	}
+	bw := w.bw
+	bw.WriteString("HTTP/1.1 ")
+	bw.WriteString(strconv.Itoa(w.status))
+	bw.WriteByte(' ')
+	bw.WriteString(http.StatusText(w.status))
+	bw.WriteString("\r\n")
+	for k, vv := range h {
+		if strings.HasPrefix(k, http.TrailerPrefix) || (w.chunked && isTrailerKey(w.trailerKeys, k)) {
+			continue
+		}
+		if !httpguts.ValidHeaderFieldName(k) {
+			continue
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				continue
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	bw.WriteString("\r\n")
+}
+
+func isTrailerKey(keys []string, k string) bool {
+	for _, t := range keys {
+		if t == k {
+			return true
+		}
+	}
+	return false
+}
+
+func (w *h1Response) Write(p []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	if !w.headerSent {
+		w.sendHeader(false)
+	}
+	if w.noBody {
+		return 0, http.ErrBodyNotAllowed
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if w.length >= 0 && w.written+int64(len(p)) > w.length {
+		return 0, http.ErrContentLength
+	}
+	w.written += int64(len(p))
+	if w.chunked {
+		w.bw.WriteString(strconv.FormatInt(int64(len(p)), 16))
+		w.bw.WriteString("\r\n")
+	}
+	n, err := w.bw.Write(p)
+	if w.chunked && err == nil {
+		_, err = w.bw.WriteString("\r\n")
+	}
+	if err != nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// Flush sends what was written so far (streaming responses).
+func (w *h1Response) Flush() {
+	if w.err != nil {
+		return
+	}
+	if !w.headerSent {
+		w.sendHeader(false)
+	}
+	w.err = w.bw.Flush()
+}
+
+// finish completes the response after the handler returned.
+func (w *h1Response) finish() {
+	if w.err != nil {
+		w.closeAfter = true
+		return
+	}
+	if !w.headerSent {
+		w.sendHeader(true)
+	}
+	switch {
+	case w.chunked:
+		w.bw.WriteString("0\r\n")
+		for k, vv := range w.header {
+			name := k
+			if after, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
+				name = after
+			} else if !isTrailerKey(w.trailerKeys, k) {
+				continue
+			}
+			if !httpguts.ValidHeaderFieldName(name) {
+				continue
+			}
+			for _, v := range vv {
+				if httpguts.ValidHeaderFieldValue(v) {
+					w.bw.WriteString(name + ": " + v + "\r\n")
+				}
+			}
+		}
+		w.bw.WriteString("\r\n")
+	case !w.noBody && w.length >= 0 && w.written < w.length:
+		// The handler wrote less than it declared: the client cannot
+		// find the end of this response, so the connection ends here.
+		w.closeAfter = true
+	}
+}
