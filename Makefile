@@ -60,7 +60,7 @@ $(TOOLS)/protoc-gen-go-grpc:
 	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
 GEN_TOOLS := $(TOOLS)/buf $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
-GENERATED := controlplane/api
+GENERATED := controlplane/api federation/api
 
 .PHONY: generate
 generate: $(GEN_TOOLS) ## Regenerate protobuf/gRPC code (buf) and go:generate output

@@ -372,9 +372,9 @@ func TestValidateErrors(t *testing.T) {
 		{"missing apiVersion", "kind: TrafficPolicy\nmetadata: {name: backend}\nspec: {service: backend}\n",
 			[]wantField{{"apiVersion", "required; supported: strait.dev/v1alpha1"}}},
 		{"unknown kind", strings.Replace(trafficDoc("  service: backend\n"), "kind: TrafficPolicy", "kind: TraficPolicy", 1),
-			[]wantField{{"kind", `unknown kind "TraficPolicy"; supported kinds: AuthorizationPolicy, TrafficPolicy; did you mean "TrafficPolicy"?`}}},
+			[]wantField{{"kind", `unknown kind "TraficPolicy"; supported kinds: AuthorizationPolicy, ServiceExport, TrafficPolicy; did you mean "TrafficPolicy"?`}}},
 		{"missing kind", "apiVersion: strait.dev/v1alpha1\nmetadata: {name: backend}\nspec: {service: backend}\n",
-			[]wantField{{"kind", "required; supported kinds: AuthorizationPolicy, TrafficPolicy"}}},
+			[]wantField{{"kind", "required; supported kinds: AuthorizationPolicy, ServiceExport, TrafficPolicy"}}},
 		// SPIFFE IDs.
 		{"not a SPIFFE ID", authzDoc("", "    - spiffeID: https://strait.example/ns/a/sa/b\n"),
 			[]wantField{{"spec.from[0].spiffeID", "must be a SPIFFE ID with a path: identity: invalid SPIFFE ID"}}},
@@ -914,5 +914,44 @@ func TestDurationJSON(t *testing.T) {
 	}
 	if b, _ := json.Marshal(Duration(1500 * time.Millisecond)); string(b) != `"1.5s"` {
 		t.Errorf("got %s, want \"1.5s\"", b)
+	}
+}
+
+func TestServiceExport(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("strait.example")
+	objs, err := Load([]byte(`
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: backend, namespace: shop}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: payments}
+spec: {toClusters: [west]}
+`), td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, some := objs[0].(*ServiceExport), objs[1].(*ServiceExport)
+	if ns, svc := ServiceKey(all); ns != "shop" || svc != "backend" || !all.ExportedTo("anyone") {
+		t.Fatalf("export without spec: %s/%s", ns, svc)
+	}
+	if !some.ExportedTo("west") || some.ExportedTo("east") {
+		t.Fatalf("toClusters not honoured: %+v", some.Spec)
+	}
+	_, err = Load([]byte(`
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: payments}
+spec: {toClusters: [West, west, west], toCluster: [x]}
+`), td)
+	for _, want := range []string{"spec.toClusters[0]", "spec.toClusters[2]", `"west" listed twice`, "spec.toCluster", `did you mean "toClusters"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not mention %s", err, want)
+		}
+	}
+	_, err = Load([]byte("apiVersion: strait.dev/v1alpha1\nkind: ServiceExport\nmetadata: {name: a}\n"), td)
+	if err == nil || !strings.Contains(err.Error(), "multicluster.x-k8s.io/v1alpha1") {
+		t.Errorf("wrong apiVersion: %v", err)
 	}
 }

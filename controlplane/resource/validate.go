@@ -22,7 +22,7 @@ const (
 )
 
 // Typed is a validated resource of a known kind: *TrafficPolicy or
-// *AuthorizationPolicy. Only this package implements it.
+// *AuthorizationPolicy or *ServiceExport. Only this package implements it.
 type Typed interface {
 	// Kind returns the resource's kind, e.g. "TrafficPolicy".
 	Kind() string
@@ -40,8 +40,9 @@ type Typed interface {
 
 // kindInfo is what Validate needs to know about a kind.
 type kindInfo struct {
-	apiVersions []string
-	new         func() Typed
+	apiVersions  []string
+	new          func() Typed
+	specOptional bool
 }
 
 // kinds is the table of known kinds. A new kind is a Typed implementation
@@ -49,6 +50,7 @@ type kindInfo struct {
 var kinds = map[string]kindInfo{
 	KindTrafficPolicy:       {apiVersions: []string{APIVersion}, new: func() Typed { return new(TrafficPolicy) }},
 	KindAuthorizationPolicy: {apiVersions: []string{APIVersion}, new: func() Typed { return new(AuthorizationPolicy) }},
+	KindServiceExport:       {apiVersions: []string{MCSAPIVersion}, new: func() Typed { return new(ServiceExport) }, specOptional: true},
 }
 
 // Kinds returns the known kinds, sorted.
@@ -113,8 +115,11 @@ func Validate(obj Object, td spiffeid.TrustDomain) (Typed, error) {
 	*t.meta() = meta
 	spec := bytes.TrimSpace(obj.Spec)
 	if len(spec) == 0 || string(spec) == "null" {
-		v.add("spec", "required")
-		return fail()
+		if !kind.specOptional {
+			v.add("spec", "required")
+			return fail()
+		}
+		spec = []byte("{}")
 	}
 	generic, err := parseJSON(spec, "spec")
 	if err != nil {

@@ -49,6 +49,9 @@ var (
 	bucketTokens    = []byte("tokens")
 	bucketInstances = []byte("instances")
 	bucketBindings  = []byte("bindings")
+	bucketJoin      = []byte("jointokens")
+	bucketLinks     = []byte("links")
+	bucketAudit     = []byte("audit")
 
 	keySchema   = []byte("schema")
 	keyRevision = []byte("revision")
@@ -189,7 +192,7 @@ func (s *Store) initSchema(tx *bolt.Tx) (uint64, error) {
 		return 0, fmt.Errorf("%w: %s has schema %d; this binary supports up to %d", ErrSchema, s.path, version, SchemaVersion)
 	}
 	// Migrations from older schemas go here, each in this transaction.
-	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances, bucketBindings} {
+	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances, bucketBindings, bucketJoin, bucketLinks, bucketAudit} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return 0, fmt.Errorf("store: create bucket %s: %w", name, err)
 		}

@@ -900,7 +900,15 @@ type Endpoint struct {
 	Health   Health    `protobuf:"varint,4,opt,name=health,proto3,enum=strait.controlplane.v1.Health" json:"health,omitempty"`
 	Locality *Locality `protobuf:"bytes,5,opt,name=locality,proto3" json:"locality,omitempty"`
 	// The identity the endpoint must present.
-	SpiffeId      string `protobuf:"bytes,6,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	SpiffeId string `protobuf:"bytes,6,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	// Set for an endpoint in a peer cluster: it is reached through this
+	// cluster's gateway, which tunnels to the peer. address is then the
+	// gateway's entry address and the endpoint stands for the service's
+	// healthy instances in that cluster.
+	Tunnel *Tunnel `protobuf:"bytes,7,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
+	// Relative weight among the service's endpoints; zero means 1. A
+	// remote endpoint weighs its count of healthy instances.
+	Weight        uint32 `protobuf:"varint,8,opt,name=weight,proto3" json:"weight,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -977,6 +985,92 @@ func (x *Endpoint) GetSpiffeId() string {
 	return ""
 }
 
+func (x *Endpoint) GetTunnel() *Tunnel {
+	if x != nil {
+		return x.Tunnel
+	}
+	return nil
+}
+
+func (x *Endpoint) GetWeight() uint32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+// Tunnel says how to reach a service in a peer cluster.
+type Tunnel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The local gateway's entry listener (TCP + TLS, ALPN strait-entry/1).
+	GatewayAddress string `protobuf:"bytes,1,opt,name=gateway_address,json=gatewayAddress,proto3" json:"gateway_address,omitempty"`
+	// The identity the gateway must present.
+	GatewaySpiffeId string `protobuf:"bytes,2,opt,name=gateway_spiffe_id,json=gatewaySpiffeId,proto3" json:"gateway_spiffe_id,omitempty"`
+	// Target cluster, and the service's logical port there.
+	Cluster       string `protobuf:"bytes,3,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	Port          uint32 `protobuf:"varint,4,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tunnel) Reset() {
+	*x = Tunnel{}
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tunnel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tunnel) ProtoMessage() {}
+
+func (x *Tunnel) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
+func (*Tunnel) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Tunnel) GetGatewayAddress() string {
+	if x != nil {
+		return x.GatewayAddress
+	}
+	return ""
+}
+
+func (x *Tunnel) GetGatewaySpiffeId() string {
+	if x != nil {
+		return x.GatewaySpiffeId
+	}
+	return ""
+}
+
+func (x *Tunnel) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *Tunnel) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
 // TrafficPolicy is the effective client-side policy for one service.
 type TrafficPolicy struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -993,7 +1087,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1005,7 +1099,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1018,7 +1112,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TrafficPolicy) GetConnectTimeout() *durationpb.Duration {
@@ -1081,7 +1175,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1187,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1200,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RetryPolicy) GetAttempts() uint32 {
@@ -1158,7 +1252,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1170,7 +1264,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1183,7 +1277,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *OutlierDetection) GetConsecutiveErrors() uint32 {
@@ -1219,7 +1313,7 @@ type ConnectionLimits struct {
 
 func (x *ConnectionLimits) Reset() {
 	*x = ConnectionLimits{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1231,7 +1325,7 @@ func (x *ConnectionLimits) String() string {
 func (*ConnectionLimits) ProtoMessage() {}
 
 func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1244,7 +1338,7 @@ func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionLimits.ProtoReflect.Descriptor instead.
 func (*ConnectionLimits) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ConnectionLimits) GetMaxConnections() uint32 {
@@ -1281,7 +1375,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1387,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1400,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Authorization) GetAllow() []*AuthorizationRule {
@@ -1338,7 +1432,7 @@ type AuthorizationRule struct {
 
 func (x *AuthorizationRule) Reset() {
 	*x = AuthorizationRule{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1350,7 +1444,7 @@ func (x *AuthorizationRule) String() string {
 func (*AuthorizationRule) ProtoMessage() {}
 
 func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1363,7 +1457,7 @@ func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationRule.ProtoReflect.Descriptor instead.
 func (*AuthorizationRule) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AuthorizationRule) GetPolicy() string {
@@ -1433,14 +1527,21 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12<\n" +
 	"\bprotocol\x18\x03 \x01(\x0e2 .strait.controlplane.v1.ProtocolR\bprotocol\x12>\n" +
 	"\tendpoints\x18\x04 \x03(\v2 .strait.controlplane.v1.EndpointR\tendpoints\x12=\n" +
-	"\x06policy\x18\x05 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\"\xed\x01\n" +
+	"\x06policy\x18\x05 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\"\xbd\x02\n" +
 	"\bEndpoint\x12\x1a\n" +
 	"\binstance\x18\x01 \x01(\tR\binstance\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
 	"\acluster\x18\x03 \x01(\tR\acluster\x126\n" +
 	"\x06health\x18\x04 \x01(\x0e2\x1e.strait.controlplane.v1.HealthR\x06health\x12<\n" +
 	"\blocality\x18\x05 \x01(\v2 .strait.controlplane.v1.LocalityR\blocality\x12\x1b\n" +
-	"\tspiffe_id\x18\x06 \x01(\tR\bspiffeId\"\xcf\x03\n" +
+	"\tspiffe_id\x18\x06 \x01(\tR\bspiffeId\x126\n" +
+	"\x06tunnel\x18\a \x01(\v2\x1e.strait.controlplane.v1.TunnelR\x06tunnel\x12\x16\n" +
+	"\x06weight\x18\b \x01(\rR\x06weight\"\x8b\x01\n" +
+	"\x06Tunnel\x12'\n" +
+	"\x0fgateway_address\x18\x01 \x01(\tR\x0egatewayAddress\x12*\n" +
+	"\x11gateway_spiffe_id\x18\x02 \x01(\tR\x0fgatewaySpiffeId\x12\x18\n" +
+	"\acluster\x18\x03 \x01(\tR\acluster\x12\x12\n" +
+	"\x04port\x18\x04 \x01(\rR\x04port\"\xcf\x03\n" +
 	"\rTrafficPolicy\x12B\n" +
 	"\x0fconnect_timeout\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12B\n" +
 	"\x0frequest_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0erequestTimeout\x12=\n" +
@@ -1504,7 +1605,7 @@ func file_controlplane_api_v1_discovery_proto_rawDescGZIP() []byte {
 }
 
 var file_controlplane_api_v1_discovery_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(Protocol)(0),                // 0: strait.controlplane.v1.Protocol
 	(Health)(0),                  // 1: strait.controlplane.v1.Health
@@ -1522,54 +1623,56 @@ var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(*Snapshot)(nil),             // 13: strait.controlplane.v1.Snapshot
 	(*Service)(nil),              // 14: strait.controlplane.v1.Service
 	(*Endpoint)(nil),             // 15: strait.controlplane.v1.Endpoint
-	(*TrafficPolicy)(nil),        // 16: strait.controlplane.v1.TrafficPolicy
-	(*RetryPolicy)(nil),          // 17: strait.controlplane.v1.RetryPolicy
-	(*OutlierDetection)(nil),     // 18: strait.controlplane.v1.OutlierDetection
-	(*ConnectionLimits)(nil),     // 19: strait.controlplane.v1.ConnectionLimits
-	(*Authorization)(nil),        // 20: strait.controlplane.v1.Authorization
-	(*AuthorizationRule)(nil),    // 21: strait.controlplane.v1.AuthorizationRule
-	(*durationpb.Duration)(nil),  // 22: google.protobuf.Duration
-	(*TrustBundle)(nil),          // 23: strait.controlplane.v1.TrustBundle
+	(*Tunnel)(nil),               // 16: strait.controlplane.v1.Tunnel
+	(*TrafficPolicy)(nil),        // 17: strait.controlplane.v1.TrafficPolicy
+	(*RetryPolicy)(nil),          // 18: strait.controlplane.v1.RetryPolicy
+	(*OutlierDetection)(nil),     // 19: strait.controlplane.v1.OutlierDetection
+	(*ConnectionLimits)(nil),     // 20: strait.controlplane.v1.ConnectionLimits
+	(*Authorization)(nil),        // 21: strait.controlplane.v1.Authorization
+	(*AuthorizationRule)(nil),    // 22: strait.controlplane.v1.AuthorizationRule
+	(*durationpb.Duration)(nil),  // 23: google.protobuf.Duration
+	(*TrustBundle)(nil),          // 24: strait.controlplane.v1.TrustBundle
 }
 var file_controlplane_api_v1_discovery_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.Instance.protocol:type_name -> strait.controlplane.v1.Protocol
 	3,  // 1: strait.controlplane.v1.Instance.locality:type_name -> strait.controlplane.v1.Locality
 	4,  // 2: strait.controlplane.v1.RegisterRequest.instance:type_name -> strait.controlplane.v1.Instance
-	22, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
+	23, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
 	1,  // 4: strait.controlplane.v1.ReportHealthRequest.health:type_name -> strait.controlplane.v1.Health
-	22, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
+	23, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
 	13, // 6: strait.controlplane.v1.WatchResponse.snapshot:type_name -> strait.controlplane.v1.Snapshot
 	14, // 7: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
-	20, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
-	23, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	21, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
+	24, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
 	0,  // 10: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
 	15, // 11: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
-	16, // 12: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
+	17, // 12: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
 	1,  // 13: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
 	3,  // 14: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
-	22, // 15: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	22, // 16: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
-	17, // 17: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
-	2,  // 18: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
-	18, // 19: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
-	19, // 20: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
-	22, // 21: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
-	22, // 22: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	21, // 23: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
-	21, // 24: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
-	5,  // 25: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
-	7,  // 26: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
-	9,  // 27: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
-	11, // 28: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
-	6,  // 29: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
-	8,  // 30: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
-	10, // 31: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
-	12, // 32: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
-	29, // [29:33] is the sub-list for method output_type
-	25, // [25:29] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	16, // 15: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
+	23, // 16: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	23, // 17: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
+	18, // 18: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
+	2,  // 19: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
+	19, // 20: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
+	20, // 21: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
+	23, // 22: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
+	23, // 23: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	22, // 24: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
+	22, // 25: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
+	5,  // 26: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
+	7,  // 27: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
+	9,  // 28: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
+	11, // 29: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
+	6,  // 30: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
+	8,  // 31: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
+	10, // 32: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
+	12, // 33: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
+	30, // [30:34] is the sub-list for method output_type
+	26, // [26:30] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_discovery_proto_init() }
@@ -1584,7 +1687,7 @@ func file_controlplane_api_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_discovery_proto_rawDesc), len(file_controlplane_api_v1_discovery_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
