@@ -118,6 +118,16 @@ func (s *Server) authorize(ctx context.Context, method string) error {
 			return fmt.Errorf("%w: %s is a %s identity, not a workload", ErrPermissionDenied, c.id, c.info.Kind)
 		}
 		return nil
+	case controlplanev1.FederationService_WatchGateway_FullMethodName,
+		controlplanev1.FederationService_ReportPeers_FullMethodName,
+		controlplanev1.FederationService_RedeemJoin_FullMethodName:
+		if !ok {
+			return fmt.Errorf("%w: %s requires mTLS with this cluster's gateway SVID", ErrUnauthenticated, method)
+		}
+		if c.info.Kind != identity.KindGateway || c.info.Cluster != s.cfg.Cluster {
+			return fmt.Errorf("%w: %s is not a gateway of cluster %s", ErrPermissionDenied, c.id, s.cfg.Cluster)
+		}
+		return nil
 	default:
 		if !ok {
 			return fmt.Errorf("%w: %s requires mTLS with an admin SVID", ErrUnauthenticated, method)

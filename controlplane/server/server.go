@@ -77,6 +77,9 @@ type Server struct {
 	world   *world
 	version uint64
 	nodes   map[string]*node
+	// gateways are this cluster's live gateways, by node name.
+	gateways map[string]*gatewayNode
+	fedWake  chan struct{}
 }
 
 type metrics struct {
@@ -132,7 +135,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer), selfID: selfID,
-		nodes: map[string]*node{}}
+		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, fedWake: make(chan struct{}, 1)}
 	s.verifier, err = svid.NewVerifier(svid.VerifierConfig{TrustDomain: cfg.TrustDomain, Bundles: bundleSource{cfg.Bundle}, Clock: cfg.Clock})
 	if err != nil {
 		return nil, err
@@ -203,6 +206,7 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 	controlplanev1.RegisterIdentityServiceServer(s.grpc, identityServer{s: s})
 	controlplanev1.RegisterDiscoveryServiceServer(s.grpc, discoveryServer{s: s})
 	controlplanev1.RegisterAdminServiceServer(s.grpc, adminServer{s: s})
+	controlplanev1.RegisterFederationServiceServer(s.grpc, federationServer{s: s})
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -27,6 +27,7 @@ type world struct {
 	traffic   map[string]*controlplanev1.TrafficPolicy // "namespace/service"
 	authz     map[string][]*resource.AuthorizationPolicy
 	bundle    *controlplanev1.TrustBundle
+	fed       fedWorld
 }
 
 // node is one sidecar's configuration streams and last report. Nodes are
@@ -71,6 +72,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 	for _, in := range insts {
 		fmt.Fprintf(h, "i\x00%s\x00%s\x00%s\x00%s\x00%d\x00%s\x00%s\x00%s\x00%d\n", in.Name, in.Service, in.Namespace, in.Address, in.Protocol, in.Region, in.Zone, in.SPIFFEID, in.Health)
 	}
+	exports := map[string]*resource.ServiceExport{}
 	rs, err := s.cfg.Store.List("", "", "")
 	if err != nil {
 		return fmt.Errorf("server: read resources: %w", err)
@@ -98,7 +100,12 @@ func (s *Server) rebuild(ctx context.Context) error {
 			w.traffic[key] = t.Proto()
 		case *resource.AuthorizationPolicy:
 			w.authz[key] = append(w.authz[key], t)
+		case *resource.ServiceExport:
+			exports[key] = t
 		}
+	}
+	if w.fed, err = s.readFederation(h, exports); err != nil {
+		return err
 	}
 	if w.bundle != nil {
 		fmt.Fprintf(h, "b\x00%s\x00%d\n", w.bundle.GetDigest(), w.bundle.GetSequence())
@@ -141,6 +148,7 @@ func (s *Server) pushLoop(ctx context.Context) error {
 			return nil
 		case <-storeCh:
 		case <-s.cfg.Registry.Changed():
+		case <-s.fedWake:
 		case <-tick.C:
 			// Compared with what the world holds, by digest and sequence:
 			// a bundle may come back to an earlier root set.
@@ -187,6 +195,7 @@ func snapshotFor(w *world, cluster string, ns string, req *controlplanev1.WatchR
 			svc.Protocol = in.Protocol
 			svc.Endpoints = append(svc.Endpoints, registry.ToEndpoint(in))
 		}
+		remoteEndpoints(w, svc, upNS, name, len(svc.Endpoints) > 0)
 		if p := w.traffic[upNS+"/"+name]; p != nil {
 			svc.Policy = p
 		} else {

@@ -889,8 +889,12 @@ func (x *LinkStatus) GetConflicts() []string {
 }
 
 type WatchGatewayRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// The gateway's entry listener for local sidecars (TCP + TLS).
+	EntryAddress string `protobuf:"bytes,2,opt,name=entry_address,json=entryAddress,proto3" json:"entry_address,omitempty"`
+	// The gateway's QUIC addresses as peers should dial them.
+	PeerAddresses []string `protobuf:"bytes,3,rep,name=peer_addresses,json=peerAddresses,proto3" json:"peer_addresses,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -930,6 +934,20 @@ func (x *WatchGatewayRequest) GetNode() string {
 		return x.Node
 	}
 	return ""
+}
+
+func (x *WatchGatewayRequest) GetEntryAddress() string {
+	if x != nil {
+		return x.EntryAddress
+	}
+	return ""
+}
+
+func (x *WatchGatewayRequest) GetPeerAddresses() []string {
+	if x != nil {
+		return x.PeerAddresses
+	}
+	return nil
 }
 
 type WatchGatewayResponse struct {
@@ -1491,9 +1509,11 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	" \x01(\rR\bexported\x12\x1d\n" +
 	"\n" +
 	"last_error\x18\v \x01(\tR\tlastError\x12\x1c\n" +
-	"\tconflicts\x18\f \x03(\tR\tconflicts\")\n" +
+	"\tconflicts\x18\f \x03(\tR\tconflicts\"u\n" +
 	"\x13WatchGatewayRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\"[\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12#\n" +
+	"\rentry_address\x18\x02 \x01(\tR\fentryAddress\x12%\n" +
+	"\x0epeer_addresses\x18\x03 \x03(\tR\rpeerAddresses\"[\n" +
 	"\x14WatchGatewayResponse\x12C\n" +
 	"\bsnapshot\x18\x01 \x01(\v2'.strait.controlplane.v1.GatewaySnapshotR\bsnapshot\"\xf7\x01\n" +
 	"\x0fGatewaySnapshot\x12\x18\n" +
