@@ -60,6 +60,8 @@ type clusterFile struct {
 	Cluster     string    `json:"cluster"`
 	TrustDomain string    `json:"trust_domain"`
 	Created     time.Time `json:"created"`
+	// Pending: no intermediate yet (see InitPending).
+	Pending bool `json:"pending,omitempty"`
 }
 
 // Dir is a loaded control-plane data directory.
@@ -151,22 +153,15 @@ func WriteBundle(path string, b *bundle.Bundle) error {
 
 // Load reads a data directory written by Init.
 func Load(path string) (*Dir, error) {
-	raw, err := os.ReadFile(filepath.Join(path, fileCluster))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %s", ErrNotInitialized, path)
-	}
+	cf, err := readClusterFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("local: %w", err)
+		return nil, err
 	}
-	var cf clusterFile
-	if err := json.Unmarshal(raw, &cf); err != nil {
-		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
+	if cf.Pending {
+		return nil, fmt.Errorf("%w: %s", ErrPending, path)
 	}
 	td, err := identity.ParseTrustDomain(cf.TrustDomain)
 	if err != nil {
-		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
-	}
-	if err := identity.ValidateClusterName(cf.Cluster); err != nil {
 		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
 	}
 	d := &Dir{Path: path, Cluster: cf.Cluster, TrustDomain: td}
@@ -189,21 +184,9 @@ func Load(path string) (*Dir, error) {
 	if len(d.Chain) == 0 {
 		return nil, fmt.Errorf("local: %s holds no certificate", fileIntermediate)
 	}
-	keyPEM, err := os.ReadFile(filepath.Join(path, fileKey))
+	signer, err := readKey(filepath.Join(path, fileKey))
 	if err != nil {
-		return nil, fmt.Errorf("local: %w", err)
-	}
-	blk, _ := pem.Decode(keyPEM)
-	if blk == nil {
-		return nil, fmt.Errorf("local: %s holds no PEM key", fileKey)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("local: %s: %w", fileKey, err)
-	}
-	signer, ok := k.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("local: %s is not a signing key", fileKey)
+		return nil, err
 	}
 	if pub, ok := d.Chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(signer.Public()) {
 		return nil, fmt.Errorf("local: %s does not belong to the certificate in %s", fileKey, fileIntermediate)
