@@ -22,7 +22,7 @@ func newControlPlaneCmd(g *globals) *cobra.Command {
 a data directory. The control plane holds the cluster's intermediate, issues
 SVIDs to sidecars, keeps the service registry and streams configuration.`,
 	}
-	cmd.AddCommand(newCPInitCmd(g), newCPRunCmd(g), newCPAdminCmd(g))
+	cmd.AddCommand(newCPInitCmd(g), newCPRunCmd(g), newCPAdminCmd(g), newCPGatewayCredsCmd(g))
 	return cmd
 }
 
@@ -99,6 +99,39 @@ func newCPAdminCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory")
+	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime (at most 24h)")
+	return cmd
+}
+
+func newCPGatewayCredsCmd(g *globals) *cobra.Command {
+	var dir, out string
+	ttl := time.Hour
+	cmd := &cobra.Command{
+		Use:   "gateway-credentials --dir DIR --out GATEWAY_DIR",
+		Short: "Issue a gateway's first credentials (it renews them from the control plane)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" || out == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir and --out are required")}
+			}
+			d, err := local.Load(dir)
+			if err != nil {
+				return err
+			}
+			iss, err := wiring.NewIssuer(d, 0)
+			if err != nil {
+				return err
+			}
+			s, err := d.MintGateway(iss, ttl, out)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "%s\n  written to %s\n  expires %s\n", s.ID, out, s.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory")
+	cmd.Flags().StringVar(&out, "out", "", "the gateway's data directory (svid.pem, svid-key.pem, bundle.pem)")
 	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime (at most 24h)")
 	return cmd
 }

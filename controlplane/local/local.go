@@ -219,19 +219,41 @@ func (d *Dir) MintAdmin(m Minter, ttl time.Duration) (*x509svid.SVID, error) {
 	if err != nil {
 		return nil, err
 	}
+	cert, key := d.AdminPaths()
+	return mintTo(m, id, ttl, cert, key)
+}
+
+// MintGateway issues an SVID for this cluster's gateway with m and writes
+// it, with the bundle, to dir: the gateway's first credentials, which it
+// then renews from the control plane.
+func (d *Dir) MintGateway(m Minter, ttl time.Duration, dir string) (*x509svid.SVID, error) {
+	id, err := identity.Gateway(d.TrustDomain, d.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	s, err := mintTo(m, id, ttl, filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem"))
+	if err != nil {
+		return nil, err
+	}
+	return s, atomicfile.WriteFile(filepath.Join(dir, "bundle.pem"), d.Bundle.MarshalPEM(), 0o644)
+}
+
+func mintTo(m Minter, id spiffeid.ID, ttl time.Duration, certPath, keyPath string) (*x509svid.SVID, error) {
 	s, err := m.MintSVID(id, ttl)
 	if err != nil {
-		return nil, fmt.Errorf("local: mint admin SVID: %w", err)
+		return nil, fmt.Errorf("local: mint SVID for %s: %w", id, err)
 	}
 	certPEM, keyPEM, err := s.Marshal()
 	if err != nil {
 		return nil, err
 	}
-	cp, kp := d.AdminPaths()
-	if err := atomicfile.WriteFile(kp, keyPEM, 0o600); err != nil {
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		return nil, err
 	}
-	if err := atomicfile.WriteFile(cp, certPEM, 0o644); err != nil {
+	if err := atomicfile.WriteFile(certPath, certPEM, 0o644); err != nil {
 		return nil, err
 	}
 	return s, nil

@@ -61,8 +61,9 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 		}
 		proof = "token"
 	case hasCert:
-		if c.info.Kind != identity.KindWorkload {
-			return nil, fmt.Errorf("%w: renewal by SVID is for workloads; %s is a %s", ErrPermissionDenied, c.id, c.info.Kind)
+		gateway := c.info.Kind == identity.KindGateway && c.info.Cluster == s.cfg.Cluster
+		if c.info.Kind != identity.KindWorkload && !gateway {
+			return nil, fmt.Errorf("%w: renewal by SVID is for workloads and this cluster's gateways; %s is a %s", ErrPermissionDenied, c.id, c.info.Kind)
 		}
 		id = c.id
 	default:

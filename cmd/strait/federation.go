@@ -1,0 +1,271 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+)
+
+// federation connects to the context's FederationService; the calls are
+// bounded by timeout.
+func (f *clientFlags) federation(cmd *cobra.Command, timeout time.Duration) (context.Context, controlplanev1.FederationServiceClient, func(), error) {
+	conn, _, err := f.dial(cmd)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+	return ctx, controlplanev1.NewFederationServiceClient(conn), func() { cancel(); conn.Close() }, nil
+}
+
+func newFederationCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "federation",
+		Short: "Link clusters into one mesh: join tokens, joins, links and their status",
+		Long: `Link clusters into one mesh.
+
+On the cluster that invites:   strait federation token create --ttl 15m
+On the cluster that joins:     strait federation join TOKEN
+On either:                     strait federation status
+
+A token is one-time and short-lived, pins the inviting cluster's trust bundle
+(no trust on first use) and carries no credentials: the joiner proves it
+holds the token on the TLS channel it redeems it on.`,
+	}
+	token := &cobra.Command{Use: "token", Short: "Create, list and revoke join tokens"}
+	token.AddCommand(newTokenCreateCmd(g), newTokenListCmd(g), newTokenRevokeCmd(g))
+	cmd.AddCommand(token, newJoinCmd(g), newFederationStatusCmd(g), newUnlinkCmd(g))
+	return cmd
+}
+
+func newTokenCreateCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var ttl time.Duration
+	var forCluster string
+	cmd := &cobra.Command{
+		Use:   "create [--ttl 15m] [--for-cluster NAME]",
+		Short: "Print a one-time join token for another cluster",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := client.CreateJoinToken(ctx, &controlplanev1.CreateJoinTokenRequest{Ttl: durationpb.New(ttl), ForCluster: forCluster})
+			if err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintln(g.stdout, resp.GetToken())
+			info := resp.GetInfo()
+			who := "any cluster"
+			if info.GetForCluster() != "" {
+				who = "cluster " + info.GetForCluster()
+			}
+			fmt.Fprintf(g.stderr, "token %s for %s, valid until %s; redeem it once with `strait federation join TOKEN`\n", info.GetId(), who, info.GetExpires().AsTime().UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime of the token (at most 24h)")
+	ttl = 15 * time.Minute
+	cmd.Flags().StringVar(&forCluster, "for-cluster", "", "only this cluster may redeem the token")
+	f.register(cmd)
+	return cmd
+}
+
+func newTokenListCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List join tokens and their state (never their secrets)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := client.ListJoinTokens(ctx, &controlplanev1.ListJoinTokensRequest{})
+			if err != nil {
+				return rpcError(err)
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tSTATE\tFOR\tCREATED\tEXPIRES\tUSED BY")
+			for _, t := range resp.GetTokens() {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.GetId(), t.GetState(), dash(t.GetForCluster()),
+					t.GetCreated().AsTime().UTC().Format(time.RFC3339), t.GetExpires().AsTime().UTC().Format(time.RFC3339), dash(t.GetUsedBy()))
+			}
+			return tw.Flush()
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func newTokenRevokeCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	cmd := &cobra.Command{
+		Use:   "revoke ID",
+		Short: "Revoke an unused join token",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			if _, err := client.RevokeJoinToken(ctx, &controlplanev1.RevokeJoinTokenRequest{Id: args[0]}); err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintf(g.stdout, "token %s revoked\n", args[0])
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func newJoinCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	cmd := &cobra.Command{
+		Use:   "join TOKEN",
+		Short: "Join the mesh of the cluster that created TOKEN",
+		Long: `Join the mesh of the cluster that created TOKEN: this cluster's control plane
+dials that cluster's gateway, checks it against the trust bundle the token
+pins, proves the token on that TLS channel and stores the link. A cluster
+installed without an intermediate (pending) receives it through the join.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, client, done, err := f.federation(cmd, 60*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			fmt.Fprintln(g.stderr, "joining: dialing the issuer's gateway, checking it against the pinned bundle, proving the token...")
+			resp, err := client.Join(ctx, &controlplanev1.JoinRequest{Token: strings.TrimSpace(args[0])})
+			if err != nil {
+				return rpcError(err)
+			}
+			l := resp.GetLink()
+			fmt.Fprintf(g.stdout, "linked with %s (link %s)\n", l.GetPeer(), l.GetId())
+			if resp.GetReceivedIntermediate() {
+				fmt.Fprintln(g.stdout, "received this cluster's intermediate from the root authority; the control plane now issues SVIDs")
+			}
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func newUnlinkCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	cmd := &cobra.Command{
+		Use:   "unlink PEER",
+		Short: "Remove the link to PEER: its traffic is refused at once, open sessions included",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			if _, err := client.RemoveLink(ctx, &controlplanev1.RemoveLinkRequest{Peer: args[0]}); err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintf(g.stdout, "link to %s removed\n", args[0])
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func newFederationStatusCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var output string
+	cmd := &cobra.Command{
+		Use:   "status [-o json]",
+		Short: "Show every link: state, control stream, RTT, bundle sync, catalog lag, imports and exports",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "" && output != "json" && output != "table" {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("-o %q: want json or table", output)}
+			}
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			st, err := client.FederationStatus(ctx, &controlplanev1.FederationStatusRequest{})
+			if err != nil {
+				return rpcError(err)
+			}
+			if output == "json" {
+				b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(st)
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintln(g.stdout, string(b))
+				return err
+			}
+			printFederationStatus(g.stdout, st)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "", "output format: table (default) or json")
+	f.register(cmd)
+	return cmd
+}
+
+func printFederationStatus(w io.Writer, st *controlplanev1.FederationStatusResponse) {
+	fmt.Fprintf(w, "cluster %s  bundle %s\n", st.GetCluster(), dash(st.GetBundleDigest()))
+	if st.GetPending() {
+		fmt.Fprintln(w, "  pending: waiting for its intermediate (strait federation join TOKEN)")
+	}
+	if len(st.GetLinks()) == 0 {
+		fmt.Fprintln(w, "  no links (create a token with `strait federation token create`)")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nPEER\tROLE\tSTATE\tCONTROL\tRTT\tBUNDLE\tLAG\tIMPORTED\tEXPORTED\tLAST ERROR")
+	for _, l := range st.GetLinks() {
+		rtt := "-"
+		if l.GetRtt() != nil && l.GetRtt().AsDuration() > 0 {
+			rtt = l.GetRtt().AsDuration().Round(10 * time.Microsecond).String()
+		}
+		bundleState := "out of sync"
+		if l.GetBundleInSync() {
+			bundleState = "in sync"
+		} else if l.GetPeerBundleDigest() == "" {
+			bundleState = "unknown"
+		}
+		control := "down"
+		if l.GetControlStreamUp() {
+			control = "up"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", l.GetLink().GetPeer(), l.GetLink().GetRole(), l.GetState(), control, rtt,
+			bundleState, l.GetCatalogLag(), l.GetImported(), l.GetExported(), dash(l.GetLastError()))
+	}
+	tw.Flush()
+	for _, l := range st.GetLinks() {
+		for _, c := range l.GetConflicts() {
+			fmt.Fprintf(w, "  conflict: %s\n", c)
+		}
+	}
+}
