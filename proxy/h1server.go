@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -128,25 +129,43 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		}
 		c.SetReadDeadline(time.Now().Add(timeout))
 		lr.n = h1MaxHeaderBytes
+		// The next request's first byte ends the idle wait; its headers
+		// then get headerTimeout.
+		if _, err := br.Peek(1); err != nil {
+			return
+		}
 		if !first {
-			// The next request's first byte ends the idle wait; its
-			// headers then get headerTimeout.
-			if _, err := br.Peek(1); err != nil {
-				return
-			}
 			c.SetReadDeadline(time.Now().Add(s.headerTimeout))
 		}
 		sc.idle.Store(false)
+		// What is buffered so far, usually the whole header block: see
+		// below. It stays valid while ReadRequest reads nothing more.
+		pending, _ := br.Peek(br.Buffered())
+		unread := lr.n
 		req, err := http.ReadRequest(br)
 		if err != nil {
 			s.refuse(bw, err)
 			return
 		}
+		readMore := lr.n != unread
 		lr.n = 1<<63 - 1
 		c.SetReadDeadline(time.Time{})
 		if msg := checkRequest(req); msg != "" {
 			s.refuseMsg(bw, http.StatusBadRequest, msg)
 			return
+		}
+		if len(req.TransferEncoding) > 0 {
+			// http.ReadRequest lets "Transfer-Encoding: chunked" override
+			// a Content-Length and drops the latter; such a request may be
+			// an attempt at smuggling, to refuse or else to close the
+			// connection after (RFC 9112, section 6.1). A header block
+			// that did not come in one piece is not looked at again.
+			if readMore {
+				req.Close = true
+			} else if hasContentLength(pending) {
+				s.refuseMsg(bw, http.StatusBadRequest, "both Transfer-Encoding and Content-Length")
+				return
+			}
 		}
 		req.RemoteAddr = remote
 		req.TLS = tlsState
@@ -164,22 +183,49 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 			}
 		}
 		w.reset(req)
-		s.handler.ServeHTTP(w, req)
+		w.ecr = ecr
+		if !s.serveOne(w, req) {
+			return // the handler panicked: the response is unknown
+		}
 		w.finish()
+		continued := ecr == nil || ecr.stop()
+		// The response goes out before any leftover body is drained.
+		if err := bw.Flush(); err != nil || w.err != nil {
+			return
+		}
 		// The rest of an unread body must be drained to reach the next
-		// request; a large one, or one the client was told not to send,
-		// ends the connection instead.
+		// request; a large one, a slow one, or one the client was told not
+		// to send ends the connection instead.
 		if req.Body != http.NoBody && !w.closeAfter {
-			if ecr != nil && !ecr.sent {
+			if !continued {
 				w.closeAfter = true
-			} else if n, err := io.CopyN(io.Discard, req.Body, h1MaxDrain+1); n > h1MaxDrain || (err != nil && err != io.EOF) {
-				w.closeAfter = true
+			} else {
+				c.SetReadDeadline(time.Now().Add(s.headerTimeout))
+				if n, err := io.CopyN(io.Discard, req.Body, h1MaxDrain+1); n > h1MaxDrain || (err != nil && err != io.EOF) {
+					w.closeAfter = true
+				}
+				c.SetReadDeadline(time.Time{})
 			}
 		}
-		if err := bw.Flush(); err != nil || w.err != nil || w.closeAfter || req.Close {
+		if w.closeAfter || req.Close {
 			return
 		}
 	}
+}
+
+// serveOne runs the handler, recovering a panic (logged; the connection
+// then ends, as net/http's server would end it).
+func (s *h1Server) serveOne(w *h1Response, req *http.Request) (ok bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			if r == http.ErrAbortHandler {
+				return
+			}
+			s.log.Error("HTTP handler panicked; connection closed", "panic", r, "method", req.Method, "path", req.URL.Path)
+		}
+	}()
+	s.handler.ServeHTTP(w, req)
+	return true
 }
 
 // refuse answers a request that could not be read, unless the client
@@ -204,6 +250,30 @@ func (s *h1Server) refuseMsg(bw *bufio.Writer, code int, msg string) {
 		"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: " +
 		strconv.Itoa(len(msg)+1) + "\r\n\r\n" + msg + "\n")
 	bw.Flush()
+}
+
+// hasContentLength reports whether the header block at the start of b
+// has a Content-Length field.
+func hasContentLength(b []byte) bool {
+	const name = "content-length:"
+	for first := true; len(b) > 0; first = false {
+		line := b
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			line, b = b[:i], b[i+1:]
+		} else {
+			b = nil
+		}
+		if len(line) == 0 || line[0] == '\r' {
+			if !first {
+				return false // end of the header block
+			}
+			continue
+		}
+		if !first && len(line) >= len(name) && strings.EqualFold(string(line[:len(name)]), name) {
+			return true
+		}
+	}
+	return false
 }
 
 // checkRequest applies what http.Server checks beyond http.ReadRequest.
@@ -268,22 +338,39 @@ func (s *h1Server) Shutdown(ctx context.Context) {
 	}
 }
 
-// expectContinueReader sends "100 Continue" before the first body read.
+// expectContinueReader sends "100 Continue" before the first body read,
+// unless the final response began before. The body may be read by
+// another goroutine (a transport sending it on) while the handler writes
+// the response: mu orders their writes to bw.
 type expectContinueReader struct {
 	r    io.ReadCloser
 	bw   *bufio.Writer
-	sent bool
+	mu   sync.Mutex
+	sent bool // a 100 Continue went out
+	done bool // no 100 Continue from now on
 }
 
 func (e *expectContinueReader) Read(p []byte) (int, error) {
-	if !e.sent {
-		e.sent = true
+	e.mu.Lock()
+	if !e.done {
+		e.done, e.sent = true, true
 		e.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
 		if err := e.bw.Flush(); err != nil {
+			e.mu.Unlock()
 			return 0, err
 		}
 	}
+	e.mu.Unlock()
 	return e.r.Read(p)
+}
+
+// stop rules out a 100 Continue from now on and reports whether one went
+// out.
+func (e *expectContinueReader) stop() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.done = true
+	return e.sent
 }
 
 func (e *expectContinueReader) Close() error { return e.r.Close() }
@@ -296,6 +383,7 @@ type h1Response struct {
 	bw     *bufio.Writer
 	req    *http.Request
 	header http.Header
+	ecr    *expectContinueReader // of req.Body, if it has one
 
 	status      int
 	headerSent  bool
@@ -320,7 +408,21 @@ func (w *h1Response) WriteHeader(code int) {
 		return
 	}
 	if code >= 100 && code <= 199 && code != http.StatusSwitchingProtocols {
-		// Interim responses go out at once with the headers set so far.
+		// Interim responses go out at once with the headers set so far,
+		// never to an HTTP/1.0 client (RFC 9110, section 15.2).
+		if !w.req.ProtoAtLeast(1, 1) {
+			return
+		}
+		if e := w.ecr; e != nil {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			if code == http.StatusContinue {
+				if e.sent {
+					return
+				}
+				e.done, e.sent = true, true
+			}
+		}
 		w.bw.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) + "\r\n")
 		w.header.Write(w.bw)
 		w.bw.WriteString("\r\n")
@@ -336,6 +438,9 @@ func (w *h1Response) WriteHeader(code int) {
 // sendHeader writes the status line and header block, choosing framing.
 func (w *h1Response) sendHeader(finished bool) {
 	w.headerSent = true
+	if w.ecr != nil {
+		w.ecr.stop()
+	}
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
@@ -373,7 +478,8 @@ func (w *h1Response) sendHeader(finished bool) {
 		h["Transfer-Encoding"] = []string{"chunked"}
 		for _, k := range h["Trailer"] {
 			for _, k := range strings.Split(k, ",") {
-				if k = strings.TrimSpace(k); k != "" {
+				// Not the fields framing the message (as net/http).
+				if k = strings.TrimSpace(k); k != "" && httpguts.ValidTrailerHeader(k) {
 					w.trailerKeys = append(w.trailerKeys, http.CanonicalHeaderKey(k))
 				}
 			}
