@@ -15,7 +15,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/svid"
-	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/client"
 )
 
 // Credentials holds the sidecar's current SVID and trust bundle. Both are
@@ -34,8 +34,9 @@ type Credentials struct {
 }
 
 var (
-	_ x509bundle.Source = (*Credentials)(nil)
-	_ x509svid.Source   = (*Credentials)(nil)
+	_ x509bundle.Source  = (*Credentials)(nil)
+	_ x509svid.Source    = (*Credentials)(nil)
+	_ client.Credentials = (*Credentials)(nil)
 )
 
 // NewCredentials returns empty credentials for td, verified with clock.
@@ -171,32 +172,6 @@ func (c *Credentials) ClientTLS(nextProtos []string, verify func(tls.ConnectionS
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.certificate() },
 		VerifyConnection:     verify,
 	}
-}
-
-// bundleFromProto converts a wire bundle, checking it is for td.
-func bundleFromProto(td spiffeid.TrustDomain, tb *controlplanev1.TrustBundle) (*bundle.Bundle, error) {
-	if tb == nil {
-		return nil, errors.New("proxy: no trust bundle in response")
-	}
-	if tb.GetTrustDomain() != td.Name() {
-		return nil, fmt.Errorf("proxy: bundle for trust domain %q, want %q", tb.GetTrustDomain(), td.Name())
-	}
-	roots := make([]*x509.Certificate, 0, len(tb.GetRoots()))
-	for i, der := range tb.GetRoots() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("proxy: bundle root %d: %w", i, err)
-		}
-		roots = append(roots, c)
-	}
-	b, err := bundle.New(td, tb.GetSequence(), roots)
-	if err != nil {
-		return nil, err
-	}
-	if tb.GetDigest() != "" && tb.GetDigest() != b.Digest() {
-		return nil, fmt.Errorf("proxy: bundle digest %s does not match its roots (%s)", tb.GetDigest(), b.Digest())
-	}
-	return b, nil
 }
 
 // StillTrusted verifies an open session's peer chain against the current

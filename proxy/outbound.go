@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/gateway/tunnel"
 	"github.com/straitmesh/strait/proxy/balance"
 )
 
@@ -80,6 +82,9 @@ type upstreamState struct {
 	conns     *balance.Limiter
 	retryOn   map[string]bool
 	namespace string
+	// tunnels holds, by endpoint key, how to reach endpoints in peer
+	// clusters (through this cluster's gateway).
+	tunnels map[string]*controlplanev1.Tunnel
 }
 
 func (o *outbound) addUpstream(name string) (*upstream, error) {
@@ -182,6 +187,12 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 	}
 	eps := make([]balance.Endpoint, 0, len(svc.GetEndpoints()))
 	for _, ep := range svc.GetEndpoints() {
+		if t := ep.GetTunnel(); t != nil {
+			if st.tunnels == nil {
+				st.tunnels = map[string]*controlplanev1.Tunnel{}
+			}
+			st.tunnels[ep.GetInstance()] = t
+		}
 		eps = append(eps, balance.Endpoint{
 			Key:      ep.GetInstance(),
 			Address:  ep.GetAddress(),
@@ -223,7 +234,12 @@ func transportKey(service, addr, id string, h2 bool) string {
 // plane says it has. HTTP/1.1 requests use an h1Pool of HTTP/1.1
 // connections (cheapest per request); HTTP/2 requests (gRPC) use HTTP/2.
 func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (pool, error) {
-	key := transportKey(st.svc.GetName(), ep.Address, ep.SPIFFEID, h2)
+	tun := st.tunnels[ep.Key]
+	addr := ep.Address
+	if tun != nil {
+		addr = "tunnel:" + tun.GetGatewayAddress() + "/" + tun.GetCluster() + "/" + strconv.Itoa(int(tun.GetPort()))
+	}
+	key := transportKey(st.svc.GetName(), addr, ep.SPIFFEID, h2)
 	o.tmu.RLock()
 	t := o.transports[key]
 	o.tmu.RUnlock()
@@ -240,29 +256,27 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 		connectTimeout = time.Second
 	}
 	maxConns := int(st.policy.GetConnectionLimits().GetMaxConnections())
+	raw := o.rawDialer(st, ep, tun, connectTimeout)
 	if h2 {
 		protos := new(http.Protocols)
 		protos.SetHTTP2(true)
-		d := &net.Dialer{Timeout: connectTimeout}
+		cfg := o.creds.ClientTLS([]string{alpnH2}, verify)
 		ht := &http.Transport{
-			DialContext:         d.DialContext,
-			TLSClientConfig:     o.creds.ClientTLS([]string{alpnH2}, verify),
-			TLSHandshakeTimeout: connectTimeout,
-			ForceAttemptHTTP2:   true,
-			Protocols:           protos,
-			IdleConnTimeout:     90 * time.Second,
-			DisableCompression:  true,
-			MaxConnsPerHost:     maxConns,
+			DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return dialTLS(ctx, raw, cfg, connectTimeout)
+			},
+			ForceAttemptHTTP2:  true,
+			Protocols:          protos,
+			IdleConnTimeout:    90 * time.Second,
+			DisableCompression: true,
+			MaxConnsPerHost:    maxConns,
 		}
 		t = ht
 	} else {
-		td := &tls.Dialer{NetDialer: &net.Dialer{Timeout: connectTimeout}, Config: o.creds.ClientTLS([]string{alpnHTTP1}, verify)}
-		addr := ep.Address
+		cfg := o.creds.ClientTLS([]string{alpnHTTP1}, verify)
 		p := &h1Pool{
 			dial: func(ctx context.Context) (net.Conn, error) {
-				ctx, cancel := context.WithTimeout(ctx, connectTimeout)
-				defer cancel()
-				return td.DialContext(ctx, "tcp", addr)
+				return dialTLS(ctx, raw, cfg, connectTimeout)
 			},
 			maxIdle:     256,
 			idleTimeout: 60 * time.Second,
@@ -280,6 +294,70 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 	}
 	o.transports[key] = t
 	return t, nil
+}
+
+// dialTLS opens a raw connection with raw and runs the workload mTLS
+// handshake over it, all within timeout.
+func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), cfg *tls.Config, timeout time.Duration) (*tls.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := raw(ctx)
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(c, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// rawDialer returns how to reach an endpoint's inbound listener: plain TCP,
+// or for an endpoint in a peer cluster, mTLS to this cluster's gateway
+// (which must present its own identity) and a tunnel header naming the
+// target. The workload mTLS then runs inside, end to end: the gateways
+// relay it without opening it.
+func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *controlplanev1.Tunnel, timeout time.Duration) func(context.Context) (net.Conn, error) {
+	nd := &net.Dialer{Timeout: timeout}
+	if tun == nil {
+		addr := ep.Address
+		return func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", addr) }
+	}
+	name, _, _ := strings.Cut(st.svc.GetName(), ".")
+	hdr := tunnel.Header{Kind: tunnel.KindData, Cluster: tun.GetCluster(), Namespace: st.namespace, Service: name, Port: uint16(tun.GetPort())}
+	gw := tun.GetGatewayAddress()
+	return func(ctx context.Context) (net.Conn, error) {
+		gwID, err := spiffeid.FromString(tun.GetGatewaySpiffeId())
+		if err != nil {
+			return nil, fmt.Errorf("gateway of endpoint %s has an invalid SPIFFE ID: %w", ep.Key, err)
+		}
+		if err := hdr.Validate(); err != nil {
+			return nil, fmt.Errorf("endpoint %s: %w", ep.Key, err)
+		}
+		d := &tls.Dialer{NetDialer: nd, Config: o.creds.ClientTLS([]string{tunnel.ALPNEntry}, o.serverVerifier(gwID))}
+		c, err := d.DialContext(ctx, "tcp", gw)
+		if err != nil {
+			return nil, fmt.Errorf("gateway %s: %w", gw, err)
+		}
+		if dl, ok := ctx.Deadline(); ok {
+			c.SetDeadline(dl)
+		}
+		if err := tunnel.WriteHeader(c, hdr); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("gateway %s: %w", gw, err)
+		}
+		r, err := tunnel.ReadReply(c)
+		if err == nil {
+			err = r.Err()
+		}
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("through gateway %s to %s: %w", gw, hdr, err)
+		}
+		c.SetDeadline(time.Time{})
+		return c, nil
+	}
 }
 
 // trustShrank reacts to a root leaving the bundle: every pooled upstream
@@ -393,6 +471,15 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 		code = http.StatusServiceUnavailable
 	case errors.Is(err, context.Canceled):
 		code = 499 // client went away; nothing is written to it anyway
+	}
+	var refused *tunnel.ReplyError
+	if errors.As(err, &refused) {
+		switch refused.Code {
+		case tunnel.CodeNoEndpoints, tunnel.CodeDialFailed, tunnel.CodeUnavailable, tunnel.CodeLimit:
+			code = http.StatusServiceUnavailable
+		default:
+			code = http.StatusBadGateway
+		}
 	}
 	msg := err.Error()
 	if strings.Contains(msg, "remote error: tls: bad certificate") {
@@ -573,10 +660,8 @@ func (u *upstream) serveTCP(app net.Conn) {
 			continue
 		}
 		start := time.Now()
-		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: timeout}, Config: u.o.creds.ClientTLS([]string{alpnTCP}, u.o.serverVerifier(want))}
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		c, err := d.DialContext(ctx, "tcp", pick.Endpoint.Address)
-		cancel()
+		raw := u.o.rawDialer(st, pick.Endpoint, st.tunnels[pick.Endpoint.Key], timeout)
+		c, err := dialTLS(context.Background(), raw, u.o.creds.ClientTLS([]string{alpnTCP}, u.o.serverVerifier(want)), timeout)
 		if err != nil {
 			pick.Done(time.Since(start), balance.Failure)
 			u.o.log.Debug("tcp connect to endpoint failed", "service", u.name, "endpoint", pick.Endpoint.Key, "err", err)

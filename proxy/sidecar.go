@@ -27,6 +27,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/bundle"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/client"
 	"github.com/straitmesh/strait/proxy/balance"
 	"github.com/straitmesh/strait/proxy/workloadapi"
 )
@@ -195,8 +196,7 @@ func New(cfg Config) (*Sidecar, error) {
 	s.metrics = NewMetrics(cfg.Registry)
 	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App, cfg.protocol() == controlplanev1.Protocol_PROTOCOL_TCP)
 	s.out = newOutbound(creds, s.metrics, cfg.Logger, cfg.Clock)
-	s.agent = &agent{cfg: &s.cfg, creds: creds, metrics: s.metrics, log: cfg.Logger, clock: cfg.Clock, apply: s.applySnapshot,
-		firstSnapshot: make(chan struct{})}
+	s.agent = newAgent(&s.cfg, creds, s.metrics, s.applySnapshot)
 	return s, nil
 }
 
@@ -223,7 +223,7 @@ func (s *Sidecar) applySnapshot(snap *controlplanev1.Snapshot) error {
 	var b *bundle.Bundle
 	if snap.GetBundle() != nil {
 		var err error
-		if b, err = bundleFromProto(s.cfg.TrustDomain, snap.GetBundle()); err != nil {
+		if b, err = client.BundleFromProto(s.cfg.TrustDomain, snap.GetBundle()); err != nil {
 			return err
 		}
 	}
@@ -318,7 +318,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	for u, ln := range upLns {
 		g.Go(func() error { return u.run(ctx, ln) })
 	}
-	g.Go(func() error { return s.agent.renewLoop(ctx) })
+	g.Go(func() error { return s.agent.id.RenewLoop(ctx) })
 	g.Go(func() error { return s.agent.watchLoop(ctx) })
 	g.Go(func() error { return s.agent.healthLoop(ctx, advertise) })
 	g.Go(func() error { return s.credentialsLoop(ctx) })
@@ -327,9 +327,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		g.Go(func() error { return wlSrv.Run(ctx) })
 	}
 	err = g.Wait()
-	if conn := s.agent.conn.Load(); conn != nil {
-		conn.Close()
-	}
+	s.agent.id.Close()
 	return err
 }
 
