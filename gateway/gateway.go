@@ -1,0 +1,515 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/straitmesh/strait/ca/identity"
+	"github.com/straitmesh/strait/ca/svid"
+	"github.com/straitmesh/strait/gateway/tunnel"
+)
+
+// Log attribute keys shared with the other binaries.
+const (
+	logCluster  = "cluster"
+	logPeer     = "peer"
+	logSPIFFEID = "spiffe_id"
+	logService  = "service"
+)
+
+// shutdownGrace bounds the wait for handlers once every connection is
+// closed.
+const shutdownGrace = 5 * time.Second
+
+// Gateway is one cluster's east-west gateway. Create it with New and serve
+// with Run.
+type Gateway struct {
+	cfg Config
+	lim Limits
+	log *slog.Logger
+	m   *metrics
+	now func() time.Time
+
+	listenTLS  *tls.Config // QUIC listener: picks gwTLS or joinTLS by ALPN
+	gwTLS      *tls.Config
+	joinTLS    *tls.Config
+	entryTLS   *tls.Config
+	serverQUIC *quic.Config
+	clientQUIC *quic.Config
+
+	started   atomic.Bool
+	ready     chan struct{}
+	peerAddr  net.Addr // set before ready is closed
+	entryAddr net.Addr
+
+	mu       sync.Mutex
+	running  bool // between Ready and shutdown; handlers may start only while set
+	tr       *quic.Transport
+	udp      net.PacketConn
+	runCtx   context.Context
+	slots    map[string]*dialSlot // outgoing connection per peer
+	conns    map[*peerConn]struct{}
+	perPeer  map[connKey]int
+	entries  map[*entryConn]struct{}
+	joins    int
+	handlers sync.WaitGroup
+
+	rr atomic.Uint64 // round robin over endpoints
+}
+
+// peerConn is a QUIC connection with a peer gateway, either direction.
+type peerConn struct {
+	conn     *quic.Conn
+	peer     string
+	chain    []*x509.Certificate
+	outbound bool // dialed by this gateway
+	since    time.Time
+}
+
+func (pc *peerConn) dead() bool { return pc.conn.Context().Err() != nil }
+
+func (pc *peerConn) direction() string {
+	if pc.outbound {
+		return "dialed"
+	}
+	return "accepted"
+}
+
+type connKey struct{ peer, direction string }
+
+// entryConn is a sidecar's connection to the entry listener.
+type entryConn struct {
+	conn   *tls.Conn
+	chain  []*x509.Certificate
+	id     spiffeid.ID
+	target atomic.Pointer[string] // the peer cluster, once the header is read
+}
+
+// New validates cfg and fills in defaults. It does no I/O.
+func New(cfg Config) (*Gateway, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	cfg.Limits.setDefaults()
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: register metrics: %w", err)
+	}
+	g := &Gateway{
+		cfg:     cfg,
+		lim:     cfg.Limits,
+		log:     cfg.Logger.With(logCluster, cfg.Cluster),
+		m:       m,
+		now:     cfg.Clock,
+		ready:   make(chan struct{}),
+		slots:   map[string]*dialSlot{},
+		conns:   map[*peerConn]struct{}{},
+		perPeer: map[connKey]int{},
+		entries: map[*entryConn]struct{}{},
+	}
+	creds := cfg.Credentials
+
+	g.gwTLS = creds.ServerTLS([]string{tunnel.ALPNPeer}, g.verifyPeerClient)
+	// Ask for any certificate and let VerifyConnection judge (and count)
+	// a missing one, instead of crypto/tls refusing it unseen.
+	g.gwTLS.ClientAuth = tls.RequestClientCert
+	g.gwTLS.SessionTicketsDisabled = true
+	protos := []string{tunnel.ALPNPeer}
+	if cfg.JoinHandler != nil {
+		g.joinTLS = creds.ServerTLS([]string{tunnel.ALPNJoin}, nil)
+		g.joinTLS.ClientAuth = tls.RequestClientCert // optional, judged by the handler
+		g.joinTLS.SessionTicketsDisabled = true
+		protos = append(protos, tunnel.ALPNJoin)
+	}
+	g.listenTLS = &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		NextProtos:         protos,
+		GetConfigForClient: g.configForClient,
+	}
+	g.entryTLS = creds.ServerTLS([]string{tunnel.ALPNEntry}, g.verifyEntry)
+	g.entryTLS.ClientAuth = tls.RequestClientCert
+
+	base := quic.Config{
+		HandshakeIdleTimeout:             g.lim.HandshakeTimeout / 2, // quic-go allows twice this for a whole handshake
+		MaxIdleTimeout:                   g.lim.IdleTimeout,
+		KeepAlivePeriod:                  g.lim.IdleTimeout / 3,
+		MaxIncomingUniStreams:            -1,
+		EnableStreamResetPartialDelivery: true, // a refusal's reply survives the reset that follows it
+	}
+	server, client := base, base
+	server.MaxIncomingStreams = int64(g.lim.MaxStreamsPerConn)
+	client.MaxIncomingStreams = -1 // streams flow from dialer to listener only
+	g.serverQUIC, g.clientQUIC = &server, &client
+	return g, nil
+}
+
+// Ready is closed once the gateway listens; Addrs is then valid.
+func (g *Gateway) Ready() <-chan struct{} { return g.ready }
+
+// Addrs returns the bound peer (UDP) and entry (TCP) addresses once Ready
+// is closed, and nils before. entry is nil without an entry listener.
+func (g *Gateway) Addrs() (peer, entry net.Addr) {
+	select {
+	case <-g.ready:
+		return g.peerAddr, g.entryAddr
+	default:
+		return nil, nil
+	}
+}
+
+// Run listens and serves until ctx ends, then stops accepting, closes every
+// connection and returns. It may be called once.
+func (g *Gateway) Run(ctx context.Context) error {
+	if !g.started.CompareAndSwap(false, true) {
+		return errors.New("gateway: Run called twice")
+	}
+	udp, err := net.ListenPacket("udp", g.cfg.PeerListen)
+	if err != nil {
+		return fmt.Errorf("gateway: listen for peers: %w", err)
+	}
+	tr := &quic.Transport{Conn: udp, StatelessResetKey: g.cfg.StatelessResetKey}
+	ln, err := tr.Listen(g.listenTLS, g.serverQUIC)
+	if err != nil {
+		tr.Close()
+		udp.Close()
+		return fmt.Errorf("gateway: listen for peers: %w", err)
+	}
+	var eln net.Listener
+	if g.cfg.EntryListen != "" {
+		if eln, err = net.Listen("tcp", g.cfg.EntryListen); err != nil {
+			ln.Close()
+			tr.Close()
+			udp.Close()
+			return fmt.Errorf("gateway: listen for sidecars: %w", err)
+		}
+		g.entryAddr = eln.Addr()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g.peerAddr = ln.Addr()
+	g.mu.Lock()
+	g.tr, g.udp, g.runCtx, g.running = tr, udp, ctx, true
+	g.mu.Unlock()
+	close(g.ready)
+	g.log.Info("gateway serving", "peer_address", g.peerAddr.String(), "entry_address", addrString(g.entryAddr))
+
+	eg, ectx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return g.acceptPeers(ectx, ln) })
+	if eln != nil {
+		eg.Go(func() error { return g.acceptEntries(ectx, eln) })
+	}
+	eg.Go(func() error { g.watchCredentials(ectx); return nil })
+	eg.Go(func() error {
+		<-ectx.Done()
+		ln.Close()
+		if eln != nil {
+			eln.Close()
+		}
+		return nil
+	})
+	err = eg.Wait()
+	g.shutdown()
+	tr.Close()
+	udp.Close()
+	if err != nil {
+		g.log.Error("gateway stopped", "error", err)
+		return err
+	}
+	g.log.Info("gateway stopped")
+	return nil
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// shutdown closes every connection and waits (bounded) for the handlers.
+func (g *Gateway) shutdown() {
+	g.mu.Lock()
+	g.running = false
+	pcs := slices.Collect(maps.Keys(g.conns))
+	ecs := slices.Collect(maps.Keys(g.entries))
+	g.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, pc := range pcs {
+		wg.Go(func() {
+			pc.conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseShutdown), "gateway shutting down")
+		})
+	}
+	for _, ec := range ecs {
+		abort(ec.conn)
+	}
+	wg.Wait()
+	done := make(chan struct{})
+	go func() { g.handlers.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(shutdownGrace):
+		g.log.Warn("gateway handlers still running after shutdown", "grace", shutdownGrace.String())
+	}
+}
+
+// goTracked runs f in a goroutine that shutdown waits for, unless the
+// gateway is not running.
+func (g *Gateway) goTracked(f func()) bool {
+	g.mu.Lock()
+	if !g.running {
+		g.mu.Unlock()
+		return false
+	}
+	g.handlers.Add(1)
+	g.mu.Unlock()
+	go func() {
+		defer g.handlers.Done()
+		f()
+	}()
+	return true
+}
+
+// watchCredentials rechecks open connections whenever the SVID or the
+// bundle changes.
+func (g *Gateway) watchCredentials(ctx context.Context) {
+	ch := g.cfg.Credentials.Changed()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ch:
+		}
+		ch = g.cfg.Credentials.Changed() // before rechecking, so no change is missed
+		g.Recheck()
+	}
+}
+
+// handshakeError is a refusal by one of the gateway's VerifyConnection
+// hooks; reason is a bounded metric label.
+type handshakeError struct {
+	reason string
+	err    error
+}
+
+func (e *handshakeError) Error() string { return "gateway: " + e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
+
+func refuseHandshake(reason string, format string, args ...any) error {
+	return &handshakeError{reason: reason, err: fmt.Errorf(format, args...)}
+}
+
+func reasonOf(err error) string {
+	var he *handshakeError
+	if errors.As(err, &he) {
+		return he.reason
+	}
+	if r := svid.ReasonOf(err); r != "" {
+		return string(r)
+	}
+	var ne net.Error
+	if errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout() {
+		return "timeout"
+	}
+	return "error"
+}
+
+// configForClient picks the TLS config of a QUIC connection by the ALPN the
+// client offers: the gateway protocol first, then join (if served).
+func (g *Gateway) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+	switch {
+	case slices.Contains(hello.SupportedProtos, tunnel.ALPNPeer):
+		return g.gwTLS, nil
+	case g.joinTLS != nil && slices.Contains(hello.SupportedProtos, tunnel.ALPNJoin):
+		return g.joinTLS, nil
+	}
+	g.m.handshakeFail.WithLabelValues(hopPeerInbound, "alpn").Inc()
+	return nil, fmt.Errorf("gateway: no supported application protocol in %q", hello.SupportedProtos)
+}
+
+// peerCluster checks that id is the gateway of a linked peer and returns
+// the peer's cluster name.
+func (g *Gateway) peerCluster(id spiffeid.ID) (string, error) {
+	info := identity.Classify(id)
+	switch {
+	case info.Kind != identity.KindGateway:
+		return "", refuseHandshake("not_gateway", "%s is not a gateway identity", id)
+	case info.Cluster == g.cfg.Cluster:
+		return "", refuseHandshake("own_cluster", "%s is this cluster's own gateway", id)
+	}
+	if _, ok := g.cfg.Catalog.Peer(info.Cluster); !ok {
+		return "", refuseHandshake("not_linked", "cluster %s is not linked", info.Cluster)
+	}
+	return info.Cluster, nil
+}
+
+// verifyPeerClient is VerifyConnection for gateways connecting to this one.
+func (g *Gateway) verifyPeerClient(cs tls.ConnectionState) error {
+	id, _, err := g.cfg.Credentials.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
+	if err == nil {
+		_, err = g.peerCluster(id)
+	}
+	if err != nil {
+		g.m.handshakeFail.WithLabelValues(hopPeerInbound, reasonOf(err)).Inc()
+		g.log.Info("peer handshake refused", logSPIFFEID, id.String(), "error", err)
+	}
+	return err
+}
+
+// verifyPeerServer returns VerifyConnection for dialing peer's gateway.
+func (g *Gateway) verifyPeerServer(peer string) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		id, _, err := g.cfg.Credentials.Verifier().Verify(cs.PeerCertificates, svid.RoleServer)
+		if err == nil {
+			want, werr := identity.Gateway(g.cfg.TrustDomain, peer)
+			switch {
+			case werr != nil:
+				err = werr
+			case id != want:
+				err = refuseHandshake("wrong_peer", "dialed the gateway of %s, got %s", peer, id)
+			}
+		}
+		if err != nil {
+			g.m.handshakeFail.WithLabelValues(hopPeerOutbound, reasonOf(err)).Inc()
+		}
+		return err
+	}
+}
+
+// verifyEntry is VerifyConnection for sidecars: any workload of the trust
+// domain, never a component (a peer's gateway must not relay through here).
+func (g *Gateway) verifyEntry(cs tls.ConnectionState) error {
+	id, _, err := g.cfg.Credentials.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
+	if err != nil {
+		return err
+	}
+	if k := identity.Classify(id).Kind; k != identity.KindWorkload && k != identity.KindOther {
+		return refuseHandshake("not_workload", "%s is a %s identity, not a workload", id, k)
+	}
+	return nil
+}
+
+// track registers a peer connection. An accepted one beyond
+// MaxConnsPerPeer is refused.
+func (g *Gateway) track(pc *peerConn) error {
+	k := connKey{pc.peer, pc.direction()}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.running {
+		return ErrClosed
+	}
+	if !pc.outbound && g.perPeer[k] >= g.lim.MaxConnsPerPeer {
+		return fmt.Errorf("gateway: cluster %s already has %d connections to this gateway, the limit", pc.peer, g.perPeer[k])
+	}
+	g.conns[pc] = struct{}{}
+	g.perPeer[k]++
+	g.m.peerConns.WithLabelValues(k.peer, k.direction).Inc()
+	return nil
+}
+
+func (g *Gateway) untrack(pc *peerConn) {
+	k := connKey{pc.peer, pc.direction()}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, ok := g.conns[pc]; !ok {
+		return
+	}
+	delete(g.conns, pc)
+	if g.perPeer[k]--; g.perPeer[k] == 0 {
+		delete(g.perPeer, k)
+		g.m.peerConns.DeleteLabelValues(k.peer, k.direction)
+	} else {
+		g.m.peerConns.WithLabelValues(k.peer, k.direction).Dec()
+	}
+	if s := g.slots[pc.peer]; s != nil && s.conn == pc {
+		s.conn = nil
+	}
+}
+
+// Recheck closes every connection whose peer is no longer linked or whose
+// chain is no longer trusted by the current bundle: QUIC connections in
+// both directions and entry connections (whose peer is the cluster they
+// tunnel to). The gateway calls it itself when its credentials change; call
+// it when the catalog's links change.
+func (g *Gateway) Recheck() {
+	g.mu.Lock()
+	pcs := slices.Collect(maps.Keys(g.conns))
+	ecs := slices.Collect(maps.Keys(g.entries))
+	for peer, s := range g.slots {
+		if s.conn == nil && s.call == nil {
+			delete(g.slots, peer) // made again on the next dial
+		}
+	}
+	g.mu.Unlock()
+	for _, pc := range pcs {
+		code, reason, err := g.judgePeer(pc)
+		if err == nil {
+			continue
+		}
+		g.log.Info("closing peer connection", logPeer, pc.peer, "direction", pc.direction(), "reason", reason, "error", err)
+		g.m.refusals.WithLabelValues(reason).Inc()
+		pc.conn.CloseWithError(quic.ApplicationErrorCode(code), err.Error())
+	}
+	for _, ec := range ecs {
+		reason, err := g.judgeEntry(ec)
+		if err == nil {
+			continue
+		}
+		g.log.Info("closing entry connection", logSPIFFEID, ec.id.String(), "reason", reason, "error", err)
+		g.m.refusals.WithLabelValues(reason).Inc()
+		abort(ec.conn) // a reset, not an orderly end of data
+	}
+}
+
+func (g *Gateway) judgePeer(pc *peerConn) (tunnel.CloseCode, string, error) {
+	if _, ok := g.cfg.Catalog.Peer(pc.peer); !ok {
+		return tunnel.CloseUnlinked, "unlinked", fmt.Errorf("cluster %s is no longer linked", pc.peer)
+	}
+	role := svid.RoleClient
+	if pc.outbound {
+		role = svid.RoleServer
+	}
+	id, err := g.cfg.Credentials.StillTrusted(pc.chain, role)
+	if err != nil {
+		return tunnel.CloseUntrusted, "untrusted", err
+	}
+	if want, err := identity.Gateway(g.cfg.TrustDomain, pc.peer); err != nil || id != want {
+		return tunnel.CloseUntrusted, "untrusted", fmt.Errorf("%s is not the gateway of %s", id, pc.peer)
+	}
+	return 0, "", nil
+}
+
+func (g *Gateway) judgeEntry(ec *entryConn) (string, error) {
+	if _, err := g.cfg.Credentials.StillTrusted(ec.chain, svid.RoleClient); err != nil {
+		return "untrusted", err
+	}
+	if t := ec.target.Load(); t != nil {
+		if _, ok := g.cfg.Catalog.Peer(*t); !ok {
+			return "unlinked", fmt.Errorf("cluster %s is no longer linked", *t)
+		}
+	}
+	return "", nil
+}
