@@ -52,6 +52,8 @@ type cluster struct {
 	t       testing.TB
 	name    string
 	caDir   string
+	path    string
+	root    *ca.Authority // set on the root authority's cluster
 	dir     *local.Dir
 	td      spiffeid.TrustDomain
 	addr    string
@@ -60,10 +62,18 @@ type cluster struct {
 	done    chan error
 	conn    *grpc.ClientConn
 	admin   controlplanev1.AdminServiceClient
+	fed     controlplanev1.FederationServiceClient
 }
 
 type clusterOptions struct {
 	svidTTL time.Duration
+	// meshOf shares the mesh CA of that cluster (its root authority);
+	// nil creates a new mesh.
+	meshOf *cluster
+	// rootAuthority makes the cluster sign intermediates for pending joiners.
+	rootAuthority bool
+	// pending installs the cluster without an intermediate.
+	pending bool
 }
 
 func newCluster(t testing.TB, name string, opts clusterOptions) *cluster {
@@ -71,27 +81,59 @@ func newCluster(t testing.TB, name string, opts clusterOptions) *cluster {
 	root := t.TempDir()
 	ctx := context.Background()
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
-	auth, err := ca.Init(ctx, ca.Config{Dir: filepath.Join(root, "ca")}, ca.InitOptions{TrustDomain: td})
+	c := &cluster{t: t, name: name, td: td, addr: "127.0.0.1:0", svidTTL: opts.svidTTL, path: filepath.Join(root, name)}
+	if opts.pending {
+		if _, err := local.InitPending(c.path, name, td, false); err != nil {
+			t.Fatal(err)
+		}
+		c.startControlPlane()
+		t.Cleanup(c.stopControlPlane)
+		return c
+	}
+	var auth *ca.Authority
+	var err error
+	if m := opts.meshOf; m != nil {
+		if m.root == nil {
+			t.Fatal("meshOf needs the root authority's cluster")
+		}
+		c.caDir, auth = m.caDir, m.root
+	} else {
+		c.caDir = filepath.Join(root, "ca")
+		if auth, err = ca.Init(ctx, ca.Config{Dir: c.caDir}, ca.InitOptions{TrustDomain: td}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := local.Init(ctx, c.path, name, wiring.RootAuthority{CA: auth}, 0, false)
+	if opts.meshOf == nil {
+		auth.Close()
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := local.Init(ctx, filepath.Join(root, name), name, wiring.RootAuthority{CA: auth}, 0, false)
-	auth.Close()
-	if err != nil {
+	c.dir = d
+	if err := c.mintAdmin(); err != nil {
 		t.Fatal(err)
 	}
-	iss, err := wiring.NewIssuer(d, 0)
-	if err != nil {
-		t.Fatal(err)
+	if opts.rootAuthority {
+		c.root, err = ca.Open(ctx, ca.Config{Dir: c.caDir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.root.Close() })
 	}
-	if _, err := d.MintAdmin(iss, time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	c := &cluster{t: t, name: name, caDir: filepath.Join(root, "ca"), dir: d, td: td, addr: "127.0.0.1:0", svidTTL: opts.svidTTL}
 	c.startControlPlane()
 	t.Cleanup(c.stopControlPlane)
 	c.dialAdmin()
 	return c
+}
+
+func (c *cluster) mintAdmin() error {
+	iss, err := wiring.NewIssuer(c.dir, 0)
+	if err != nil {
+		return err
+	}
+	_, err = c.dir.MintAdmin(iss, time.Hour)
+	return err
 }
 
 // startControlPlane runs the control plane on its address (the same one
@@ -102,10 +144,12 @@ func (c *cluster) startControlPlane() {
 	ready := make(chan string, 1)
 	c.done = make(chan error, 1)
 	c.cancel = cancel
-	go func() {
-		c.done <- wiring.RunControlPlane(ctx, wiring.ControlPlaneOptions{Dir: c.dir.Path, Listen: c.addr, SVIDTTL: c.svidTTL,
-			Logger: testLogger(c.t).With("component", "controlplane"), Ready: func(a string) { ready <- a }})
-	}()
+	o := wiring.ControlPlaneOptions{Dir: c.path, Listen: c.addr, SVIDTTL: c.svidTTL,
+		Logger: testLogger(c.t).With("component", c.name+"/controlplane"), Ready: func(a string) { ready <- a }}
+	if c.root != nil {
+		o.RootAuthority = wiring.RootAuthority{CA: c.root}
+	}
+	go func() { c.done <- wiring.RunControlPlane(ctx, o) }()
 	select {
 	case c.addr = <-ready:
 	case err := <-c.done:
@@ -157,6 +201,7 @@ func (c *cluster) dialAdmin() {
 	c.t.Cleanup(func() { conn.Close() })
 	c.conn = conn
 	c.admin = controlplanev1.NewAdminServiceClient(conn)
+	c.fed = controlplanev1.NewFederationServiceClient(conn)
 }
 
 func tlsCert(s *x509svid.SVID) tls.Certificate {

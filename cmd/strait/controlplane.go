@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/straitmesh/strait/ca"
+	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/controlplane/local"
 	"github.com/straitmesh/strait/internal/wiring"
 )
@@ -27,14 +28,36 @@ SVIDs to sidecars, keeps the service registry and streams configuration.`,
 }
 
 func newCPInitCmd(g *globals) *cobra.Command {
-	var dir, caDir, cluster string
+	var dir, caDir, cluster, tdName string
 	var ttl, adminTTL time.Duration
-	var force bool
+	var force, pending bool
 	cmd := &cobra.Command{
-		Use:   "init --dir DIR --cluster NAME --ca-dir CADIR",
-		Short: "Create a control-plane data directory with an intermediate from the mesh CA",
-		Args:  cobra.NoArgs,
+		Use:   "init --dir DIR --cluster NAME (--ca-dir CADIR | --pending --trust-domain TD)",
+		Short: "Create a control-plane data directory with an intermediate from the mesh CA, or pending one",
+		Long: `Create a control-plane data directory.
+
+With --ca-dir, the cluster's intermediate is signed by the mesh CA there.
+With --pending, the cluster has no intermediate yet: its control plane waits
+for ` + "`strait federation join TOKEN`" + `, through which the root authority's cluster
+sends it one. Until then the admin credentials written here come from a
+bootstrap CA that exists only in this directory.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if pending {
+				if dir == "" || cluster == "" || tdName == "" || caDir != "" {
+					return usageError{cmd: cmd.CommandPath(), err: errors.New("--pending needs --dir, --cluster and --trust-domain, and no --ca-dir")}
+				}
+				td, err := identity.ParseTrustDomain(tdName)
+				if err != nil {
+					return usageError{cmd: cmd.CommandPath(), err: err}
+				}
+				if _, err := local.InitPending(dir, cluster, td, force); err != nil {
+					return err
+				}
+				cert, _ := (&local.Dir{Path: dir}).AdminPaths()
+				fmt.Fprintf(g.stdout, "control plane for cluster %s initialized pending in %s\n  it waits for `strait federation join TOKEN`\n  bootstrap admin credentials %s\n", cluster, dir, cert)
+				return nil
+			}
 			if dir == "" || cluster == "" || caDir == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir, --cluster and --ca-dir are required")}
 			}
@@ -67,6 +90,8 @@ func newCPInitCmd(g *globals) *cobra.Command {
 	adminTTL = 24 * time.Hour
 	cmd.Flags().Var(durationValue{&adminTTL}, "admin-ttl", "lifetime of the admin credentials")
 	cmd.Flags().BoolVar(&force, "force", false, "re-issue the intermediate of an initialized directory")
+	cmd.Flags().BoolVar(&pending, "pending", false, "no intermediate yet: wait to receive one through a federation join")
+	cmd.Flags().StringVar(&tdName, "trust-domain", "", "the mesh's trust domain (with --pending)")
 	return cmd
 }
 
@@ -137,7 +162,7 @@ func newCPGatewayCredsCmd(g *globals) *cobra.Command {
 }
 
 func newCPRunCmd(g *globals) *cobra.Command {
-	var dir, listen string
+	var dir, listen, rootDir string
 	var svidTTL time.Duration
 	cmd := &cobra.Command{
 		Use:   "run --dir DIR --listen HOST:PORT",
@@ -148,11 +173,21 @@ func newCPRunCmd(g *globals) *cobra.Command {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}
 			}
 			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-			return wiring.RunControlPlane(cmd.Context(), wiring.ControlPlaneOptions{Dir: dir, Listen: listen, SVIDTTL: svidTTL, Logger: log})
+			o := wiring.ControlPlaneOptions{Dir: dir, Listen: listen, SVIDTTL: svidTTL, Logger: log}
+			if rootDir != "" {
+				auth, err := ca.Open(cmd.Context(), ca.Config{Dir: rootDir, Logger: log})
+				if err != nil {
+					return fmt.Errorf("root authority: %w", err)
+				}
+				defer auth.Close()
+				o.RootAuthority = wiring.RootAuthority{CA: auth}
+			}
+			return wiring.RunControlPlane(cmd.Context(), o)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (from `strait controlplane init`)")
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7400", "gRPC listen address")
 	cmd.Flags().Var(durationValue{&svidTTL}, "svid-ttl", "lifetime of the SVIDs issued (default 1h)")
+	cmd.Flags().StringVar(&rootDir, "root-authority", "", "mesh CA directory: this cluster is the root authority and signs the intermediates of clusters that join pending")
 	return cmd
 }

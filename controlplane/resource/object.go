@@ -171,6 +171,9 @@ func ToProto(obj Object) (*controlplanev1.Resource, error) {
 		}
 		spec = buf.Bytes()
 	}
+	if (len(spec) == 0 || string(spec) == "null") && kinds[obj.Kind].specOptional {
+		spec = []byte("{}") // stored explicitly: the store keeps no empty specs
+	}
 	return &controlplanev1.Resource{
 		ApiVersion: obj.APIVersion,
 		Kind:       obj.Kind,

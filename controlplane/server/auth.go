@@ -41,6 +41,7 @@ var (
 	ErrNotApplicable    = errors.New("server: credential kind not handled")
 	ErrUnauthenticated  = errors.New("server: unauthenticated")
 	ErrPermissionDenied = errors.New("server: permission denied")
+	ErrUnavailable      = errors.New("server: unavailable")
 )
 
 // TokenAuthenticator redeems single-use workload registration tokens.

@@ -18,6 +18,7 @@ import (
 	"github.com/straitmesh/strait/controlplane/resource"
 	"github.com/straitmesh/strait/controlplane/store"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
+	"github.com/straitmesh/strait/federation/catalog"
 )
 
 // MeshPort is the logical port of every service in local mode, where each
@@ -339,11 +340,34 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 			return nil, fmt.Errorf("%w: peer %s: %d imports, more than %d", ErrBadRequest, p.GetPeer(), len(p.GetImports()), maxImportsOfPeer)
 		}
 		for _, es := range p.GetImports() {
-			if err := checkExported(es); err != nil {
+			if err := catalog.Validate(es); err != nil {
 				return nil, fmt.Errorf("%w: peer %s: %w", ErrBadRequest, p.GetPeer(), err)
 			}
 		}
+		if len(p.GetGatewayAddresses()) > maxGatewayAddrs {
+			return nil, fmt.Errorf("%w: peer %s: more than %d gateway addresses", ErrBadRequest, p.GetPeer(), maxGatewayAddrs)
+		}
+		for _, a := range p.GetGatewayAddresses() {
+			if err := checkHostPort("peer gateway address", a); err != nil {
+				return nil, err
+			}
+		}
 		reports[p.GetPeer()] = p
+	}
+	// A peer's announced gateway addresses update its link (a cluster that
+	// joined pending had none to give at the join).
+	links, err := s.cfg.Store.Links()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		if r := reports[l.Peer]; r != nil && len(r.GetGatewayAddresses()) > 0 && !slices.Equal(l.PeerGateways, r.GetGatewayAddresses()) {
+			l.PeerGateways = slices.Clone(r.GetGatewayAddresses())
+			if err := s.cfg.Store.PutLink(l); err != nil {
+				return nil, err
+			}
+			s.log.Info("peer gateway addresses updated", "peer", l.Peer, "addresses", l.PeerGateways)
+		}
 	}
 	s.mu.Lock()
 	g := s.gateways[req.GetNode()]
@@ -367,33 +391,6 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 
 func importsEqual(a, b []*federationv1.ExportedService) bool {
 	return slices.EqualFunc(a, b, func(x, y *federationv1.ExportedService) bool { return proto.Equal(x, y) })
-}
-
-// checkExported validates one service a peer says it exports.
-func checkExported(es *federationv1.ExportedService) error {
-	if err := identity.ValidateClusterName(es.GetNamespace()); err != nil {
-		return fmt.Errorf("export namespace: %w", err)
-	}
-	if err := identity.ValidateClusterName(es.GetName()); err != nil {
-		return fmt.Errorf("export name: %w", err)
-	}
-	if p := es.GetProtocol(); p != "http" && p != "tcp" {
-		return fmt.Errorf("export %s/%s: protocol %q", es.GetNamespace(), es.GetName(), p)
-	}
-	if len(es.GetPorts()) > 64 || len(es.GetSpiffeIds()) > 64 || len(es.GetLocalities()) > 256 {
-		return fmt.Errorf("export %s/%s: too many ports, identities or localities", es.GetNamespace(), es.GetName())
-	}
-	for _, p := range es.GetPorts() {
-		if p == 0 || p > 65535 {
-			return fmt.Errorf("export %s/%s: port %d out of range", es.GetNamespace(), es.GetName(), p)
-		}
-	}
-	for _, id := range es.GetSpiffeIds() {
-		if _, err := identity.Parse(id); err != nil {
-			return fmt.Errorf("export %s/%s: %w", es.GetNamespace(), es.GetName(), err)
-		}
-	}
-	return nil
 }
 
 func (f federationServer) RemoveLink(ctx context.Context, req *controlplanev1.RemoveLinkRequest) (*controlplanev1.RemoveLinkResponse, error) {

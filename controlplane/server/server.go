@@ -45,6 +45,9 @@ type Config struct {
 	Store *store.Store
 	// Registry is the local service registry. Required.
 	Registry *registry.Local
+	// RootAuthority, set on the root authority's cluster only, signs the
+	// intermediates of clusters that join pending.
+	RootAuthority IntermediateSigner
 	// Authenticators check first-contact credentials; nil means the
 	// registration-token authenticator on Store.
 	Authenticators []Authenticator
@@ -272,6 +275,10 @@ func toStatus(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, store.ErrNotFound):
 		code = codes.NotFound
+	case errors.Is(err, ErrUnavailable):
+		code = codes.Unavailable
+	case errors.Is(err, store.ErrLinkExists):
+		code = codes.AlreadyExists
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):

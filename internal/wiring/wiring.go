@@ -81,11 +81,48 @@ type ControlPlaneOptions struct {
 	Ready func(addr string)
 	// Registerer receives metrics; nil means a private registry.
 	Registerer prometheus.Registerer
+	// RootAuthority, on the root authority's cluster only, signs the
+	// intermediates of clusters that join pending.
+	RootAuthority server.IntermediateSigner
 }
 
 // RunControlPlane serves a local-mode control plane until ctx ends.
+//
+// A pending data directory (local.InitPending) first serves only the join;
+// once it has its intermediate, the full control plane takes over on the
+// same address.
 func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	ln, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
+	if o.Ready != nil {
+		o.Ready(ln.Addr().String())
+	}
 	d, err := local.Load(o.Dir)
+	if errors.Is(err, local.ErrPending) {
+		p, perr := local.LoadPending(o.Dir)
+		if perr != nil {
+			return perr
+		}
+		if err := runPending(ctx, p, ln, o.Logger, o.Clock); err != nil {
+			return err
+		}
+		// The pending server closed the listener: the full control plane
+		// listens again on the same address.
+		if ln, err = net.Listen("tcp", ln.Addr().String()); err != nil {
+			return fmt.Errorf("listen again after the join: %w", err)
+		}
+		defer ln.Close()
+		d, err = local.Load(o.Dir)
+	}
 	if err != nil {
 		return err
 	}
@@ -110,17 +147,10 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	srv, err := server.New(server.Config{
 		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: iss, Bundle: current.Load,
 		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
-		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock,
+		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock, RootAuthority: o.RootAuthority,
 	})
 	if err != nil {
 		return err
-	}
-	ln, err := net.Listen("tcp", o.Listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	if o.Ready != nil {
-		o.Ready(ln.Addr().String())
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

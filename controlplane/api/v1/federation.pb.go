@@ -1198,9 +1198,11 @@ type PeerReport struct {
 	LastHeard        *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_heard,json=lastHeard,proto3" json:"last_heard,omitempty"`
 	LastError        string                 `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	// Everything the peer exports to this cluster, as last received.
-	Imports       []*v1.ExportedService `protobuf:"bytes,10,rep,name=imports,proto3" json:"imports,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Imports []*v1.ExportedService `protobuf:"bytes,10,rep,name=imports,proto3" json:"imports,omitempty"`
+	// The peer's gateway addresses as it announced them.
+	GatewayAddresses []string `protobuf:"bytes,11,rep,name=gateway_addresses,json=gatewayAddresses,proto3" json:"gateway_addresses,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *PeerReport) Reset() {
@@ -1299,6 +1301,13 @@ func (x *PeerReport) GetLastError() string {
 func (x *PeerReport) GetImports() []*v1.ExportedService {
 	if x != nil {
 		return x.Imports
+	}
+	return nil
+}
+
+func (x *PeerReport) GetGatewayAddresses() []string {
+	if x != nil {
+		return x.GatewayAddresses
 	}
 	return nil
 }
@@ -1529,7 +1538,7 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\tendpoints\x18\x03 \x03(\tR\tendpoints\"b\n" +
 	"\x12ReportPeersRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x128\n" +
-	"\x05peers\x18\x02 \x03(\v2\".strait.controlplane.v1.PeerReportR\x05peers\"\xa2\x03\n" +
+	"\x05peers\x18\x02 \x03(\v2\".strait.controlplane.v1.PeerReportR\x05peers\"\xcf\x03\n" +
 	"\n" +
 	"PeerReport\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x14\n" +
@@ -1545,7 +1554,8 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\t \x01(\tR\tlastError\x12?\n" +
 	"\aimports\x18\n" +
-	" \x03(\v2%.strait.federation.v1.ExportedServiceR\aimports\"\x15\n" +
+	" \x03(\v2%.strait.federation.v1.ExportedServiceR\aimports\x12+\n" +
+	"\x11gateway_addresses\x18\v \x03(\tR\x10gatewayAddresses\"\x15\n" +
 	"\x13ReportPeersResponse\"\x8b\x01\n" +
 	"\x11RedeemJoinRequest\x125\n" +
 	"\x04join\x18\x01 \x01(\v2!.strait.federation.v1.JoinRequestR\x04join\x12'\n" +

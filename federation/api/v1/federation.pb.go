@@ -439,8 +439,11 @@ type Hello struct {
 	// Catalog version the sender last received from the other side, so it
 	// may resume with a delta (0: send everything).
 	HaveCatalogVersion uint64 `protobuf:"varint,4,opt,name=have_catalog_version,json=haveCatalogVersion,proto3" json:"have_catalog_version,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The sender's gateway addresses (QUIC), so a peer that joined before
+	// they were known can dial back.
+	GatewayAddresses []string `protobuf:"bytes,5,rep,name=gateway_addresses,json=gatewayAddresses,proto3" json:"gateway_addresses,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -499,6 +502,13 @@ func (x *Hello) GetHaveCatalogVersion() uint64 {
 		return x.HaveCatalogVersion
 	}
 	return 0
+}
+
+func (x *Hello) GetGatewayAddresses() []string {
+	if x != nil {
+		return x.GatewayAddresses
+	}
+	return nil
 }
 
 // CatalogDelta carries the services the sender exports to the receiver.
@@ -1016,12 +1026,13 @@ const file_federation_api_v1_federation_proto_rawDesc = "" +
 	"\theartbeat\x18\x03 \x01(\v2\x1f.strait.federation.v1.HeartbeatH\x00R\theartbeat\x12I\n" +
 	"\rheartbeat_ack\x18\x04 \x01(\v2\".strait.federation.v1.HeartbeatAckH\x00R\fheartbeatAck\x12<\n" +
 	"\x06bundle\x18\x05 \x01(\v2\".strait.federation.v1.BundleUpdateH\x00R\x06bundleB\x05\n" +
-	"\x03msg\"\xa1\x01\n" +
+	"\x03msg\"\xce\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12#\n" +
 	"\rbundle_digest\x18\x02 \x01(\tR\fbundleDigest\x12'\n" +
 	"\x0fbundle_sequence\x18\x03 \x01(\x04R\x0ebundleSequence\x120\n" +
-	"\x14have_catalog_version\x18\x04 \x01(\x04R\x12haveCatalogVersion\"\xde\x01\n" +
+	"\x14have_catalog_version\x18\x04 \x01(\x04R\x12haveCatalogVersion\x12+\n" +
+	"\x11gateway_addresses\x18\x05 \x03(\tR\x10gatewayAddresses\"\xde\x01\n" +
 	"\fCatalogDelta\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12!\n" +
 	"\fbase_version\x18\x02 \x01(\x04R\vbaseVersion\x12\x12\n" +

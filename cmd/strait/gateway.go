@@ -1,0 +1,101 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/identity"
+	"github.com/straitmesh/strait/gateway/agent"
+	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/proxy"
+)
+
+func newGatewayCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "gateway", Short: "Run a cluster's east-west gateway"}
+	cmd.AddCommand(newGatewayRunCmd(g))
+	return cmd
+}
+
+// gatewayAddrs is what --addresses-file receives.
+type gatewayAddrs struct {
+	Peer  string `json:"peer"`
+	Entry string `json:"entry"`
+}
+
+func newGatewayRunCmd(g *globals) *cobra.Command {
+	var cluster, tdName, cp, dir, peerListen, entryListen, addrFile, level string
+	var advertise []string
+	cmd := &cobra.Command{
+		Use:   "run --cluster NAME --trust-domain TD --control-plane ADDR --data-dir DIR",
+		Short: "Serve the gateway: QUIC to peer gateways, TLS entry for local sidecars",
+		Long: `Serve the cluster's east-west gateway until interrupted.
+
+It takes its first credentials from DIR (svid.pem, svid-key.pem, bundle.pem, as
+written by ` + "`strait controlplane gateway-credentials`" + `) and renews them from the
+control plane, from which it also learns links and exports. Peers reach it over
+QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cluster == "" || tdName == "" || cp == "" || dir == "" {
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--cluster, --trust-domain, --control-plane and --data-dir are required")}
+			}
+			if err := identity.ValidateClusterName(cluster); err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
+			td, err := identity.ParseTrustDomain(tdName)
+			if err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
+			var lv slog.Level
+			if err := lv.UnmarshalText([]byte(level)); err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--log-level: %w", err)}
+			}
+			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: lv}))
+			creds, err := proxy.NewCredentials(td, nil)
+			if err != nil {
+				return err
+			}
+			raw, err := os.ReadFile(filepath.Join(dir, "bundle.pem"))
+			if err != nil {
+				return fmt.Errorf("trust bundle: %w", err)
+			}
+			b, err := bundle.ParsePEM(td, 0, raw)
+			if err != nil {
+				return fmt.Errorf("trust bundle %s: %w", filepath.Join(dir, "bundle.pem"), err)
+			}
+			if _, err := creds.SetBundle(b); err != nil {
+				return err
+			}
+			return agent.Run(cmd.Context(), agent.Config{
+				Cluster: cluster, TrustDomain: td, ControlPlane: cp, Creds: creds, DataDir: dir,
+				PeerListen: peerListen, EntryListen: entryListen, Advertise: advertise, Logger: log,
+				Ready: func(peer, entry string) {
+					if addrFile == "" {
+						return
+					}
+					out, _ := json.Marshal(gatewayAddrs{Peer: peer, Entry: entry})
+					if err := atomicfile.WriteFile(addrFile, out, 0o644); err != nil {
+						log.Error("writing the addresses file failed", "err", err)
+					}
+				},
+			})
+		},
+	}
+	cmd.Flags().StringVar(&cluster, "cluster", "", "this cluster's name")
+	cmd.Flags().StringVar(&tdName, "trust-domain", "", "the mesh's trust domain")
+	cmd.Flags().StringVar(&cp, "control-plane", "", "this cluster's control plane (host:port)")
+	cmd.Flags().StringVar(&dir, "data-dir", "", "the gateway's credentials directory")
+	cmd.Flags().StringVar(&peerListen, "peer-listen", "127.0.0.1:15443", "UDP address for QUIC from peer gateways")
+	cmd.Flags().StringVar(&entryListen, "entry-listen", "127.0.0.1:15444", "TCP address for local sidecars")
+	cmd.Flags().StringSliceVar(&advertise, "advertise", nil, "QUIC addresses peers should dial (default: the bound --peer-listen)")
+	cmd.Flags().StringVar(&addrFile, "addresses-file", "", "write the bound addresses here as JSON once serving")
+	cmd.Flags().StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}

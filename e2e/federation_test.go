@@ -1,0 +1,459 @@
+package e2e
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/local"
+	"github.com/straitmesh/strait/federation/join"
+	"github.com/straitmesh/strait/federation/token"
+	"github.com/straitmesh/strait/gateway/agent"
+	"github.com/straitmesh/strait/internal/wiring"
+	"github.com/straitmesh/strait/proxy"
+)
+
+// gatewayProc is a cluster's gateway run in-process.
+type gatewayProc struct {
+	peer, entry string
+	cancel      context.CancelFunc
+	done        chan error
+	registry    *prometheus.Registry
+}
+
+// startGateway issues the gateway's first credentials (as `strait
+// controlplane gateway-credentials` does) and runs it; peerAddr may name
+// a fixed UDP address (to restart on the same one).
+func (c *cluster) startGateway(peerAddr string) *gatewayProc {
+	c.t.Helper()
+	dir := filepath.Join(c.path, "gateway")
+	iss, err := wiring.NewIssuer(c.dir, 0)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := c.dir.MintGateway(iss, time.Hour, dir); err != nil {
+		c.t.Fatal(err)
+	}
+	creds, err := proxy.NewCredentials(c.td, nil)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(c.dir.Bundle); err != nil {
+		c.t.Fatal(err)
+	}
+	if peerAddr == "" {
+		peerAddr = "127.0.0.1:0"
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &gatewayProc{cancel: cancel, done: make(chan error, 1), registry: prometheus.NewRegistry()}
+	ready := make(chan [2]string, 1)
+	go func() {
+		g.done <- agent.Run(ctx, agent.Config{
+			Cluster: c.name, TrustDomain: c.td, ControlPlane: c.addr, Creds: creds, DataDir: dir,
+			PeerListen: peerAddr, EntryListen: "127.0.0.1:0", Heartbeat: 200 * time.Millisecond,
+			Logger: testLogger(c.t).With("component", c.name+"/gateway"), Registerer: g.registry,
+			Ready: func(p, e string) { ready <- [2]string{p, e} },
+		})
+	}()
+	select {
+	case a := <-ready:
+		g.peer, g.entry = a[0], a[1]
+	case err := <-g.done:
+		c.t.Fatalf("gateway of %s: %v", c.name, err)
+	case <-time.After(10 * time.Second):
+		c.t.Fatalf("gateway of %s did not start", c.name)
+	}
+	c.t.Cleanup(g.stop)
+	return g
+}
+
+func (g *gatewayProc) stop() {
+	if g.cancel == nil {
+		return
+	}
+	g.cancel()
+	g.cancel = nil
+	select {
+	case <-g.done:
+	case <-time.After(10 * time.Second):
+	}
+}
+
+// joinToken creates a join token on c once its gateway is known to it.
+func (c *cluster) joinToken(forCluster string) string {
+	c.t.Helper()
+	var tok string
+	waitUntil(c.t, 10*time.Second, c.name+" mints a join token", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := c.fed.CreateJoinToken(ctx, &controlplanev1.CreateJoinTokenRequest{ForCluster: forCluster})
+		if err != nil {
+			return false
+		}
+		tok = resp.GetToken()
+		return true
+	})
+	return tok
+}
+
+func (c *cluster) join(tok string) (*controlplanev1.JoinResponse, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return c.fed.Join(ctx, &controlplanev1.JoinRequest{Token: tok})
+}
+
+// linkUp waits until c reports its link to peer connected, with imports.
+func (c *cluster) linkUp(peer string, imported uint32) {
+	c.t.Helper()
+	waitUntil(c.t, 15*time.Second, fmt.Sprintf("%s sees the link to %s up with %d imports", c.name, peer, imported), func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, err := c.fed.FederationStatus(ctx, &controlplanev1.FederationStatusRequest{})
+		if err != nil {
+			return false
+		}
+		for _, l := range st.GetLinks() {
+			if l.GetLink().GetPeer() == peer {
+				return l.GetState() == "connected" && l.GetControlStreamUp() && l.GetImported() >= imported
+			}
+		}
+		return false
+	})
+}
+
+const exportBackend = `apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: backend, namespace: default}
+`
+
+func TestTwoClustersCrossClusterCall(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	westGW := west.startGateway("")
+
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.workload("payments-w0", "payments", workloadOptions{}) // running, not exported
+	west.mustApply(exportBackend)
+
+	tok := east.joinToken("west")
+	resp, err := west.join(tok)
+	if err != nil {
+		t.Fatalf("west joins east: %v", err)
+	}
+	if resp.GetLink().GetPeer() != "east" {
+		t.Fatalf("link: %v", resp.GetLink())
+	}
+	// Replay: the token is one-time.
+	if _, err := west.join(tok); err == nil || !strings.Contains(err.Error(), "already") {
+		t.Fatalf("replayed token: %v, want already used", err)
+	}
+	east.linkUp("west", 1)
+	west.linkUp("east", 0)
+
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend", "payments"}})
+	fe.waitEndpoints(t, "backend", 1)
+	client := &http.Client{Timeout: 10 * time.Second}
+	code, r, err := get(client, fe.url("backend"))
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("east frontend -> backend: %d %v", code, err)
+	}
+	if r.Cluster != "west" || r.Caller != "spiffe://"+trustDomain+"/ns/default/sa/frontend" {
+		t.Fatalf("answered by %+v; want west, with the caller's own identity", r)
+	}
+
+	// payments is not exported: no endpoint, and the gateway refuses it.
+	for _, svc := range fe.sc.Snapshot().GetServices() {
+		if svc.GetName() == "payments" && len(svc.GetEndpoints()) != 0 {
+			t.Fatalf("payments (not exported) has endpoints in east: %v", svc.GetEndpoints())
+		}
+	}
+	if code, _, _ := get(client, fe.url("payments")); code == http.StatusOK {
+		t.Fatal("unexported payments answered")
+	}
+
+	// Under load, the link is removed: traffic to west is refused at once.
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var okAfter int
+	var removedAt time.Time
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 100000; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			code, _, _ := get(client, fe.url("backend"))
+			mu.Lock()
+			if code == http.StatusOK && !removedAt.IsZero() && time.Since(removedAt) > time.Second {
+				okAfter++
+			}
+			mu.Unlock()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := west.fed.RemoveLink(ctx, &controlplanev1.RemoveLinkRequest{Peer: "east"}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	removedAt = time.Now()
+	mu.Unlock()
+	time.Sleep(2500 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if okAfter > 0 {
+		t.Fatalf("%d requests reached west more than 1s after west removed the link", okAfter)
+	}
+	_ = westGW
+}
+
+func TestPendingClusterJoins(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	east.startGateway("")
+	south := newCluster(t, "south", clusterOptions{pending: true})
+	// The pending control plane serves the join to its bootstrap admin.
+	south.dialPendingAdmin()
+	tok := east.joinToken("")
+	resp, err := south.join(tok)
+	if err != nil {
+		t.Fatalf("pending south joins east: %v", err)
+	}
+	if !resp.GetReceivedIntermediate() {
+		t.Fatal("no intermediate received")
+	}
+	d, err := local.Load(south.path)
+	if err != nil {
+		t.Fatalf("south after the join: %v", err)
+	}
+	if d.Bundle.Digest() != east.dir.Bundle.Digest() {
+		t.Fatal("south's bundle differs from east's")
+	}
+	south.dir = d
+	// The full control plane took over: admin calls with the new admin
+	// SVID, and a gateway, work.
+	waitUntil(t, 10*time.Second, "south's full control plane", func() bool {
+		south.dialAdmin()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := south.admin.Status(ctx, &controlplanev1.StatusRequest{})
+		return err == nil
+	})
+	south.startGateway("")
+	east.linkUp("south", 0)
+	south.linkUp("east", 0)
+}
+
+// dialPendingAdmin connects with the bootstrap admin credentials.
+func (c *cluster) dialPendingAdmin() {
+	c.t.Helper()
+	p, err := local.LoadPending(c.path)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.dir = &local.Dir{Path: c.path, Cluster: c.name, TrustDomain: c.td}
+	b, err := bundle.New(c.td, 1, []*x509.Certificate{p.CA})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.dir.Bundle = b
+	c.dialAdmin()
+}
+
+func TestJoinTokenRedemptionRules(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	east.startGateway("")
+	links := func() int {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, err := east.fed.FederationStatus(ctx, &controlplanev1.FederationStatusRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(st.GetLinks())
+	}
+
+	// 20 concurrent redemptions of one token over real QUIC: one wins.
+	tok, err := token.Parse(east.joinToken(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 20)
+	for i := range errs {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			_, errs[i] = join.Dial(ctx, join.Request{Token: tok, Cluster: fmt.Sprintf("c%d", i)})
+		})
+	}
+	wg.Wait()
+	wins := 0
+	for _, err := range errs {
+		var refused *join.RefusedError
+		switch {
+		case err == nil:
+			wins++
+		case errors.As(err, &refused) && refused.Reason == string(token.ReasonAlreadyUsed):
+		default:
+			t.Errorf("loser: %v", err)
+		}
+	}
+	if wins != 1 || links() != 1 {
+		t.Fatalf("%d of 20 concurrent redemptions succeeded and %d links exist; want exactly 1 and 1", wins, links())
+	}
+
+	// Expired, tampered, for another cluster: refused before any state
+	// changes on the issuer.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	short, err := east.fed.CreateJoinToken(ctx, &controlplanev1.CreateJoinTokenRequest{Ttl: durationpb.New(time.Second)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	forWest := east.joinToken("west")
+	time.Sleep(2100 * time.Millisecond)
+	st, err := token.Parse(short.GetToken())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := join.Dial(ctx, join.Request{Token: st, Cluster: "late"}); token.ReasonOf(err) != token.ReasonExpired {
+		t.Errorf("expired token: %v", err)
+	}
+	tampered := []byte(forWest)
+	i := len(tampered) / 2
+	if tampered[i] == 'A' {
+		tampered[i] = 'B'
+	} else {
+		tampered[i] = 'A'
+	}
+	if _, err := token.Parse(string(tampered)); token.ReasonOf(err) != token.ReasonTampered && token.ReasonOf(err) != token.ReasonMalformed {
+		t.Errorf("tampered token: %v", err)
+	}
+	fw, err := token.Parse(forWest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := join.Dial(ctx, join.Request{Token: fw, Cluster: "south"}); token.ReasonOf(err) != token.ReasonWrongCluster {
+		t.Errorf("token for west redeemed by south: %v", err)
+	}
+	if n := links(); n != 1 {
+		t.Fatalf("%d links after refused joins, want 1", n)
+	}
+	list, err := east.fed.ListJoinTokens(ctx, &controlplanev1.ListJoinTokensRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]int{}
+	for _, ti := range list.GetTokens() {
+		states[ti.GetState()]++
+	}
+	if states["used"] != 1 || states["expired"] != 1 || states["unused"] != 1 {
+		t.Fatalf("token states %v, want 1 used, 1 expired, 1 unused", states)
+	}
+}
+
+func TestGatewayRestartHealsWithoutNewToken(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	westGW := west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatal(err)
+	}
+	east.linkUp("west", 1)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 1)
+	client := &http.Client{Timeout: 5 * time.Second}
+	if code, r, err := get(client, fe.url("backend")); err != nil || code != http.StatusOK || r.Cluster != "west" {
+		t.Fatalf("before the restart: %d %+v %v", code, r, err)
+	}
+	addr := westGW.peer
+	westGW.stop()
+	west.startGateway(addr)
+	east.linkUp("west", 1)
+	waitUntil(t, 15*time.Second, "a cross-cluster call after west's gateway restarted", func() bool {
+		code, r, err := get(client, fe.url("backend"))
+		return err == nil && code == http.StatusOK && r.Cluster == "west"
+	})
+}
+
+func TestThreeClusters(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	south := newCluster(t, "south", clusterOptions{pending: true})
+	east.startGateway("")
+	west.startGateway("")
+
+	// south was installed without an intermediate and gets it by joining.
+	south.dialPendingAdmin()
+	if _, err := south.join(east.joinToken("south")); err != nil {
+		t.Fatalf("south joins: %v", err)
+	}
+	d, err := local.Load(south.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	south.dir = d
+	waitUntil(t, 10*time.Second, "south's full control plane", func() bool {
+		south.dialAdmin()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := south.admin.Status(ctx, &controlplanev1.StatusRequest{})
+		return err == nil
+	})
+	south.startGateway("")
+	if _, err := west.join(east.joinToken("west")); err != nil {
+		t.Fatalf("west joins: %v", err)
+	}
+
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	south.workload("payments-s0", "payments", workloadOptions{})
+	south.mustApply(strings.ReplaceAll(exportBackend, "backend", "payments"))
+	east.linkUp("west", 1)
+	east.linkUp("south", 1)
+
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend", "payments"}})
+	fe.waitEndpoints(t, "backend", 1)
+	fe.waitEndpoints(t, "payments", 1)
+	client := &http.Client{Timeout: 10 * time.Second}
+	for svc, want := range map[string]string{"backend": "west", "payments": "south"} {
+		code, r, err := get(client, fe.url(svc))
+		if err != nil || code != http.StatusOK || r.Cluster != want || r.Caller != "spiffe://"+trustDomain+"/ns/default/sa/frontend" {
+			t.Fatalf("east frontend -> %s: %d %+v %v; want %s with the caller's identity", svc, code, r, err, want)
+		}
+	}
+	// west and south are not linked to each other: west cannot reach
+	// south's payments, even though both are linked to east.
+	wfe := west.workload("frontend-w0", "frontend", workloadOptions{upstreams: []string{"payments"}})
+	time.Sleep(500 * time.Millisecond)
+	for _, svc := range wfe.sc.Snapshot().GetServices() {
+		if svc.GetName() == "payments" && len(svc.GetEndpoints()) != 0 {
+			t.Fatalf("west sees south's payments without a link: %v", svc.GetEndpoints())
+		}
+	}
+	if code, _, _ := get(client, wfe.url("payments")); code == http.StatusOK {
+		t.Fatal("west reached south's payments without a link")
+	}
+}

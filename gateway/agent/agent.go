@@ -1,0 +1,589 @@
+// Package agent runs a cluster's gateway against its control plane: it
+// keeps the gateway's SVID, follows the control plane's gateway snapshots
+// (links, exports and their endpoints, bundle), runs a control stream to
+// every linked peer (catalog deltas, heartbeats with RTT, addresses),
+// relays join requests to the control plane, and reports each link's
+// health and what each peer exports back to it.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/client"
+	federationv1 "github.com/straitmesh/strait/federation/api/v1"
+	"github.com/straitmesh/strait/federation/join"
+	"github.com/straitmesh/strait/federation/wire"
+	"github.com/straitmesh/strait/gateway"
+	"github.com/straitmesh/strait/internal/atomicfile"
+)
+
+// Credentials are the gateway's SVID and bundle (proxy.Credentials).
+type Credentials interface {
+	gateway.Credentials
+	client.Credentials
+	Bundle() *bundle.Bundle
+}
+
+// Config configures Run.
+type Config struct {
+	Cluster      string
+	TrustDomain  spiffeid.TrustDomain
+	ControlPlane string // host:port
+	Creds        Credentials
+	// DataDir holds svid.pem and svid-key.pem (from `strait controlplane
+	// gateway-credentials`, then renewed here).
+	DataDir     string
+	Node        string // default "gateway"
+	PeerListen  string // UDP
+	EntryListen string // TCP
+	// Advertise are the QUIC addresses peers should dial; empty means the
+	// bound peer address.
+	Advertise []string
+	Limits    gateway.Limits
+	// Heartbeat is the control stream's heartbeat period (default 1s);
+	// reports to the control plane go every two heartbeats and on change.
+	Heartbeat  time.Duration
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+	Clock      func() time.Time
+	// Ready, if set, is called with the bound addresses once serving.
+	Ready func(peer, entry string)
+}
+
+type agent struct {
+	cfg   Config
+	log   *slog.Logger
+	id    *client.Identity
+	gw    *gateway.Gateway
+	cat   *catalog
+	clock func() time.Time
+	addrs []string // advertised
+
+	mu    sync.Mutex
+	peers map[string]*peerState
+	wake  chan struct{} // a report is due
+}
+
+// peerState is what this gateway knows of one peer's link.
+type peerState struct {
+	outUp, inUp    bool
+	rtt            time.Duration
+	peerDigest     string
+	peerVersion    uint64 // catalog version received from the peer
+	peerHave       uint64 // our catalog version the peer has applied
+	sentVersion    uint64 // our latest catalog version for the peer
+	lastHeard      time.Time
+	lastErr        string
+	cancel         context.CancelFunc // the outgoing control stream's
+	outgoingActive bool
+}
+
+// Run serves the gateway until ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Node == "" {
+		cfg.Node = "gateway"
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = time.Second
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	if cfg.Limits.MaxJoinConns == 0 {
+		cfg.Limits.MaxJoinConns = 64 // joins are short: a burst of them is fine
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	a := &agent{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, cat: newCatalog(), peers: map[string]*peerState{}, wake: make(chan struct{}, 1)}
+	a.id = &client.Identity{ControlPlane: cfg.ControlPlane, Creds: cfg.Creds, DataDir: cfg.DataDir, Log: cfg.Logger, Clock: cfg.Clock}
+	if !a.id.LoadSaved() {
+		return fmt.Errorf("no valid gateway credentials in %s (issue them with `strait controlplane gateway-credentials --dir <control-plane dir> --out %s`)", cfg.DataDir, cfg.DataDir)
+	}
+	if err := a.id.Connect(); err != nil {
+		return err
+	}
+	defer a.id.Close()
+	resetKey, err := loadResetKey(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	gw, err := gateway.New(gateway.Config{
+		StatelessResetKey: resetKey,
+		Cluster:           cfg.Cluster, TrustDomain: cfg.TrustDomain, Credentials: cfg.Creds,
+		PeerListen: cfg.PeerListen, EntryListen: cfg.EntryListen, Catalog: a.cat, Limits: cfg.Limits,
+		Logger: cfg.Logger, Registerer: cfg.Registerer, Clock: cfg.Clock,
+		ControlHandler: a.serveControl, JoinHandler: a.serveJoin,
+	})
+	if err != nil {
+		return err
+	}
+	a.gw = gw
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 4)
+	var wg sync.WaitGroup
+	// Everything started here ends before the connection is closed.
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { errc <- gw.Run(ctx) })
+	select {
+	case <-gw.Ready():
+	case err := <-errc:
+		return err
+	}
+	peer, entry := gw.Addrs()
+	a.addrs = cfg.Advertise
+	if len(a.addrs) == 0 {
+		a.addrs = []string{peer.String()}
+	}
+	entryAddr := ""
+	if entry != nil {
+		entryAddr = entry.String()
+	}
+	a.log.Info("gateway serving", "cluster", cfg.Cluster, "peer", peer.String(), "entry", entryAddr)
+	if cfg.Ready != nil {
+		cfg.Ready(peer.String(), entryAddr)
+	}
+	wg.Go(func() { errc <- a.id.RenewLoop(ctx) })
+	wg.Go(func() { errc <- a.watchLoop(ctx, entryAddr) })
+	wg.Go(func() { errc <- a.reportLoop(ctx) })
+	return <-errc
+}
+
+// watchLoop follows the control plane's gateway snapshots.
+func (a *agent) watchLoop(ctx context.Context, entry string) error {
+	backoff := client.NewBackoff(100*time.Millisecond, 2*time.Second)
+	for ctx.Err() == nil {
+		err := a.watchOnce(ctx, entry, backoff)
+		if ctx.Err() != nil {
+			return nil
+		}
+		a.log.Info("gateway configuration stream ended; keeping the last snapshot", "err", err)
+		if !backoff.Wait(ctx) {
+			return nil
+		}
+	}
+	return nil
+}
+
+func (a *agent) watchOnce(ctx context.Context, entry string, backoff *client.Backoff) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).WatchGateway(ctx, &controlplanev1.WatchGatewayRequest{
+		Node: a.cfg.Node, EntryAddress: entry, PeerAddresses: a.addrs,
+	})
+	if err != nil {
+		return err
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		backoff.Reset()
+		snap := resp.GetSnapshot()
+		if snap == nil {
+			continue
+		}
+		if tb := snap.GetBundle(); tb != nil {
+			b, err := client.BundleFromProto(a.cfg.TrustDomain, tb)
+			if err != nil {
+				a.log.Error("bundle refused; keeping the current one", "err", err)
+			} else if _, err := a.cfg.Creds.SetBundle(b); err != nil {
+				a.log.Error("bundle refused; keeping the current one", "err", err)
+			}
+		}
+		linksChanged := a.cat.setSnapshot(snap)
+		if linksChanged {
+			a.gw.Recheck() // a removed peer loses its open sessions at once
+		}
+		a.syncPeers(ctx)
+	}
+}
+
+// syncPeers starts a control stream to every linked peer with addresses
+// and stops those of peers no longer linked.
+func (a *agent) syncPeers(ctx context.Context) {
+	linked := a.cat.linkedPeers()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for name, ps := range a.peers {
+		if !slices.Contains(linked, name) {
+			if ps.cancel != nil {
+				ps.cancel()
+			}
+			delete(a.peers, name)
+			a.cat.dropImports(name)
+		}
+	}
+	for _, name := range linked {
+		ps := a.peers[name]
+		if ps == nil {
+			ps = &peerState{}
+			a.peers[name] = ps
+		}
+		if !ps.outgoingActive {
+			ps.outgoingActive = true
+			pctx, cancel := context.WithCancel(ctx)
+			ps.cancel = cancel
+			go a.controlLoop(pctx, name)
+		}
+	}
+	a.poke()
+}
+
+func (a *agent) poke() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (a *agent) peer(name string) *peerState {
+	ps := a.peers[name]
+	if ps == nil {
+		ps = &peerState{}
+		a.peers[name] = ps
+	}
+	return ps
+}
+
+// controlLoop keeps this gateway's control stream to peer open: catalog
+// deltas of what is exported to it, and heartbeats.
+func (a *agent) controlLoop(ctx context.Context, peer string) {
+	backoff := client.NewBackoff(200*time.Millisecond, 5*time.Second)
+	for ctx.Err() == nil {
+		err := a.controlOnce(ctx, peer, backoff)
+		a.mu.Lock()
+		if ps := a.peers[peer]; ps != nil {
+			ps.outUp = false
+			if err != nil && ctx.Err() == nil {
+				ps.lastErr = err.Error()
+			}
+		}
+		a.mu.Unlock()
+		a.poke()
+		if ctx.Err() != nil {
+			return
+		}
+		a.log.Debug("control stream to peer ended", "peer", peer, "err", err)
+		if !backoff.Wait(ctx) {
+			return
+		}
+	}
+}
+
+func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Backoff) error {
+	if p, ok := a.cat.Peer(peer); !ok || len(p.Addrs) == 0 {
+		return fmt.Errorf("no address known for %s yet (it announces them when its gateway connects)", peer)
+	}
+	s, err := a.gw.OpenControl(ctx, peer)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { <-ctx.Done(); s.Close() }()
+	b := a.cfg.Creds.Bundle()
+	hello := &federationv1.Hello{Cluster: a.cfg.Cluster, GatewayAddresses: a.addrs}
+	if b != nil {
+		hello.BundleDigest, hello.BundleSequence = b.Digest(), b.Sequence()
+	}
+	if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_Hello{Hello: hello}}); err != nil {
+		return err
+	}
+	// Acks come back on this stream.
+	errc := make(chan error, 1)
+	go func() {
+		for {
+			var m federationv1.ControlMessage
+			if err := readControl(s, &m); err != nil {
+				errc <- err
+				return
+			}
+			if ack := m.GetHeartbeatAck(); ack != nil {
+				rtt := a.clock().Sub(time.Unix(0, ack.GetSentUnixNano()))
+				a.mu.Lock()
+				ps := a.peer(peer)
+				ps.rtt, ps.outUp, ps.lastErr = rtt, true, ""
+				a.mu.Unlock()
+			}
+		}
+	}()
+	var sent map[string]*federationv1.ExportedService
+	var version, seq uint64
+	t := time.NewTicker(a.cfg.Heartbeat)
+	defer t.Stop()
+	changed, unsubscribe := a.cat.subscribe()
+	defer unsubscribe()
+	for {
+		cur := a.cat.exportsFor(peer)
+		if sent == nil || !sameExports(sent, cur) {
+			version++
+			delta := catalogDelta(sent, cur, version)
+			if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_Catalog{Catalog: delta}}); err != nil {
+				return err
+			}
+			sent = cur
+			a.mu.Lock()
+			a.peer(peer).sentVersion = version
+			a.mu.Unlock()
+		}
+		seq++
+		hb := &federationv1.Heartbeat{Seq: seq, SentUnixNano: a.clock().UnixNano()}
+		if b := a.cfg.Creds.Bundle(); b != nil {
+			hb.BundleDigest = b.Digest()
+		}
+		a.mu.Lock()
+		hb.HaveCatalogVersion = a.peer(peer).peerVersion
+		a.mu.Unlock()
+		if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_Heartbeat{Heartbeat: hb}}); err != nil {
+			return err
+		}
+		backoff.Reset()
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case <-t.C:
+		case <-changed:
+			changed = a.cat.resubscribe()
+		}
+	}
+}
+
+func sameExports(a, b map[string]*federationv1.ExportedService) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || !proto.Equal(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// catalogDelta is what changed from prev (nil: nothing sent yet) to cur.
+func catalogDelta(prev, cur map[string]*federationv1.ExportedService, version uint64) *federationv1.CatalogDelta {
+	d := &federationv1.CatalogDelta{Version: version, BaseVersion: version - 1, Full: prev == nil}
+	if prev == nil {
+		d.BaseVersion = 0
+	}
+	for _, k := range sortedKeys(cur) {
+		if p, ok := prev[k]; !ok || !proto.Equal(p, cur[k]) {
+			d.Upserts = append(d.Upserts, cur[k])
+		}
+	}
+	for _, k := range sortedKeys(prev) {
+		if _, ok := cur[k]; !ok {
+			d.Removals = append(d.Removals, &federationv1.ServiceRef{Namespace: prev[k].GetNamespace(), Name: prev[k].GetName()})
+		}
+	}
+	return d
+}
+
+// serveControl serves a control stream a peer opened: its catalog and
+// heartbeats (answered with acks).
+func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteCloser) {
+	defer s.Close()
+	var first federationv1.ControlMessage
+	if err := readControl(s, &first); err != nil || first.GetHello() == nil {
+		a.log.Debug("control stream without a hello", "peer", peer, "err", err)
+		return
+	}
+	hello := first.GetHello()
+	if hello.GetCluster() != peer {
+		a.log.Warn("control stream hello names another cluster than the peer's identity", "peer", peer, "hello", hello.GetCluster())
+		return
+	}
+	a.cat.learnAddrs(peer, hello.GetGatewayAddresses())
+	a.mu.Lock()
+	ps := a.peer(peer)
+	ps.inUp, ps.peerDigest, ps.lastHeard = true, hello.GetBundleDigest(), a.clock()
+	a.mu.Unlock()
+	a.poke()
+	defer func() {
+		a.mu.Lock()
+		if ps := a.peers[peer]; ps != nil {
+			ps.inUp = false
+		}
+		a.mu.Unlock()
+		a.poke()
+	}()
+	for {
+		var m federationv1.ControlMessage
+		if err := readControl(s, &m); err != nil {
+			if ctx.Err() == nil {
+				a.log.Debug("control stream from peer ended", "peer", peer, "err", err)
+			}
+			return
+		}
+		now := a.clock()
+		switch {
+		case m.GetCatalog() != nil:
+			d := m.GetCatalog()
+			if err := a.cat.applyDelta(peer, d); err != nil {
+				a.log.Warn("catalog delta refused; the peer resends in full", "peer", peer, "err", err)
+				return // the peer reopens its stream and starts over
+			}
+			a.mu.Lock()
+			a.peer(peer).peerVersion = d.GetVersion()
+			a.mu.Unlock()
+			a.poke()
+		case m.GetHeartbeat() != nil:
+			hb := m.GetHeartbeat()
+			a.mu.Lock()
+			ps := a.peer(peer)
+			ps.lastHeard, ps.peerHave, ps.peerDigest = now, hb.GetHaveCatalogVersion(), hb.GetBundleDigest()
+			a.mu.Unlock()
+			ack := &federationv1.HeartbeatAck{Seq: hb.GetSeq(), SentUnixNano: hb.GetSentUnixNano()}
+			if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_HeartbeatAck{HeartbeatAck: ack}}); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// serveJoin relays a join to the control plane, which judges it.
+func (a *agent) serveJoin(ctx context.Context, s io.ReadWriteCloser, cs tls.ConnectionState) {
+	defer s.Close()
+	b := a.cfg.Creds.Bundle()
+	if b == nil {
+		return
+	}
+	offer := &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: a.cfg.Cluster}
+	err := join.Serve(ctx, s, cs, offer, func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error) {
+		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		resp, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).RedeemJoin(ctx, &controlplanev1.RedeemJoinRequest{Join: req, ChannelBinding: binding})
+		if err != nil {
+			return nil, err
+		}
+		return resp.GetResult(), nil
+	})
+	if err != nil {
+		a.log.Info("join exchange failed", "err", err)
+	}
+}
+
+// reportLoop tells the control plane about every link, on change and
+// every other heartbeat.
+func (a *agent) reportLoop(ctx context.Context) error {
+	t := time.NewTicker(2 * a.cfg.Heartbeat)
+	defer t.Stop()
+	var last *controlplanev1.ReportPeersRequest
+	lastSent := time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		case <-a.wake:
+		}
+		req := a.report()
+		if last != nil && proto.Equal(last, req) && a.clock().Sub(lastSent) < 10*a.cfg.Heartbeat {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).ReportPeers(rctx, req)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				a.log.Debug("report to the control plane failed", "err", err)
+			}
+			continue
+		}
+		last, lastSent = req, a.clock()
+	}
+}
+
+func (a *agent) report() *controlplanev1.ReportPeersRequest {
+	req := &controlplanev1.ReportPeersRequest{Node: a.cfg.Node}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, name := range sortedKeys(a.peers) {
+		ps := a.peers[name]
+		r := &controlplanev1.PeerReport{
+			Peer: name, ControlStreamUp: ps.outUp && ps.inUp, PeerBundleDigest: ps.peerDigest,
+			CatalogVersion: ps.peerVersion, LastError: ps.lastErr,
+			Imports: a.cat.importsOf(name), GatewayAddresses: a.cat.learned(name),
+		}
+		switch {
+		case ps.outUp && ps.inUp:
+			r.State = "connected"
+		case ps.outUp || ps.inUp:
+			r.State = "connecting"
+		default:
+			r.State = "down"
+		}
+		if ps.rtt > 0 {
+			r.Rtt = durationpb.New(ps.rtt)
+		}
+		if ps.sentVersion > ps.peerHave {
+			r.CatalogLag = ps.sentVersion - ps.peerHave
+		}
+		if !ps.lastHeard.IsZero() {
+			r.LastHeard = timestamppb.New(ps.lastHeard)
+		}
+		req.Peers = append(req.Peers, r)
+	}
+	return req
+}
+
+// loadResetKey reads the QUIC stateless reset key kept in dir, creating it
+// on first use: the same key across restarts lets peers learn at once
+// that this gateway lost their connections' state.
+func loadResetKey(dir string) (*quic.StatelessResetKey, error) {
+	path := filepath.Join(dir, "quic-reset.key")
+	var k quic.StatelessResetKey
+	b, err := os.ReadFile(path)
+	if err == nil && len(b) == len(k) {
+		copy(k[:], b)
+		return &k, nil
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("stateless reset key: %w", err)
+	}
+	if _, err := rand.Read(k[:]); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.WriteFile(path, k[:], 0o600); err != nil {
+		return nil, fmt.Errorf("stateless reset key: %w", err)
+	}
+	return &k, nil
+}
+
+// maxControlMessage bounds one control message: a catalog of thousands of
+// services fits.
+const maxControlMessage = 4 << 20
+
+func writeControl(w io.Writer, m *federationv1.ControlMessage) error {
+	return wire.Write(w, m, maxControlMessage)
+}
+
+func readControl(r io.Reader, m *federationv1.ControlMessage) error {
+	return wire.Read(r, m, maxControlMessage)
+}
