@@ -5,9 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"sync/atomic"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
 	"github.com/straitmesh/strait/ca/bundle"
@@ -27,10 +34,11 @@ func newGatewayCmd(g *globals) *cobra.Command {
 type gatewayAddrs struct {
 	Peer  string `json:"peer"`
 	Entry string `json:"entry"`
+	Admin string `json:"admin,omitempty"`
 }
 
 func newGatewayRunCmd(g *globals) *cobra.Command {
-	var cluster, tdName, cp, dir, peerListen, entryListen, addrFile, level string
+	var cluster, tdName, cp, dir, peerListen, entryListen, addrFile, level, admin string
 	var advertise []string
 	cmd := &cobra.Command{
 		Use:   "run --cluster NAME --trust-domain TD --control-plane ADDR --data-dir DIR",
@@ -73,14 +81,38 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 			if _, err := creds.SetBundle(b); err != nil {
 				return err
 			}
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			var ready atomic.Bool
+			adminAddr := ""
+			if admin != "" {
+				ln, err := net.Listen("tcp", admin)
+				if err != nil {
+					return fmt.Errorf("--admin: %w", err)
+				}
+				adminAddr = ln.Addr().String()
+				mux := http.NewServeMux()
+				mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+				mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+					if !ready.Load() {
+						http.Error(w, "not ready", http.StatusServiceUnavailable)
+						return
+					}
+					fmt.Fprintln(w, "ready")
+				})
+				srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+				go srv.Serve(ln)
+				defer srv.Close()
+			}
 			return agent.Run(cmd.Context(), agent.Config{
 				Cluster: cluster, TrustDomain: td, ControlPlane: cp, Creds: creds, DataDir: dir,
-				PeerListen: peerListen, EntryListen: entryListen, Advertise: advertise, Logger: log,
+				PeerListen: peerListen, EntryListen: entryListen, Advertise: advertise, Logger: log, Registerer: reg,
 				Ready: func(peer, entry string) {
+					ready.Store(true)
 					if addrFile == "" {
 						return
 					}
-					out, _ := json.Marshal(gatewayAddrs{Peer: peer, Entry: entry})
+					out, _ := json.Marshal(gatewayAddrs{Peer: peer, Entry: entry, Admin: adminAddr})
 					if err := atomicfile.WriteFile(addrFile, out, 0o644); err != nil {
 						log.Error("writing the addresses file failed", "err", err)
 					}
@@ -97,5 +129,6 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 	cmd.Flags().StringSliceVar(&advertise, "advertise", nil, "QUIC addresses peers should dial (default: the bound --peer-listen)")
 	cmd.Flags().StringVar(&addrFile, "addresses-file", "", "write the bound addresses here as JSON once serving")
 	cmd.Flags().StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	cmd.Flags().StringVar(&admin, "admin", "", "admin listen address (/metrics, /ready); empty: none")
 	return cmd
 }

@@ -161,7 +161,6 @@ func Run(ctx context.Context, cfg Config) error {
 	if entry != nil {
 		entryAddr = entry.String()
 	}
-	a.log.Info("gateway serving", "cluster", cfg.Cluster, "peer", peer.String(), "entry", entryAddr)
 	if cfg.Ready != nil {
 		cfg.Ready(peer.String(), entryAddr)
 	}
