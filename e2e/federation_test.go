@@ -320,6 +320,19 @@ func TestJoinTokenRedemptionRules(t *testing.T) {
 	if wins != 1 || links() != 1 {
 		t.Fatalf("%d of 20 concurrent redemptions succeeded and %d links exist; want exactly 1 and 1", wins, links())
 	}
+	actx, acancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer acancel()
+	audit, err := east.fed.AuditLog(actx, &controlplanev1.AuditLogRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := map[string]int{}
+	for _, e := range audit.GetEvents() {
+		events[e.GetEvent()]++
+	}
+	if events["join"] != 1 || events["join-refused"] != 19 || events["token-created"] != 1 {
+		t.Fatalf("audit log counts %v; want 1 token-created, 1 join, 19 join-refused", events)
+	}
 
 	// Expired, tampered, for another cluster: refused before any state
 	// changes on the issuer.

@@ -42,7 +42,7 @@ holds the token on the TLS channel it redeems it on.`,
 	}
 	token := &cobra.Command{Use: "token", Short: "Create, list and revoke join tokens"}
 	token.AddCommand(newTokenCreateCmd(g), newTokenListCmd(g), newTokenRevokeCmd(g))
-	cmd.AddCommand(token, newJoinCmd(g), newFederationStatusCmd(g), newUnlinkCmd(g))
+	cmd.AddCommand(token, newJoinCmd(g), newFederationStatusCmd(g), newUnlinkCmd(g), newAuditCmd(g))
 	return cmd
 }
 
@@ -268,4 +268,35 @@ func printFederationStatus(w io.Writer, st *controlplanev1.FederationStatusRespo
 			fmt.Fprintf(w, "  conflict: %s\n", c)
 		}
 	}
+}
+
+func newAuditCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var limit uint32
+	cmd := &cobra.Command{
+		Use:   "audit [--limit N]",
+		Short: "Show the federation audit log: tokens, joins (refused ones too) and link changes",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, client, done, err := f.federation(cmd, 15*time.Second)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := client.AuditLog(ctx, &controlplanev1.AuditLogRequest{Limit: limit})
+			if err != nil {
+				return rpcError(err)
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "TIME\tEVENT\tTOKEN\tPEER\tREMOTE\tDETAIL")
+			for _, e := range resp.GetEvents() {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.GetTime().AsTime().UTC().Format(time.RFC3339), e.GetEvent(),
+					dash(e.GetTokenId()), dash(e.GetPeer()), dash(e.GetRemote()), dash(e.GetDetail()))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().Uint32Var(&limit, "limit", 100, "show at most this many of the latest events")
+	f.register(cmd)
+	return cmd
 }

@@ -250,3 +250,20 @@ func sharesRoot(a, b []*x509.Certificate) bool {
 	}
 	return false
 }
+
+func (f federationServer) AuditLog(ctx context.Context, req *controlplanev1.AuditLogRequest) (*controlplanev1.AuditLogResponse, error) {
+	limit := int(req.GetLimit())
+	if limit <= 0 {
+		limit = 100
+	}
+	limit = min(limit, 10000)
+	events, err := f.s.cfg.Store.AuditLog(limit)
+	if err != nil {
+		return nil, err
+	}
+	resp := &controlplanev1.AuditLogResponse{}
+	for _, e := range events {
+		resp.Events = append(resp.Events, &controlplanev1.AuditEvent{Time: timestamppb.New(e.Time), Event: e.Event, TokenId: e.TokenID, Peer: e.Peer, Remote: e.Remote, Detail: e.Detail})
+	}
+	return resp, nil
+}

@@ -888,6 +888,179 @@ func (x *LinkStatus) GetConflicts() []string {
 	return nil
 }
 
+type AuditLogRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most this many of the latest events; zero means 100, at most 10000.
+	Limit         uint32 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditLogRequest) Reset() {
+	*x = AuditLogRequest{}
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditLogRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditLogRequest) ProtoMessage() {}
+
+func (x *AuditLogRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditLogRequest.ProtoReflect.Descriptor instead.
+func (*AuditLogRequest) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *AuditLogRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type AuditLogResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Events        []*AuditEvent          `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditLogResponse) Reset() {
+	*x = AuditLogResponse{}
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditLogResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditLogResponse) ProtoMessage() {}
+
+func (x *AuditLogResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditLogResponse.ProtoReflect.Descriptor instead.
+func (*AuditLogResponse) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *AuditLogResponse) GetEvents() []*AuditEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+type AuditEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	Event         string                 `protobuf:"bytes,2,opt,name=event,proto3" json:"event,omitempty"`
+	TokenId       string                 `protobuf:"bytes,3,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	Peer          string                 `protobuf:"bytes,4,opt,name=peer,proto3" json:"peer,omitempty"`
+	Remote        string                 `protobuf:"bytes,5,opt,name=remote,proto3" json:"remote,omitempty"`
+	Detail        string                 `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditEvent) Reset() {
+	*x = AuditEvent{}
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditEvent) ProtoMessage() {}
+
+func (x *AuditEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
+func (*AuditEvent) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *AuditEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetEvent() string {
+	if x != nil {
+		return x.Event
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetRemote() string {
+	if x != nil {
+		return x.Remote
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 type WatchGatewayRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -901,7 +1074,7 @@ type WatchGatewayRequest struct {
 
 func (x *WatchGatewayRequest) Reset() {
 	*x = WatchGatewayRequest{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +1086,7 @@ func (x *WatchGatewayRequest) String() string {
 func (*WatchGatewayRequest) ProtoMessage() {}
 
 func (x *WatchGatewayRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +1099,7 @@ func (x *WatchGatewayRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGatewayRequest.ProtoReflect.Descriptor instead.
 func (*WatchGatewayRequest) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WatchGatewayRequest) GetNode() string {
@@ -959,7 +1132,7 @@ type WatchGatewayResponse struct {
 
 func (x *WatchGatewayResponse) Reset() {
 	*x = WatchGatewayResponse{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1144,7 @@ func (x *WatchGatewayResponse) String() string {
 func (*WatchGatewayResponse) ProtoMessage() {}
 
 func (x *WatchGatewayResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1157,7 @@ func (x *WatchGatewayResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGatewayResponse.ProtoReflect.Descriptor instead.
 func (*WatchGatewayResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{16}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WatchGatewayResponse) GetSnapshot() *GatewaySnapshot {
@@ -1008,7 +1181,7 @@ type GatewaySnapshot struct {
 
 func (x *GatewaySnapshot) Reset() {
 	*x = GatewaySnapshot{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1193,7 @@ func (x *GatewaySnapshot) String() string {
 func (*GatewaySnapshot) ProtoMessage() {}
 
 func (x *GatewaySnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1206,7 @@ func (x *GatewaySnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewaySnapshot.ProtoReflect.Descriptor instead.
 func (*GatewaySnapshot) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{17}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GatewaySnapshot) GetVersion() uint64 {
@@ -1085,7 +1258,7 @@ type GatewayExport struct {
 
 func (x *GatewayExport) Reset() {
 	*x = GatewayExport{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1097,7 +1270,7 @@ func (x *GatewayExport) String() string {
 func (*GatewayExport) ProtoMessage() {}
 
 func (x *GatewayExport) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1110,7 +1283,7 @@ func (x *GatewayExport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayExport.ProtoReflect.Descriptor instead.
 func (*GatewayExport) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{18}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GatewayExport) GetService() *v1.ExportedService {
@@ -1144,7 +1317,7 @@ type ReportPeersRequest struct {
 
 func (x *ReportPeersRequest) Reset() {
 	*x = ReportPeersRequest{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1329,7 @@ func (x *ReportPeersRequest) String() string {
 func (*ReportPeersRequest) ProtoMessage() {}
 
 func (x *ReportPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1342,7 @@ func (x *ReportPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportPeersRequest.ProtoReflect.Descriptor instead.
 func (*ReportPeersRequest) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{19}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReportPeersRequest) GetNode() string {
@@ -1207,7 +1380,7 @@ type PeerReport struct {
 
 func (x *PeerReport) Reset() {
 	*x = PeerReport{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1219,7 +1392,7 @@ func (x *PeerReport) String() string {
 func (*PeerReport) ProtoMessage() {}
 
 func (x *PeerReport) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1232,7 +1405,7 @@ func (x *PeerReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerReport.ProtoReflect.Descriptor instead.
 func (*PeerReport) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{20}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PeerReport) GetPeer() string {
@@ -1320,7 +1493,7 @@ type ReportPeersResponse struct {
 
 func (x *ReportPeersResponse) Reset() {
 	*x = ReportPeersResponse{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[21]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1332,7 +1505,7 @@ func (x *ReportPeersResponse) String() string {
 func (*ReportPeersResponse) ProtoMessage() {}
 
 func (x *ReportPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[21]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1345,7 +1518,7 @@ func (x *ReportPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportPeersResponse.ProtoReflect.Descriptor instead.
 func (*ReportPeersResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{21}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{24}
 }
 
 type RedeemJoinRequest struct {
@@ -1361,7 +1534,7 @@ type RedeemJoinRequest struct {
 
 func (x *RedeemJoinRequest) Reset() {
 	*x = RedeemJoinRequest{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[22]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1546,7 @@ func (x *RedeemJoinRequest) String() string {
 func (*RedeemJoinRequest) ProtoMessage() {}
 
 func (x *RedeemJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[22]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1559,7 @@ func (x *RedeemJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RedeemJoinRequest.ProtoReflect.Descriptor instead.
 func (*RedeemJoinRequest) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{22}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RedeemJoinRequest) GetJoin() *v1.JoinRequest {
@@ -1419,7 +1592,7 @@ type RedeemJoinResponse struct {
 
 func (x *RedeemJoinResponse) Reset() {
 	*x = RedeemJoinResponse{}
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[23]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +1604,7 @@ func (x *RedeemJoinResponse) String() string {
 func (*RedeemJoinResponse) ProtoMessage() {}
 
 func (x *RedeemJoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_federation_proto_msgTypes[23]
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +1617,7 @@ func (x *RedeemJoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RedeemJoinResponse.ProtoReflect.Descriptor instead.
 func (*RedeemJoinResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{23}
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RedeemJoinResponse) GetResult() *v1.JoinResult {
@@ -1518,7 +1691,19 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	" \x01(\rR\bexported\x12\x1d\n" +
 	"\n" +
 	"last_error\x18\v \x01(\tR\tlastError\x12\x1c\n" +
-	"\tconflicts\x18\f \x03(\tR\tconflicts\"u\n" +
+	"\tconflicts\x18\f \x03(\tR\tconflicts\"'\n" +
+	"\x0fAuditLogRequest\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\rR\x05limit\"N\n" +
+	"\x10AuditLogResponse\x12:\n" +
+	"\x06events\x18\x01 \x03(\v2\".strait.controlplane.v1.AuditEventR\x06events\"\xb1\x01\n" +
+	"\n" +
+	"AuditEvent\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x14\n" +
+	"\x05event\x18\x02 \x01(\tR\x05event\x12\x19\n" +
+	"\btoken_id\x18\x03 \x01(\tR\atokenId\x12\x12\n" +
+	"\x04peer\x18\x04 \x01(\tR\x04peer\x12\x16\n" +
+	"\x06remote\x18\x05 \x01(\tR\x06remote\x12\x16\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\"u\n" +
 	"\x13WatchGatewayRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12#\n" +
 	"\rentry_address\x18\x02 \x01(\tR\fentryAddress\x12%\n" +
@@ -1562,7 +1747,7 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\x0fchannel_binding\x18\x02 \x01(\fR\x0echannelBinding\x12\x16\n" +
 	"\x06remote\x18\x03 \x01(\tR\x06remote\"N\n" +
 	"\x12RedeemJoinResponse\x128\n" +
-	"\x06result\x18\x01 \x01(\v2 .strait.federation.v1.JoinResultR\x06result2\xd5\a\n" +
+	"\x06result\x18\x01 \x01(\v2 .strait.federation.v1.JoinResultR\x06result2\xb4\b\n" +
 	"\x11FederationService\x12r\n" +
 	"\x0fCreateJoinToken\x12..strait.controlplane.v1.CreateJoinTokenRequest\x1a/.strait.controlplane.v1.CreateJoinTokenResponse\x12o\n" +
 	"\x0eListJoinTokens\x12-.strait.controlplane.v1.ListJoinTokensRequest\x1a..strait.controlplane.v1.ListJoinTokensResponse\x12r\n" +
@@ -1570,7 +1755,8 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\x04Join\x12#.strait.controlplane.v1.JoinRequest\x1a$.strait.controlplane.v1.JoinResponse\x12c\n" +
 	"\n" +
 	"RemoveLink\x12).strait.controlplane.v1.RemoveLinkRequest\x1a*.strait.controlplane.v1.RemoveLinkResponse\x12u\n" +
-	"\x10FederationStatus\x12/.strait.controlplane.v1.FederationStatusRequest\x1a0.strait.controlplane.v1.FederationStatusResponse\x12k\n" +
+	"\x10FederationStatus\x12/.strait.controlplane.v1.FederationStatusRequest\x1a0.strait.controlplane.v1.FederationStatusResponse\x12]\n" +
+	"\bAuditLog\x12'.strait.controlplane.v1.AuditLogRequest\x1a(.strait.controlplane.v1.AuditLogResponse\x12k\n" +
 	"\fWatchGateway\x12+.strait.controlplane.v1.WatchGatewayRequest\x1a,.strait.controlplane.v1.WatchGatewayResponse0\x01\x12f\n" +
 	"\vReportPeers\x12*.strait.controlplane.v1.ReportPeersRequest\x1a+.strait.controlplane.v1.ReportPeersResponse\x12c\n" +
 	"\n" +
@@ -1588,7 +1774,7 @@ func file_controlplane_api_v1_federation_proto_rawDescGZIP() []byte {
 	return file_controlplane_api_v1_federation_proto_rawDescData
 }
 
-var file_controlplane_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_controlplane_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_controlplane_api_v1_federation_proto_goTypes = []any{
 	(*CreateJoinTokenRequest)(nil),   // 0: strait.controlplane.v1.CreateJoinTokenRequest
 	(*CreateJoinTokenResponse)(nil),  // 1: strait.controlplane.v1.CreateJoinTokenResponse
@@ -1605,69 +1791,76 @@ var file_controlplane_api_v1_federation_proto_goTypes = []any{
 	(*FederationStatusRequest)(nil),  // 12: strait.controlplane.v1.FederationStatusRequest
 	(*FederationStatusResponse)(nil), // 13: strait.controlplane.v1.FederationStatusResponse
 	(*LinkStatus)(nil),               // 14: strait.controlplane.v1.LinkStatus
-	(*WatchGatewayRequest)(nil),      // 15: strait.controlplane.v1.WatchGatewayRequest
-	(*WatchGatewayResponse)(nil),     // 16: strait.controlplane.v1.WatchGatewayResponse
-	(*GatewaySnapshot)(nil),          // 17: strait.controlplane.v1.GatewaySnapshot
-	(*GatewayExport)(nil),            // 18: strait.controlplane.v1.GatewayExport
-	(*ReportPeersRequest)(nil),       // 19: strait.controlplane.v1.ReportPeersRequest
-	(*PeerReport)(nil),               // 20: strait.controlplane.v1.PeerReport
-	(*ReportPeersResponse)(nil),      // 21: strait.controlplane.v1.ReportPeersResponse
-	(*RedeemJoinRequest)(nil),        // 22: strait.controlplane.v1.RedeemJoinRequest
-	(*RedeemJoinResponse)(nil),       // 23: strait.controlplane.v1.RedeemJoinResponse
-	(*durationpb.Duration)(nil),      // 24: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 25: google.protobuf.Timestamp
-	(*TrustBundle)(nil),              // 26: strait.controlplane.v1.TrustBundle
-	(*v1.ExportedService)(nil),       // 27: strait.federation.v1.ExportedService
-	(*v1.JoinRequest)(nil),           // 28: strait.federation.v1.JoinRequest
-	(*v1.JoinResult)(nil),            // 29: strait.federation.v1.JoinResult
+	(*AuditLogRequest)(nil),          // 15: strait.controlplane.v1.AuditLogRequest
+	(*AuditLogResponse)(nil),         // 16: strait.controlplane.v1.AuditLogResponse
+	(*AuditEvent)(nil),               // 17: strait.controlplane.v1.AuditEvent
+	(*WatchGatewayRequest)(nil),      // 18: strait.controlplane.v1.WatchGatewayRequest
+	(*WatchGatewayResponse)(nil),     // 19: strait.controlplane.v1.WatchGatewayResponse
+	(*GatewaySnapshot)(nil),          // 20: strait.controlplane.v1.GatewaySnapshot
+	(*GatewayExport)(nil),            // 21: strait.controlplane.v1.GatewayExport
+	(*ReportPeersRequest)(nil),       // 22: strait.controlplane.v1.ReportPeersRequest
+	(*PeerReport)(nil),               // 23: strait.controlplane.v1.PeerReport
+	(*ReportPeersResponse)(nil),      // 24: strait.controlplane.v1.ReportPeersResponse
+	(*RedeemJoinRequest)(nil),        // 25: strait.controlplane.v1.RedeemJoinRequest
+	(*RedeemJoinResponse)(nil),       // 26: strait.controlplane.v1.RedeemJoinResponse
+	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
+	(*TrustBundle)(nil),              // 29: strait.controlplane.v1.TrustBundle
+	(*v1.ExportedService)(nil),       // 30: strait.federation.v1.ExportedService
+	(*v1.JoinRequest)(nil),           // 31: strait.federation.v1.JoinRequest
+	(*v1.JoinResult)(nil),            // 32: strait.federation.v1.JoinResult
 }
 var file_controlplane_api_v1_federation_proto_depIdxs = []int32{
-	24, // 0: strait.controlplane.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 0: strait.controlplane.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
 	2,  // 1: strait.controlplane.v1.CreateJoinTokenResponse.info:type_name -> strait.controlplane.v1.JoinTokenInfo
-	25, // 2: strait.controlplane.v1.JoinTokenInfo.created:type_name -> google.protobuf.Timestamp
-	25, // 3: strait.controlplane.v1.JoinTokenInfo.expires:type_name -> google.protobuf.Timestamp
-	25, // 4: strait.controlplane.v1.JoinTokenInfo.used_at:type_name -> google.protobuf.Timestamp
+	28, // 2: strait.controlplane.v1.JoinTokenInfo.created:type_name -> google.protobuf.Timestamp
+	28, // 3: strait.controlplane.v1.JoinTokenInfo.expires:type_name -> google.protobuf.Timestamp
+	28, // 4: strait.controlplane.v1.JoinTokenInfo.used_at:type_name -> google.protobuf.Timestamp
 	2,  // 5: strait.controlplane.v1.ListJoinTokensResponse.tokens:type_name -> strait.controlplane.v1.JoinTokenInfo
 	11, // 6: strait.controlplane.v1.JoinResponse.link:type_name -> strait.controlplane.v1.Link
-	25, // 7: strait.controlplane.v1.Link.created:type_name -> google.protobuf.Timestamp
+	28, // 7: strait.controlplane.v1.Link.created:type_name -> google.protobuf.Timestamp
 	14, // 8: strait.controlplane.v1.FederationStatusResponse.links:type_name -> strait.controlplane.v1.LinkStatus
 	11, // 9: strait.controlplane.v1.LinkStatus.link:type_name -> strait.controlplane.v1.Link
-	24, // 10: strait.controlplane.v1.LinkStatus.rtt:type_name -> google.protobuf.Duration
-	25, // 11: strait.controlplane.v1.LinkStatus.last_heard:type_name -> google.protobuf.Timestamp
-	17, // 12: strait.controlplane.v1.WatchGatewayResponse.snapshot:type_name -> strait.controlplane.v1.GatewaySnapshot
-	26, // 13: strait.controlplane.v1.GatewaySnapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
-	11, // 14: strait.controlplane.v1.GatewaySnapshot.links:type_name -> strait.controlplane.v1.Link
-	18, // 15: strait.controlplane.v1.GatewaySnapshot.exports:type_name -> strait.controlplane.v1.GatewayExport
-	27, // 16: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
-	20, // 17: strait.controlplane.v1.ReportPeersRequest.peers:type_name -> strait.controlplane.v1.PeerReport
-	24, // 18: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
-	25, // 19: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
-	27, // 20: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
-	28, // 21: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
-	29, // 22: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
-	0,  // 23: strait.controlplane.v1.FederationService.CreateJoinToken:input_type -> strait.controlplane.v1.CreateJoinTokenRequest
-	3,  // 24: strait.controlplane.v1.FederationService.ListJoinTokens:input_type -> strait.controlplane.v1.ListJoinTokensRequest
-	5,  // 25: strait.controlplane.v1.FederationService.RevokeJoinToken:input_type -> strait.controlplane.v1.RevokeJoinTokenRequest
-	7,  // 26: strait.controlplane.v1.FederationService.Join:input_type -> strait.controlplane.v1.JoinRequest
-	9,  // 27: strait.controlplane.v1.FederationService.RemoveLink:input_type -> strait.controlplane.v1.RemoveLinkRequest
-	12, // 28: strait.controlplane.v1.FederationService.FederationStatus:input_type -> strait.controlplane.v1.FederationStatusRequest
-	15, // 29: strait.controlplane.v1.FederationService.WatchGateway:input_type -> strait.controlplane.v1.WatchGatewayRequest
-	19, // 30: strait.controlplane.v1.FederationService.ReportPeers:input_type -> strait.controlplane.v1.ReportPeersRequest
-	22, // 31: strait.controlplane.v1.FederationService.RedeemJoin:input_type -> strait.controlplane.v1.RedeemJoinRequest
-	1,  // 32: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
-	4,  // 33: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
-	6,  // 34: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
-	8,  // 35: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
-	10, // 36: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
-	13, // 37: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
-	16, // 38: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
-	21, // 39: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
-	23, // 40: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
-	32, // [32:41] is the sub-list for method output_type
-	23, // [23:32] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	27, // 10: strait.controlplane.v1.LinkStatus.rtt:type_name -> google.protobuf.Duration
+	28, // 11: strait.controlplane.v1.LinkStatus.last_heard:type_name -> google.protobuf.Timestamp
+	17, // 12: strait.controlplane.v1.AuditLogResponse.events:type_name -> strait.controlplane.v1.AuditEvent
+	28, // 13: strait.controlplane.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	20, // 14: strait.controlplane.v1.WatchGatewayResponse.snapshot:type_name -> strait.controlplane.v1.GatewaySnapshot
+	29, // 15: strait.controlplane.v1.GatewaySnapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	11, // 16: strait.controlplane.v1.GatewaySnapshot.links:type_name -> strait.controlplane.v1.Link
+	21, // 17: strait.controlplane.v1.GatewaySnapshot.exports:type_name -> strait.controlplane.v1.GatewayExport
+	30, // 18: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
+	23, // 19: strait.controlplane.v1.ReportPeersRequest.peers:type_name -> strait.controlplane.v1.PeerReport
+	27, // 20: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
+	28, // 21: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
+	30, // 22: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
+	31, // 23: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
+	32, // 24: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
+	0,  // 25: strait.controlplane.v1.FederationService.CreateJoinToken:input_type -> strait.controlplane.v1.CreateJoinTokenRequest
+	3,  // 26: strait.controlplane.v1.FederationService.ListJoinTokens:input_type -> strait.controlplane.v1.ListJoinTokensRequest
+	5,  // 27: strait.controlplane.v1.FederationService.RevokeJoinToken:input_type -> strait.controlplane.v1.RevokeJoinTokenRequest
+	7,  // 28: strait.controlplane.v1.FederationService.Join:input_type -> strait.controlplane.v1.JoinRequest
+	9,  // 29: strait.controlplane.v1.FederationService.RemoveLink:input_type -> strait.controlplane.v1.RemoveLinkRequest
+	12, // 30: strait.controlplane.v1.FederationService.FederationStatus:input_type -> strait.controlplane.v1.FederationStatusRequest
+	15, // 31: strait.controlplane.v1.FederationService.AuditLog:input_type -> strait.controlplane.v1.AuditLogRequest
+	18, // 32: strait.controlplane.v1.FederationService.WatchGateway:input_type -> strait.controlplane.v1.WatchGatewayRequest
+	22, // 33: strait.controlplane.v1.FederationService.ReportPeers:input_type -> strait.controlplane.v1.ReportPeersRequest
+	25, // 34: strait.controlplane.v1.FederationService.RedeemJoin:input_type -> strait.controlplane.v1.RedeemJoinRequest
+	1,  // 35: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
+	4,  // 36: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
+	6,  // 37: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
+	8,  // 38: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
+	10, // 39: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
+	13, // 40: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
+	16, // 41: strait.controlplane.v1.FederationService.AuditLog:output_type -> strait.controlplane.v1.AuditLogResponse
+	19, // 42: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
+	24, // 43: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
+	26, // 44: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
+	35, // [35:45] is the sub-list for method output_type
+	25, // [25:35] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_federation_proto_init() }
@@ -1682,7 +1875,7 @@ func file_controlplane_api_v1_federation_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_federation_proto_rawDesc), len(file_controlplane_api_v1_federation_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	FederationService_Join_FullMethodName             = "/strait.controlplane.v1.FederationService/Join"
 	FederationService_RemoveLink_FullMethodName       = "/strait.controlplane.v1.FederationService/RemoveLink"
 	FederationService_FederationStatus_FullMethodName = "/strait.controlplane.v1.FederationService/FederationStatus"
+	FederationService_AuditLog_FullMethodName         = "/strait.controlplane.v1.FederationService/AuditLog"
 	FederationService_WatchGateway_FullMethodName     = "/strait.controlplane.v1.FederationService/WatchGateway"
 	FederationService_ReportPeers_FullMethodName      = "/strait.controlplane.v1.FederationService/ReportPeers"
 	FederationService_RedeemJoin_FullMethodName       = "/strait.controlplane.v1.FederationService/RedeemJoin"
@@ -59,6 +60,9 @@ type FederationServiceClient interface {
 	RemoveLink(ctx context.Context, in *RemoveLinkRequest, opts ...grpc.CallOption) (*RemoveLinkResponse, error)
 	// FederationStatus reports every link (admin).
 	FederationStatus(ctx context.Context, in *FederationStatusRequest, opts ...grpc.CallOption) (*FederationStatusResponse, error)
+	// AuditLog returns the latest federation audit events: tokens created
+	// and revoked, joins and refused joins, links stored and removed (admin).
+	AuditLog(ctx context.Context, in *AuditLogRequest, opts ...grpc.CallOption) (*AuditLogResponse, error)
 	// WatchGateway streams what this cluster's gateway needs: links,
 	// exports with their local endpoints, and the bundle (gateway).
 	WatchGateway(ctx context.Context, in *WatchGatewayRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchGatewayResponse], error)
@@ -139,6 +143,16 @@ func (c *federationServiceClient) FederationStatus(ctx context.Context, in *Fede
 	return out, nil
 }
 
+func (c *federationServiceClient) AuditLog(ctx context.Context, in *AuditLogRequest, opts ...grpc.CallOption) (*AuditLogResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditLogResponse)
+	err := c.cc.Invoke(ctx, FederationService_AuditLog_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *federationServiceClient) WatchGateway(ctx context.Context, in *WatchGatewayRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchGatewayResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &FederationService_ServiceDesc.Streams[0], FederationService_WatchGateway_FullMethodName, cOpts...)
@@ -201,6 +215,9 @@ type FederationServiceServer interface {
 	RemoveLink(context.Context, *RemoveLinkRequest) (*RemoveLinkResponse, error)
 	// FederationStatus reports every link (admin).
 	FederationStatus(context.Context, *FederationStatusRequest) (*FederationStatusResponse, error)
+	// AuditLog returns the latest federation audit events: tokens created
+	// and revoked, joins and refused joins, links stored and removed (admin).
+	AuditLog(context.Context, *AuditLogRequest) (*AuditLogResponse, error)
 	// WatchGateway streams what this cluster's gateway needs: links,
 	// exports with their local endpoints, and the bundle (gateway).
 	WatchGateway(*WatchGatewayRequest, grpc.ServerStreamingServer[WatchGatewayResponse]) error
@@ -238,6 +255,9 @@ func (UnimplementedFederationServiceServer) RemoveLink(context.Context, *RemoveL
 }
 func (UnimplementedFederationServiceServer) FederationStatus(context.Context, *FederationStatusRequest) (*FederationStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method FederationStatus not implemented")
+}
+func (UnimplementedFederationServiceServer) AuditLog(context.Context, *AuditLogRequest) (*AuditLogResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AuditLog not implemented")
 }
 func (UnimplementedFederationServiceServer) WatchGateway(*WatchGatewayRequest, grpc.ServerStreamingServer[WatchGatewayResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchGateway not implemented")
@@ -377,6 +397,24 @@ func _FederationService_FederationStatus_Handler(srv interface{}, ctx context.Co
 	return interceptor(ctx, in, info, handler)
 }
 
+func _FederationService_AuditLog_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuditLogRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FederationServiceServer).AuditLog(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FederationService_AuditLog_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FederationServiceServer).AuditLog(ctx, req.(*AuditLogRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _FederationService_WatchGateway_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchGatewayRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -454,6 +492,10 @@ var FederationService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "FederationStatus",
 			Handler:    _FederationService_FederationStatus_Handler,
+		},
+		{
+			MethodName: "AuditLog",
+			Handler:    _FederationService_AuditLog_Handler,
 		},
 		{
 			MethodName: "ReportPeers",
