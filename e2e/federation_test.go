@@ -317,9 +317,11 @@ func TestJoinTokenRedemptionRules(t *testing.T) {
 			t.Errorf("loser: %v", err)
 		}
 	}
-	if wins != 1 || links() != 1 {
-		t.Fatalf("%d of 20 concurrent redemptions succeeded and %d links exist; want exactly 1 and 1", wins, links())
+	if wins != 1 {
+		t.Fatalf("%d of 20 concurrent redemptions succeeded; want exactly 1", wins)
 	}
+	// Status shows the link once the control plane rebuilt its view.
+	waitUntil(t, 5*time.Second, "east shows the one link", func() bool { return links() == 1 })
 	actx, acancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer acancel()
 	audit, err := east.fed.AuditLog(actx, &controlplanev1.AuditLogRequest{})
