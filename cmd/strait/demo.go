@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -22,7 +23,14 @@ func newDemoCmd(g *globals) *cobra.Command {
 		Long: `Run the Strait story on this machine, printing each command as it runs:
 create a mesh CA, a cluster intermediate and a workload SVID, verify the SVID
 the way mesh members do, show a foreign SVID refused, and show the CA status.
-Nothing outside --dir (default: a temporary directory) is touched.`,
+Then run cluster east (control plane, gateway, frontend and backends behind
+sidecars): calls through the mesh, an AuthorizationPolicy denying and
+re-allowing, metrics. Then three clusters (east, west, and south installed
+without an intermediate) linked with join tokens, a payments service running
+in west only exported with a ServiceExport and called from east and south,
+federation status, a replayed token refused, and a clean shutdown.
+Exits non-zero if any step does not go as expected. Nothing outside --dir
+(default: a temporary directory) is touched; processes are loopback-only.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
@@ -54,15 +62,21 @@ type demo struct {
 // step runs the CLI in-process with args, echoing the command line and its
 // output, and fails the demo if the command's outcome is not the expected one.
 func (d *demo) step(wantOK bool, args ...string) error {
+	_, _, err := d.exec(wantOK, args...)
+	return err
+}
+
+// exec is step, returning what the command printed.
+func (d *demo) exec(wantOK bool, args ...string) (stdout, stderr string, err error) {
 	fmt.Fprintf(d.g.stdout, "\n$ strait %s\n", strings.Join(args, " "))
-	var out, errOut bytes.Buffer
-	code := run(d.cmd.Context(), args, &out, &errOut)
-	d.g.stdout.Write(indent(out.Bytes()))
-	d.g.stdout.Write(indent(errOut.Bytes()))
+	// Both streams are shown in the order they were written.
+	var out, errOut, both bytes.Buffer
+	code := run(d.cmd.Context(), args, io.MultiWriter(&out, &both), io.MultiWriter(&errOut, &both))
+	d.g.stdout.Write(indent(both.Bytes()))
 	if ok := code == 0; ok != wantOK {
-		return fmt.Errorf("demo: 'strait %s' exited %d, which the demo did not expect", strings.Join(args, " "), code)
+		return out.String(), errOut.String(), fmt.Errorf("demo: 'strait %s' exited %d, which the demo did not expect", strings.Join(args, " "), code)
 	}
-	return nil
+	return out.String(), errOut.String(), nil
 }
 
 func indent(b []byte) []byte {
@@ -116,14 +130,23 @@ func (d *demo) run(dir string) error {
 	if err := d.mesh(filepath.Join(dir, "mesh")); err != nil {
 		return err
 	}
-	fmt.Fprintf(d.g.stdout, "\nDemo complete: mesh root, intermediate and SVIDs verified, a foreign SVID refused; a cluster ran with\nmTLS between sidecars, policy allowed and denied callers, and the metrics saw every call.\n")
+	if err := d.federation(filepath.Join(dir, "federation")); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.g.stdout, `
+Demo complete: mesh root, intermediate and SVIDs verified, a foreign SVID refused; a cluster ran with
+mTLS between sidecars, policy allowed and denied callers, and the metrics saw every call; three clusters
+linked with one-time join tokens (south receiving its intermediate through its join), payments ran in
+west only and answered east's and south's frontends through the gateways, seeing each caller's own
+SPIFFE ID; a replayed token was refused, and everything stopped.
+`)
 	return nil
 }
 
 // mesh runs one local cluster with the sample application and shows a
 // call through two sidecars, authorization, and what the metrics saw.
 func (d *demo) mesh(dir string) (err error) {
-	d.section("6. Start cluster east: a control plane and frontend/backend behind sidecars")
+	d.section("6. Start cluster east: a control plane, its gateway, and frontend/backend behind sidecars")
 	up := []string{"dev", "up", "--dir", dir, "--clusters", "east"}
 	if d.proxyBin != "" {
 		up = append(up, "--proxy-bin", d.proxyBin)
@@ -246,4 +269,182 @@ func (d *demo) metrics(w devWorkload) error {
 		}
 	}
 	return nil
+}
+
+// federation runs three clusters, links them with join tokens through the
+// CLI, and shows a service that runs in west only called from the others
+// with the caller's identity intact.
+func (d *demo) federation(dir string) (err error) {
+	cfg := filepath.Join(dir, "strait.config")
+	withProxy := func(args ...string) []string {
+		if d.proxyBin != "" {
+			args = append(args, "--proxy-bin", d.proxyBin)
+		}
+		return args
+	}
+	d.section("12. Three clusters: east (the root authority), west, and south installed with no intermediate")
+	if err := d.step(true, withProxy("dev", "up", "--dir", dir, "--clusters", "east,west,south", "--pending", "south")...); err != nil {
+		return err
+	}
+	defer func() {
+		d.section("21. Stop everything")
+		// Whatever dev.json records must be gone after dev down.
+		var pids []int
+		if df, rerr := readDevFile(dir); rerr == nil {
+			pids = df.pids()
+		}
+		if derr := d.step(true, "dev", "down", "--dir", dir); err == nil {
+			err = derr
+		}
+		if err == nil {
+			err = d.allExited(dir, pids)
+		}
+	}()
+	// token creates a join token on issuer for joiner and prints it.
+	token := func(issuer, joiner string) (string, error) {
+		out, _, err := d.exec(true, "federation", "token", "create", "--config", cfg, "--context", issuer, "--for-cluster", joiner)
+		return strings.TrimSpace(out), err
+	}
+	d.section("13. Link west to east: a one-time join token, created on east, redeemed by west")
+	westToken, err := token("east", "west")
+	if err != nil {
+		return err
+	}
+	if err := d.step(true, "federation", "join", westToken, "--config", cfg, "--context", "west"); err != nil {
+		return err
+	}
+	d.section("14. south joins too, and receives its intermediate from east through the join; then its gateway and app start")
+	tok, err := token("east", "south")
+	if err != nil {
+		return err
+	}
+	if err := d.step(true, "federation", "join", tok, "--config", cfg, "--context", "south"); err != nil {
+		return err
+	}
+	if err := d.step(true, withProxy("dev", "link", "--dir", dir, "--cluster", "south")...); err != nil {
+		return err
+	}
+	d.section("15. Link south to west as well: a cluster may have many links")
+	if tok, err = token("west", "south"); err != nil {
+		return err
+	}
+	if err := d.step(true, "federation", "join", tok, "--config", cfg, "--context", "south"); err != nil {
+		return err
+	}
+	d.section("16. payments runs in west only; not exported yet, it is out of east's reach")
+	if err := d.step(true, withProxy("dev", "run", "payments", "--dir", dir, "--cluster", "west")...); err != nil {
+		return err
+	}
+	df, err := readDevFile(dir)
+	if err != nil {
+		return err
+	}
+	frontend := func(cluster string) devWorkload {
+		for _, c := range df.Clusters {
+			if c.Name == cluster {
+				return c.Workloads[0]
+			}
+		}
+		return devWorkload{}
+	}
+	east, south := frontend("east"), frontend("south")
+	eastURL := "http://" + east.Upstreams["payments"] + "/"
+	if err := d.call(eastURL, http.StatusServiceUnavailable); err != nil {
+		return err
+	}
+	d.section("17. west exports payments with a ServiceExport (the Kubernetes MCS API's)")
+	export := filepath.Join(dir, "payments-export.yaml")
+	doc := "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: payments, namespace: default}\n"
+	if err := os.WriteFile(export, []byte(doc), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.g.stdout, "\n$ cat %s\n%s", export, indent([]byte(doc)))
+	if err := d.step(true, "apply", "--config", cfg, "--context", "west", "-f", export); err != nil {
+		return err
+	}
+	d.section("18. east's frontend calls payments: west answers, and sees the caller's own SPIFFE ID")
+	if err := d.crossCluster(eastURL, "west", east.SPIFFEID); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.g.stdout, "\n  and from south's frontend (south is linked to west too):\n")
+	if err := d.crossCluster("http://"+south.Upstreams["payments"]+"/", "west", south.SPIFFEID); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.g.stdout, "\n  Each call went frontend's sidecar -> its cluster's gateway -> QUIC -> west's gateway -> payments' sidecar;\n  the mTLS between the two sidecars ran inside, unopened, so payments verified the frontend's own SVID.\n")
+	d.section("19. The links as each side sees them")
+	for _, c := range []string{"east", "west"} {
+		if err := d.step(true, "federation", "status", "--config", cfg, "--context", c); err != nil {
+			return err
+		}
+	}
+	d.section("20. A join token is one-time: west's, replayed, is refused")
+	_, stderr, err := d.exec(false, "federation", "join", westToken, "--config", cfg, "--context", "west")
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(stderr, "already used") {
+		return fmt.Errorf("demo: the replayed token was refused, but not as already used: %s", strings.TrimSpace(stderr))
+	}
+	return nil
+}
+
+// crossCluster calls url until it is answered by cluster (the import
+// reaches the caller's sidecar within a moment), prints the answer and
+// checks the caller identity payments saw.
+func (d *demo) crossCluster(url, cluster, caller string) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			var r echoReply
+			json.NewDecoder(resp.Body).Decode(&r)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && r.Cluster == cluster {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			d.call(url, http.StatusOK)
+			return fmt.Errorf("demo: %s was not answered by %s within 15s", url, cluster)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Fprintf(d.g.stdout, "\n$ curl -s %s\n", url)
+	resp, err := http.Get(url)
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	fmt.Fprintf(d.g.stdout, "  HTTP %d %s", resp.StatusCode, indent(body))
+	var r echoReply
+	if err := json.Unmarshal(body, &r); err != nil || resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("demo: HTTP %d %q", resp.StatusCode, body)
+	}
+	if r.Cluster != cluster || r.Caller != caller {
+		return fmt.Errorf("demo: answered by %s seeing caller %q; want %s seeing %s", r.Cluster, r.Caller, cluster, caller)
+	}
+	fmt.Fprintf(d.g.stdout, "  answered in %s by %s; the caller it verified: %s\n", r.Cluster, r.Instance, r.Caller)
+	return nil
+}
+
+// allExited checks that none of pids runs any more.
+func (d *demo) allExited(dir string, pids []int) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var left []int
+		for _, p := range pids {
+			if ours(p, dir) && alive(p) {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 {
+			fmt.Fprintf(d.g.stdout, "  all %d processes (control planes, gateways, sidecars, apps) have exited\n", len(pids))
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("demo: processes still running after dev down: %v", left)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

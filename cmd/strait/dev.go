@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -45,8 +46,16 @@ type devFile struct {
 }
 
 type devCluster struct {
-	Name         string        `json:"name"`
+	Name string `json:"name"`
+	// RootAuthority marks the first cluster: its control plane holds the
+	// mesh CA (caDir) and signs the intermediates of clusters that join
+	// pending.
+	RootAuthority bool `json:"rootAuthority,omitempty"`
+	// Pending: installed without an intermediate, its control plane waits
+	// for a join; its gateway and workloads start once it joined.
+	Pending      bool          `json:"pending,omitempty"`
 	ControlPlane devCP         `json:"controlPlane"`
+	Gateway      *devGateway   `json:"gateway,omitempty"`
 	Workloads    []devWorkload `json:"workloads"`
 }
 
@@ -55,6 +64,16 @@ type devCP struct {
 	DataDir string `json:"dataDir"`
 	PID     int    `json:"pid"`
 	Log     string `json:"log"`
+}
+
+// devGateway is a cluster's east-west gateway: Peer is its QUIC (UDP)
+// address for peer gateways, Entry its TCP address for local sidecars.
+type devGateway struct {
+	Peer    string `json:"peer"`
+	Entry   string `json:"entry"`
+	PID     int    `json:"pid"`
+	Log     string `json:"log"`
+	DataDir string `json:"dataDir"`
 }
 
 type devWorkload struct {
@@ -72,12 +91,17 @@ type devWorkload struct {
 	Log         string            `json:"log"`
 }
 
-// sampleWorkloads is the sample application of every dev cluster.
-var sampleWorkloads = []struct {
+// workloadSpec is one instance to start: an echo app behind a sidecar.
+type workloadSpec struct {
 	instance, service string
 	upstreams         []string
-}{
-	{"frontend-0", "frontend", []string{"backend"}},
+}
+
+// sampleWorkloads is the sample application of every dev cluster.
+// frontend also has a listener for payments, which no cluster runs until
+// `strait dev run payments --cluster NAME` starts it somewhere.
+var sampleWorkloads = []workloadSpec{
+	{"frontend-0", "frontend", []string{"backend", "payments"}},
 	{"backend-0", "backend", nil},
 	{"backend-1", "backend", nil},
 }
@@ -87,44 +111,77 @@ func newDevCmd(g *globals) *cobra.Command {
 		Use:   "dev",
 		Short: "Run local clusters on this machine for development and tests",
 	}
-	cmd.AddCommand(newDevUpCmd(g), newDevDownCmd(g), newDevEchoCmd(g))
+	cmd.AddCommand(newDevUpCmd(g), newDevDownCmd(g), newDevLinkCmd(g), newDevRunCmd(g), newDevEchoCmd(g))
 	return cmd
 }
 
+// devUpOptions are dev up's flags.
+type devUpOptions struct {
+	clusters    []string
+	pending     []string
+	link        bool
+	trustDomain string
+	proxyBin    string
+	svidTTL     time.Duration
+}
+
 func newDevUpCmd(g *globals) *cobra.Command {
-	var dir, clusters, td, proxyBin string
-	var svidTTL time.Duration
+	var dir, clusters string
+	var o devUpOptions
 	cmd := &cobra.Command{
-		Use:   "up --dir DIR [--clusters east,west]",
-		Short: "Start control planes and the sample application with sidecars; return when all is ready",
-		Long: `Start, per cluster, a control plane and the sample application (frontend-0,
-backend-0, backend-1, each an echo server behind a strait-proxy sidecar) as
-processes on loopback. Returns once every sidecar is ready, and writes
-DIR/dev.json (what runs where) and DIR/strait.config (one context per
-cluster, for --config). Stop everything with strait dev down --dir DIR.`,
+		Use:   "up --dir DIR [--clusters east,west,south] [--link] [--pending NAME]...",
+		Short: "Start clusters (control plane, gateway, sample application with sidecars); return when all is ready",
+		Long: `Start, per cluster, a control plane, an east-west gateway and the sample
+application (frontend-0, backend-0, backend-1, each an echo server behind a
+strait-proxy sidecar) as processes on loopback. All clusters share the mesh CA
+in DIR/ca; the first is the root authority. Clusters start unlinked: --link
+links every other cluster to the first with a one-time join token, as
+` + "`strait federation token create`" + ` and ` + "`strait federation join`" + ` do; without it, link
+one later with ` + "`strait dev link --dir DIR --cluster NAME`" + `.
+
+--pending NAME installs that cluster without an intermediate: its control plane
+waits for a join (through which the root authority sends it one), and its
+gateway and workloads start once it joined (by --link or dev link).
+
+Returns once everything started is ready, and writes DIR/dev.json (what runs
+where) and DIR/strait.config (one context per cluster, for --config). Stop
+everything with strait dev down --dir DIR.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}
 			}
-			names := strings.Split(clusters, ",")
-			for _, n := range names {
+			o.clusters = strings.Split(clusters, ",")
+			for i, n := range o.clusters {
 				if err := identity.ValidateClusterName(n); err != nil {
 					return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--clusters: %w", err)}
+				}
+				if slices.Contains(o.clusters[:i], n) {
+					return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--clusters: %s given twice", n)}
+				}
+			}
+			for _, p := range o.pending {
+				switch {
+				case !slices.Contains(o.clusters, p):
+					return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--pending %s: not one of --clusters %s", p, clusters)}
+				case p == o.clusters[0]:
+					return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--pending %s: the first cluster is the root authority and holds an intermediate", p)}
 				}
 			}
 			abs, err := filepath.Abs(dir)
 			if err != nil {
 				return err
 			}
-			return devUp(cmd.Context(), g, abs, names, td, proxyBin, svidTTL)
+			return devUp(cmd.Context(), g, abs, o)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "directory for state, logs, dev.json and strait.config")
-	cmd.Flags().StringVar(&clusters, "clusters", "east", "comma-separated cluster names")
-	cmd.Flags().StringVar(&td, "trust-domain", "strait.example", "trust domain of a new mesh")
-	cmd.Flags().StringVar(&proxyBin, "proxy-bin", "", "strait-proxy binary (default: next to strait, then $PATH)")
-	cmd.Flags().Var(durationValue{&svidTTL}, "svid-ttl", "lifetime of workload SVIDs (default 1h)")
+	cmd.Flags().StringVar(&clusters, "clusters", "east", "comma-separated cluster names; the first is the root authority")
+	cmd.Flags().BoolVar(&o.link, "link", false, "link every other cluster to the first with a join token")
+	cmd.Flags().StringSliceVar(&o.pending, "pending", nil, "start this cluster without an intermediate, waiting to join (repeatable)")
+	cmd.Flags().StringVar(&o.trustDomain, "trust-domain", "strait.example", "trust domain of a new mesh")
+	cmd.Flags().StringVar(&o.proxyBin, "proxy-bin", "", "strait-proxy binary (default: next to strait, then $PATH)")
+	cmd.Flags().Var(durationValue{&o.svidTTL}, "svid-ttl", "lifetime of workload SVIDs (default 1h)")
 	return cmd
 }
 
@@ -198,22 +255,28 @@ func (c *child) failed(what string) error {
 }
 
 // waitFor polls check until it succeeds, the child exits, or the timeout.
+// c may be nil (a process this run did not start).
 func waitFor(ctx context.Context, c *child, what string, timeout time.Duration, check func() error) error {
 	deadline := time.Now().Add(timeout)
+	var exited chan struct{}
+	logPath := ""
+	if c != nil {
+		exited, logPath = c.exited, " (log: "+c.log+")"
+	}
 	for {
 		err := check()
 		if err == nil {
 			return nil
 		}
 		select {
-		case <-c.exited:
+		case <-exited:
 			return c.failed(what)
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %s: %v (log: %s)", what, timeout, err, c.log)
+			return fmt.Errorf("%s not ready after %s: %v%s", what, timeout, err, logPath)
 		}
 	}
 }
@@ -227,17 +290,23 @@ func socketPath(dir, cluster, instance string) string {
 	return filepath.Join(os.TempDir(), "strait-"+hex.EncodeToString(sum[:6]), cluster+"-"+instance+".sock")
 }
 
-// devUpper is one run of `strait dev up`: what it shares across clusters
-// and what it started (stopped again if the run fails).
+// devUpper is one run of `strait dev up` (or dev link, dev run): what it
+// shares across clusters and what it started (stopped again if the run
+// fails).
 type devUpper struct {
 	g        *globals
 	dir      string
 	self     string
 	proxyBin string
 	svidTTL  time.Duration
-	auth     *ca.Authority
 	td       spiffeid.TrustDomain
-	started  []*child
+	config   string                    // DIR/strait.config
+	contexts map[string]*clientContext // by cluster
+	// peerAddrs are the gateways' QUIC addresses of the previous run, by
+	// cluster: peers store them in their links, so a gateway comes back on
+	// its address when it is free.
+	peerAddrs map[string]string
+	started   []*child
 }
 
 func (u *devUpper) say(format string, a ...any) { fmt.Fprintf(u.g.stdout, format+"\n", a...) }
@@ -250,11 +319,26 @@ func (u *devUpper) start(bin string, args []string, logPath string) (*child, err
 	return c, err
 }
 
-func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdName, proxyFlag string, svidTTL time.Duration) error {
-	if old, err := readDevFile(dir); err == nil && anyAlive(dir, old) {
-		return fmt.Errorf("%s is already up; run `strait dev down --dir %s` first", dir, dir)
+// stopStarted stops what this run started, newest first.
+func (u *devUpper) stopStarted() {
+	for i := len(u.started) - 1; i >= 0; i-- {
+		stopPID(u.started[i].cmd.Process.Pid, "", 3*time.Second)
 	}
-	proxyBin, err := findProxyBinary(proxyFlag)
+}
+
+func devUp(ctx context.Context, g *globals, dir string, o devUpOptions) error {
+	peerAddrs := map[string]string{}
+	if old, err := readDevFile(dir); err == nil {
+		if anyAlive(dir, old) {
+			return fmt.Errorf("%s is already up; run `strait dev down --dir %s` first", dir, dir)
+		}
+		for _, c := range old.Clusters {
+			if c.Gateway != nil {
+				peerAddrs[c.Name] = c.Gateway.Peer
+			}
+		}
+	}
+	proxyBin, err := findProxyBinary(o.proxyBin)
 	if err != nil {
 		return err
 	}
@@ -265,114 +349,231 @@ func devUp(ctx context.Context, g *globals, dir string, clusters []string, tdNam
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	u := &devUpper{g: g, dir: dir, self: self, proxyBin: proxyBin, svidTTL: svidTTL}
+	u := &devUpper{g: g, dir: dir, self: self, proxyBin: proxyBin, svidTTL: o.svidTTL, config: filepath.Join(dir, "strait.config"),
+		contexts: map[string]*clientContext{}, peerAddrs: peerAddrs}
 	ok := false
 	defer func() {
 		if !ok {
-			for _, c := range u.started {
-				stopPID(c.cmd.Process.Pid, "", 3*time.Second)
-			}
+			u.stopStarted()
 		}
 	}()
 
 	caDir := filepath.Join(dir, "ca")
-	if u.td, err = identity.ParseTrustDomain(tdName); err != nil {
+	dirs, err := u.prepare(ctx, caDir, o)
+	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(caDir, "state.json")); err == nil {
-		if u.auth, err = ca.Open(ctx, ca.Config{Dir: caDir, Logger: g.logger()}); err != nil {
-			return err
-		}
-		u.td = u.auth.TrustDomain()
-		u.say("mesh CA      %s (existing, trust domain %s)", caDir, u.td.Name())
-	} else {
-		if u.auth, err = ca.Init(ctx, ca.Config{Dir: caDir, Logger: g.logger()}, ca.InitOptions{TrustDomain: u.td}); err != nil {
-			return err
-		}
-		u.say("mesh CA      %s (new, trust domain %s)", caDir, u.td.Name())
-	}
-	defer u.auth.Close()
-	df := &devFile{TrustDomain: u.td.Name(), CADir: caDir, Config: filepath.Join(dir, "strait.config")}
-	cfg := &clientConfig{CurrentContext: clusters[0]}
-	for _, name := range clusters {
-		dc, cx, err := u.cluster(ctx, name)
+	df := &devFile{TrustDomain: u.td.Name(), CADir: caDir, Config: u.config}
+	cfg := &clientConfig{CurrentContext: o.clusters[0]}
+	cps := make([]*child, len(o.clusters))
+	for i, name := range o.clusters {
+		cpDir := filepath.Join(dir, name, "controlplane")
+		addr, err := freeAddr()
 		if err != nil {
 			return err
 		}
-		cfg.Contexts = append(cfg.Contexts, cx)
-		df.Clusters = append(df.Clusters, dc)
+		args := []string{"controlplane", "run", "--dir", cpDir, "--listen", addr}
+		if u.svidTTL > 0 {
+			args = append(args, "--svid-ttl", u.svidTTL.String())
+		}
+		if i == 0 {
+			args = append(args, "--root-authority", caDir)
+		}
+		if cps[i], err = u.start(u.self, args, filepath.Join(dir, name, "controlplane.log")); err != nil {
+			return err
+		}
+		// A pending cluster's bootstrap credentials are where its admin
+		// SVID and bundle will be after the join: the context keeps working.
+		ld := &local.Dir{Path: cpDir}
+		certPath, keyPath := ld.AdminPaths()
+		cfg.Contexts = append(cfg.Contexts, clientContext{Name: name, Cluster: name, Server: addr, TrustDomain: u.td.Name(),
+			TrustBundle: ld.BundlePEMPath(), ClientCertificate: certPath, ClientKey: keyPath})
+		df.Clusters = append(df.Clusters, devCluster{Name: name, RootAuthority: i == 0, Pending: dirs[i] == nil,
+			ControlPlane: devCP{Address: addr, DataDir: cpDir, PID: cps[i].cmd.Process.Pid, Log: cps[i].log}, Workloads: []devWorkload{}})
 	}
-	if err := writeClientConfig(df.Config, cfg); err != nil {
+	for i := range cfg.Contexts {
+		u.contexts[cfg.Contexts[i].Name] = &cfg.Contexts[i]
+	}
+	if err := writeClientConfig(u.config, cfg); err != nil {
 		return err
 	}
-	data, _ := json.MarshalIndent(df, "", "  ")
-	if err := atomicfile.WriteFile(filepath.Join(dir, "dev.json"), append(data, '\n'), 0o644); err != nil {
+	for i := range df.Clusters {
+		dc := &df.Clusters[i]
+		err := waitFor(ctx, cps[i], "control plane "+dc.Name, 20*time.Second, func() error { return u.status(ctx, dc.Name) })
+		if err != nil {
+			return err
+		}
+		role := ""
+		switch {
+		case dc.RootAuthority && len(df.Clusters) > 1:
+			role = ", root authority"
+		case dc.Pending:
+			role = ", pending: waiting to join"
+		}
+		u.say("cluster %-6s control plane %s (pid %d)%s", dc.Name, dc.ControlPlane.Address, dc.ControlPlane.PID, role)
+	}
+	for i := range df.Clusters {
+		if dirs[i] != nil {
+			if err := u.startGateway(ctx, &df.Clusters[i], dirs[i]); err != nil {
+				return err
+			}
+		}
+	}
+	for i := range df.Clusters {
+		if dirs[i] != nil {
+			if err := u.startWorkloads(ctx, &df.Clusters[i], sampleWorkloads); err != nil {
+				return err
+			}
+		}
+	}
+	if o.link {
+		for i := 1; i < len(df.Clusters); i++ {
+			if err := u.link(ctx, df, i); err != nil {
+				return err
+			}
+		}
+	}
+	if err := writeDevFile(dir, df); err != nil {
 		return err
 	}
 	ok = true
-	u.say("ready: %s\n       %s\ntry:   curl http://%s/   (frontend-0's outbound listener for backend)\n       strait status --config %s\nstop:  strait dev down --dir %s",
-		filepath.Join(dir, "dev.json"), df.Config, df.Clusters[0].Workloads[0].Upstreams["backend"], df.Config, dir)
+	u.say("ready: %s\n       %s\ntry:   curl http://%s/   (frontend-0's outbound listener for backend)\n       strait status --config %s",
+		filepath.Join(dir, "dev.json"), df.Config, df.Clusters[0].Workloads[0].Upstreams["backend"], df.Config)
+	if len(df.Clusters) > 1 {
+		u.say("       strait federation status --config %s --context %s", df.Config, df.Clusters[0].Name)
+		if !o.link {
+			for i, dc := range df.Clusters[1:] {
+				prefix := "link:  "
+				if i > 0 {
+					prefix = "       "
+				}
+				why := "(a join token from " + df.Clusters[0].Name + ", redeemed by " + dc.Name + ")"
+				if dc.Pending {
+					why = "(pending: it receives its intermediate through the join, then its gateway and workloads start)"
+				}
+				u.say("%sstrait dev link --dir %s --cluster %s   %s", prefix, dir, dc.Name, why)
+			}
+		}
+	}
+	u.say("stop:  strait dev down --dir %s", dir)
 	return nil
 }
 
-// cluster starts one cluster: its control plane (initialized on first
-// use, with fresh admin credentials every time) and the sample workloads.
-func (u *devUpper) cluster(ctx context.Context, name string) (devCluster, clientContext, error) {
-	cpDir := filepath.Join(u.dir, name, "controlplane")
-	d, err := local.Load(cpDir)
-	if errors.Is(err, local.ErrNotInitialized) {
-		d, err = local.Init(ctx, cpDir, name, wiring.RootAuthority{CA: u.auth}, 0, false)
+// prepare creates (or reuses) the mesh CA and every cluster's data
+// directory, with fresh admin credentials. It returns each cluster's
+// directory, nil for a pending one. It all happens before any control
+// plane starts: the root authority's holds the CA directory locked.
+func (u *devUpper) prepare(ctx context.Context, caDir string, o devUpOptions) ([]*local.Dir, error) {
+	var auth *ca.Authority
+	var err error
+	if u.td, err = identity.ParseTrustDomain(o.trustDomain); err != nil {
+		return nil, err
 	}
-	if err == nil {
-		var iss wiring.Issuer
-		if iss, err = wiring.NewIssuer(d, 0); err == nil {
-			_, err = d.MintAdmin(iss, 24*time.Hour)
+	if _, err := os.Stat(filepath.Join(caDir, "state.json")); err == nil {
+		if auth, err = ca.Open(ctx, ca.Config{Dir: caDir, Logger: u.g.logger()}); err != nil {
+			return nil, err
 		}
+		u.td = auth.TrustDomain()
+		u.say("mesh CA      %s (existing, trust domain %s)", caDir, u.td.Name())
+	} else {
+		if auth, err = ca.Init(ctx, ca.Config{Dir: caDir, Logger: u.g.logger()}, ca.InitOptions{TrustDomain: u.td}); err != nil {
+			return nil, err
+		}
+		u.say("mesh CA      %s (new, trust domain %s)", caDir, u.td.Name())
 	}
+	defer auth.Close()
+	dirs := make([]*local.Dir, len(o.clusters))
+	for i, name := range o.clusters {
+		cpDir := filepath.Join(u.dir, name, "controlplane")
+		pending := slices.Contains(o.pending, name)
+		d, err := local.Load(cpDir)
+		switch {
+		case err == nil:
+			if pending {
+				u.say("cluster %-6s holds its intermediate already (it joined before): --pending does not apply", name)
+			}
+		case errors.Is(err, local.ErrPending):
+			continue // initialized pending before, still waiting
+		case errors.Is(err, local.ErrNotInitialized) && pending:
+			if _, err := local.InitPending(cpDir, name, u.td, false); err != nil {
+				return nil, fmt.Errorf("cluster %s: %w", name, err)
+			}
+			continue
+		case errors.Is(err, local.ErrNotInitialized):
+			d, err = local.Init(ctx, cpDir, name, wiring.RootAuthority{CA: auth}, 0, false)
+		}
+		if err == nil {
+			var iss wiring.Issuer
+			if iss, err = wiring.NewIssuer(d, 0); err == nil {
+				_, err = d.MintAdmin(iss, 24*time.Hour)
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", name, err)
+		}
+		dirs[i] = d
+	}
+	return dirs, nil
+}
+
+// dial connects to a cluster's control plane with its strait.config
+// context (the credentials are read again on every dial: a pending
+// cluster's change when it joins).
+func (u *devUpper) dial(cluster string) (controlplanev1.AdminServiceClient, controlplanev1.FederationServiceClient, func(), error) {
+	cx := u.contexts[cluster]
+	if cx == nil {
+		return nil, nil, nil, fmt.Errorf("no context for cluster %s in %s", cluster, u.config)
+	}
+	conn, err := dialContext(cx)
 	if err != nil {
-		return devCluster{}, clientContext{}, fmt.Errorf("cluster %s: %w", name, err)
+		return nil, nil, nil, err
 	}
-	addr, err := freeAddr()
+	return controlplanev1.NewAdminServiceClient(conn), controlplanev1.NewFederationServiceClient(conn), func() { conn.Close() }, nil
+}
+
+// status asks a cluster's control plane for its status (served to the
+// bootstrap admin of a pending cluster too).
+func (u *devUpper) status(ctx context.Context, cluster string) error {
+	_, err := u.adminStatus(ctx, cluster)
+	return err
+}
+
+func (u *devUpper) adminStatus(ctx context.Context, cluster string) (*controlplanev1.StatusResponse, error) {
+	admin, _, done, err := u.dial(cluster)
 	if err != nil {
-		return devCluster{}, clientContext{}, err
+		return nil, err
 	}
-	args := []string{"controlplane", "run", "--dir", cpDir, "--listen", addr}
-	if u.svidTTL > 0 {
-		args = append(args, "--svid-ttl", u.svidTTL.String())
-	}
-	cp, err := u.start(u.self, args, filepath.Join(u.dir, name, "controlplane.log"))
+	defer done()
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	st, err := admin.Status(rctx, &controlplanev1.StatusRequest{})
 	if err != nil {
-		return devCluster{}, clientContext{}, err
+		return nil, rpcError(err)
 	}
-	certPath, keyPath := d.AdminPaths()
-	cx := clientContext{Name: name, Cluster: name, Server: addr, TrustDomain: u.td.Name(), TrustBundle: d.BundlePEMPath(), ClientCertificate: certPath, ClientKey: keyPath}
-	dc := devCluster{Name: name, ControlPlane: devCP{Address: addr, DataDir: cpDir, PID: cp.cmd.Process.Pid, Log: cp.log}}
-	conn, err := dialContext(&cx)
+	return st, nil
+}
+
+// startWorkloads starts specs in cluster dc (each an echo app behind a
+// sidecar, with a fresh registration token), waits until every sidecar
+// is ready and knows the local endpoints of its upstreams, and adds them
+// to dc.
+func (u *devUpper) startWorkloads(ctx context.Context, dc *devCluster, specs []workloadSpec) error {
+	admin, _, done, err := u.dial(dc.Name)
 	if err != nil {
-		return dc, cx, err
-	}
-	defer conn.Close()
-	admin := controlplanev1.NewAdminServiceClient(conn)
-	err = waitFor(ctx, cp, "control plane "+name, 20*time.Second, func() error {
-		rctx, cancel := context.WithTimeout(ctx, time.Second)
-		defer cancel()
-		_, err := admin.Status(rctx, &controlplanev1.StatusRequest{})
 		return err
-	})
-	if err != nil {
-		return dc, cx, err
 	}
-	u.say("cluster %-6s control plane %s (pid %d)", name, addr, cp.cmd.Process.Pid)
+	defer done()
+	bundlePEM := (&local.Dir{Path: dc.ControlPlane.DataDir}).BundlePEMPath()
 	type pending struct {
 		w       *devWorkload
 		sidecar *child
 		addrs   string
 	}
 	var waits []pending
-	for _, sw := range sampleWorkloads {
-		w, sc, addrsFile, err := u.workload(ctx, admin, name, addr, d, sw.instance, sw.service, sw.upstreams)
+	for _, sw := range specs {
+		w, sc, addrsFile, err := u.workload(ctx, admin, dc.Name, dc.ControlPlane.Address, bundlePEM, sw.instance, sw.service, sw.upstreams)
 		if err != nil {
-			return dc, cx, err
+			return err
 		}
 		waits = append(waits, pending{w: w, sidecar: sc, addrs: addrsFile})
 	}
@@ -401,32 +602,36 @@ func (u *devUpper) cluster(ctx context.Context, name string) (devCluster, client
 			return nil
 		})
 		if err != nil {
-			return dc, cx, err
+			return err
 		}
-		u.say("cluster %-6s %-10s %-8s sidecar %s (pid %d), app %s", name, p.w.Instance, p.w.Service, p.w.Inbound, p.w.PID, p.w.App)
+		u.say("cluster %-6s %-10s %-8s sidecar %s (pid %d), app %s", dc.Name, p.w.Instance, p.w.Service, p.w.Inbound, p.w.PID, p.w.App)
 		dc.Workloads = append(dc.Workloads, *p.w)
 	}
-	// Ready means callers know their upstreams' endpoints too.
+	// Ready means callers know their upstreams' local endpoints too
+	// (services that run nowhere in this cluster are not waited for).
 	want := map[string]int{}
 	for _, w := range dc.Workloads {
 		want[w.Service]++
 	}
 	for _, p := range waits {
 		for up := range p.w.Upstreams {
+			if want[up] == 0 {
+				continue
+			}
 			err := waitFor(ctx, p.sidecar, "sidecar "+p.w.Instance+" learning "+up+"'s endpoints", 15*time.Second, func() error {
 				return healthyEndpoints(p.w.Admin, up, want[up])
 			})
 			if err != nil {
-				return dc, cx, err
+				return err
 			}
 		}
 	}
-	return dc, cx, nil
+	return nil
 }
 
-// workload starts one sample instance (an echo app and its sidecar, with
-// a fresh registration token) and returns without waiting for readiness.
-func (u *devUpper) workload(ctx context.Context, admin controlplanev1.AdminServiceClient, cluster, cpAddr string, d *local.Dir,
+// workload starts one instance (an echo app and its sidecar, with a fresh
+// registration token) and returns without waiting for readiness.
+func (u *devUpper) workload(ctx context.Context, admin controlplanev1.AdminServiceClient, cluster, cpAddr, bundlePEM string,
 	instance, service string, upstreams []string) (*devWorkload, *child, string, error) {
 	wdir := filepath.Join(u.dir, cluster, instance)
 	if err := os.MkdirAll(wdir, 0o700); err != nil {
@@ -467,7 +672,7 @@ func (u *devUpper) workload(ctx context.Context, admin controlplanev1.AdminServi
 	os.Remove(addrsFile)
 	sock := socketPath(u.dir, cluster, instance)
 	os.MkdirAll(filepath.Dir(sock), 0o700)
-	args := []string{"--trust-domain", u.td.Name(), "--control-plane", cpAddr, "--trust-bundle", d.BundlePEMPath(),
+	args := []string{"--trust-domain", u.td.Name(), "--control-plane", cpAddr, "--trust-bundle", bundlePEM,
 		"--token-file", tokenFile, "--data-dir", wdir, "--instance", instance, "--service", service,
 		"--namespace", "default", "--inbound", "127.0.0.1:0", "--app", appAddr, "--admin", "127.0.0.1:0",
 		"--workload-api", sock, "--addresses-file", addrsFile}
@@ -535,6 +740,11 @@ func readDevFile(dir string) (*devFile, error) {
 	return &df, nil
 }
 
+func writeDevFile(dir string, df *devFile) error {
+	data, _ := json.MarshalIndent(df, "", "  ")
+	return atomicfile.WriteFile(filepath.Join(dir, "dev.json"), append(data, '\n'), 0o644)
+}
+
 // ours reports whether pid is alive and one of dev up's processes for dir
 // (so a recycled pid is never signalled).
 func ours(pid int, marker string) bool {
@@ -551,9 +761,28 @@ func ours(pid int, marker string) bool {
 	return bytes.Contains(cmdline, []byte(marker))
 }
 
+// pids lists every process df records: control planes, gateways,
+// sidecars and apps.
+func (df *devFile) pids() []int {
+	var pids []int
+	for _, c := range df.Clusters {
+		pids = append(pids, c.ControlPlane.PID)
+		if c.Gateway != nil {
+			pids = append(pids, c.Gateway.PID)
+		}
+		for _, w := range c.Workloads {
+			pids = append(pids, w.PID, w.AppPID)
+		}
+	}
+	return pids
+}
+
 func anyAlive(dir string, df *devFile) bool {
 	for _, c := range df.Clusters {
 		if ours(c.ControlPlane.PID, dir) {
+			return true
+		}
+		if c.Gateway != nil && ours(c.Gateway.PID, dir) {
 			return true
 		}
 		for _, w := range c.Workloads {
@@ -616,6 +845,7 @@ func newDevDownCmd(g *globals) *cobra.Command {
 				return err
 			}
 			stopped := 0
+			// Workloads first, then gateways, then control planes.
 			for _, c := range df.Clusters {
 				for _, w := range c.Workloads {
 					if stopPID(w.PID, abs, 5*time.Second) {
@@ -625,6 +855,13 @@ func newDevDownCmd(g *globals) *cobra.Command {
 						stopped++
 					}
 				}
+			}
+			for _, c := range df.Clusters {
+				if c.Gateway != nil && stopPID(c.Gateway.PID, abs, 5*time.Second) {
+					stopped++
+				}
+			}
+			for _, c := range df.Clusters {
 				if stopPID(c.ControlPlane.PID, abs, 5*time.Second) {
 					stopped++
 				}

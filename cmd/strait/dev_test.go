@@ -81,6 +81,9 @@ func TestDevUpDown(t *testing.T) {
 		t.Fatalf("dev.json: got %+v, want one cluster with three workloads", df)
 	}
 	east := df.Clusters[0]
+	if gw := east.Gateway; gw == nil || gw.Peer == "" || gw.Entry == "" || gw.PID == 0 || gw.DataDir == "" {
+		t.Errorf("dev.json: gateway %+v, want its addresses, pid and data dir", gw)
+	}
 	fe := east.Workloads[0]
 	for _, w := range east.Workloads {
 		if w.PID == 0 || w.Inbound == "" || w.Admin == "" || w.WorkloadAPI == "" || w.SPIFFEID == "" {
@@ -215,5 +218,216 @@ func waitForExit(t *testing.T, pid int) {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// fedStatus is what `strait federation status -o json` prints, in part.
+type fedStatus struct {
+	Cluster string `json:"cluster"`
+	Pending bool   `json:"pending"`
+	Links   []struct {
+		Link struct {
+			Peer string `json:"peer"`
+		} `json:"link"`
+		State           string `json:"state"`
+		ControlStreamUp bool   `json:"controlStreamUp"`
+	} `json:"links"`
+}
+
+func federationStatus(t *testing.T, cfg, cluster string) fedStatus {
+	t.Helper()
+	var st fedStatus
+	out := mustCLI(t, "federation", "status", "-o", "json", "--config", cfg, "--context", cluster)
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("federation status -o json: %v\n%s", err, out)
+	}
+	return st
+}
+
+func linkConnected(st fedStatus, peer string) bool {
+	for _, l := range st.Links {
+		if l.Link.Peer == peer {
+			return l.State == "connected" && l.ControlStreamUp
+		}
+	}
+	return false
+}
+
+func getEcho(url string) (int, echoReply, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, echoReply{}, err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var r echoReply
+	if resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(body, &r); err != nil {
+			return resp.StatusCode, r, fmt.Errorf("%v: %s", err, body)
+		}
+	}
+	return resp.StatusCode, r, nil
+}
+
+// Two clusters linked by dev up, a service run in west only, exported,
+// and called from east's frontend through both gateways; then dev down
+// stops every process.
+func TestDevUpLinkedClusters(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	dir := t.TempDir()
+	bin := buildProxy(t)
+	t.Cleanup(func() { cli(t, "dev", "down", "--dir", dir) })
+	out := mustCLI(t, "dev", "up", "--dir", dir, "--clusters", "east,west", "--link", "--proxy-bin", bin)
+	for _, want := range []string{"root authority", "cluster west   linked with east", "link to west connected", "ready:"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dev up output lacks %q:\n%s", want, out)
+		}
+	}
+	df, err := readDevFile(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(df.Clusters) != 2 || !df.Clusters[0].RootAuthority || df.Clusters[1].RootAuthority {
+		t.Fatalf("dev.json clusters: %+v; want east (root authority) and west", df.Clusters)
+	}
+	for _, c := range df.Clusters {
+		if gw := c.Gateway; gw == nil || gw.Peer == "" || gw.Entry == "" || !alive(gw.PID) || gw.Log == "" || gw.DataDir == "" {
+			t.Errorf("dev.json: %s's gateway %+v, want addresses, a running pid, log and data dir", c.Name, gw)
+		}
+		if c.Pending || len(c.Workloads) != 3 {
+			t.Errorf("dev.json: %s pending %t with %d workloads, want a full cluster with 3", c.Name, c.Pending, len(c.Workloads))
+		}
+	}
+	cfg := df.Config
+	if st := federationStatus(t, cfg, "east"); !linkConnected(st, "west") {
+		t.Errorf("east's federation status: %+v, want the link to west connected", st)
+	}
+
+	// payments runs in west only; east's frontend has a listener for it.
+	if out := mustCLI(t, "dev", "run", "payments", "--dir", dir, "--cluster", "west", "--proxy-bin", bin); !strings.Contains(out, "payments-0") {
+		t.Errorf("dev run: %q", out)
+	}
+	if df, err = readDevFile(dir); err != nil {
+		t.Fatal(err)
+	}
+	if w := df.Clusters[1].Workloads; len(w) != 4 || w[3].Instance != "payments-0" {
+		t.Fatalf("dev.json west workloads after dev run: %+v", w)
+	}
+	fe := df.Clusters[0].Workloads[0]
+	url := "http://" + fe.Upstreams["payments"] + "/"
+	if code, r, err := getEcho(url); err == nil && code == http.StatusOK {
+		t.Fatalf("east reached west's payments before it was exported: %+v", r)
+	}
+	export := filepath.Join(dir, "export.yaml")
+	os.WriteFile(export, []byte("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: payments, namespace: default}\n"), 0o644)
+	mustCLI(t, "apply", "--config", cfg, "--context", "west", "-f", export)
+	var r echoReply
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		code, got, err := getEcho(url)
+		if err == nil && code == http.StatusOK {
+			r = got
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("east's frontend -> payments after the export: %d %v", code, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r.Cluster != "west" || r.Service != "payments" || r.Caller != fe.SPIFFEID {
+		t.Fatalf("reply %+v: want payments in west seeing the caller %s", r, fe.SPIFFEID)
+	}
+	// The endpoint east's frontend used is west's, through east's gateway.
+	resp, err := http.Get("http://" + fe.Admin + "/config_dump")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dump, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(dump), df.Clusters[0].Gateway.Entry) {
+		t.Errorf("east frontend's config_dump does not name east's gateway entry %s", df.Clusters[0].Gateway.Entry)
+	}
+
+	pids := df.pids()
+	if len(pids) != 2*(1+1+2*3)+2 {
+		t.Errorf("dev.json lists %d processes, want 18", len(pids))
+	}
+	down := mustCLI(t, "dev", "down", "--dir", dir)
+	if !strings.Contains(down, "stopped 18 processes") {
+		t.Errorf("dev down: %q", down)
+	}
+	for _, pid := range pids {
+		waitForExit(t, pid)
+	}
+}
+
+// A cluster installed pending waits; dev link joins it (it receives its
+// intermediate) and then starts its gateway and workloads.
+func TestDevUpPendingCluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	dir := t.TempDir()
+	bin := buildProxy(t)
+	t.Cleanup(func() { cli(t, "dev", "down", "--dir", dir) })
+	out := mustCLI(t, "dev", "up", "--dir", dir, "--clusters", "east,south", "--pending", "south", "--proxy-bin", bin)
+	for _, want := range []string{"pending: waiting to join", "strait dev link --dir " + dir + " --cluster south"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dev up output lacks %q:\n%s", want, out)
+		}
+	}
+	df, err := readDevFile(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	south := df.Clusters[1]
+	if !south.Pending || south.Gateway != nil || len(south.Workloads) != 0 || !alive(south.ControlPlane.PID) {
+		t.Fatalf("dev.json south: %+v; want pending, its control plane running, no gateway or workloads", south)
+	}
+	cfg := df.Config
+	if st := federationStatus(t, cfg, "south"); !st.Pending || len(st.Links) != 0 {
+		t.Errorf("south's federation status: %+v, want pending without links", st)
+	}
+	if code, _, errOut := cli(t, "dev", "run", "payments", "--dir", dir, "--cluster", "south", "--proxy-bin", bin); code == 0 || !strings.Contains(errOut, "pending") {
+		t.Errorf("dev run in a pending cluster: exit %d, %q; want a refusal saying it is pending", code, errOut)
+	}
+
+	out = mustCLI(t, "dev", "link", "--dir", dir, "--cluster", "south", "--proxy-bin", bin)
+	for _, want := range []string{"received this cluster's intermediate", "cluster south  gateway", "link to east connected"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dev link output lacks %q:\n%s", want, out)
+		}
+	}
+	if df, err = readDevFile(dir); err != nil {
+		t.Fatal(err)
+	}
+	south = df.Clusters[1]
+	if south.Pending || south.Gateway == nil || len(south.Workloads) != 3 {
+		t.Fatalf("dev.json south after dev link: %+v; want a gateway and 3 workloads", south)
+	}
+	if st := federationStatus(t, cfg, "south"); st.Pending || !linkConnected(st, "east") {
+		t.Errorf("south's federation status after the join: %+v", st)
+	}
+	// The CLI context made for the pending cluster keeps working, and
+	// south's sample app runs under the mesh's identities.
+	if status := mustCLI(t, "status", "--config", cfg, "--context", "south"); !strings.Contains(status, "frontend-0") {
+		t.Errorf("strait status --context south:\n%s", status)
+	}
+	fe := south.Workloads[0]
+	code, r, err := getEcho("http://" + fe.Upstreams["backend"] + "/")
+	if err != nil || code != http.StatusOK || r.Cluster != "south" || r.Caller != fe.SPIFFEID {
+		t.Errorf("south frontend -> backend: %d %+v %v", code, r, err)
+	}
+	// Linking again changes nothing.
+	if out := mustCLI(t, "dev", "link", "--dir", dir, "--cluster", "south", "--proxy-bin", bin); !strings.Contains(out, "linked to east already") {
+		t.Errorf("second dev link: %q", out)
+	}
+
+	pids := df.pids()
+	mustCLI(t, "dev", "down", "--dir", dir)
+	for _, pid := range pids {
+		waitForExit(t, pid)
 	}
 }
