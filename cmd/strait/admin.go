@@ -20,9 +20,22 @@ import (
 // rpcError turns a gRPC status into the server's message.
 func rpcError(err error) error {
 	if s, ok := status.FromError(err); ok {
-		return fmt.Errorf("%s: %s", strings.ToLower(strings.ReplaceAll(s.Code().String(), "_", " ")), s.Message())
+		return fmt.Errorf("%s: %s", codeWords(s.Code().String()), s.Message())
 	}
 	return err
+}
+
+// codeWords turns a gRPC code name ("PermissionDenied") into words
+// ("permission denied").
+func codeWords(name string) string {
+	var b strings.Builder
+	for i, r := range name {
+		if i > 0 && r >= 'A' && r <= 'Z' {
+			b.WriteByte(' ')
+		}
+		b.WriteRune(r)
+	}
+	return strings.ToLower(b.String())
 }
 
 func newApplyCmd(g *globals) *cobra.Command {

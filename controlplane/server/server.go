@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -286,5 +287,10 @@ func toStatus(err error) error {
 	default:
 		code = codes.Internal
 	}
-	return status.Error(code, err.Error())
+	// The code says what the sentinel would: the message keeps the rest.
+	msg := err.Error()
+	for _, sentinel := range []error{ErrUnauthenticated, ErrPermissionDenied, ErrBadRequest, ErrUnavailable} {
+		msg = strings.TrimPrefix(msg, sentinel.Error()+": ")
+	}
+	return status.Error(code, msg)
 }

@@ -112,15 +112,13 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 		if perr != nil {
 			return perr
 		}
-		if err := runPending(ctx, p, ln, o.Logger, o.Clock); err != nil {
+		// The pending server and then the full control plane serve views
+		// of one listener: clients are never refused during the switch.
+		h := newHandoff(ln)
+		if err := runPending(ctx, p, h.view(), o.Logger, o.Clock); err != nil {
 			return err
 		}
-		// The pending server closed the listener: the full control plane
-		// listens again on the same address.
-		if ln, err = net.Listen("tcp", ln.Addr().String()); err != nil {
-			return fmt.Errorf("listen again after the join: %w", err)
-		}
-		defer ln.Close()
+		ln = h.view()
 		d, err = local.Load(o.Dir)
 	}
 	if err != nil {
