@@ -77,7 +77,7 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 	}
 	cs := tc.ConnectionState()
 	id, _ := x509svid.IDFromCert(cs.PeerCertificates[0]) // verified by verifyEntry
-	ec := &entryConn{conn: tc, chain: cs.PeerCertificates, id: id}
+	ec := &entryConn{conn: c, chain: cs.PeerCertificates, id: id}
 	if !g.trackEntry(ec) {
 		c.Close()
 		return
@@ -150,6 +150,12 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 		return
 	}
 	tc.SetWriteDeadline(time.Time{})
+	if cs.NegotiatedProtocol == tunnel.ALPNEntryRaw {
+		// The sidecar waits for the reply before it sends a relayed byte:
+		// from here on, the TCP connection itself (see ALPNEntryRaw).
+		g.relay(str, c, dirOutbound)
+		return
+	}
 	g.relay(str, tc, dirOutbound)
 }
 

@@ -94,7 +94,7 @@ type connKey struct{ peer, direction string }
 
 // entryConn is a sidecar's connection to the entry listener.
 type entryConn struct {
-	conn   *tls.Conn
+	conn   net.Conn // the TCP connection under the TLS session
 	chain  []*x509.Certificate
 	id     spiffeid.ID
 	target atomic.Pointer[string] // the peer cluster, once the header is read
@@ -150,7 +150,7 @@ func New(cfg Config) (*Gateway, error) {
 		NextProtos:         protos,
 		GetConfigForClient: g.configForClient,
 	}
-	g.entryTLS = creds.ServerTLS([]string{tunnel.ALPNEntry}, g.verifyEntry)
+	g.entryTLS = creds.ServerTLS([]string{tunnel.ALPNEntryRaw, tunnel.ALPNEntry}, g.verifyEntry)
 	g.entryTLS.ClientAuth = tls.RequestClientCert
 
 	base := quic.Config{

@@ -335,7 +335,7 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 		if err := hdr.Validate(); err != nil {
 			return nil, fmt.Errorf("endpoint %s: %w", ep.Key, err)
 		}
-		d := &tls.Dialer{NetDialer: nd, Config: o.creds.ClientTLS([]string{tunnel.ALPNEntry}, o.serverVerifier(gwID))}
+		d := &tls.Dialer{NetDialer: nd, Config: o.creds.ClientTLS([]string{tunnel.ALPNEntryRaw}, o.serverVerifier(gwID))}
 		c, err := d.DialContext(ctx, "tcp", gw)
 		if err != nil {
 			return nil, fmt.Errorf("gateway %s: %w", gw, err)
@@ -356,7 +356,9 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 			return nil, fmt.Errorf("through gateway %s to %s: %w", gw, hdr, err)
 		}
 		c.SetDeadline(time.Time{})
-		return c, nil
+		// After the reply the workload mTLS runs on the TCP connection
+		// itself (tunnel.ALPNEntryRaw): the gateway relays it unopened.
+		return c.(*tls.Conn).NetConn(), nil
 	}
 }
 

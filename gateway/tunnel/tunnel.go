@@ -23,8 +23,18 @@ const (
 	// ALPNPeer is negotiated between gateways over QUIC (mTLS, gateway SVIDs).
 	ALPNPeer = "strait-gw/1"
 	// ALPNEntry is negotiated by a sidecar connecting to its own cluster's
-	// gateway over TCP+TLS (mTLS, the workload's SVID).
+	// gateway over TCP+TLS (mTLS, the workload's SVID); the relayed bytes
+	// stay inside that TLS session.
 	ALPNEntry = "strait-entry/1"
+	// ALPNEntryRaw is ALPNEntry where, after an OK reply, both sides
+	// continue on the TCP connection under the TLS session, outside it:
+	// the relayed bytes are the workload's own end-to-end mTLS, so a second
+	// layer of encryption on the local hop would only cost CPU and memory.
+	// The sidecar sends nothing after the header until it has read the
+	// reply, and the gateway nothing after the reply until it relays, so no
+	// relayed byte is ever read into a TLS record buffer. Preferred by
+	// gateways; the sidecar offers only this one.
+	ALPNEntryRaw = "strait-entry/2"
 	// ALPNJoin is negotiated by a cluster that joins a federation with a join
 	// token (QUIC, client certificate optional).
 	ALPNJoin = "strait-join/1"
