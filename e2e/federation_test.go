@@ -472,3 +472,32 @@ func TestThreeClusters(t *testing.T) {
 		t.Fatal("west reached south's payments without a link")
 	}
 }
+
+func TestLocalFirstThenPeer(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	be := east.workload("backend-e0", "backend", workloadOptions{})
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatal(err)
+	}
+	east.linkUp("west", 1)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 2)
+	client := &http.Client{Timeout: 5 * time.Second}
+	for i := range 30 {
+		code, r, err := get(client, fe.url("backend"))
+		if err != nil || code != http.StatusOK || r.Cluster != "east" {
+			t.Fatalf("request %d with a healthy local backend: %d %+v %v; want east", i, code, r, err)
+		}
+	}
+	// The local backend goes away: west answers.
+	be.stop()
+	waitUntil(t, 10*time.Second, "west answers once east's backend is gone", func() bool {
+		code, r, err := get(client, fe.url("backend"))
+		return err == nil && code == http.StatusOK && r.Cluster == "west"
+	})
+}

@@ -193,12 +193,17 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 			}
 			st.tunnels[ep.GetInstance()] = t
 		}
+		prio := 0
+		if ep.GetTunnel() != nil {
+			prio = 1 // peers only when the local cluster has nothing to offer
+		}
 		eps = append(eps, balance.Endpoint{
 			Key:      ep.GetInstance(),
 			Address:  ep.GetAddress(),
 			SPIFFEID: ep.GetSpiffeId(),
 			Cluster:  ep.GetCluster(),
 			Healthy:  ep.GetHealth() == controlplanev1.Health_HEALTH_HEALTHY,
+			Priority: prio,
 		})
 	}
 	u.lb.Update(eps)

@@ -88,7 +88,15 @@ type Endpoint struct {
 	Cluster string
 	// Healthy is the control plane's view; false means unhealthy or unknown.
 	Healthy bool
+	// Priority orders endpoints into failover tiers: a pick is made among
+	// the lowest priority that has a candidate at the best health level
+	// (0 = the local cluster, then peers). Values above MaxPriority count
+	// as MaxPriority.
+	Priority int
 }
+
+// MaxPriority is the highest distinct Endpoint.Priority.
+const MaxPriority = 7
 
 // OutlierConfig configures outlier ejection. The zero value disables it.
 type OutlierConfig struct {
@@ -380,41 +388,48 @@ func (b *Balancer) Pick(exclude ...string) (*Pick, error) {
 		masks = (*mp)[:n]
 		defer masksPool.Put(mp)
 	}
-	var counts [numTiers]int
+	// counts[tier][priority]: health levels first, then failover
+	// priority within a level (the local cluster before peers).
+	var counts [numTiers][MaxPriority + 1]int
 	for i := range s.eps {
 		m := tiers(&s.eps[i], now, exclude, c.panicMode)
 		masks[i] = m
+		p := s.eps[i].prio()
 		for t := range counts {
-			counts[t] += int(m >> t & 1)
+			counts[t][p] += int(m >> t & 1)
 		}
 	}
-	tier := -1
-	for t, k := range counts {
-		if k > 0 {
-			tier = t
-			break
+	tier, prio := -1, 0
+find:
+	for t := range counts {
+		for p, k := range counts[t] {
+			if k > 0 {
+				tier, prio = t, p
+				break find
+			}
 		}
 	}
 	if tier < 0 {
 		return nil, ErrNoHealthyEndpoints
 	}
 	bit := uint8(1) << tier
-	cnt := counts[tier]
+	cnt := counts[tier][prio]
+	pick := func(k int) int { return nth(s.eps, masks, bit, prio, k) }
 
 	var chosen int
 	switch {
 	case cnt == 1:
-		chosen = nth(masks, bit, 0)
+		chosen = pick(0)
 	case c.policy == RoundRobin:
-		chosen = nth(masks, bit, int((b.rr.Add(1)-1)%uint64(cnt)))
+		chosen = pick(int((b.rr.Add(1) - 1) % uint64(cnt)))
 	default:
 		i := c.rand(cnt)
 		j := c.rand(cnt - 1)
 		if j >= i {
 			j++
 		}
-		chosen = nth(masks, bit, i)
-		if other := nth(masks, bit, j); better(s.eps[other].st, s.eps[chosen].st, c, now) {
+		chosen = pick(i)
+		if other := pick(j); better(s.eps[other].st, s.eps[chosen].st, c, now) {
 			chosen = other
 		}
 	}
@@ -456,10 +471,14 @@ func tiers(e *entry, now int64, exclude []string, panicMode bool) uint8 {
 	return m
 }
 
-// nth returns the index of the k-th (from 0) mask with bit set.
-func nth(masks []uint8, bit uint8, k int) int {
+// prio is the endpoint's failover priority, clamped.
+func (e *entry) prio() int { return min(max(e.ep.Priority, 0), MaxPriority) }
+
+// nth returns the index of the k-th (from 0) endpoint of priority prio
+// whose mask has bit set.
+func nth(eps []entry, masks []uint8, bit uint8, prio, k int) int {
 	for i, m := range masks {
-		if m&bit != 0 {
+		if m&bit != 0 && eps[i].prio() == prio {
 			if k == 0 {
 				return i
 			}

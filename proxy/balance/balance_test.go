@@ -749,3 +749,64 @@ func BenchmarkPick(b *testing.B) {
 		}
 	})
 }
+
+func TestPriorityTiers(t *testing.T) {
+	eps := healthy("local-a", "local-b", "remote-w", "remote-s")
+	eps[2].Priority, eps[3].Priority = 1, 2
+	for _, policy := range []Policy{P2CEWMA, LeastRequest, RoundRobin} {
+		t.Run(policy.String(), func(t *testing.T) {
+			b, clk := newTestBalancer(t, Config{Policy: policy, Outlier: OutlierConfig{ConsecutiveErrors: 1, BaseEjectionTime: time.Minute, MaxEjectionPercent: 100}}, eps)
+			for range 50 {
+				p := mustPick(t, b)
+				if p.Endpoint.Priority != 0 {
+					t.Fatalf("picked %s while local endpoints are healthy", p.Endpoint.Key)
+				}
+				p.Done(time.Millisecond, Success)
+			}
+			// A retry that tried both local endpoints goes to the next tier.
+			if p := mustPick(t, b, "local-a", "local-b"); p.Endpoint.Key != "remote-w" {
+				t.Fatalf("retry after both locals: %s, want remote-w", p.Endpoint.Key)
+			} else {
+				p.Done(time.Millisecond, Success)
+			}
+			// Both local endpoints ejected: traffic fails over to the first peer.
+			for _, k := range []string{"local-a", "local-b"} {
+				for {
+					p := mustPick(t, b)
+					if p.Endpoint.Key == k {
+						p.Done(time.Millisecond, Failure)
+						break
+					}
+					p.Done(time.Millisecond, Success)
+				}
+			}
+			for range 20 {
+				p := mustPick(t, b)
+				if p.Endpoint.Key != "remote-w" {
+					t.Fatalf("with locals ejected: %s, want remote-w", p.Endpoint.Key)
+				}
+				p.Done(time.Millisecond, Success)
+			}
+			// Back after the ejection: local again.
+			clk.Advance(2 * time.Minute)
+			if p := mustPick(t, b); p.Endpoint.Priority != 0 {
+				t.Fatalf("after the ejection ended: %s, want a local endpoint", p.Endpoint.Key)
+			}
+		})
+	}
+	// Unhealthy locals: a healthy peer wins over panic-mode locals.
+	eps2 := healthy("local-a", "remote-w")
+	eps2[0].Healthy = false
+	eps2[1].Priority = 1
+	b, _ := newTestBalancer(t, Config{}, eps2)
+	if p := mustPick(t, b); p.Endpoint.Key != "remote-w" || p.Panic {
+		t.Fatalf("unhealthy local: picked %s (panic %v), want remote-w", p.Endpoint.Key, p.Panic)
+	}
+	// Out-of-range priorities are clamped, not dropped.
+	eps3 := healthy("x")
+	eps3[0].Priority = 99
+	b, _ = newTestBalancer(t, Config{}, eps3)
+	if p := mustPick(t, b); p.Endpoint.Key != "x" {
+		t.Fatalf("clamped priority: %s", p.Endpoint.Key)
+	}
+}
