@@ -501,3 +501,37 @@ func TestLocalFirstThenPeer(t *testing.T) {
 		return err == nil && code == http.StatusOK && r.Cluster == "west"
 	})
 }
+
+func TestFailoverUnderLoad(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	b0 := east.workload("backend-e0", "backend", workloadOptions{})
+	b1 := east.workload("backend-e1", "backend", workloadOptions{})
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatal(err)
+	}
+	east.linkUp("west", 1)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 3)
+	l := startLoad(fe.url("backend"), 4, 20*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	b0.stop()
+	b1.stop()
+	client := &http.Client{Timeout: 5 * time.Second}
+	start := time.Now()
+	waitUntil(t, 5*time.Second, "west answers", func() bool {
+		code, r, err := get(client, fe.url("backend"))
+		return err == nil && code == http.StatusOK && r.Cluster == "west"
+	})
+	took := time.Since(start)
+	time.Sleep(500 * time.Millisecond)
+	ok, fail, errs := l.finish()
+	t.Logf("failover: west answering %s after the local backends stopped; %d ok, %d failed %v", took.Round(time.Millisecond), ok, fail, errs)
+	if fail > 0 {
+		t.Errorf("%d of %d requests failed during the failover: %v", fail, ok+fail, errs)
+	}
+}
