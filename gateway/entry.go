@@ -152,7 +152,9 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 	tc.SetWriteDeadline(time.Time{})
 	if cs.NegotiatedProtocol == tunnel.ALPNEntryRaw {
 		// The sidecar waits for the reply before it sends a relayed byte:
-		// from here on, the TCP connection itself (see ALPNEntryRaw).
+		// from here on, the TCP connection itself (see ALPNEntryRaw). The
+		// TLS session's buffers are dropped for the life of the relay.
+		tc = nil
 		g.relay(str, c, dirOutbound)
 		return
 	}

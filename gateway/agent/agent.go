@@ -16,6 +16,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"runtime/metrics"
 	"slices"
 	"sync"
 	"time"
@@ -167,6 +169,7 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Go(func() { errc <- a.id.RenewLoop(ctx) })
 	wg.Go(func() { errc <- a.watchLoop(ctx, entryAddr) })
 	wg.Go(func() { errc <- a.reportLoop(ctx) })
+	wg.Go(func() { releaseLoop(ctx, 5*time.Second, 32<<20) })
 	return <-errc
 }
 
@@ -550,6 +553,26 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 		req.Peers = append(req.Peers, r)
 	}
 	return req
+}
+
+// releaseLoop returns free heap memory to the OS when more than limit
+// bytes of it are held: after a burst of streams closes, the Go runtime
+// would otherwise keep it resident for minutes.
+func releaseLoop(ctx context.Context, every time.Duration, limit uint64) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		metrics.Read(sample)
+		if sample[0].Value.Kind() == metrics.KindUint64 && sample[0].Value.Uint64() > limit {
+			debug.FreeOSMemory()
+		}
+	}
 }
 
 // loadResetKey reads the QUIC stateless reset key kept in dir, creating it
