@@ -221,6 +221,7 @@ func TestDefaultTrafficPolicy(t *testing.T) {
 		LoadBalancer:     controlplanev1.LoadBalancer_LOAD_BALANCER_P2C_EWMA,
 		OutlierDetection: &controlplanev1.OutlierDetection{ConsecutiveErrors: 5, BaseEjectionTime: dur(30 * time.Second), MaxEjectionPercent: 50},
 		ConnectionLimits: &controlplanev1.ConnectionLimits{MaxConnections: 1024, MaxPendingRequests: 1024, MaxRequests: 1024},
+		Failover:         &controlplanev1.Failover{SlowStart: dur(10 * time.Second), Staleness: dur(30 * time.Second)},
 	}
 	if got := DefaultTrafficPolicy(); !proto.Equal(got, want) {
 		t.Errorf("got  %v\nwant %v", got, want)
@@ -953,5 +954,37 @@ spec: {toClusters: [West, west, west], toCluster: [x]}
 	_, err = Load([]byte("apiVersion: strait.dev/v1alpha1\nkind: ServiceExport\nmetadata: {name: a}\n"), td)
 	if err == nil || !strings.Contains(err.Error(), "multicluster.x-k8s.io/v1alpha1") {
 		t.Errorf("wrong apiVersion: %v", err)
+	}
+}
+
+func TestTrafficPolicyFailover(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("strait.example")
+	objs, err := Load([]byte(`
+apiVersion: strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend}
+spec:
+  service: backend
+  failover: {peers: [west, south], spillThreshold: 50, slowStart: 20s, staleness: 15s}
+`), td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := objs[0].(*TrafficPolicy).Proto().GetFailover()
+	if len(f.GetPeers()) != 2 || f.GetPeers()[0] != "west" || f.GetSpillThresholdPercent() != 50 || f.GetSlowStart().AsDuration() != 20*time.Second || f.GetStaleness().AsDuration() != 15*time.Second || f.GetByRtt() {
+		t.Fatalf("failover: %v", f)
+	}
+	_, err = Load([]byte(`
+apiVersion: strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend}
+spec:
+  service: backend
+  failover: {peers: [West, west, west], order: rtt, spillThreshold: 150, staleness: 0s, slowStart: -1s}
+`), td)
+	for _, want := range []string{"spec.failover.peers[0]", `"west" listed twice`, "spec.failover.order", "spec.failover.spillThreshold", "spec.failover.staleness", "spec.failover.slowStart"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not mention %s", err, want)
+		}
 	}
 }

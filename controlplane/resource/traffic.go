@@ -1,6 +1,8 @@
 package resource
 
 import (
+	"github.com/straitmesh/strait/ca/identity"
+
 	"slices"
 	"time"
 
@@ -53,6 +55,31 @@ type TrafficPolicySpec struct {
 	LoadBalancing    *LoadBalancing    `json:"loadBalancing,omitempty"`
 	OutlierDetection *OutlierDetection `json:"outlierDetection,omitempty"`
 	ConnectionLimits *ConnectionLimits `json:"connectionLimits,omitempty"`
+	Failover         *Failover         `json:"failover,omitempty"`
+}
+
+// Failover says how traffic for the service leaves the local cluster.
+// Without it, the local cluster comes first, then every peer that exports
+// the service, in one tier.
+type Failover struct {
+	// Peers lists peer clusters in failover order after the local one;
+	// peers not listed get none of the service's traffic. Empty means
+	// every peer that exports the service.
+	Peers []string `json:"peers,omitempty"`
+	// Order is "listed" (default) or "rtt": peers by the round-trip time
+	// their gateways measure, nearest first (only with Peers empty).
+	Order string `json:"order,omitempty"`
+	// SpillThreshold is a percentage, 0 to 100: when the healthy share of
+	// the local endpoints drops below it, that share of traffic moves to
+	// the next tier. 0 (the default) moves traffic only when no local
+	// endpoint is healthy.
+	SpillThreshold *uint32 `json:"spillThreshold,omitempty" range:"0,100"`
+	// SlowStart ramps endpoints that come back up over this long
+	// (default 10s; 0 disables).
+	SlowStart *Duration `json:"slowStart,omitempty"`
+	// Staleness expires the endpoints of a peer not heard from for this
+	// long (default 30s).
+	Staleness *Duration `json:"staleness,omitempty"`
 }
 
 // Timeouts bound connecting and whole requests. Both must be positive.
@@ -149,6 +176,23 @@ func (p *TrafficPolicy) validate(v *validator) {
 	if o := s.OutlierDetection; o != nil {
 		positive(v, "spec.outlierDetection.baseEjectionTime", o.BaseEjectionTime)
 	}
+	if f := s.Failover; f != nil {
+		for i, c := range f.Peers {
+			p := index("spec.failover.peers", i)
+			if err := identity.ValidateClusterName(c); err != nil {
+				v.add(p, "%v", err)
+			} else if slices.Index(f.Peers, c) < i {
+				v.add(p, "cluster %s listed twice", quote(c))
+			}
+		}
+		if f.Order != "" && v.enum("spec.failover.order", f.Order, []string{"listed", "rtt"}) && f.Order == "rtt" && len(f.Peers) > 0 {
+			v.add("spec.failover.order", "rtt orders every exporting peer: leave peers empty, or use order listed")
+		}
+		if f.SlowStart != nil && *f.SlowStart < 0 {
+			v.add("spec.failover.slowStart", "must not be negative, got %s", f.SlowStart)
+		}
+		positive(v, "spec.failover.staleness", f.Staleness)
+	}
 }
 
 func positive(v *validator, path string, d *Duration) {
@@ -156,6 +200,12 @@ func positive(v *validator, path string, d *Duration) {
 		v.add(path, "must be positive, got %s", d)
 	}
 }
+
+// Failover defaults.
+const (
+	DefaultSlowStart = 10 * time.Second
+	DefaultStaleness = 30 * time.Second
+)
 
 // DefaultTrafficPolicy returns the policy of a service that has no
 // TrafficPolicy: every field at its default.
@@ -191,6 +241,10 @@ func (p *TrafficPolicy) Proto() *controlplanev1.TrafficPolicy {
 			MaxPendingRequests: defaultConnectionLimit,
 			MaxRequests:        defaultConnectionLimit,
 		},
+		Failover: &controlplanev1.Failover{
+			SlowStart: durationpb.New(DefaultSlowStart),
+			Staleness: durationpb.New(DefaultStaleness),
+		},
 	}
 	if t := s.Timeouts; t != nil {
 		setDuration(&out.ConnectTimeout, t.Connect)
@@ -211,6 +265,13 @@ func (p *TrafficPolicy) Proto() *controlplanev1.TrafficPolicy {
 		if v, ok := loadBalancerPolicies[lb.Policy]; ok {
 			out.LoadBalancer = v
 		}
+	}
+	if f := s.Failover; f != nil {
+		out.Failover.Peers = slices.Clone(f.Peers)
+		out.Failover.ByRtt = f.Order == "rtt"
+		setUint(&out.Failover.SpillThresholdPercent, f.SpillThreshold)
+		setDuration(&out.Failover.SlowStart, f.SlowStart)
+		setDuration(&out.Failover.Staleness, f.Staleness)
 	}
 	if o := s.OutlierDetection; o != nil {
 		setUint(&out.OutlierDetection.ConsecutiveErrors, o.ConsecutiveErrors)

@@ -908,7 +908,10 @@ type Endpoint struct {
 	Tunnel *Tunnel `protobuf:"bytes,7,opt,name=tunnel,proto3" json:"tunnel,omitempty"`
 	// Relative weight among the service's endpoints; zero means 1. A
 	// remote endpoint weighs its count of healthy instances.
-	Weight        uint32 `protobuf:"varint,8,opt,name=weight,proto3" json:"weight,omitempty"`
+	Weight uint32 `protobuf:"varint,8,opt,name=weight,proto3" json:"weight,omitempty"`
+	// Failover tier: 0 is the local cluster, then peers in the service's
+	// failover order.
+	Priority      uint32 `protobuf:"varint,9,opt,name=priority,proto3" json:"priority,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -999,6 +1002,13 @@ func (x *Endpoint) GetWeight() uint32 {
 	return 0
 }
 
+func (x *Endpoint) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
 // Tunnel says how to reach a service in a peer cluster.
 type Tunnel struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1081,6 +1091,7 @@ type TrafficPolicy struct {
 	LoadBalancer     LoadBalancer         `protobuf:"varint,4,opt,name=load_balancer,json=loadBalancer,proto3,enum=strait.controlplane.v1.LoadBalancer" json:"load_balancer,omitempty"`
 	OutlierDetection *OutlierDetection    `protobuf:"bytes,5,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
 	ConnectionLimits *ConnectionLimits    `protobuf:"bytes,6,opt,name=connection_limits,json=connectionLimits,proto3" json:"connection_limits,omitempty"`
+	Failover         *Failover            `protobuf:"bytes,7,opt,name=failover,proto3" json:"failover,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -1157,6 +1168,98 @@ func (x *TrafficPolicy) GetConnectionLimits() *ConnectionLimits {
 	return nil
 }
 
+func (x *TrafficPolicy) GetFailover() *Failover {
+	if x != nil {
+		return x.Failover
+	}
+	return nil
+}
+
+// Failover says how traffic leaves the local cluster for peers.
+type Failover struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Peers in failover order after the local cluster; empty means every
+	// peer that exports the service, in one tier (or by RTT with by_rtt).
+	Peers []string `protobuf:"bytes,1,rep,name=peers,proto3" json:"peers,omitempty"`
+	// Order peers by the RTT their gateways measure, nearest first.
+	ByRtt bool `protobuf:"varint,2,opt,name=by_rtt,json=byRtt,proto3" json:"by_rtt,omitempty"`
+	// When the healthy share of a tier drops below this percentage, that
+	// share of its traffic moves to the next tier; 0 moves traffic only when
+	// the tier has no healthy endpoint.
+	SpillThresholdPercent uint32 `protobuf:"varint,3,opt,name=spill_threshold_percent,json=spillThresholdPercent,proto3" json:"spill_threshold_percent,omitempty"`
+	// Endpoints coming back ramp up over this long.
+	SlowStart *durationpb.Duration `protobuf:"bytes,4,opt,name=slow_start,json=slowStart,proto3" json:"slow_start,omitempty"`
+	// Endpoints of a peer not heard from for this long expire.
+	Staleness     *durationpb.Duration `protobuf:"bytes,5,opt,name=staleness,proto3" json:"staleness,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Failover) Reset() {
+	*x = Failover{}
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Failover) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Failover) ProtoMessage() {}
+
+func (x *Failover) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Failover.ProtoReflect.Descriptor instead.
+func (*Failover) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Failover) GetPeers() []string {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+func (x *Failover) GetByRtt() bool {
+	if x != nil {
+		return x.ByRtt
+	}
+	return false
+}
+
+func (x *Failover) GetSpillThresholdPercent() uint32 {
+	if x != nil {
+		return x.SpillThresholdPercent
+	}
+	return 0
+}
+
+func (x *Failover) GetSlowStart() *durationpb.Duration {
+	if x != nil {
+		return x.SlowStart
+	}
+	return nil
+}
+
+func (x *Failover) GetStaleness() *durationpb.Duration {
+	if x != nil {
+		return x.Staleness
+	}
+	return nil
+}
+
 // RetryPolicy says when and how often to retry.
 type RetryPolicy struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1175,7 +1278,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1187,7 +1290,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1200,7 +1303,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RetryPolicy) GetAttempts() uint32 {
@@ -1252,7 +1355,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1264,7 +1367,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1277,7 +1380,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *OutlierDetection) GetConsecutiveErrors() uint32 {
@@ -1313,7 +1416,7 @@ type ConnectionLimits struct {
 
 func (x *ConnectionLimits) Reset() {
 	*x = ConnectionLimits{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1325,7 +1428,7 @@ func (x *ConnectionLimits) String() string {
 func (*ConnectionLimits) ProtoMessage() {}
 
 func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1338,7 +1441,7 @@ func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionLimits.ProtoReflect.Descriptor instead.
 func (*ConnectionLimits) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ConnectionLimits) GetMaxConnections() uint32 {
@@ -1375,7 +1478,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1387,7 +1490,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1400,7 +1503,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Authorization) GetAllow() []*AuthorizationRule {
@@ -1432,7 +1535,7 @@ type AuthorizationRule struct {
 
 func (x *AuthorizationRule) Reset() {
 	*x = AuthorizationRule{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1547,7 @@ func (x *AuthorizationRule) String() string {
 func (*AuthorizationRule) ProtoMessage() {}
 
 func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1560,7 @@ func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationRule.ProtoReflect.Descriptor instead.
 func (*AuthorizationRule) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AuthorizationRule) GetPolicy() string {
@@ -1527,7 +1630,7 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12<\n" +
 	"\bprotocol\x18\x03 \x01(\x0e2 .strait.controlplane.v1.ProtocolR\bprotocol\x12>\n" +
 	"\tendpoints\x18\x04 \x03(\v2 .strait.controlplane.v1.EndpointR\tendpoints\x12=\n" +
-	"\x06policy\x18\x05 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\"\xbd\x02\n" +
+	"\x06policy\x18\x05 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\"\xd9\x02\n" +
 	"\bEndpoint\x12\x1a\n" +
 	"\binstance\x18\x01 \x01(\tR\binstance\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x18\n" +
@@ -1536,19 +1639,28 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\blocality\x18\x05 \x01(\v2 .strait.controlplane.v1.LocalityR\blocality\x12\x1b\n" +
 	"\tspiffe_id\x18\x06 \x01(\tR\bspiffeId\x126\n" +
 	"\x06tunnel\x18\a \x01(\v2\x1e.strait.controlplane.v1.TunnelR\x06tunnel\x12\x16\n" +
-	"\x06weight\x18\b \x01(\rR\x06weight\"\x8b\x01\n" +
+	"\x06weight\x18\b \x01(\rR\x06weight\x12\x1a\n" +
+	"\bpriority\x18\t \x01(\rR\bpriority\"\x8b\x01\n" +
 	"\x06Tunnel\x12'\n" +
 	"\x0fgateway_address\x18\x01 \x01(\tR\x0egatewayAddress\x12*\n" +
 	"\x11gateway_spiffe_id\x18\x02 \x01(\tR\x0fgatewaySpiffeId\x12\x18\n" +
 	"\acluster\x18\x03 \x01(\tR\acluster\x12\x12\n" +
-	"\x04port\x18\x04 \x01(\rR\x04port\"\xcf\x03\n" +
+	"\x04port\x18\x04 \x01(\rR\x04port\"\x8d\x04\n" +
 	"\rTrafficPolicy\x12B\n" +
 	"\x0fconnect_timeout\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12B\n" +
 	"\x0frequest_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0erequestTimeout\x12=\n" +
 	"\aretries\x18\x03 \x01(\v2#.strait.controlplane.v1.RetryPolicyR\aretries\x12I\n" +
 	"\rload_balancer\x18\x04 \x01(\x0e2$.strait.controlplane.v1.LoadBalancerR\floadBalancer\x12U\n" +
 	"\x11outlier_detection\x18\x05 \x01(\v2(.strait.controlplane.v1.OutlierDetectionR\x10outlierDetection\x12U\n" +
-	"\x11connection_limits\x18\x06 \x01(\v2(.strait.controlplane.v1.ConnectionLimitsR\x10connectionLimits\"\xe3\x01\n" +
+	"\x11connection_limits\x18\x06 \x01(\v2(.strait.controlplane.v1.ConnectionLimitsR\x10connectionLimits\x12<\n" +
+	"\bfailover\x18\a \x01(\v2 .strait.controlplane.v1.FailoverR\bfailover\"\xe2\x01\n" +
+	"\bFailover\x12\x14\n" +
+	"\x05peers\x18\x01 \x03(\tR\x05peers\x12\x15\n" +
+	"\x06by_rtt\x18\x02 \x01(\bR\x05byRtt\x126\n" +
+	"\x17spill_threshold_percent\x18\x03 \x01(\rR\x15spillThresholdPercent\x128\n" +
+	"\n" +
+	"slow_start\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\tslowStart\x127\n" +
+	"\tstaleness\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\tstaleness\"\xe3\x01\n" +
 	"\vRetryPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\rR\battempts\x12A\n" +
 	"\x0fper_try_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\rperTryTimeout\x12\x19\n" +
@@ -1605,7 +1717,7 @@ func file_controlplane_api_v1_discovery_proto_rawDescGZIP() []byte {
 }
 
 var file_controlplane_api_v1_discovery_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(Protocol)(0),                // 0: strait.controlplane.v1.Protocol
 	(Health)(0),                  // 1: strait.controlplane.v1.Health
@@ -1625,54 +1737,58 @@ var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(*Endpoint)(nil),             // 15: strait.controlplane.v1.Endpoint
 	(*Tunnel)(nil),               // 16: strait.controlplane.v1.Tunnel
 	(*TrafficPolicy)(nil),        // 17: strait.controlplane.v1.TrafficPolicy
-	(*RetryPolicy)(nil),          // 18: strait.controlplane.v1.RetryPolicy
-	(*OutlierDetection)(nil),     // 19: strait.controlplane.v1.OutlierDetection
-	(*ConnectionLimits)(nil),     // 20: strait.controlplane.v1.ConnectionLimits
-	(*Authorization)(nil),        // 21: strait.controlplane.v1.Authorization
-	(*AuthorizationRule)(nil),    // 22: strait.controlplane.v1.AuthorizationRule
-	(*durationpb.Duration)(nil),  // 23: google.protobuf.Duration
-	(*TrustBundle)(nil),          // 24: strait.controlplane.v1.TrustBundle
+	(*Failover)(nil),             // 18: strait.controlplane.v1.Failover
+	(*RetryPolicy)(nil),          // 19: strait.controlplane.v1.RetryPolicy
+	(*OutlierDetection)(nil),     // 20: strait.controlplane.v1.OutlierDetection
+	(*ConnectionLimits)(nil),     // 21: strait.controlplane.v1.ConnectionLimits
+	(*Authorization)(nil),        // 22: strait.controlplane.v1.Authorization
+	(*AuthorizationRule)(nil),    // 23: strait.controlplane.v1.AuthorizationRule
+	(*durationpb.Duration)(nil),  // 24: google.protobuf.Duration
+	(*TrustBundle)(nil),          // 25: strait.controlplane.v1.TrustBundle
 }
 var file_controlplane_api_v1_discovery_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.Instance.protocol:type_name -> strait.controlplane.v1.Protocol
 	3,  // 1: strait.controlplane.v1.Instance.locality:type_name -> strait.controlplane.v1.Locality
 	4,  // 2: strait.controlplane.v1.RegisterRequest.instance:type_name -> strait.controlplane.v1.Instance
-	23, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
+	24, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
 	1,  // 4: strait.controlplane.v1.ReportHealthRequest.health:type_name -> strait.controlplane.v1.Health
-	23, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
+	24, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
 	13, // 6: strait.controlplane.v1.WatchResponse.snapshot:type_name -> strait.controlplane.v1.Snapshot
 	14, // 7: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
-	21, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
-	24, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	22, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
+	25, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
 	0,  // 10: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
 	15, // 11: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
 	17, // 12: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
 	1,  // 13: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
 	3,  // 14: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
 	16, // 15: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
-	23, // 16: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	23, // 17: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
-	18, // 18: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
+	24, // 16: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	24, // 17: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
+	19, // 18: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
 	2,  // 19: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
-	19, // 20: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
-	20, // 21: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
-	23, // 22: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
-	23, // 23: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	22, // 24: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
-	22, // 25: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
-	5,  // 26: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
-	7,  // 27: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
-	9,  // 28: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
-	11, // 29: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
-	6,  // 30: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
-	8,  // 31: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
-	10, // 32: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
-	12, // 33: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
-	30, // [30:34] is the sub-list for method output_type
-	26, // [26:30] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	20, // 20: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
+	21, // 21: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
+	18, // 22: strait.controlplane.v1.TrafficPolicy.failover:type_name -> strait.controlplane.v1.Failover
+	24, // 23: strait.controlplane.v1.Failover.slow_start:type_name -> google.protobuf.Duration
+	24, // 24: strait.controlplane.v1.Failover.staleness:type_name -> google.protobuf.Duration
+	24, // 25: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
+	24, // 26: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	23, // 27: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
+	23, // 28: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
+	5,  // 29: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
+	7,  // 30: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
+	9,  // 31: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
+	11, // 32: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
+	6,  // 33: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
+	8,  // 34: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
+	10, // 35: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
+	12, // 36: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
+	33, // [33:37] is the sub-list for method output_type
+	29, // [29:33] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_discovery_proto_init() }
@@ -1687,7 +1803,7 @@ func file_controlplane_api_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_discovery_proto_rawDesc), len(file_controlplane_api_v1_discovery_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
