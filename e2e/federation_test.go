@@ -535,3 +535,42 @@ func TestFailoverUnderLoad(t *testing.T) {
 		t.Errorf("%d of %d requests failed during the failover: %v", fail, ok+fail, errs)
 	}
 }
+
+func TestFailoverOrderFromPolicy(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	south := newCluster(t, "south", clusterOptions{meshOf: east})
+	for _, c := range []*cluster{east, west, south} {
+		c.startGateway("")
+	}
+	for _, c := range []*cluster{west, south} {
+		c.workload("backend-"+c.name, "backend", workloadOptions{})
+		c.mustApply(exportBackend)
+		if _, err := c.join(east.joinToken(c.name)); err != nil {
+			t.Fatal(err)
+		}
+		east.linkUp(c.name, 1)
+	}
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 2)
+	client := &http.Client{Timeout: 5 * time.Second}
+	answers := func(n int) map[string]int {
+		got := map[string]int{}
+		for range n {
+			if code, r, err := get(client, fe.url("backend")); err == nil && code == http.StatusOK {
+				got[r.Cluster]++
+			}
+		}
+		return got
+	}
+	policy := func(peers string) string {
+		return "apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {peers: [" + peers + "]}\n"
+	}
+	for _, tc := range []struct{ peers, want string }{{"south, west", "south"}, {"west, south", "west"}, {"west", "west"}} {
+		east.mustApply(policy(tc.peers))
+		waitUntil(t, 10*time.Second, "traffic follows failover order "+tc.peers, func() bool {
+			got := answers(20)
+			return got[tc.want] == 20
+		})
+	}
+}

@@ -193,9 +193,11 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 			}
 			st.tunnels[ep.GetInstance()] = t
 		}
-		prio := 0
-		if ep.GetTunnel() != nil {
-			prio = 1 // peers only when the local cluster has nothing to offer
+		// Failover tier from the control plane; a peer's endpoint is never
+		// in the local tier.
+		prio := int(ep.GetPriority())
+		if ep.GetTunnel() != nil && prio == 0 {
+			prio = 1
 		}
 		eps = append(eps, balance.Endpoint{
 			Key:      ep.GetInstance(),

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -48,6 +49,7 @@ type fedWorld struct {
 	links     []store.Link                               // by creation, then peer
 	exports   map[string]*resource.ServiceExport         // "namespace/name"
 	imports   map[string][]*federationv1.ExportedService // by peer
+	rtt       map[string]time.Duration                   // by peer, as its gateway measured it
 	entry     string                                     // a live gateway's entry address
 	gatewayID string
 	conflicts map[string][]string // by peer: "namespace/name: why"
@@ -67,7 +69,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		return strings.Compare(a.Peer, b.Peer)
 	})
 	gw, _ := identity.Gateway(s.cfg.TrustDomain, s.cfg.Cluster)
-	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
+	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
 	for _, l := range links {
 		fmt.Fprintf(h, "l\x00%s\x00%s\x00%s\n", l.Peer, l.ID, strings.Join(l.PeerGateways, ","))
 	}
@@ -90,13 +92,20 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		if g.reported.After(at) {
 			at = g.reported
 			clear(f.imports)
+			clear(f.rtt)
 			for peer, r := range g.reports {
 				f.imports[peer] = r.GetImports()
+				// RTT orders failover tiers: kept to 1ms steps so that
+				// jitter does not rebuild every snapshot.
+				f.rtt[peer] = r.GetRtt().AsDuration().Round(time.Millisecond)
 			}
 		}
 	}
 	s.mu.Unlock()
 	fmt.Fprintf(h, "g\x00%s\n", f.entry)
+	for _, peer := range slices.Sorted(maps.Keys(f.rtt)) {
+		fmt.Fprintf(h, "t\x00%s\x00%d\n", peer, f.rtt[peer])
+	}
 	linked := map[string]bool{}
 	for _, l := range links {
 		linked[l.Peer] = true
@@ -165,6 +174,7 @@ func remoteEndpoints(w *world, svc *controlplanev1.Service, ns, name string, hav
 	if f.entry == "" {
 		return // no gateway: peers are out of reach
 	}
+	tiers := failoverTiers(svc.GetPolicy().GetFailover(), f)
 	for _, l := range f.links {
 		if f.conflicted(l.Peer, ns, name) {
 			continue
@@ -188,13 +198,58 @@ func remoteEndpoints(w *world, svc *controlplanev1.Service, ns, name string, hav
 			if es.GetHealthy() == 0 {
 				health = controlplanev1.Health_HEALTH_UNHEALTHY
 			}
+			prio, ok := tiers[l.Peer]
+			if !ok {
+				continue // the service's failover policy leaves this peer out
+			}
 			svc.Endpoints = append(svc.Endpoints, &controlplanev1.Endpoint{
 				Instance: l.Peer + "/" + name, Address: f.entry, Cluster: l.Peer, Health: health,
-				SpiffeId: es.GetSpiffeIds()[0], Weight: max(es.GetHealthy(), 1),
+				SpiffeId: es.GetSpiffeIds()[0], Weight: max(es.GetHealthy(), 1), Priority: prio,
 				Tunnel: &controlplanev1.Tunnel{GatewayAddress: f.entry, GatewaySpiffeId: f.gatewayID, Cluster: l.Peer, Port: port},
 			})
 		}
 	}
+}
+
+// failoverTiers gives each linked peer its failover priority for one
+// service (the local cluster is 0): the policy's peers in their order
+// (unlisted peers get nothing), or all peers by measured RTT, nearest
+// first, or by default every peer in one tier.
+func failoverTiers(p *controlplanev1.Failover, f *fedWorld) map[string]uint32 {
+	out := map[string]uint32{}
+	switch {
+	case len(p.GetPeers()) > 0:
+		for i, peer := range p.GetPeers() {
+			out[peer] = uint32(i + 1)
+		}
+	case p.GetByRtt():
+		peers := make([]string, 0, len(f.links))
+		for _, l := range f.links {
+			peers = append(peers, l.Peer)
+		}
+		// Unmeasured peers go last, in link order.
+		slices.SortStableFunc(peers, func(a, b string) int {
+			ra, oka := f.rtt[a]
+			rb, okb := f.rtt[b]
+			switch {
+			case oka && okb && ra > 0 && rb > 0:
+				return cmp.Compare(ra, rb)
+			case oka && ra > 0:
+				return -1
+			case okb && rb > 0:
+				return 1
+			}
+			return 0
+		})
+		for i, peer := range peers {
+			out[peer] = uint32(i + 1)
+		}
+	default:
+		for _, l := range f.links {
+			out[l.Peer] = 1
+		}
+	}
+	return out
 }
 
 // gatewaySnapshot is what this cluster's gateways get from w.

@@ -141,3 +141,27 @@ func TestAuthorizeFederation(t *testing.T) {
 		}
 	}
 }
+
+func TestFailoverTiers(t *testing.T) {
+	f := &fedWorld{links: []store.Link{{Peer: "west"}, {Peer: "south"}, {Peer: "north"}}, rtt: map[string]time.Duration{"west": 9 * time.Millisecond, "south": 2 * time.Millisecond}}
+	for _, tc := range []struct {
+		name string
+		p    *controlplanev1.Failover
+		want map[string]uint32
+	}{
+		{"default: every peer in one tier", nil, map[string]uint32{"west": 1, "south": 1, "north": 1}},
+		{"listed", &controlplanev1.Failover{Peers: []string{"south", "west"}}, map[string]uint32{"south": 1, "west": 2}},
+		{"by rtt, unmeasured last", &controlplanev1.Failover{ByRtt: true}, map[string]uint32{"south": 1, "west": 2, "north": 3}},
+	} {
+		got := failoverTiers(tc.p, f)
+		if len(got) != len(tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+			continue
+		}
+		for k, v := range tc.want {
+			if got[k] != v {
+				t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+			}
+		}
+	}
+}

@@ -195,12 +195,12 @@ func snapshotFor(w *world, cluster string, ns string, req *controlplanev1.WatchR
 			svc.Protocol = in.Protocol
 			svc.Endpoints = append(svc.Endpoints, registry.ToEndpoint(in))
 		}
-		remoteEndpoints(w, svc, upNS, name, len(svc.Endpoints) > 0)
 		if p := w.traffic[upNS+"/"+name]; p != nil {
 			svc.Policy = p
 		} else {
 			svc.Policy = resource.DefaultTrafficPolicy()
 		}
+		remoteEndpoints(w, svc, upNS, name, len(svc.Endpoints) > 0)
 		snap.Services = append(snap.Services, svc)
 	}
 	if req.GetService() != "" {
