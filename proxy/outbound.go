@@ -180,7 +180,9 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 			BaseEjectionTime:   od.GetBaseEjectionTime().AsDuration(),
 			MaxEjectionPercent: int(od.GetMaxEjectionPercent()),
 		},
-		Clock: u.o.clock,
+		Clock:          u.o.clock,
+		SpillThreshold: int(min(pol.GetFailover().GetSpillThresholdPercent(), 100)),
+		SlowStart:      pol.GetFailover().GetSlowStart().AsDuration(),
 	}
 	if err := u.lb.SetConfig(cfg); err != nil {
 		u.o.log.Warn("load balancer config refused; keeping the previous one", "service", u.name, "err", err)

@@ -137,6 +137,16 @@ type Config struct {
 	// called from many goroutines at once and must be safe for that. Nil
 	// means math/rand/v2's IntN.
 	Rand func(n int) int
+	// SpillThreshold, a percentage from 0 to 100, shares traffic between
+	// priorities: a priority whose healthy share of endpoints h is below
+	// it takes h/SpillThreshold of what reaches it, and the rest spills to
+	// the next priority that has candidates. Zero sends everything to the
+	// first priority with a healthy endpoint.
+	SpillThreshold int
+	// SlowStart ramps a priority that comes back (its healthy count goes
+	// from zero to more) linearly from nothing to its full share over this
+	// long, so failback does not move all traffic at once. Zero disables.
+	SlowStart time.Duration
 }
 
 // config is a validated Config with defaults filled in.
@@ -150,6 +160,8 @@ type config struct {
 	panicMode          bool
 	now                func() time.Time
 	rand               func(n int) int
+	spill              float64 // threshold as a fraction; 0 means off
+	slowStart          int64   // nanoseconds
 }
 
 func (c Config) validate() error {
@@ -158,6 +170,10 @@ func (c Config) validate() error {
 		return fmt.Errorf("balance: unknown policy %d", int(c.Policy))
 	case c.DecayTime < 0:
 		return fmt.Errorf("balance: negative decay time %s", c.DecayTime)
+	case c.SpillThreshold < 0 || c.SpillThreshold > 100:
+		return fmt.Errorf("balance: spill threshold %d%% out of 0..100", c.SpillThreshold)
+	case c.SlowStart < 0:
+		return fmt.Errorf("balance: negative slow start %s", c.SlowStart)
 	case c.Outlier.ConsecutiveErrors < 0:
 		return fmt.Errorf("balance: negative consecutive errors %d", c.Outlier.ConsecutiveErrors)
 	case c.Outlier.BaseEjectionTime < 0:
@@ -170,6 +186,8 @@ func (c Config) validate() error {
 
 func (c Config) withDefaults() *config {
 	r := &config{
+		spill:              float64(c.SpillThreshold) / 100,
+		slowStart:          int64(c.SlowStart),
 		policy:             c.Policy,
 		consecutiveErrors:  int64(c.Outlier.ConsecutiveErrors),
 		baseEjection:       c.Outlier.BaseEjectionTime,
@@ -206,6 +224,10 @@ type Balancer struct {
 	cfg atomic.Pointer[config]
 	set atomic.Pointer[endpointSet]
 	rr  atomic.Uint64
+	// up[p] is when priority p last came back (Unix ns): its healthy count
+	// went from zero to more. 0 means it has none now; upLongAgo means it
+	// was up from the start (no ramp).
+	up [MaxPriority + 1]atomic.Int64
 
 	mu sync.Mutex // serialises Update and ejection decisions
 }
@@ -243,6 +265,9 @@ func New(cfg Config) (*Balancer, error) {
 	b := &Balancer{}
 	b.cfg.Store(cfg.withDefaults())
 	b.set.Store(&endpointSet{})
+	for i := range b.up {
+		b.up[i].Store(upFromStart)
+	}
 	return b, nil
 }
 
@@ -391,14 +416,17 @@ func (b *Balancer) Pick(exclude ...string) (*Pick, error) {
 	// counts[tier][priority]: health levels first, then failover
 	// priority within a level (the local cluster before peers).
 	var counts [numTiers][MaxPriority + 1]int
+	var total [MaxPriority + 1]int
 	for i := range s.eps {
 		m := tiers(&s.eps[i], now, exclude, c.panicMode)
 		masks[i] = m
 		p := s.eps[i].prio()
+		total[p]++
 		for t := range counts {
 			counts[t][p] += int(m >> t & 1)
 		}
 	}
+	b.noteUp(&counts[tierHealthyExcluded], &total, now)
 	tier, prio := -1, 0
 find:
 	for t := range counts {
@@ -411,6 +439,9 @@ find:
 	}
 	if tier < 0 {
 		return nil, ErrNoHealthyEndpoints
+	}
+	if tier == tierHealthy && (c.spill > 0 || c.slowStart > 0) {
+		prio = b.spillPriority(c, &counts, &total, prio, now)
 	}
 	bit := uint8(1) << tier
 	cnt := counts[tier][prio]
@@ -469,6 +500,60 @@ func tiers(e *entry, now int64, exclude []string, panicMode bool) uint8 {
 		}
 	}
 	return m
+}
+
+// upFromStart marks a priority that has been up since the balancer began
+// (it is not ramped).
+const upFromStart = 1
+
+// noteUp records, per priority with endpoints, when its healthy count went
+// from zero to more (for slow start).
+func (b *Balancer) noteUp(healthy, total *[MaxPriority + 1]int, now int64) {
+	for p := range total {
+		// A priority with no endpoint at all is down too: endpoints that
+		// register again after a full outage ramp up like healthy ones.
+		cur := b.up[p].Load()
+		switch {
+		case healthy[p] == 0 && cur != 0:
+			b.up[p].CompareAndSwap(cur, 0)
+		case healthy[p] > 0 && cur == 0:
+			b.up[p].CompareAndSwap(0, now)
+		}
+	}
+}
+
+// spillPriority chooses the priority for a pick among healthy candidates:
+// each priority, from first, takes its share (its healthy fraction over
+// the spill threshold, times its slow-start ramp) of what reaches it; the
+// rest goes on to the next priority with candidates. first is the lowest
+// priority with a candidate.
+func (b *Balancer) spillPriority(c *config, counts *[numTiers][MaxPriority + 1]int, total *[MaxPriority + 1]int, first int, now int64) int {
+	cand := &counts[tierHealthy]
+	healthy := &counts[tierHealthyExcluded]
+	last := first
+	for p := first; p <= MaxPriority; p++ {
+		if cand[p] > 0 {
+			last = p
+		}
+	}
+	for p := first; p < last; p++ {
+		if cand[p] == 0 {
+			continue
+		}
+		share := 1.0
+		if c.spill > 0 {
+			share = min(1, float64(healthy[p])/float64(total[p])/c.spill)
+		}
+		if c.slowStart > 0 {
+			if up := b.up[p].Load(); up > upFromStart && now-up < c.slowStart {
+				share *= float64(now-up) / float64(c.slowStart)
+			}
+		}
+		if share >= 1 || float64(c.rand(1<<20))/(1<<20) < share {
+			return p
+		}
+	}
+	return last
 }
 
 // prio is the endpoint's failover priority, clamped.

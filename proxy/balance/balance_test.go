@@ -810,3 +810,62 @@ func TestPriorityTiers(t *testing.T) {
 		t.Fatalf("clamped priority: %s", p.Endpoint.Key)
 	}
 }
+
+func shareOf(t *testing.T, b *Balancer, prio, n int) float64 {
+	t.Helper()
+	hits := 0
+	for range n {
+		p := mustPick(t, b)
+		if p.Endpoint.Priority == prio {
+			hits++
+		}
+		p.Done(time.Millisecond, Success)
+	}
+	return float64(hits) / float64(n)
+}
+
+func TestSpillThreshold(t *testing.T) {
+	eps := healthy("local-a", "local-b", "remote")
+	eps[1].Healthy = false
+	eps[2].Priority = 1
+	for _, tc := range []struct {
+		threshold int
+		want      float64 // local share
+	}{{0, 1}, {50, 1}, {100, 0.5}, {80, 0.625}} {
+		b, _ := newTestBalancer(t, Config{SpillThreshold: tc.threshold, Rand: seededRand(7)}, eps)
+		if got := shareOf(t, b, 0, 4000); got < tc.want-0.05 || got > tc.want+0.05 {
+			t.Errorf("threshold %d%% with half the local endpoints healthy: local share %.2f, want %.2f", tc.threshold, got, tc.want)
+		}
+	}
+	if _, err := New(Config{SpillThreshold: 101}); err == nil {
+		t.Error("threshold 101% accepted")
+	}
+}
+
+func TestSlowStartFailback(t *testing.T) {
+	eps := healthy("local-a", "remote")
+	eps[1].Priority = 1
+	b, clk := newTestBalancer(t, Config{SlowStart: 10 * time.Second, Rand: seededRand(3)}, eps)
+	if got := shareOf(t, b, 0, 200); got != 1 {
+		t.Fatalf("at start: local share %.2f, want 1 (no ramp for what was up from the start)", got)
+	}
+	eps[0].Healthy = false
+	b.Update(eps)
+	if got := shareOf(t, b, 0, 200); got != 0 {
+		t.Fatalf("local down: local share %.2f, want 0", got)
+	}
+	eps[0].Healthy = true
+	b.Update(eps)
+	shareOf(t, b, 0, 1) // the first pick sees it back
+	if got := shareOf(t, b, 0, 2000); got > 0.05 {
+		t.Fatalf("just back: local share %.2f, want about 0", got)
+	}
+	clk.Advance(5 * time.Second)
+	if got := shareOf(t, b, 0, 4000); got < 0.44 || got > 0.56 {
+		t.Fatalf("halfway through slow start: local share %.2f, want about 0.5", got)
+	}
+	clk.Advance(5 * time.Second)
+	if got := shareOf(t, b, 0, 500); got != 1 {
+		t.Fatalf("after slow start: local share %.2f, want 1", got)
+	}
+}
