@@ -573,4 +573,15 @@ func TestFailoverOrderFromPolicy(t *testing.T) {
 			return got[tc.want] == 20
 		})
 	}
+	// explain says the same, and why south is left out.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ex, err := east.admin.Explain(ctx, &controlplanev1.ExplainRequest{Service: "backend"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(ex.GetSummary(), "to west through this cluster's gateway") || len(ex.GetTiers()) != 1 ||
+		len(ex.GetExcluded()) != 1 || !strings.Contains(ex.GetExcluded()[0], "south: not in the policy's failover peers") {
+		t.Fatalf("explain: %v", ex)
+	}
 }

@@ -300,3 +300,50 @@ func newAuditCmd(g *globals) *cobra.Command {
 	f.register(cmd)
 	return cmd
 }
+
+func newExplainCmd(g *globals) *cobra.Command {
+	f := &clientFlags{g: g}
+	var ns, output string
+	cmd := &cobra.Command{
+		Use:   "explain SERVICE [-n NAMESPACE] [-o json]",
+		Short: "Say where traffic for a service goes now, tier by tier, and why",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, client, _, done, err := f.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			r, err := client.Explain(ctx, &controlplanev1.ExplainRequest{Service: args[0], Namespace: ns})
+			if err != nil {
+				return rpcError(err)
+			}
+			if output == "json" {
+				b, err := protojson.MarshalOptions{Multiline: true}.Marshal(r)
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintln(g.stdout, string(b))
+				return err
+			}
+			fmt.Fprintln(g.stdout, r.GetSummary())
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "\nTIER\tCLUSTERS\tHEALTHY\tWHY")
+			for _, t := range r.GetTiers() {
+				fmt.Fprintf(tw, "%d\t%s\t%d/%d\t%s\n", t.GetPriority(), strings.Join(t.GetClusters(), ","), t.GetHealthy(), t.GetTotal(), t.GetReason())
+			}
+			tw.Flush()
+			for _, e := range r.GetExcluded() {
+				fmt.Fprintf(g.stdout, "  left out: %s\n", e)
+			}
+			if fo := r.GetPolicy().GetFailover(); fo != nil {
+				fmt.Fprintf(g.stdout, "  failover: spill threshold %d%%, slow start %s, staleness %s\n", fo.GetSpillThresholdPercent(), fo.GetSlowStart().AsDuration(), fo.GetStaleness().AsDuration())
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&ns, "namespace", "n", "default", "the service's namespace")
+	cmd.Flags().StringVarP(&output, "output", "o", "", "json for the whole answer")
+	f.register(cmd)
+	return cmd
+}

@@ -85,7 +85,7 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{cmd: c.CommandPath(), err: err}
 	})
-	root.AddCommand(newVersionCmd(g), newCACmd(g), newControlPlaneCmd(g), newWorkloadCmd(g), newApplyCmd(g), newGetCmd(g), newDeleteCmd(g), newStatusCmd(g), newDevCmd(g), newDemoCmd(g), newFederationCmd(g), newGatewayCmd(g))
+	root.AddCommand(newVersionCmd(g), newCACmd(g), newControlPlaneCmd(g), newWorkloadCmd(g), newApplyCmd(g), newGetCmd(g), newDeleteCmd(g), newStatusCmd(g), newDevCmd(g), newDemoCmd(g), newFederationCmd(g), newGatewayCmd(g), newExplainCmd(g))
 	strictTree(root)
 	return root
 }

@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/store"
@@ -216,17 +217,24 @@ func (f federationServer) Join(ctx context.Context, req *controlplanev1.JoinRequ
 		return nil, fmt.Errorf("%w: the token is for trust domain %s; this cluster is in %s", ErrBadRequest, tok.TrustDomain().Name(), s.cfg.TrustDomain.Name())
 	}
 	cert := s.cert.Load()
-	res, err := join.Dial(ctx, join.Request{Token: tok, Cluster: s.cfg.Cluster, GatewayAddrs: s.gatewayAddrs(), BundleDigest: s.cfg.Bundle().Digest(), Certificate: cert, Clock: s.cfg.Clock})
+	// A cluster with an intermediate joins the mesh of its own root only:
+	// judged on the offer, before the token is proved and consumed.
+	checkOffer := func(b *bundle.Bundle) error {
+		if !sharesRoot(s.cfg.Bundle().Roots(), b.Roots()) {
+			return fmt.Errorf("%w: %s's trust bundle shares no root with this cluster's: they are different meshes (a cluster installed pending can join any)", ErrPermissionDenied, tok.Issuer())
+		}
+		return nil
+	}
+	res, err := join.Dial(ctx, join.Request{Token: tok, Cluster: s.cfg.Cluster, GatewayAddrs: s.gatewayAddrs(), BundleDigest: s.cfg.Bundle().Digest(), Certificate: cert, Clock: s.cfg.Clock, CheckOffer: checkOffer})
 	if err != nil {
 		var refused *join.RefusedError
+		if errors.Is(err, ErrPermissionDenied) {
+			return nil, err
+		}
 		if errors.As(err, &refused) || token.ReasonOf(err) != "" {
 			return nil, fmt.Errorf("%w: %w", ErrPermissionDenied, err)
 		}
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
-	// A cluster with an intermediate joins the mesh of its own root only.
-	if !sharesRoot(s.cfg.Bundle().Roots(), res.IssuerBundle.Roots()) {
-		return nil, fmt.Errorf("%w: %s's trust bundle shares no root with this cluster's: they are different meshes (a cluster installed pending can join any)", ErrPermissionDenied, tok.Issuer())
 	}
 	peers := res.GetGatewayAddresses()
 	if len(peers) == 0 {

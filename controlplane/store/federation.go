@@ -202,7 +202,8 @@ type Redemption struct {
 	Joiner  string // the joining cluster's name
 	Remote  string // where the attempt came from, for the audit log
 	// Check verifies the proof and anything else about the token (for
-	// whom it is); it runs inside the transaction, after the state checks.
+	// whom it is); it runs inside the transaction, after the state checks
+	// and the check that the joiner is not linked already.
 	Check func(JoinTokenRecord) error
 	// Link is stored if the redemption succeeds.
 	Link Link
@@ -222,11 +223,13 @@ func (s *Store) RedeemJoinToken(r Redemption) (JoinTokenRecord, error) {
 			refused = ErrJoinTokenUnknown
 		} else if rec, refused = decodeJoin([]byte(r.TokenID), v); refused == nil {
 			refused = rec.stateErr(now)
-			if refused == nil && r.Check != nil {
-				refused = r.Check(rec)
-			}
+			// The link before Check: Check may sign an intermediate, which
+			// must not happen for a redemption refused anyway.
 			if refused == nil && tx.Bucket(bucketLinks).Get([]byte(r.Joiner)) != nil {
 				refused = fmt.Errorf("%w: %s already has a link with this cluster (remove it first)", ErrLinkExists, r.Joiner)
+			}
+			if refused == nil && r.Check != nil {
+				refused = r.Check(rec)
 			}
 		}
 		if refused != nil {

@@ -655,6 +655,240 @@ func (*StatusRequest) Descriptor() ([]byte, []int) {
 	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
+type ExplainRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Service string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	// Default "default".
+	Namespace     string `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainRequest) Reset() {
+	*x = ExplainRequest{}
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainRequest) ProtoMessage() {}
+
+func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
+func (*ExplainRequest) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ExplainRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+type ExplainResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Service   string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	Namespace string                 `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Protocol  Protocol               `protobuf:"varint,3,opt,name=protocol,proto3,enum=strait.controlplane.v1.Protocol" json:"protocol,omitempty"`
+	Policy    *TrafficPolicy         `protobuf:"bytes,4,opt,name=policy,proto3" json:"policy,omitempty"`
+	// Tiers in the order traffic tries them.
+	Tiers []*ExplainTier `protobuf:"bytes,5,rep,name=tiers,proto3" json:"tiers,omitempty"`
+	// Peers that export the service but get none of its traffic, and why.
+	Excluded []string `protobuf:"bytes,6,rep,name=excluded,proto3" json:"excluded,omitempty"`
+	// A sentence: where traffic goes now.
+	Summary       string `protobuf:"bytes,7,opt,name=summary,proto3" json:"summary,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainResponse) Reset() {
+	*x = ExplainResponse{}
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainResponse) ProtoMessage() {}
+
+func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
+func (*ExplainResponse) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ExplainResponse) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetProtocol() Protocol {
+	if x != nil {
+		return x.Protocol
+	}
+	return Protocol_PROTOCOL_UNSPECIFIED
+}
+
+func (x *ExplainResponse) GetPolicy() *TrafficPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetTiers() []*ExplainTier {
+	if x != nil {
+		return x.Tiers
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetExcluded() []string {
+	if x != nil {
+		return x.Excluded
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetSummary() string {
+	if x != nil {
+		return x.Summary
+	}
+	return ""
+}
+
+type ExplainTier struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Priority uint32                 `protobuf:"varint,1,opt,name=priority,proto3" json:"priority,omitempty"`
+	// "local" or the peer cluster's name(s).
+	Clusters  []string    `protobuf:"bytes,2,rep,name=clusters,proto3" json:"clusters,omitempty"`
+	Healthy   uint32      `protobuf:"varint,3,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Total     uint32      `protobuf:"varint,4,opt,name=total,proto3" json:"total,omitempty"`
+	Endpoints []*Endpoint `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	// Why this tier is where it is, and when traffic reaches it.
+	Reason        string `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainTier) Reset() {
+	*x = ExplainTier{}
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainTier) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainTier) ProtoMessage() {}
+
+func (x *ExplainTier) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainTier.ProtoReflect.Descriptor instead.
+func (*ExplainTier) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ExplainTier) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *ExplainTier) GetClusters() []string {
+	if x != nil {
+		return x.Clusters
+	}
+	return nil
+}
+
+func (x *ExplainTier) GetHealthy() uint32 {
+	if x != nil {
+		return x.Healthy
+	}
+	return 0
+}
+
+func (x *ExplainTier) GetTotal() uint32 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *ExplainTier) GetEndpoints() []*Endpoint {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+func (x *ExplainTier) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // StatusResponse is the control plane's state.
 type StatusResponse struct {
 	state                 protoimpl.MessageState `protogen:"open.v1"`
@@ -671,7 +905,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +917,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +930,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StatusResponse) GetCluster() string {
@@ -765,7 +999,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -777,7 +1011,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -790,7 +1024,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *NodeStatus) GetNode() string {
@@ -882,7 +1116,25 @@ const file_controlplane_api_v1_admin_proto_rawDesc = "" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x129\n" +
 	"\n" +
 	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x0f\n" +
-	"\rStatusRequest\"\xeb\x02\n" +
+	"\rStatusRequest\"H\n" +
+	"\x0eExplainRequest\x12\x18\n" +
+	"\aservice\x18\x01 \x01(\tR\aservice\x12\x1c\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\"\xb7\x02\n" +
+	"\x0fExplainResponse\x12\x18\n" +
+	"\aservice\x18\x01 \x01(\tR\aservice\x12\x1c\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12<\n" +
+	"\bprotocol\x18\x03 \x01(\x0e2 .strait.controlplane.v1.ProtocolR\bprotocol\x12=\n" +
+	"\x06policy\x18\x04 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\x129\n" +
+	"\x05tiers\x18\x05 \x03(\v2#.strait.controlplane.v1.ExplainTierR\x05tiers\x12\x1a\n" +
+	"\bexcluded\x18\x06 \x03(\tR\bexcluded\x12\x18\n" +
+	"\asummary\x18\a \x01(\tR\asummary\"\xcd\x01\n" +
+	"\vExplainTier\x12\x1a\n" +
+	"\bpriority\x18\x01 \x01(\rR\bpriority\x12\x1a\n" +
+	"\bclusters\x18\x02 \x03(\tR\bclusters\x12\x18\n" +
+	"\ahealthy\x18\x03 \x01(\rR\ahealthy\x12\x14\n" +
+	"\x05total\x18\x04 \x01(\rR\x05total\x12>\n" +
+	"\tendpoints\x18\x05 \x03(\v2 .strait.controlplane.v1.EndpointR\tendpoints\x12\x16\n" +
+	"\x06reason\x18\x06 \x01(\tR\x06reason\"\xeb\x02\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12!\n" +
 	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x12#\n" +
@@ -898,13 +1150,14 @@ const file_controlplane_api_v1_admin_proto_rawDesc = "" +
 	"\aversion\x18\x03 \x01(\x04R\aversion\x12\x1c\n" +
 	"\tconnected\x18\x04 \x01(\bR\tconnected\x12#\n" +
 	"\rbundle_digest\x18\x05 \x01(\tR\fbundleDigest\x126\n" +
-	"\x06health\x18\x06 \x01(\x0e2\x1e.strait.controlplane.v1.HealthR\x06health2\xf6\x03\n" +
+	"\x06health\x18\x06 \x01(\x0e2\x1e.strait.controlplane.v1.HealthR\x06health2\xd2\x04\n" +
 	"\fAdminService\x12T\n" +
 	"\x05Apply\x12$.strait.controlplane.v1.ApplyRequest\x1a%.strait.controlplane.v1.ApplyResponse\x12Q\n" +
 	"\x04List\x12#.strait.controlplane.v1.ListRequest\x1a$.strait.controlplane.v1.ListResponse\x12W\n" +
 	"\x06Delete\x12%.strait.controlplane.v1.DeleteRequest\x1a&.strait.controlplane.v1.DeleteResponse\x12\x8a\x01\n" +
 	"\x17CreateRegistrationToken\x126.strait.controlplane.v1.CreateRegistrationTokenRequest\x1a7.strait.controlplane.v1.CreateRegistrationTokenResponse\x12W\n" +
-	"\x06Status\x12%.strait.controlplane.v1.StatusRequest\x1a&.strait.controlplane.v1.StatusResponseBAZ?github.com/straitmesh/strait/controlplane/api/v1;controlplanev1b\x06proto3"
+	"\x06Status\x12%.strait.controlplane.v1.StatusRequest\x1a&.strait.controlplane.v1.StatusResponse\x12Z\n" +
+	"\aExplain\x12&.strait.controlplane.v1.ExplainRequest\x1a'.strait.controlplane.v1.ExplainResponseBAZ?github.com/straitmesh/strait/controlplane/api/v1;controlplanev1b\x06proto3"
 
 var (
 	file_controlplane_api_v1_admin_proto_rawDescOnce sync.Once
@@ -918,7 +1171,7 @@ func file_controlplane_api_v1_admin_proto_rawDescGZIP() []byte {
 	return file_controlplane_api_v1_admin_proto_rawDescData
 }
 
-var file_controlplane_api_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_controlplane_api_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_controlplane_api_v1_admin_proto_goTypes = []any{
 	(*Resource)(nil),                        // 0: strait.controlplane.v1.Resource
 	(*ApplyRequest)(nil),                    // 1: strait.controlplane.v1.ApplyRequest
@@ -931,36 +1184,48 @@ var file_controlplane_api_v1_admin_proto_goTypes = []any{
 	(*CreateRegistrationTokenRequest)(nil),  // 8: strait.controlplane.v1.CreateRegistrationTokenRequest
 	(*CreateRegistrationTokenResponse)(nil), // 9: strait.controlplane.v1.CreateRegistrationTokenResponse
 	(*StatusRequest)(nil),                   // 10: strait.controlplane.v1.StatusRequest
-	(*StatusResponse)(nil),                  // 11: strait.controlplane.v1.StatusResponse
-	(*NodeStatus)(nil),                      // 12: strait.controlplane.v1.NodeStatus
-	(*timestamppb.Timestamp)(nil),           // 13: google.protobuf.Timestamp
-	(*Instance)(nil),                        // 14: strait.controlplane.v1.Instance
-	(Health)(0),                             // 15: strait.controlplane.v1.Health
+	(*ExplainRequest)(nil),                  // 11: strait.controlplane.v1.ExplainRequest
+	(*ExplainResponse)(nil),                 // 12: strait.controlplane.v1.ExplainResponse
+	(*ExplainTier)(nil),                     // 13: strait.controlplane.v1.ExplainTier
+	(*StatusResponse)(nil),                  // 14: strait.controlplane.v1.StatusResponse
+	(*NodeStatus)(nil),                      // 15: strait.controlplane.v1.NodeStatus
+	(*timestamppb.Timestamp)(nil),           // 16: google.protobuf.Timestamp
+	(Protocol)(0),                           // 17: strait.controlplane.v1.Protocol
+	(*TrafficPolicy)(nil),                   // 18: strait.controlplane.v1.TrafficPolicy
+	(*Endpoint)(nil),                        // 19: strait.controlplane.v1.Endpoint
+	(*Instance)(nil),                        // 20: strait.controlplane.v1.Instance
+	(Health)(0),                             // 21: strait.controlplane.v1.Health
 }
 var file_controlplane_api_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.ApplyRequest.resources:type_name -> strait.controlplane.v1.Resource
 	3,  // 1: strait.controlplane.v1.ApplyResponse.results:type_name -> strait.controlplane.v1.ApplyResult
 	0,  // 2: strait.controlplane.v1.ListResponse.resources:type_name -> strait.controlplane.v1.Resource
-	13, // 3: strait.controlplane.v1.CreateRegistrationTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	14, // 4: strait.controlplane.v1.StatusResponse.instances:type_name -> strait.controlplane.v1.Instance
-	12, // 5: strait.controlplane.v1.StatusResponse.nodes:type_name -> strait.controlplane.v1.NodeStatus
-	13, // 6: strait.controlplane.v1.StatusResponse.intermediate_expires_at:type_name -> google.protobuf.Timestamp
-	15, // 7: strait.controlplane.v1.NodeStatus.health:type_name -> strait.controlplane.v1.Health
-	1,  // 8: strait.controlplane.v1.AdminService.Apply:input_type -> strait.controlplane.v1.ApplyRequest
-	4,  // 9: strait.controlplane.v1.AdminService.List:input_type -> strait.controlplane.v1.ListRequest
-	6,  // 10: strait.controlplane.v1.AdminService.Delete:input_type -> strait.controlplane.v1.DeleteRequest
-	8,  // 11: strait.controlplane.v1.AdminService.CreateRegistrationToken:input_type -> strait.controlplane.v1.CreateRegistrationTokenRequest
-	10, // 12: strait.controlplane.v1.AdminService.Status:input_type -> strait.controlplane.v1.StatusRequest
-	2,  // 13: strait.controlplane.v1.AdminService.Apply:output_type -> strait.controlplane.v1.ApplyResponse
-	5,  // 14: strait.controlplane.v1.AdminService.List:output_type -> strait.controlplane.v1.ListResponse
-	7,  // 15: strait.controlplane.v1.AdminService.Delete:output_type -> strait.controlplane.v1.DeleteResponse
-	9,  // 16: strait.controlplane.v1.AdminService.CreateRegistrationToken:output_type -> strait.controlplane.v1.CreateRegistrationTokenResponse
-	11, // 17: strait.controlplane.v1.AdminService.Status:output_type -> strait.controlplane.v1.StatusResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	16, // 3: strait.controlplane.v1.CreateRegistrationTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 4: strait.controlplane.v1.ExplainResponse.protocol:type_name -> strait.controlplane.v1.Protocol
+	18, // 5: strait.controlplane.v1.ExplainResponse.policy:type_name -> strait.controlplane.v1.TrafficPolicy
+	13, // 6: strait.controlplane.v1.ExplainResponse.tiers:type_name -> strait.controlplane.v1.ExplainTier
+	19, // 7: strait.controlplane.v1.ExplainTier.endpoints:type_name -> strait.controlplane.v1.Endpoint
+	20, // 8: strait.controlplane.v1.StatusResponse.instances:type_name -> strait.controlplane.v1.Instance
+	15, // 9: strait.controlplane.v1.StatusResponse.nodes:type_name -> strait.controlplane.v1.NodeStatus
+	16, // 10: strait.controlplane.v1.StatusResponse.intermediate_expires_at:type_name -> google.protobuf.Timestamp
+	21, // 11: strait.controlplane.v1.NodeStatus.health:type_name -> strait.controlplane.v1.Health
+	1,  // 12: strait.controlplane.v1.AdminService.Apply:input_type -> strait.controlplane.v1.ApplyRequest
+	4,  // 13: strait.controlplane.v1.AdminService.List:input_type -> strait.controlplane.v1.ListRequest
+	6,  // 14: strait.controlplane.v1.AdminService.Delete:input_type -> strait.controlplane.v1.DeleteRequest
+	8,  // 15: strait.controlplane.v1.AdminService.CreateRegistrationToken:input_type -> strait.controlplane.v1.CreateRegistrationTokenRequest
+	10, // 16: strait.controlplane.v1.AdminService.Status:input_type -> strait.controlplane.v1.StatusRequest
+	11, // 17: strait.controlplane.v1.AdminService.Explain:input_type -> strait.controlplane.v1.ExplainRequest
+	2,  // 18: strait.controlplane.v1.AdminService.Apply:output_type -> strait.controlplane.v1.ApplyResponse
+	5,  // 19: strait.controlplane.v1.AdminService.List:output_type -> strait.controlplane.v1.ListResponse
+	7,  // 20: strait.controlplane.v1.AdminService.Delete:output_type -> strait.controlplane.v1.DeleteResponse
+	9,  // 21: strait.controlplane.v1.AdminService.CreateRegistrationToken:output_type -> strait.controlplane.v1.CreateRegistrationTokenResponse
+	14, // 22: strait.controlplane.v1.AdminService.Status:output_type -> strait.controlplane.v1.StatusResponse
+	12, // 23: strait.controlplane.v1.AdminService.Explain:output_type -> strait.controlplane.v1.ExplainResponse
+	18, // [18:24] is the sub-list for method output_type
+	12, // [12:18] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_admin_proto_init() }
@@ -975,7 +1240,7 @@ func file_controlplane_api_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_admin_proto_rawDesc), len(file_controlplane_api_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,7 @@ const (
 	AdminService_Delete_FullMethodName                  = "/strait.controlplane.v1.AdminService/Delete"
 	AdminService_CreateRegistrationToken_FullMethodName = "/strait.controlplane.v1.AdminService/CreateRegistrationToken"
 	AdminService_Status_FullMethodName                  = "/strait.controlplane.v1.AdminService/Status"
+	AdminService_Explain_FullMethodName                 = "/strait.controlplane.v1.AdminService/Explain"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -49,6 +50,9 @@ type AdminServiceClient interface {
 	CreateRegistrationToken(ctx context.Context, in *CreateRegistrationTokenRequest, opts ...grpc.CallOption) (*CreateRegistrationTokenResponse, error)
 	// Status reports the control plane's state.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// Explain says where traffic for a service goes now, tier by tier, and
+	// why (health, failover policy, links, conflicts).
+	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
 }
 
 type adminServiceClient struct {
@@ -109,6 +113,16 @@ func (c *adminServiceClient) Status(ctx context.Context, in *StatusRequest, opts
 	return out, nil
 }
 
+func (c *adminServiceClient) Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExplainResponse)
+	err := c.cc.Invoke(ctx, AdminService_Explain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -128,6 +142,9 @@ type AdminServiceServer interface {
 	CreateRegistrationToken(context.Context, *CreateRegistrationTokenRequest) (*CreateRegistrationTokenResponse, error)
 	// Status reports the control plane's state.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// Explain says where traffic for a service goes now, tier by tier, and
+	// why (health, failover policy, links, conflicts).
+	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -152,6 +169,9 @@ func (UnimplementedAdminServiceServer) CreateRegistrationToken(context.Context, 
 }
 func (UnimplementedAdminServiceServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAdminServiceServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -264,6 +284,24 @@ func _AdminService_Status_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_Explain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExplainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).Explain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_Explain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).Explain(ctx, req.(*ExplainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -290,6 +328,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _AdminService_Status_Handler,
+		},
+		{
+			MethodName: "Explain",
+			Handler:    _AdminService_Explain_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

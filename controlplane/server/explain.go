@@ -1,0 +1,135 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/straitmesh/strait/ca/identity"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+)
+
+// Explain says where traffic for a service goes and why, from the same
+// view the sidecars get: tiers by failover priority with their health, the
+// failover policy, and the peers left out.
+func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainRequest) (*controlplanev1.ExplainResponse, error) {
+	s := a.s
+	ns := req.GetNamespace()
+	if ns == "" {
+		ns = "default"
+	}
+	for what, v := range map[string]string{"service": req.GetService(), "namespace": ns} {
+		if err := identity.ValidateClusterName(v); err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", ErrBadRequest, what, err)
+		}
+	}
+	s.mu.Lock()
+	w := s.world
+	s.mu.Unlock()
+	snap := snapshotFor(w, s.cfg.Cluster, ns, &controlplanev1.WatchRequest{Node: "explain", Upstreams: []string{req.GetService()}})
+	svc := snap.GetServices()[0]
+	resp := &controlplanev1.ExplainResponse{Service: req.GetService(), Namespace: ns, Protocol: svc.GetProtocol(), Policy: svc.GetPolicy()}
+	byPrio := map[uint32]*controlplanev1.ExplainTier{}
+	for _, ep := range svc.GetEndpoints() {
+		p := ep.GetPriority()
+		if ep.GetTunnel() != nil && p == 0 {
+			p = 1
+		}
+		t := byPrio[p]
+		if t == nil {
+			t = &controlplanev1.ExplainTier{Priority: p}
+			byPrio[p] = t
+		}
+		cl := "local"
+		if ep.GetTunnel() != nil {
+			cl = ep.GetCluster()
+		}
+		if !slices.Contains(t.Clusters, cl) {
+			t.Clusters = append(t.Clusters, cl)
+		}
+		n := max(ep.GetWeight(), 1)
+		t.Total += n
+		if ep.GetHealth() == controlplanev1.Health_HEALTH_HEALTHY {
+			t.Healthy += n
+		}
+		t.Endpoints = append(t.Endpoints, ep)
+	}
+	f := svc.GetPolicy().GetFailover()
+	prios := slices.Sorted(func(yield func(uint32) bool) {
+		for p := range byPrio {
+			if !yield(p) {
+				return
+			}
+		}
+	})
+	for i, p := range prios {
+		t := byPrio[p]
+		switch {
+		case p == 0:
+			t.Reason = "the local cluster comes first"
+		case len(f.GetPeers()) > 0:
+			t.Reason = fmt.Sprintf("listed %d in the policy's failover peers", p)
+		case f.GetByRtt():
+			t.Reason = fmt.Sprintf("peer %d by the RTT its gateway measures", p)
+		default:
+			t.Reason = "peers that export the service, after the local cluster"
+		}
+		if i > 0 {
+			if th := f.GetSpillThresholdPercent(); th > 0 {
+				t.Reason += fmt.Sprintf("; gets traffic when the tiers before it are below %d%% healthy", th)
+			} else {
+				t.Reason += "; gets traffic when no tier before it has a healthy endpoint"
+			}
+		}
+		resp.Tiers = append(resp.Tiers, t)
+	}
+	// Peers that export the service but are left out.
+	tiers := failoverTiers(f, &w.fed)
+	for _, l := range w.fed.links {
+		exports := false
+		for _, es := range w.fed.imports[l.Peer] {
+			if es.GetNamespace() == ns && es.GetName() == req.GetService() {
+				exports = true
+			}
+		}
+		switch {
+		case !exports:
+		case w.fed.entry == "":
+			resp.Excluded = append(resp.Excluded, l.Peer+": no gateway of this cluster is connected")
+		case w.fed.conflicted(l.Peer, ns, req.GetService()):
+			resp.Excluded = append(resp.Excluded, l.Peer+": its export conflicts with an earlier link's (see federation status)")
+		default:
+			if _, ok := tiers[l.Peer]; !ok {
+				resp.Excluded = append(resp.Excluded, l.Peer+": not in the policy's failover peers")
+			}
+		}
+	}
+	resp.Summary = explainSummary(resp)
+	return resp, nil
+}
+
+func explainSummary(r *controlplanev1.ExplainResponse) string {
+	name := r.GetNamespace() + "/" + r.GetService()
+	for _, t := range r.GetTiers() {
+		if t.GetHealthy() == 0 {
+			continue
+		}
+		where := "to the local cluster"
+		if t.GetPriority() > 0 {
+			where = "to " + strings.Join(t.GetClusters(), ", ") + " through this cluster's gateway"
+			if r.GetTiers()[0].GetPriority() == 0 {
+				where += " (the local cluster has no healthy endpoint)"
+			}
+		}
+		spill := ""
+		if th := r.GetPolicy().GetFailover().GetSpillThresholdPercent(); th > 0 && t.GetHealthy()*100 < t.GetTotal()*th {
+			spill = fmt.Sprintf("; %d of %d healthy is below the %d%% spill threshold, so part of it moves to the next tier", t.GetHealthy(), t.GetTotal(), th)
+		}
+		return fmt.Sprintf("traffic for %s goes %s%s", name, where, spill)
+	}
+	if len(r.GetTiers()) == 0 {
+		return "no endpoint anywhere for " + name + ": nothing runs it here and no linked peer exports it to this cluster"
+	}
+	return "no healthy endpoint for " + name + " in any tier: sidecars fall back to unhealthy ones (panic mode)"
+}
