@@ -70,6 +70,10 @@ type Request struct {
 	Certificate *tls.Certificate
 	// Clock; nil means time.Now.
 	Clock func() time.Time
+	// CheckOffer, if set, judges the issuer's bundle (whose digest matched
+	// the token) before anything secret is sent: an error ends the join
+	// with the token still unused.
+	CheckOffer func(*bundle.Bundle) error
 }
 
 // Result is a successful join.
@@ -137,7 +141,7 @@ func Dial(ctx context.Context, req Request) (*Result, error) {
 			return res, nil
 		}
 		var refused *RefusedError
-		if errors.As(err, &refused) || errors.Is(err, errPinMismatch) {
+		if errors.As(err, &refused) || errors.Is(err, errPinMismatch) || errors.Is(err, errOfferRefused) {
 			return nil, err // the issuer answered: another address will say the same
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", addr, err))
@@ -145,7 +149,10 @@ func Dial(ctx context.Context, req Request) (*Result, error) {
 	return nil, fmt.Errorf("join: no gateway of %s could be reached: %w", tok.Issuer(), errors.Join(errs...))
 }
 
-var errPinMismatch = errors.New("the issuer's trust bundle does not match the digest the token pins")
+var (
+	errPinMismatch  = errors.New("the issuer's trust bundle does not match the digest the token pins")
+	errOfferRefused = errors.New("join: the issuer's offer was refused")
+)
 
 func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Result, error) {
 	tok := req.Token
@@ -192,6 +199,11 @@ func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Re
 	if id != want {
 		return nil, fmt.Errorf("join: the gateway is %s, want %s", id, want)
 	}
+	if req.CheckOffer != nil {
+		if err := req.CheckOffer(b); err != nil {
+			return nil, fmt.Errorf("%w: %w", errOfferRefused, err)
+		}
+	}
 	binding, err := token.ChannelBinding(&cs)
 	if err != nil {
 		return nil, err
@@ -209,6 +221,9 @@ func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Re
 	}
 	if result.GetError() != "" {
 		return nil, &RefusedError{Reason: result.GetReason(), Message: result.GetError()}
+	}
+	if result.GetCluster() != tok.Issuer() {
+		return nil, fmt.Errorf("join: the issuer %s answered for cluster %q", tok.Issuer(), result.GetCluster())
 	}
 	res := &Result{JoinResult: &result, IssuerBundle: b}
 	if len(req.CSR) > 0 {
@@ -241,7 +256,19 @@ type Redeemer func(ctx context.Context, req *federationv1.JoinRequest, binding [
 
 // Serve runs the issuer's side of one join stream: offer sends the
 // issuer's bundle; the request is then passed to redeem.
+//
+// The exchange is bounded by Timeout and ctx: if s has SetDeadline (a
+// QUIC stream, a net.Conn), a joiner that goes silent does not hold it
+// longer.
 func Serve(ctx context.Context, s io.ReadWriter, cs tls.ConnectionState, offer *federationv1.JoinOffer, redeem Redeemer) error {
+	ctx, cancel := context.WithTimeout(ctx, Timeout)
+	defer cancel()
+	if d, ok := s.(interface{ SetDeadline(time.Time) error }); ok {
+		dl, _ := ctx.Deadline()
+		d.SetDeadline(dl)
+		stop := context.AfterFunc(ctx, func() { d.SetDeadline(time.Unix(1, 0)) })
+		defer stop()
+	}
 	var hello federationv1.JoinRequest
 	if err := ReadMsg(s, &hello); err != nil {
 		return err

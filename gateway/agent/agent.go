@@ -315,7 +315,10 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 	if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_Hello{Hello: hello}}); err != nil {
 		return err
 	}
-	// Acks come back on this stream.
+	// Acks come back on this stream. The RTT is measured with this
+	// gateway's clock only: the time the acked heartbeat was sent is looked
+	// up here, not taken from the peer's echo.
+	pg := &pings{}
 	errc := make(chan error, 1)
 	go func() {
 		for {
@@ -325,7 +328,11 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 				return
 			}
 			if ack := m.GetHeartbeatAck(); ack != nil {
-				rtt := a.clock().Sub(time.Unix(0, ack.GetSentUnixNano()))
+				sentAt, ok := pg.acked(ack.GetSeq())
+				if !ok {
+					continue // not a heartbeat of ours, or acked already
+				}
+				rtt := a.clock().Sub(sentAt)
 				a.mu.Lock()
 				ps := a.peer(peer)
 				ps.rtt, ps.outUp, ps.lastErr = rtt, true, ""
@@ -353,7 +360,9 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 			a.mu.Unlock()
 		}
 		seq++
-		hb := &federationv1.Heartbeat{Seq: seq, SentUnixNano: a.clock().UnixNano()}
+		now := a.clock()
+		pg.sent(seq, now)
+		hb := &federationv1.Heartbeat{Seq: seq, SentUnixNano: now.UnixNano()}
 		if b := a.cfg.Creds.Bundle(); b != nil {
 			hb.BundleDigest = b.Digest()
 		}
@@ -374,6 +383,37 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 			changed = a.cat.resubscribe()
 		}
 	}
+}
+
+// pings remembers when the latest heartbeats of a control stream were
+// sent, by sequence number.
+type pings struct {
+	mu sync.Mutex
+	at map[uint64]time.Time
+}
+
+// maxPings bounds the heartbeats awaiting an ack.
+const maxPings = 64
+
+func (p *pings) sent(seq uint64, t time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.at == nil {
+		p.at = map[uint64]time.Time{}
+	}
+	p.at[seq] = t
+	if seq > maxPings {
+		delete(p.at, seq-maxPings)
+	}
+}
+
+// acked returns when heartbeat seq was sent, once.
+func (p *pings) acked(seq uint64) (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t, ok := p.at[seq]
+	delete(p.at, seq)
+	return t, ok
 }
 
 func sameExports(a, b map[string]*federationv1.ExportedService) bool {

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"maps"
+	"net"
 	"slices"
 	"sync"
 
@@ -102,9 +103,19 @@ func (c *catalog) dropImports(peer string) {
 	delete(c.versions, peer)
 }
 
+// learnAddrs records the addresses a peer announced in its Hello. They
+// come from the peer: an announcement with one that is not host:port (as
+// the control plane requires of ReportPeers) is ignored, or it would make
+// every report of this gateway be refused.
 func (c *catalog) learnAddrs(peer string, addrs []string) {
 	if len(addrs) == 0 || len(addrs) > 8 {
 		return
+	}
+	for _, a := range addrs {
+		host, port, err := net.SplitHostPort(a)
+		if err != nil || host == "" || port == "" || len(a) > 262 {
+			return
+		}
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -92,9 +93,14 @@ type pendingServer struct {
 	log   *slog.Logger
 	clock func() time.Time
 	done  chan struct{}
+	// joining serializes Join: of concurrent calls one joins, the others
+	// then find done closed.
+	joining sync.Mutex
 }
 
 func (s *pendingServer) Join(ctx context.Context, req *controlplanev1.JoinRequest) (*controlplanev1.JoinResponse, error) {
+	s.joining.Lock()
+	defer s.joining.Unlock()
 	select {
 	case <-s.done:
 		return nil, status.Error(codes.FailedPrecondition, "this cluster has joined already")
