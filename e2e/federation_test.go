@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -16,11 +17,13 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/local"
 	"github.com/straitmesh/strait/federation/join"
 	"github.com/straitmesh/strait/federation/token"
 	"github.com/straitmesh/strait/gateway/agent"
+	"github.com/straitmesh/strait/gateway/tunnel"
 	"github.com/straitmesh/strait/internal/wiring"
 	"github.com/straitmesh/strait/proxy"
 )
@@ -583,5 +586,44 @@ func TestFailoverOrderFromPolicy(t *testing.T) {
 	if !strings.Contains(ex.GetSummary(), "to west through this cluster's gateway") || len(ex.GetTiers()) != 1 ||
 		len(ex.GetExcluded()) != 1 || !strings.Contains(ex.GetExcluded()[0], "south: not in the policy's failover peers") {
 		t.Fatalf("explain: %v", ex)
+	}
+}
+
+func TestEntryRefusesOtherClustersWorkloads(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	eastGW := east.startGateway("")
+	dial := func(c *cluster) error {
+		iss, err := wiring.NewIssuer(c.dir, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := identity.Workload(c.td, "default", "frontend")
+		sv, err := iss.MintSVID(id, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, NextProtos: []string{tunnel.ALPNEntryRaw}, Certificates: []tls.Certificate{tlsCert(sv)}}
+		conn, err := tls.Dial("tcp", eastGW.entry, cfg)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		// TLS 1.3: a refused client certificate shows on the first read.
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		if err := tunnel.WriteHeader(conn, tunnel.Header{Kind: tunnel.KindData, Cluster: "west", Namespace: "default", Service: "backend", Port: 443}); err != nil {
+			return err
+		}
+		_, err = tunnel.ReadReply(conn)
+		return err
+	}
+	werr := dial(west)
+	t.Logf("west workload at east entry: %v", werr)
+	if err := werr; err == nil || !strings.Contains(err.Error(), "bad certificate") && !strings.Contains(err.Error(), "reset") && !strings.Contains(err.Error(), "EOF") {
+		t.Fatalf("a west workload at east's entry: %v, want the handshake refused", err)
+	}
+	// east's own workload passes the handshake (and is told west is not linked).
+	if err := dial(east); err != nil && strings.Contains(err.Error(), "bad certificate") {
+		t.Fatalf("east's own workload refused at the handshake: %v", err)
 	}
 }

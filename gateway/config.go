@@ -174,6 +174,11 @@ type Config struct {
 	// JoinHandler serves join connections; nil does not offer the join
 	// ALPN.
 	JoinHandler JoinHandler
+	// EntryIssuer, if set, returns the key ID (SubjectKeyId) of this
+	// cluster's intermediate: entry clients must hold an SVID it issued,
+	// so a workload of another cluster cannot use this cluster's links.
+	// Nil, or an empty result, accepts any workload of the trust domain.
+	EntryIssuer func() []byte
 }
 
 func (l *Limits) setDefaults() {

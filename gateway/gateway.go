@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -408,6 +409,11 @@ func (g *Gateway) verifyEntry(cs tls.ConnectionState) error {
 	}
 	if k := identity.Classify(id).Kind; k != identity.KindWorkload && k != identity.KindOther {
 		return refuseHandshake("not_workload", "%s is a %s identity, not a workload", id, k)
+	}
+	if g.cfg.EntryIssuer != nil {
+		if own := g.cfg.EntryIssuer(); len(own) > 0 && !bytes.Equal(cs.PeerCertificates[0].AuthorityKeyId, own) {
+			return refuseHandshake("other_cluster", "%s holds an SVID of another cluster's intermediate: a sidecar uses its own cluster's gateway", id)
+		}
 	}
 	return nil
 }

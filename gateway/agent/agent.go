@@ -136,6 +136,12 @@ func Run(ctx context.Context, cfg Config) error {
 		PeerListen: cfg.PeerListen, EntryListen: cfg.EntryListen, Catalog: a.cat, Limits: cfg.Limits,
 		Logger: cfg.Logger, Registerer: cfg.Registerer, Clock: cfg.Clock,
 		ControlHandler: a.serveControl, JoinHandler: a.serveJoin,
+		EntryIssuer: func() []byte {
+			if s := cfg.Creds.SVID(); s != nil && len(s.Certificates) > 0 {
+				return s.Certificates[0].AuthorityKeyId // this cluster's intermediate
+			}
+			return nil
+		},
 	})
 	if err != nil {
 		return err
