@@ -627,3 +627,41 @@ func TestEntryRefusesOtherClustersWorkloads(t *testing.T) {
 		t.Fatalf("east's own workload refused at the handshake: %v", err)
 	}
 }
+
+func TestPartitionedPeerExpires(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	westGW := west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {staleness: 2s}\n")
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatal(err)
+	}
+	east.linkUp("west", 1)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 1)
+	westEndpoints := func() int {
+		n := 0
+		for _, svc := range fe.sc.Snapshot().GetServices() {
+			for _, ep := range svc.GetEndpoints() {
+				if svc.GetName() == "backend" && ep.GetCluster() == "west" {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	addr := westGW.peer
+	westGW.stop()
+	start := time.Now()
+	waitUntil(t, 10*time.Second, "west's endpoints expire after the 2s staleness", func() bool { return westEndpoints() == 0 })
+	took := time.Since(start)
+	t.Logf("west's endpoints expired %s after its gateway stopped (staleness 2s)", took.Round(100*time.Millisecond))
+	if took < 1500*time.Millisecond {
+		t.Errorf("expired after %s, before the 2s staleness", took)
+	}
+	west.startGateway(addr)
+	waitUntil(t, 15*time.Second, "west's endpoints return when it heals", func() bool { return westEndpoints() == 1 })
+}

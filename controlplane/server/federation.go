@@ -50,6 +50,8 @@ type fedWorld struct {
 	exports   map[string]*resource.ServiceExport         // "namespace/name"
 	imports   map[string][]*federationv1.ExportedService // by peer
 	rtt       map[string]time.Duration                   // by peer, as its gateway measured it
+	heard     map[string]time.Time                       // by peer: its last heartbeat here
+	stale     map[string]bool                            // "peer\x00namespace/name": expired by the service's staleness
 	entry     string                                     // a live gateway's entry address
 	gatewayID string
 	conflicts map[string][]string // by peer: "namespace/name: why"
@@ -69,7 +71,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		return strings.Compare(a.Peer, b.Peer)
 	})
 	gw, _ := identity.Gateway(s.cfg.TrustDomain, s.cfg.Cluster)
-	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
+	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
 	for _, l := range links {
 		fmt.Fprintf(h, "l\x00%s\x00%s\x00%s\n", l.Peer, l.ID, strings.Join(l.PeerGateways, ","))
 	}
@@ -93,8 +95,12 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 			at = g.reported
 			clear(f.imports)
 			clear(f.rtt)
+			clear(f.heard)
 			for peer, r := range g.reports {
 				f.imports[peer] = r.GetImports()
+				if r.GetLastHeard() != nil {
+					f.heard[peer] = r.GetLastHeard().AsTime()
+				}
 				// RTT orders failover tiers: kept to 1ms steps so that
 				// jitter does not rebuild every snapshot.
 				f.rtt[peer] = r.GetRtt().AsDuration().Round(time.Millisecond)
@@ -141,6 +147,29 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 	return f, nil
 }
 
+// markStale flags the imports of peers not heard from for longer than
+// their service's failover staleness, as of now, and writes the flags into
+// h (so that expiry changes the world's version).
+func (f *fedWorld) markStale(h interface{ Write([]byte) (int, error) }, traffic map[string]*controlplanev1.TrafficPolicy, now time.Time) {
+	for _, l := range f.links {
+		heard, ok := f.heard[l.Peer]
+		if !ok {
+			continue
+		}
+		for _, es := range f.imports[l.Peer] {
+			key := es.GetNamespace() + "/" + es.GetName()
+			bound := resource.DefaultStaleness
+			if p := traffic[key]; p != nil && p.GetFailover().GetStaleness() != nil {
+				bound = p.GetFailover().GetStaleness().AsDuration()
+			}
+			if now.Sub(heard) > bound {
+				f.stale[l.Peer+"\x00"+key] = true
+				fmt.Fprintf(h, "s\x00%s\x00%s\n", l.Peer, key)
+			}
+		}
+	}
+}
+
 // conflicted reports whether peer's export of ns/name lost a conflict.
 func (f *fedWorld) conflicted(peer, ns, name string) bool {
 	prefix := ns + "/" + name + ":"
@@ -182,6 +211,9 @@ func remoteEndpoints(w *world, svc *controlplanev1.Service, ns, name string, hav
 		for _, es := range f.imports[l.Peer] {
 			if es.GetNamespace() != ns || es.GetName() != name || len(es.GetSpiffeIds()) == 0 {
 				continue
+			}
+			if f.stale[l.Peer+"\x00"+ns+"/"+name] {
+				continue // the peer stopped reporting longer ago than the service allows
 			}
 			p := protocolOf(es.GetProtocol())
 			if haveLocal && p != svc.Protocol {

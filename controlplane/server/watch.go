@@ -107,6 +107,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 	if w.fed, err = s.readFederation(h, exports); err != nil {
 		return err
 	}
+	w.fed.markStale(h, w.traffic, s.cfg.Clock())
 	if w.bundle != nil {
 		fmt.Fprintf(h, "b\x00%s\x00%d\n", w.bundle.GetDigest(), w.bundle.GetSequence())
 	}
@@ -150,18 +151,9 @@ func (s *Server) pushLoop(ctx context.Context) error {
 		case <-s.cfg.Registry.Changed():
 		case <-s.fedWake:
 		case <-tick.C:
-			// Compared with what the world holds, by digest and sequence:
-			// a bundle may come back to an earlier root set.
-			b := s.cfg.Bundle()
-			s.mu.Lock()
-			var held *controlplanev1.TrustBundle
-			if s.world != nil {
-				held = s.world.bundle
-			}
-			s.mu.Unlock()
-			if b == nil || held != nil && b.Digest() == held.GetDigest() && b.Sequence() == held.GetSequence() {
-				continue
-			}
+			// Every second: the bundle may have changed, and peers'
+			// endpoints expire with time. rebuild compares digests, so an
+			// unchanged world pushes nothing.
 		}
 		t := time.NewTimer(s.cfg.Debounce)
 		select {
