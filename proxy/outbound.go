@@ -525,7 +525,10 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 			return resp, err
 		}
 		last := attempt >= int(retries.GetAttempts()) || req.Context().Err() != nil || req.GetBody == nil
-		if !last && !st.budget.TryRetry() {
+		// A request that never reached an endpoint (connect failure) costs
+		// no backend anything: retrying it elsewhere is outside the budget,
+		// which is what lets traffic fail over when endpoints die at once.
+		if !last && cause != "connect-failure" && !st.budget.TryRetry() {
 			u.o.metrics.retries.WithLabelValues(u.name, "budget_exhausted").Inc()
 			last = true
 		}

@@ -683,13 +683,30 @@ func (b *Balancer) eject(st *endpointState, c *config, now int64) {
 	if s.byKey[st.key] != st || st.ejected(now) || st.consecErrs.Load() < c.consecutiveErrors {
 		return
 	}
-	ejected := 0
+	// MaxEjectionPercent applies within the endpoint's failover priority.
+	// When another priority has a healthy endpoint in rotation, the whole
+	// priority may go: its traffic then fails over rather than being sent
+	// to endpoints known to fail.
+	prio := -1
 	for i := range s.eps {
-		if s.eps[i].st.ejected(now) {
-			ejected++
+		if s.eps[i].st == st {
+			prio = s.eps[i].prio()
 		}
 	}
-	if ejected > 0 && (ejected+1)*100 > c.maxEjectionPercent*len(s.eps) {
+	ejected, total, elsewhere := 0, 0, false
+	for i := range s.eps {
+		e := &s.eps[i]
+		switch {
+		case e.prio() == prio:
+			total++
+			if e.st.ejected(now) {
+				ejected++
+			}
+		case e.ep.Healthy && !e.st.ejected(now):
+			elsewhere = true
+		}
+	}
+	if !elsewhere && ejected > 0 && (ejected+1)*100 > c.maxEjectionPercent*total {
 		return
 	}
 	times := st.timesEjected.Load()

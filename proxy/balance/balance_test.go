@@ -869,3 +869,36 @@ func TestSlowStartFailback(t *testing.T) {
 		t.Fatalf("after slow start: local share %.2f, want 1", got)
 	}
 }
+
+func TestEjectionCapPerPriority(t *testing.T) {
+	// Two local endpoints and a peer; a 50% cap. With the peer healthy,
+	// both locals may be ejected: their traffic fails over.
+	eps := healthy("local-a", "local-b", "remote")
+	eps[2].Priority = 1
+	b, _ := newTestBalancer(t, Config{Outlier: OutlierConfig{ConsecutiveErrors: 1, BaseEjectionTime: time.Minute, MaxEjectionPercent: 50}}, eps)
+	for range 20 {
+		p := mustPick(t, b)
+		if p.Endpoint.Priority == 0 {
+			p.Done(time.Millisecond, Failure)
+		} else {
+			p.Done(time.Millisecond, Success)
+		}
+	}
+	if s := statsByKey(b); !s["local-a"].Ejected || !s["local-b"].Ejected {
+		t.Fatalf("with a healthy peer, both failing locals should be ejected: %+v", s)
+	}
+	// Without another priority, the cap holds within the set.
+	b2, _ := newTestBalancer(t, Config{Outlier: OutlierConfig{ConsecutiveErrors: 1, BaseEjectionTime: time.Minute, MaxEjectionPercent: 50}}, healthy("a", "b"))
+	for range 20 {
+		mustPick(t, b2).Done(time.Millisecond, Failure)
+	}
+	ejected := 0
+	for _, s := range statsByKey(b2) {
+		if s.Ejected {
+			ejected++
+		}
+	}
+	if ejected != 1 {
+		t.Fatalf("single priority, 50%% cap: %d of 2 ejected, want 1", ejected)
+	}
+}
