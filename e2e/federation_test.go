@@ -665,3 +665,45 @@ func TestPartitionedPeerExpires(t *testing.T) {
 	west.startGateway(addr)
 	waitUntil(t, 15*time.Second, "west's endpoints return when it heals", func() bool { return westEndpoints() == 1 })
 }
+
+func TestFailbackRampsUp(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {slowStart: 3s}\n")
+	be := east.workload("backend-e0", "backend", workloadOptions{})
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatal(err)
+	}
+	east.linkUp("west", 1)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 2)
+	client := &http.Client{Timeout: 5 * time.Second}
+	eastShare := func(n int) float64 {
+		e := 0
+		for range n {
+			if code, r, err := get(client, fe.url("backend")); err == nil && code == http.StatusOK && r.Cluster == "east" {
+				e++
+			}
+		}
+		return float64(e) / float64(n)
+	}
+	be.stop()
+	waitUntil(t, 10*time.Second, "west serves everything", func() bool { return eastShare(20) == 0 })
+	east.workload("backend-e1", "backend", workloadOptions{})
+	// Back: the local share ramps up over the 3s slow start instead of
+	// jumping to all at once, then is whole.
+	var shares []float64
+	for range 6 {
+		shares = append(shares, eastShare(40))
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Logf("east's share after it came back, every ~0.5s: %.2f", shares)
+	if shares[0] > 0.6 {
+		t.Errorf("failback jumped: east's share %.2f right after it came back, want a ramp", shares[0])
+	}
+	waitUntil(t, 10*time.Second, "east serves everything again", func() bool { return eastShare(40) == 1 })
+}
