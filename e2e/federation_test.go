@@ -136,6 +136,28 @@ func (c *cluster) linkUp(peer string, imported uint32) {
 	})
 }
 
+// linkedEastWest starts east (the root authority) and west with their
+// gateways, runs backend in west and exports it, lets setup start what
+// east needs before the link, then links west to east with a join token and
+// waits until east imports west's backend.
+func linkedEastWest(t *testing.T, setup func(east, west *cluster)) (east, west *cluster, westGW *gatewayProc) {
+	t.Helper()
+	east = newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west = newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	westGW = west.startGateway("")
+	west.workload("backend-w0", "backend", workloadOptions{})
+	west.mustApply(exportBackend)
+	if setup != nil {
+		setup(east, west)
+	}
+	if _, err := west.join(east.joinToken("")); err != nil {
+		t.Fatalf("west joins east: %v", err)
+	}
+	east.linkUp("west", 1)
+	return east, west, westGW
+}
+
 const exportBackend = `apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: {name: backend, namespace: default}
@@ -390,16 +412,7 @@ func TestJoinTokenRedemptionRules(t *testing.T) {
 }
 
 func TestGatewayRestartHealsWithoutNewToken(t *testing.T) {
-	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
-	west := newCluster(t, "west", clusterOptions{meshOf: east})
-	east.startGateway("")
-	westGW := west.startGateway("")
-	west.workload("backend-w0", "backend", workloadOptions{})
-	west.mustApply(exportBackend)
-	if _, err := west.join(east.joinToken("")); err != nil {
-		t.Fatal(err)
-	}
-	east.linkUp("west", 1)
+	east, west, westGW := linkedEastWest(t, nil)
 	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 1)
 	client := &http.Client{Timeout: 5 * time.Second}
@@ -477,17 +490,8 @@ func TestThreeClusters(t *testing.T) {
 }
 
 func TestLocalFirstThenPeer(t *testing.T) {
-	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
-	west := newCluster(t, "west", clusterOptions{meshOf: east})
-	east.startGateway("")
-	west.startGateway("")
-	west.workload("backend-w0", "backend", workloadOptions{})
-	west.mustApply(exportBackend)
-	be := east.workload("backend-e0", "backend", workloadOptions{})
-	if _, err := west.join(east.joinToken("")); err != nil {
-		t.Fatal(err)
-	}
-	east.linkUp("west", 1)
+	var be *workload
+	east, _, _ := linkedEastWest(t, func(east, _ *cluster) { be = east.workload("backend-e0", "backend", workloadOptions{}) })
 	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 2)
 	client := &http.Client{Timeout: 5 * time.Second}
@@ -506,18 +510,11 @@ func TestLocalFirstThenPeer(t *testing.T) {
 }
 
 func TestFailoverUnderLoad(t *testing.T) {
-	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
-	west := newCluster(t, "west", clusterOptions{meshOf: east})
-	east.startGateway("")
-	west.startGateway("")
-	west.workload("backend-w0", "backend", workloadOptions{})
-	west.mustApply(exportBackend)
-	b0 := east.workload("backend-e0", "backend", workloadOptions{})
-	b1 := east.workload("backend-e1", "backend", workloadOptions{})
-	if _, err := west.join(east.joinToken("")); err != nil {
-		t.Fatal(err)
-	}
-	east.linkUp("west", 1)
+	var b0, b1 *workload
+	east, _, _ := linkedEastWest(t, func(east, _ *cluster) {
+		b0 = east.workload("backend-e0", "backend", workloadOptions{})
+		b1 = east.workload("backend-e1", "backend", workloadOptions{})
+	})
 	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 3)
 	l := startLoad(fe.url("backend"), 4, 20*time.Second)
@@ -629,17 +626,9 @@ func TestEntryRefusesOtherClustersWorkloads(t *testing.T) {
 }
 
 func TestPartitionedPeerExpires(t *testing.T) {
-	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
-	west := newCluster(t, "west", clusterOptions{meshOf: east})
-	east.startGateway("")
-	westGW := west.startGateway("")
-	west.workload("backend-w0", "backend", workloadOptions{})
-	west.mustApply(exportBackend)
-	east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {staleness: 2s}\n")
-	if _, err := west.join(east.joinToken("")); err != nil {
-		t.Fatal(err)
-	}
-	east.linkUp("west", 1)
+	east, west, westGW := linkedEastWest(t, func(east, _ *cluster) {
+		east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {staleness: 2s}\n")
+	})
 	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 1)
 	westEndpoints := func() int {
@@ -667,18 +656,11 @@ func TestPartitionedPeerExpires(t *testing.T) {
 }
 
 func TestFailbackRampsUp(t *testing.T) {
-	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
-	west := newCluster(t, "west", clusterOptions{meshOf: east})
-	east.startGateway("")
-	west.startGateway("")
-	west.workload("backend-w0", "backend", workloadOptions{})
-	west.mustApply(exportBackend)
-	east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {slowStart: 3s}\n")
-	be := east.workload("backend-e0", "backend", workloadOptions{})
-	if _, err := west.join(east.joinToken("")); err != nil {
-		t.Fatal(err)
-	}
-	east.linkUp("west", 1)
+	var be *workload
+	east, _, _ := linkedEastWest(t, func(east, _ *cluster) {
+		east.mustApply("apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend}\nspec:\n  service: backend\n  failover: {slowStart: 3s}\n")
+		be = east.workload("backend-e0", "backend", workloadOptions{})
+	})
 	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 2)
 	client := &http.Client{Timeout: 5 * time.Second}
