@@ -360,6 +360,11 @@ func TestJoinTokenRedemptionRules(t *testing.T) {
 	if events["join"] != 1 || events["join-refused"] != 19 || events["token-created"] != 1 {
 		t.Fatalf("audit log counts %v; want 1 token-created, 1 join, 19 join-refused", events)
 	}
+	for _, e := range audit.GetEvents() {
+		if strings.HasPrefix(e.GetEvent(), "join") && !strings.HasPrefix(e.GetRemote(), "127.0.0.1:") {
+			t.Fatalf("audit event without the joiner's address: %v", e)
+		}
+	}
 
 	// Expired, tampered, for another cluster: refused before any state
 	// changes on the issuer.

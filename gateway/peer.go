@@ -559,7 +559,7 @@ func (g *Gateway) serveJoin(conn *quic.Conn) {
 		g.mu.Unlock()
 	}()
 	cs := conn.ConnectionState().TLS
-	ctx := conn.Context()
+	ctx := context.WithValue(conn.Context(), remoteKey{}, conn.RemoteAddr())
 	idle := time.AfterFunc(g.lim.JoinIdleTimeout, func() {
 		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseNoError), "join connection idle")
 	})
@@ -591,4 +591,13 @@ func (g *Gateway) serveJoin(conn *quic.Conn) {
 			return
 		}
 	}
+}
+
+type remoteKey struct{}
+
+// RemoteAddr is the address a join connection came from, in the context a
+// JoinHandler gets (nil elsewhere): for audit logs.
+func RemoteAddr(ctx context.Context) net.Addr {
+	a, _ := ctx.Value(remoteKey{}).(net.Addr)
+	return a
 }

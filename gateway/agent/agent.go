@@ -526,7 +526,11 @@ func (a *agent) serveJoin(ctx context.Context, s io.ReadWriteCloser, cs tls.Conn
 	err := join.Serve(ctx, s, cs, offer, func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error) {
 		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 		defer cancel()
-		resp, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).RedeemJoin(ctx, &controlplanev1.RedeemJoinRequest{Join: req, ChannelBinding: binding})
+		remote := ""
+		if ra := gateway.RemoteAddr(ctx); ra != nil {
+			remote = ra.String()
+		}
+		resp, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).RedeemJoin(ctx, &controlplanev1.RedeemJoinRequest{Join: req, ChannelBinding: binding, Remote: remote})
 		if err != nil {
 			return nil, err
 		}
