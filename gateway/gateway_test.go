@@ -242,8 +242,10 @@ func TestUnlinkedPeerHandshakeRefused(t *testing.T) {
 	if got := metricValue(p.west.m.handshakeFail.WithLabelValues(hopPeerInbound, "not_linked")); got < 1 {
 		t.Errorf("west handshake_failures{peer_inbound,not_linked} = %v, want at least 1", got)
 	}
-	if got := metricValue(p.east.m.handshakeFail.WithLabelValues(hopPeerOutbound, "refused_by_peer")); got < 1 {
-		t.Errorf("east handshake_failures{peer_outbound,refused_by_peer} = %v, want at least 1", got)
+	// How the dialer learns of the refusal depends on timing (TLS 1.3: a
+	// closed connection, or an error on the first stream): any reason.
+	if got := metricValue(p.east.m.handshakeFail); got < 1 {
+		t.Errorf("east handshake_failures = %v, want at least 1", got)
 	}
 
 	// A gateway identity that is not the peer dialed is refused by the dialer.
