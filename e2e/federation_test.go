@@ -424,8 +424,25 @@ func TestGatewayRestartHealsWithoutNewToken(t *testing.T) {
 	if code, r, err := get(client, fe.url("backend")); err != nil || code != http.StatusOK || r.Cluster != "west" {
 		t.Fatalf("before the restart: %d %+v %v", code, r, err)
 	}
+	westHealth := func() controlplanev1.Health {
+		for _, svc := range fe.sc.Snapshot().GetServices() {
+			for _, ep := range svc.GetEndpoints() {
+				if ep.GetCluster() == "west" {
+					return ep.GetHealth()
+				}
+			}
+		}
+		return controlplanev1.Health_HEALTH_UNSPECIFIED
+	}
 	addr := westGW.peer
 	westGW.stop()
+	// The link is down as east's gateway sees it: west's endpoint turns
+	// unhealthy at once (it expires only after the staleness bound).
+	stopped := time.Now()
+	waitUntil(t, 5*time.Second, "west's endpoint unhealthy once the link is down", func() bool {
+		return westHealth() == controlplanev1.Health_HEALTH_UNHEALTHY
+	})
+	t.Logf("west's endpoint unhealthy %s after its gateway stopped", time.Since(stopped).Round(10*time.Millisecond))
 	west.startGateway(addr)
 	east.linkUp("west", 1)
 	waitUntil(t, 15*time.Second, "a cross-cluster call after west's gateway restarted", func() bool {

@@ -51,6 +51,7 @@ type fedWorld struct {
 	imports   map[string][]*federationv1.ExportedService // by peer
 	rtt       map[string]time.Duration                   // by peer, as its gateway measured it
 	heard     map[string]time.Time                       // by peer: its last heartbeat here
+	down      map[string]bool                            // by peer: its control stream is not up both ways
 	stale     map[string]bool                            // "peer\x00namespace/name": expired by the service's staleness
 	entry     string                                     // a live gateway's entry address
 	gatewayID string
@@ -71,7 +72,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		return strings.Compare(a.Peer, b.Peer)
 	})
 	gw, _ := identity.Gateway(s.cfg.TrustDomain, s.cfg.Cluster)
-	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
+	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, down: map[string]bool{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
 	for _, l := range links {
 		fmt.Fprintf(h, "l\x00%s\x00%s\x00%s\n", l.Peer, l.ID, strings.Join(l.PeerGateways, ","))
 	}
@@ -96,8 +97,10 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 			clear(f.imports)
 			clear(f.rtt)
 			clear(f.heard)
+			clear(f.down)
 			for peer, r := range g.reports {
 				f.imports[peer] = r.GetImports()
+				f.down[peer] = !r.GetControlStreamUp()
 				if r.GetLastHeard() != nil {
 					f.heard[peer] = r.GetLastHeard().AsTime()
 				}
@@ -110,7 +113,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 	s.mu.Unlock()
 	fmt.Fprintf(h, "g\x00%s\n", f.entry)
 	for _, peer := range slices.Sorted(maps.Keys(f.rtt)) {
-		fmt.Fprintf(h, "t\x00%s\x00%d\n", peer, f.rtt[peer])
+		fmt.Fprintf(h, "t\x00%s\x00%d\x00%t\n", peer, f.rtt[peer], f.down[peer])
 	}
 	linked := map[string]bool{}
 	for _, l := range links {
@@ -227,7 +230,9 @@ func remoteEndpoints(w *world, svc *controlplanev1.Service, ns, name string, hav
 				port = es.GetPorts()[0]
 			}
 			health := controlplanev1.Health_HEALTH_HEALTHY
-			if es.GetHealthy() == 0 {
+			if es.GetHealthy() == 0 || f.down[l.Peer] {
+				// No healthy instance there, or the link is down as the
+				// gateway sees it: chosen only if nothing healthy is left.
 				health = controlplanev1.Health_HEALTH_UNHEALTHY
 			}
 			prio, ok := tiers[l.Peer]

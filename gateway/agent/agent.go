@@ -89,6 +89,7 @@ type agent struct {
 // peerState is what this gateway knows of one peer's link.
 type peerState struct {
 	outUp, inUp    bool
+	lastAck        time.Time // the last heartbeat ack on our stream
 	rtt            time.Duration
 	peerDigest     string
 	peerVersion    uint64 // catalog version received from the peer
@@ -341,7 +342,7 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 				rtt := a.clock().Sub(sentAt)
 				a.mu.Lock()
 				ps := a.peer(peer)
-				ps.rtt, ps.outUp, ps.lastErr = rtt, true, ""
+				ps.rtt, ps.outUp, ps.lastErr, ps.lastAck = rtt, true, "", a.clock()
 				a.mu.Unlock()
 			}
 		}
@@ -576,17 +577,22 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 	req := &controlplanev1.ReportPeersRequest{Node: a.cfg.Node}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// A stream that carried no heartbeat (or ack) for three periods is
+	// down, even if no transport error said so yet (a partition).
+	now, quiet := a.clock(), 3*a.cfg.Heartbeat
 	for _, name := range sortedKeys(a.peers) {
 		ps := a.peers[name]
+		outUp := ps.outUp && now.Sub(ps.lastAck) <= quiet
+		inUp := ps.inUp && now.Sub(ps.lastHeard) <= quiet
 		r := &controlplanev1.PeerReport{
-			Peer: name, ControlStreamUp: ps.outUp && ps.inUp, PeerBundleDigest: ps.peerDigest,
+			Peer: name, ControlStreamUp: outUp && inUp, PeerBundleDigest: ps.peerDigest,
 			CatalogVersion: ps.peerVersion, LastError: ps.lastErr,
 			Imports: a.cat.importsOf(name), GatewayAddresses: a.cat.learned(name),
 		}
 		switch {
-		case ps.outUp && ps.inUp:
+		case outUp && inUp:
 			r.State = "connected"
-		case ps.outUp || ps.inUp:
+		case outUp || inUp:
 			r.State = "connecting"
 		default:
 			r.State = "down"
