@@ -11,13 +11,17 @@ import (
 	"time"
 )
 
-// TestCrashFailover kills east's backends (sidecars and apps, SIGKILL)
-// under steady load from east's frontend: west, which exports backend,
-// answers, and no client request fails (retries included).
-func TestCrashFailover(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts processes")
-	}
+// failoverRun is what crashFailover measured.
+type failoverRun struct {
+	killed, lastLocal, firstRemote time.Time
+	ok, failed                     int
+	errs                           []string
+}
+
+// crashFailover starts east and west linked (west exports backend), puts
+// steady load on east's frontend from 4 clients, kills east's backends
+// (sidecars and apps, SIGKILL) and keeps the load on for 3 seconds.
+func crashFailover(t *testing.T) failoverRun {
 	dir := t.TempDir()
 	bin := buildProxy(t)
 	t.Cleanup(func() { cli(t, "dev", "down", "--dir", dir) })
@@ -29,9 +33,7 @@ func TestCrashFailover(t *testing.T) {
 	export := filepath.Join(dir, "export.yaml")
 	os.WriteFile(export, []byte("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: backend, namespace: default}\n"), 0o644)
 	mustCLI(t, "apply", "--config", df.Config, "--context", "west", "-f", export)
-	fe := df.Clusters[0].Workloads[0]
-	url := "http://" + fe.Upstreams["backend"] + "/"
-	// Wait until east's frontend knows west's endpoint too.
+	url := "http://" + df.Clusters[0].Workloads[0].Upstreams["backend"] + "/"
 	deadline := time.Now().Add(15 * time.Second)
 	for !strings.Contains(mustCLI(t, "explain", "backend", "--config", df.Config, "--context", "east"), "west") {
 		if time.Now().After(deadline) {
@@ -42,9 +44,7 @@ func TestCrashFailover(t *testing.T) {
 	time.Sleep(time.Second) // the frontend's snapshot follows the control plane's view
 
 	var mu sync.Mutex
-	var ok, failed int
-	var errs []string
-	var firstWest time.Time
+	var r failoverRun
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for range 4 {
@@ -55,18 +55,22 @@ func TestCrashFailover(t *testing.T) {
 					return
 				default:
 				}
-				code, r, err := getEcho(url)
+				code, reply, err := getEcho(url)
+				now := time.Now()
 				mu.Lock()
 				switch {
 				case err != nil || code != http.StatusOK:
-					failed++
-					if len(errs) < 5 {
-						errs = append(errs, http.StatusText(code)+" "+errString(err))
+					r.failed++
+					if len(r.errs) < 5 {
+						r.errs = append(r.errs, http.StatusText(code)+" "+errString(err))
 					}
 				default:
-					ok++
-					if r.Cluster == "west" && firstWest.IsZero() {
-						firstWest = time.Now()
+					r.ok++
+					if reply.Cluster == "east" && now.After(r.lastLocal) {
+						r.lastLocal = now
+					}
+					if reply.Cluster == "west" && r.firstRemote.IsZero() {
+						r.firstRemote = now
 					}
 				}
 				mu.Unlock()
@@ -75,7 +79,9 @@ func TestCrashFailover(t *testing.T) {
 		})
 	}
 	time.Sleep(time.Second)
-	killed := time.Now()
+	mu.Lock()
+	r.killed = time.Now()
+	mu.Unlock()
 	for _, w := range df.Clusters[0].Workloads {
 		if w.Service == "backend" {
 			syscall.Kill(w.PID, syscall.SIGKILL)
@@ -85,18 +91,42 @@ func TestCrashFailover(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	close(stop)
 	wg.Wait()
-	mu.Lock()
-	defer mu.Unlock()
-	if firstWest.IsZero() {
-		t.Fatalf("west never answered after east's backends were killed (%d ok, %d failed: %v)", ok, failed, errs)
+	return r
+}
+
+// TestCrashFailover: when east's backends crash under load, west (which
+// exports backend) answers within a second and no client request fails,
+// retries included.
+func TestCrashFailover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
 	}
-	t.Logf("east's backends killed: first answer from west after %s; %d requests ok, %d failed %v", firstWest.Sub(killed).Round(time.Millisecond), ok, failed, errs)
-	if failed > 0 {
-		t.Errorf("%d of %d requests failed during the failover: %v", failed, ok+failed, errs)
+	r := crashFailover(t)
+	if r.firstRemote.IsZero() {
+		t.Fatalf("west never answered after east's backends were killed (%d ok, %d failed: %v)", r.ok, r.failed, r.errs)
 	}
-	if d := firstWest.Sub(killed); d > time.Second {
+	t.Logf("east's backends killed: first answer from west after %s; %d requests ok, %d failed %v", r.firstRemote.Sub(r.killed).Round(time.Millisecond), r.ok, r.failed, r.errs)
+	if r.failed > 0 {
+		t.Errorf("%d of %d requests failed during the failover: %v", r.failed, r.ok+r.failed, r.errs)
+	}
+	if d := r.firstRemote.Sub(r.killed); d > time.Second {
 		t.Errorf("first answer from west %s after the kill, want within 1s", d)
 	}
+}
+
+// TestReportFailover is make bench's failover figure: from the last answer
+// by the local cluster to the first by a peer, and the failed requests.
+func TestReportFailover(t *testing.T) {
+	if os.Getenv("STRAIT_BENCH") != "1" {
+		t.Skip("set STRAIT_BENCH=1 (make bench)")
+	}
+	r := crashFailover(t)
+	gap := "never"
+	if !r.firstRemote.IsZero() {
+		gap = r.firstRemote.Sub(r.lastLocal).Round(100 * time.Microsecond).String()
+	}
+	t.Logf("report: failover (SIGKILL of east's 2 backends under 4 clients, dev harness processes on loopback): last east answer -> first west answer %s (from the kill: %s); %d requests ok, %d failed %v",
+		gap, r.firstRemote.Sub(r.killed).Round(100*time.Microsecond), r.ok, r.failed, r.errs)
 }
 
 func errString(err error) string {
