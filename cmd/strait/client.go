@@ -180,10 +180,20 @@ func dialContext(cx *clientContext) (*grpc.ClientConn, error) {
 // admin connects to the context's admin API and returns a context for the
 // calls (bounded to 15s); done closes both.
 func (f *clientFlags) admin(cmd *cobra.Command) (context.Context, controlplanev1.AdminServiceClient, *clientContext, func(), error) {
+	ctx, conn, cx, done, err := f.call(cmd, 15*time.Second)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	return ctx, controlplanev1.NewAdminServiceClient(conn), cx, done, nil
+}
+
+// call dials the context's control plane and returns a context for calls
+// bounded by timeout; done closes both.
+func (f *clientFlags) call(cmd *cobra.Command, timeout time.Duration) (context.Context, *grpc.ClientConn, *clientContext, func(), error) {
 	conn, cx, err := f.dial(cmd)
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
-	return ctx, controlplanev1.NewAdminServiceClient(conn), cx, func() { cancel(); conn.Close() }, nil
+	ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+	return ctx, conn, cx, func() { cancel(); conn.Close() }, nil
 }

@@ -18,12 +18,11 @@ import (
 // federation connects to the context's FederationService; the calls are
 // bounded by timeout.
 func (f *clientFlags) federation(cmd *cobra.Command, timeout time.Duration) (context.Context, controlplanev1.FederationServiceClient, func(), error) {
-	conn, _, err := f.dial(cmd)
+	ctx, conn, _, done, err := f.call(cmd, timeout)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
-	return ctx, controlplanev1.NewFederationServiceClient(conn), func() { cancel(); conn.Close() }, nil
+	return ctx, controlplanev1.NewFederationServiceClient(conn), done, nil
 }
 
 func newFederationCmd(g *globals) *cobra.Command {

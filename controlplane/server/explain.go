@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -56,13 +57,7 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 		t.Endpoints = append(t.Endpoints, ep)
 	}
 	f := svc.GetPolicy().GetFailover()
-	prios := slices.Sorted(func(yield func(uint32) bool) {
-		for p := range byPrio {
-			if !yield(p) {
-				return
-			}
-		}
-	})
+	prios := slices.Sorted(maps.Keys(byPrio))
 	for i, p := range prios {
 		t := byPrio[p]
 		switch {

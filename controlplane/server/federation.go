@@ -56,6 +56,7 @@ type fedWorld struct {
 	entry     string                                     // a live gateway's entry address
 	gatewayID string
 	conflicts map[string][]string // by peer: "namespace/name: why"
+	lost      map[string]bool     // "peer\x00namespace/name": an export that lost a conflict
 }
 
 // readFederation collects links, exports and what the gateways reported,
@@ -72,7 +73,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		return strings.Compare(a.Peer, b.Peer)
 	})
 	gw, _ := identity.Gateway(s.cfg.TrustDomain, s.cfg.Cluster)
-	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, down: map[string]bool{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}}
+	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, down: map[string]bool{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}, lost: map[string]bool{}}
 	for _, l := range links {
 		fmt.Fprintf(h, "l\x00%s\x00%s\x00%s\n", l.Peer, l.ID, strings.Join(l.PeerGateways, ","))
 	}
@@ -142,6 +143,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 			if fst, ok := seen[key]; !ok {
 				seen[key] = first{l.Peer, es.GetProtocol(), ports}
 			} else if fst.proto != es.GetProtocol() || fst.ports != ports {
+				f.lost[l.Peer+"\x00"+key] = true
 				f.conflicts[l.Peer] = append(f.conflicts[l.Peer], fmt.Sprintf("%s: %s exports protocol %s ports %s, but %s (linked earlier) exports protocol %s ports %s; %s's export is not used",
 					key, l.Peer, es.GetProtocol(), ports, fst.peer, fst.proto, fst.ports, l.Peer))
 			}
@@ -174,15 +176,7 @@ func (f *fedWorld) markStale(h interface{ Write([]byte) (int, error) }, traffic 
 }
 
 // conflicted reports whether peer's export of ns/name lost a conflict.
-func (f *fedWorld) conflicted(peer, ns, name string) bool {
-	prefix := ns + "/" + name + ":"
-	for _, c := range f.conflicts[peer] {
-		if strings.HasPrefix(c, prefix) {
-			return true
-		}
-	}
-	return false
-}
+func (f *fedWorld) conflicted(peer, ns, name string) bool { return f.lost[peer+"\x00"+ns+"/"+name] }
 
 func protocolName(p controlplanev1.Protocol) string {
 	if p == controlplanev1.Protocol_PROTOCOL_TCP {

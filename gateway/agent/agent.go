@@ -247,11 +247,7 @@ func (a *agent) syncPeers(ctx context.Context) {
 		}
 	}
 	for _, name := range linked {
-		ps := a.peers[name]
-		if ps == nil {
-			ps = &peerState{}
-			a.peers[name] = ps
-		}
+		ps := a.peer(name)
 		if !ps.outgoingActive {
 			ps.outgoingActive = true
 			pctx, cancel := context.WithCancel(ctx)
@@ -351,8 +347,7 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 	var version, seq uint64
 	t := time.NewTicker(a.cfg.Heartbeat)
 	defer t.Stop()
-	changed, unsubscribe := a.cat.subscribe()
-	defer unsubscribe()
+	changed := a.cat.resubscribe()
 	for {
 		cur := a.cat.exportsFor(peer)
 		if sent == nil || !sameExports(sent, cur) {

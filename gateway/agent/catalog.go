@@ -80,10 +80,7 @@ func (c *catalog) setSnapshot(s *controlplanev1.GatewaySnapshot) bool {
 	return linksChanged
 }
 
-func (c *catalog) subscribe() (<-chan struct{}, func()) {
-	return c.resubscribe(), func() {}
-}
-
+// resubscribe returns a channel closed at the next change of exports.
 func (c *catalog) resubscribe() <-chan struct{} {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
