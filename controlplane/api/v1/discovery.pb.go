@@ -439,7 +439,11 @@ type ReportHealthRequest struct {
 	// Required. HEALTHY or UNHEALTHY.
 	Health Health `protobuf:"varint,2,opt,name=health,proto3,enum=strait.controlplane.v1.Health" json:"health,omitempty"`
 	// The digest of the trust bundle the sidecar holds (for rotation gating).
-	BundleDigest  string `protobuf:"bytes,3,opt,name=bundle_digest,json=bundleDigest,proto3" json:"bundle_digest,omitempty"`
+	BundleDigest string `protobuf:"bytes,3,opt,name=bundle_digest,json=bundleDigest,proto3" json:"bundle_digest,omitempty"`
+	// "sha256:<hex>" of the certificate that signed the sidecar's SVID (the
+	// chain's second certificate): the control plane compares it with its
+	// current intermediate to tell who still presents a chain to an old root.
+	SvidIssuer    string `protobuf:"bytes,4,opt,name=svid_issuer,json=svidIssuer,proto3" json:"svid_issuer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -491,6 +495,13 @@ func (x *ReportHealthRequest) GetHealth() Health {
 func (x *ReportHealthRequest) GetBundleDigest() string {
 	if x != nil {
 		return x.BundleDigest
+	}
+	return ""
+}
+
+func (x *ReportHealthRequest) GetSvidIssuer() string {
+	if x != nil {
+		return x.SvidIssuer
 	}
 	return ""
 }
@@ -743,7 +754,10 @@ type Snapshot struct {
 	// The trust bundle to verify peers with.
 	Bundle *TrustBundle `protobuf:"bytes,4,opt,name=bundle,proto3" json:"bundle,omitempty"`
 	// The cluster this control plane serves.
-	Cluster       string `protobuf:"bytes,5,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	Cluster string `protobuf:"bytes,5,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	// Which issuer the node's SVID should come from (after a root rotation
+	// re-signs the cluster's intermediate).
+	Reissue       *Reissue `protobuf:"bytes,6,opt,name=reissue,proto3" json:"reissue,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -813,6 +827,69 @@ func (x *Snapshot) GetCluster() string {
 	return ""
 }
 
+func (x *Snapshot) GetReissue() *Reissue {
+	if x != nil {
+		return x.Reissue
+	}
+	return nil
+}
+
+// Reissue asks a node whose SVID was signed by another certificate than
+// issuer to renew it now, at a random moment within window (jitter, so a
+// cluster's nodes do not all renew at once).
+type Reissue struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "sha256:<hex>" of the control plane's current intermediate.
+	Issuer        string               `protobuf:"bytes,1,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	Window        *durationpb.Duration `protobuf:"bytes,2,opt,name=window,proto3" json:"window,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Reissue) Reset() {
+	*x = Reissue{}
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Reissue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Reissue) ProtoMessage() {}
+
+func (x *Reissue) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Reissue.ProtoReflect.Descriptor instead.
+func (*Reissue) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Reissue) GetIssuer() string {
+	if x != nil {
+		return x.Issuer
+	}
+	return ""
+}
+
+func (x *Reissue) GetWindow() *durationpb.Duration {
+	if x != nil {
+		return x.Window
+	}
+	return nil
+}
+
 // Service is one upstream service.
 type Service struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -827,7 +904,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +916,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +929,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{11}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Service) GetName() string {
@@ -918,7 +995,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1007,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1020,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{12}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Endpoint) GetInstance() string {
@@ -1025,7 +1102,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1114,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1127,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Tunnel) GetGatewayAddress() string {
@@ -1098,7 +1175,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1110,7 +1187,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1123,7 +1200,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TrafficPolicy) GetConnectTimeout() *durationpb.Duration {
@@ -1197,7 +1274,7 @@ type Failover struct {
 
 func (x *Failover) Reset() {
 	*x = Failover{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1209,7 +1286,7 @@ func (x *Failover) String() string {
 func (*Failover) ProtoMessage() {}
 
 func (x *Failover) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1222,7 +1299,7 @@ func (x *Failover) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Failover.ProtoReflect.Descriptor instead.
 func (*Failover) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Failover) GetPeers() []string {
@@ -1278,7 +1355,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1290,7 +1367,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1303,7 +1380,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RetryPolicy) GetAttempts() uint32 {
@@ -1355,7 +1432,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1444,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1457,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *OutlierDetection) GetConsecutiveErrors() uint32 {
@@ -1416,7 +1493,7 @@ type ConnectionLimits struct {
 
 func (x *ConnectionLimits) Reset() {
 	*x = ConnectionLimits{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1428,7 +1505,7 @@ func (x *ConnectionLimits) String() string {
 func (*ConnectionLimits) ProtoMessage() {}
 
 func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1441,7 +1518,7 @@ func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionLimits.ProtoReflect.Descriptor instead.
 func (*ConnectionLimits) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ConnectionLimits) GetMaxConnections() uint32 {
@@ -1478,7 +1555,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1567,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1580,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Authorization) GetAllow() []*AuthorizationRule {
@@ -1535,7 +1612,7 @@ type AuthorizationRule struct {
 
 func (x *AuthorizationRule) Reset() {
 	*x = AuthorizationRule{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1624,7 @@ func (x *AuthorizationRule) String() string {
 func (*AuthorizationRule) ProtoMessage() {}
 
 func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,7 +1637,7 @@ func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationRule.ProtoReflect.Descriptor instead.
 func (*AuthorizationRule) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{20}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AuthorizationRule) GetPolicy() string {
@@ -1603,11 +1680,13 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\x0fRegisterRequest\x12<\n" +
 	"\binstance\x18\x01 \x01(\v2 .strait.controlplane.v1.InstanceR\binstance\"C\n" +
 	"\x10RegisterResponse\x12/\n" +
-	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"\x8e\x01\n" +
+	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"\xaf\x01\n" +
 	"\x13ReportHealthRequest\x12\x1a\n" +
 	"\binstance\x18\x01 \x01(\tR\binstance\x126\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x1e.strait.controlplane.v1.HealthR\x06health\x12#\n" +
-	"\rbundle_digest\x18\x03 \x01(\tR\fbundleDigest\"G\n" +
+	"\rbundle_digest\x18\x03 \x01(\tR\fbundleDigest\x12\x1f\n" +
+	"\vsvid_issuer\x18\x04 \x01(\tR\n" +
+	"svidIssuer\"G\n" +
 	"\x14ReportHealthResponse\x12/\n" +
 	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"/\n" +
 	"\x11DeregisterRequest\x12\x1a\n" +
@@ -1618,13 +1697,17 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12\x1c\n" +
 	"\tupstreams\x18\x03 \x03(\tR\tupstreams\"M\n" +
 	"\rWatchResponse\x12<\n" +
-	"\bsnapshot\x18\x01 \x01(\v2 .strait.controlplane.v1.SnapshotR\bsnapshot\"\x85\x02\n" +
+	"\bsnapshot\x18\x01 \x01(\v2 .strait.controlplane.v1.SnapshotR\bsnapshot\"\xc0\x02\n" +
 	"\bSnapshot\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12;\n" +
 	"\bservices\x18\x02 \x03(\v2\x1f.strait.controlplane.v1.ServiceR\bservices\x12K\n" +
 	"\rauthorization\x18\x03 \x01(\v2%.strait.controlplane.v1.AuthorizationR\rauthorization\x12;\n" +
 	"\x06bundle\x18\x04 \x01(\v2#.strait.controlplane.v1.TrustBundleR\x06bundle\x12\x18\n" +
-	"\acluster\x18\x05 \x01(\tR\acluster\"\xf8\x01\n" +
+	"\acluster\x18\x05 \x01(\tR\acluster\x129\n" +
+	"\areissue\x18\x06 \x01(\v2\x1f.strait.controlplane.v1.ReissueR\areissue\"T\n" +
+	"\aReissue\x12\x16\n" +
+	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x121\n" +
+	"\x06window\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06window\"\xf8\x01\n" +
 	"\aService\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12<\n" +
@@ -1717,7 +1800,7 @@ func file_controlplane_api_v1_discovery_proto_rawDescGZIP() []byte {
 }
 
 var file_controlplane_api_v1_discovery_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(Protocol)(0),                // 0: strait.controlplane.v1.Protocol
 	(Health)(0),                  // 1: strait.controlplane.v1.Health
@@ -1733,62 +1816,65 @@ var file_controlplane_api_v1_discovery_proto_goTypes = []any{
 	(*WatchRequest)(nil),         // 11: strait.controlplane.v1.WatchRequest
 	(*WatchResponse)(nil),        // 12: strait.controlplane.v1.WatchResponse
 	(*Snapshot)(nil),             // 13: strait.controlplane.v1.Snapshot
-	(*Service)(nil),              // 14: strait.controlplane.v1.Service
-	(*Endpoint)(nil),             // 15: strait.controlplane.v1.Endpoint
-	(*Tunnel)(nil),               // 16: strait.controlplane.v1.Tunnel
-	(*TrafficPolicy)(nil),        // 17: strait.controlplane.v1.TrafficPolicy
-	(*Failover)(nil),             // 18: strait.controlplane.v1.Failover
-	(*RetryPolicy)(nil),          // 19: strait.controlplane.v1.RetryPolicy
-	(*OutlierDetection)(nil),     // 20: strait.controlplane.v1.OutlierDetection
-	(*ConnectionLimits)(nil),     // 21: strait.controlplane.v1.ConnectionLimits
-	(*Authorization)(nil),        // 22: strait.controlplane.v1.Authorization
-	(*AuthorizationRule)(nil),    // 23: strait.controlplane.v1.AuthorizationRule
-	(*durationpb.Duration)(nil),  // 24: google.protobuf.Duration
-	(*TrustBundle)(nil),          // 25: strait.controlplane.v1.TrustBundle
+	(*Reissue)(nil),              // 14: strait.controlplane.v1.Reissue
+	(*Service)(nil),              // 15: strait.controlplane.v1.Service
+	(*Endpoint)(nil),             // 16: strait.controlplane.v1.Endpoint
+	(*Tunnel)(nil),               // 17: strait.controlplane.v1.Tunnel
+	(*TrafficPolicy)(nil),        // 18: strait.controlplane.v1.TrafficPolicy
+	(*Failover)(nil),             // 19: strait.controlplane.v1.Failover
+	(*RetryPolicy)(nil),          // 20: strait.controlplane.v1.RetryPolicy
+	(*OutlierDetection)(nil),     // 21: strait.controlplane.v1.OutlierDetection
+	(*ConnectionLimits)(nil),     // 22: strait.controlplane.v1.ConnectionLimits
+	(*Authorization)(nil),        // 23: strait.controlplane.v1.Authorization
+	(*AuthorizationRule)(nil),    // 24: strait.controlplane.v1.AuthorizationRule
+	(*durationpb.Duration)(nil),  // 25: google.protobuf.Duration
+	(*TrustBundle)(nil),          // 26: strait.controlplane.v1.TrustBundle
 }
 var file_controlplane_api_v1_discovery_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.Instance.protocol:type_name -> strait.controlplane.v1.Protocol
 	3,  // 1: strait.controlplane.v1.Instance.locality:type_name -> strait.controlplane.v1.Locality
 	4,  // 2: strait.controlplane.v1.RegisterRequest.instance:type_name -> strait.controlplane.v1.Instance
-	24, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
+	25, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
 	1,  // 4: strait.controlplane.v1.ReportHealthRequest.health:type_name -> strait.controlplane.v1.Health
-	24, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
+	25, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
 	13, // 6: strait.controlplane.v1.WatchResponse.snapshot:type_name -> strait.controlplane.v1.Snapshot
-	14, // 7: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
-	22, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
-	25, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
-	0,  // 10: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
-	15, // 11: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
-	17, // 12: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
-	1,  // 13: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
-	3,  // 14: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
-	16, // 15: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
-	24, // 16: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	24, // 17: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
-	19, // 18: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
-	2,  // 19: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
-	20, // 20: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
-	21, // 21: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
-	18, // 22: strait.controlplane.v1.TrafficPolicy.failover:type_name -> strait.controlplane.v1.Failover
-	24, // 23: strait.controlplane.v1.Failover.slow_start:type_name -> google.protobuf.Duration
-	24, // 24: strait.controlplane.v1.Failover.staleness:type_name -> google.protobuf.Duration
-	24, // 25: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
-	24, // 26: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	23, // 27: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
-	23, // 28: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
-	5,  // 29: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
-	7,  // 30: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
-	9,  // 31: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
-	11, // 32: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
-	6,  // 33: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
-	8,  // 34: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
-	10, // 35: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
-	12, // 36: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
-	33, // [33:37] is the sub-list for method output_type
-	29, // [29:33] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	15, // 7: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
+	23, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
+	26, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	14, // 10: strait.controlplane.v1.Snapshot.reissue:type_name -> strait.controlplane.v1.Reissue
+	25, // 11: strait.controlplane.v1.Reissue.window:type_name -> google.protobuf.Duration
+	0,  // 12: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
+	16, // 13: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
+	18, // 14: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
+	1,  // 15: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
+	3,  // 16: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
+	17, // 17: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
+	25, // 18: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	25, // 19: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
+	20, // 20: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
+	2,  // 21: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
+	21, // 22: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
+	22, // 23: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
+	19, // 24: strait.controlplane.v1.TrafficPolicy.failover:type_name -> strait.controlplane.v1.Failover
+	25, // 25: strait.controlplane.v1.Failover.slow_start:type_name -> google.protobuf.Duration
+	25, // 26: strait.controlplane.v1.Failover.staleness:type_name -> google.protobuf.Duration
+	25, // 27: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
+	25, // 28: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	24, // 29: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
+	24, // 30: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
+	5,  // 31: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
+	7,  // 32: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
+	9,  // 33: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
+	11, // 34: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
+	6,  // 35: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
+	8,  // 36: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
+	10, // 37: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
+	12, // 38: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
+	35, // [35:39] is the sub-list for method output_type
+	31, // [31:35] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_discovery_proto_init() }
@@ -1803,7 +1889,7 @@ func file_controlplane_api_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_discovery_proto_rawDesc), len(file_controlplane_api_v1_discovery_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

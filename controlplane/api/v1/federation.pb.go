@@ -1169,12 +1169,22 @@ func (x *WatchGatewayResponse) GetSnapshot() *GatewaySnapshot {
 
 // GatewaySnapshot is the gateway's whole view, versioned.
 type GatewaySnapshot struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint64                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	Cluster       string                 `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
-	Bundle        *TrustBundle           `protobuf:"bytes,3,opt,name=bundle,proto3" json:"bundle,omitempty"`
-	Links         []*Link                `protobuf:"bytes,4,rep,name=links,proto3" json:"links,omitempty"`
-	Exports       []*GatewayExport       `protobuf:"bytes,5,rep,name=exports,proto3" json:"exports,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Version uint64                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Cluster string                 `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	Bundle  *TrustBundle           `protobuf:"bytes,3,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	Links   []*Link                `protobuf:"bytes,4,rep,name=links,proto3" json:"links,omitempty"`
+	Exports []*GatewayExport       `protobuf:"bytes,5,rep,name=exports,proto3" json:"exports,omitempty"`
+	// The trust bundle as the root authority signed it, relayed to peers
+	// (strait.federation.v1.SignedBundle).
+	SignedBundle *v1.SignedBundle `protobuf:"bytes,6,opt,name=signed_bundle,json=signedBundle,proto3" json:"signed_bundle,omitempty"`
+	// On the root authority: each peer's intermediate re-signed under the
+	// active root, relayed to that peer.
+	Intermediates []*v1.IntermediateUpdate `protobuf:"bytes,7,rep,name=intermediates,proto3" json:"intermediates,omitempty"`
+	// This cluster's rotation progress, relayed to peers.
+	Rotation *v1.RotationReport `protobuf:"bytes,8,opt,name=rotation,proto3" json:"rotation,omitempty"`
+	// As for sidecars: renew the gateway's SVID if another issuer signed it.
+	Reissue       *Reissue `protobuf:"bytes,9,opt,name=reissue,proto3" json:"reissue,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1244,6 +1254,34 @@ func (x *GatewaySnapshot) GetExports() []*GatewayExport {
 	return nil
 }
 
+func (x *GatewaySnapshot) GetSignedBundle() *v1.SignedBundle {
+	if x != nil {
+		return x.SignedBundle
+	}
+	return nil
+}
+
+func (x *GatewaySnapshot) GetIntermediates() []*v1.IntermediateUpdate {
+	if x != nil {
+		return x.Intermediates
+	}
+	return nil
+}
+
+func (x *GatewaySnapshot) GetRotation() *v1.RotationReport {
+	if x != nil {
+		return x.Rotation
+	}
+	return nil
+}
+
+func (x *GatewaySnapshot) GetReissue() *Reissue {
+	if x != nil {
+		return x.Reissue
+	}
+	return nil
+}
+
 // GatewayExport is a local service exported to peers, with its endpoints.
 type GatewayExport struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -1308,9 +1346,13 @@ func (x *GatewayExport) GetEndpoints() []string {
 }
 
 type ReportPeersRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	Peers         []*PeerReport          `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Peers []*PeerReport          `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	// The digest of the trust bundle the gateway holds.
+	BundleDigest string `protobuf:"bytes,3,opt,name=bundle_digest,json=bundleDigest,proto3" json:"bundle_digest,omitempty"`
+	// "sha256:<hex>" of the certificate that signed the gateway's SVID.
+	SvidIssuer    string `protobuf:"bytes,4,opt,name=svid_issuer,json=svidIssuer,proto3" json:"svid_issuer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1359,6 +1401,20 @@ func (x *ReportPeersRequest) GetPeers() []*PeerReport {
 	return nil
 }
 
+func (x *ReportPeersRequest) GetBundleDigest() string {
+	if x != nil {
+		return x.BundleDigest
+	}
+	return ""
+}
+
+func (x *ReportPeersRequest) GetSvidIssuer() string {
+	if x != nil {
+		return x.SvidIssuer
+	}
+	return ""
+}
+
 type PeerReport struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Peer             string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
@@ -1374,8 +1430,15 @@ type PeerReport struct {
 	Imports []*v1.ExportedService `protobuf:"bytes,10,rep,name=imports,proto3" json:"imports,omitempty"`
 	// The peer's gateway addresses as it announced them.
 	GatewayAddresses []string `protobuf:"bytes,11,rep,name=gateway_addresses,json=gatewayAddresses,proto3" json:"gateway_addresses,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The latest signed trust bundle the peer relayed, if any.
+	SignedBundle *v1.SignedBundle `protobuf:"bytes,12,opt,name=signed_bundle,json=signedBundle,proto3" json:"signed_bundle,omitempty"`
+	// This cluster's intermediate as the peer (the root authority) re-signed
+	// it, if it sent one.
+	Intermediate *v1.IntermediateUpdate `protobuf:"bytes,13,opt,name=intermediate,proto3" json:"intermediate,omitempty"`
+	// The peer's rotation progress as it last reported it.
+	Rotation      *v1.RotationReport `protobuf:"bytes,14,opt,name=rotation,proto3" json:"rotation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PeerReport) Reset() {
@@ -1481,6 +1544,27 @@ func (x *PeerReport) GetImports() []*v1.ExportedService {
 func (x *PeerReport) GetGatewayAddresses() []string {
 	if x != nil {
 		return x.GatewayAddresses
+	}
+	return nil
+}
+
+func (x *PeerReport) GetSignedBundle() *v1.SignedBundle {
+	if x != nil {
+		return x.SignedBundle
+	}
+	return nil
+}
+
+func (x *PeerReport) GetIntermediate() *v1.IntermediateUpdate {
+	if x != nil {
+		return x.Intermediate
+	}
+	return nil
+}
+
+func (x *PeerReport) GetRotation() *v1.RotationReport {
+	if x != nil {
+		return x.Rotation
 	}
 	return nil
 }
@@ -1631,7 +1715,7 @@ var File_controlplane_api_v1_federation_proto protoreflect.FileDescriptor
 
 const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\n" +
-	"$controlplane/api/v1/federation.proto\x12\x16strait.controlplane.v1\x1a\"controlplane/api/v1/identity.proto\x1a\"federation/api/v1/federation.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n" +
+	"$controlplane/api/v1/federation.proto\x12\x16strait.controlplane.v1\x1a#controlplane/api/v1/discovery.proto\x1a\"controlplane/api/v1/identity.proto\x1a\"federation/api/v1/federation.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n" +
 	"\x16CreateJoinTokenRequest\x12+\n" +
 	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1f\n" +
 	"\vfor_cluster\x18\x02 \x01(\tR\n" +
@@ -1709,21 +1793,28 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\rentry_address\x18\x02 \x01(\tR\fentryAddress\x12%\n" +
 	"\x0epeer_addresses\x18\x03 \x03(\tR\rpeerAddresses\"[\n" +
 	"\x14WatchGatewayResponse\x12C\n" +
-	"\bsnapshot\x18\x01 \x01(\v2'.strait.controlplane.v1.GatewaySnapshotR\bsnapshot\"\xf7\x01\n" +
+	"\bsnapshot\x18\x01 \x01(\v2'.strait.controlplane.v1.GatewaySnapshotR\bsnapshot\"\x8d\x04\n" +
 	"\x0fGatewaySnapshot\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x18\n" +
 	"\acluster\x18\x02 \x01(\tR\acluster\x12;\n" +
 	"\x06bundle\x18\x03 \x01(\v2#.strait.controlplane.v1.TrustBundleR\x06bundle\x122\n" +
 	"\x05links\x18\x04 \x03(\v2\x1c.strait.controlplane.v1.LinkR\x05links\x12?\n" +
-	"\aexports\x18\x05 \x03(\v2%.strait.controlplane.v1.GatewayExportR\aexports\"\x8f\x01\n" +
+	"\aexports\x18\x05 \x03(\v2%.strait.controlplane.v1.GatewayExportR\aexports\x12G\n" +
+	"\rsigned_bundle\x18\x06 \x01(\v2\".strait.federation.v1.SignedBundleR\fsignedBundle\x12N\n" +
+	"\rintermediates\x18\a \x03(\v2(.strait.federation.v1.IntermediateUpdateR\rintermediates\x12@\n" +
+	"\brotation\x18\b \x01(\v2$.strait.federation.v1.RotationReportR\brotation\x129\n" +
+	"\areissue\x18\t \x01(\v2\x1f.strait.controlplane.v1.ReissueR\areissue\"\x8f\x01\n" +
 	"\rGatewayExport\x12?\n" +
 	"\aservice\x18\x01 \x01(\v2%.strait.federation.v1.ExportedServiceR\aservice\x12\x1f\n" +
 	"\vto_clusters\x18\x02 \x03(\tR\n" +
 	"toClusters\x12\x1c\n" +
-	"\tendpoints\x18\x03 \x03(\tR\tendpoints\"b\n" +
+	"\tendpoints\x18\x03 \x03(\tR\tendpoints\"\xa8\x01\n" +
 	"\x12ReportPeersRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x128\n" +
-	"\x05peers\x18\x02 \x03(\v2\".strait.controlplane.v1.PeerReportR\x05peers\"\xcf\x03\n" +
+	"\x05peers\x18\x02 \x03(\v2\".strait.controlplane.v1.PeerReportR\x05peers\x12#\n" +
+	"\rbundle_digest\x18\x03 \x01(\tR\fbundleDigest\x12\x1f\n" +
+	"\vsvid_issuer\x18\x04 \x01(\tR\n" +
+	"svidIssuer\"\xa8\x05\n" +
 	"\n" +
 	"PeerReport\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x14\n" +
@@ -1740,7 +1831,10 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"last_error\x18\t \x01(\tR\tlastError\x12?\n" +
 	"\aimports\x18\n" +
 	" \x03(\v2%.strait.federation.v1.ExportedServiceR\aimports\x12+\n" +
-	"\x11gateway_addresses\x18\v \x03(\tR\x10gatewayAddresses\"\x15\n" +
+	"\x11gateway_addresses\x18\v \x03(\tR\x10gatewayAddresses\x12G\n" +
+	"\rsigned_bundle\x18\f \x01(\v2\".strait.federation.v1.SignedBundleR\fsignedBundle\x12L\n" +
+	"\fintermediate\x18\r \x01(\v2(.strait.federation.v1.IntermediateUpdateR\fintermediate\x12@\n" +
+	"\brotation\x18\x0e \x01(\v2$.strait.federation.v1.RotationReportR\brotation\"\x15\n" +
 	"\x13ReportPeersResponse\"\x8b\x01\n" +
 	"\x11RedeemJoinRequest\x125\n" +
 	"\x04join\x18\x01 \x01(\v2!.strait.federation.v1.JoinRequestR\x04join\x12'\n" +
@@ -1806,9 +1900,13 @@ var file_controlplane_api_v1_federation_proto_goTypes = []any{
 	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
 	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
 	(*TrustBundle)(nil),              // 29: strait.controlplane.v1.TrustBundle
-	(*v1.ExportedService)(nil),       // 30: strait.federation.v1.ExportedService
-	(*v1.JoinRequest)(nil),           // 31: strait.federation.v1.JoinRequest
-	(*v1.JoinResult)(nil),            // 32: strait.federation.v1.JoinResult
+	(*v1.SignedBundle)(nil),          // 30: strait.federation.v1.SignedBundle
+	(*v1.IntermediateUpdate)(nil),    // 31: strait.federation.v1.IntermediateUpdate
+	(*v1.RotationReport)(nil),        // 32: strait.federation.v1.RotationReport
+	(*Reissue)(nil),                  // 33: strait.controlplane.v1.Reissue
+	(*v1.ExportedService)(nil),       // 34: strait.federation.v1.ExportedService
+	(*v1.JoinRequest)(nil),           // 35: strait.federation.v1.JoinRequest
+	(*v1.JoinResult)(nil),            // 36: strait.federation.v1.JoinResult
 }
 var file_controlplane_api_v1_federation_proto_depIdxs = []int32{
 	27, // 0: strait.controlplane.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
@@ -1829,38 +1927,45 @@ var file_controlplane_api_v1_federation_proto_depIdxs = []int32{
 	29, // 15: strait.controlplane.v1.GatewaySnapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
 	11, // 16: strait.controlplane.v1.GatewaySnapshot.links:type_name -> strait.controlplane.v1.Link
 	21, // 17: strait.controlplane.v1.GatewaySnapshot.exports:type_name -> strait.controlplane.v1.GatewayExport
-	30, // 18: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
-	23, // 19: strait.controlplane.v1.ReportPeersRequest.peers:type_name -> strait.controlplane.v1.PeerReport
-	27, // 20: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
-	28, // 21: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
-	30, // 22: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
-	31, // 23: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
-	32, // 24: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
-	0,  // 25: strait.controlplane.v1.FederationService.CreateJoinToken:input_type -> strait.controlplane.v1.CreateJoinTokenRequest
-	3,  // 26: strait.controlplane.v1.FederationService.ListJoinTokens:input_type -> strait.controlplane.v1.ListJoinTokensRequest
-	5,  // 27: strait.controlplane.v1.FederationService.RevokeJoinToken:input_type -> strait.controlplane.v1.RevokeJoinTokenRequest
-	7,  // 28: strait.controlplane.v1.FederationService.Join:input_type -> strait.controlplane.v1.JoinRequest
-	9,  // 29: strait.controlplane.v1.FederationService.RemoveLink:input_type -> strait.controlplane.v1.RemoveLinkRequest
-	12, // 30: strait.controlplane.v1.FederationService.FederationStatus:input_type -> strait.controlplane.v1.FederationStatusRequest
-	15, // 31: strait.controlplane.v1.FederationService.AuditLog:input_type -> strait.controlplane.v1.AuditLogRequest
-	18, // 32: strait.controlplane.v1.FederationService.WatchGateway:input_type -> strait.controlplane.v1.WatchGatewayRequest
-	22, // 33: strait.controlplane.v1.FederationService.ReportPeers:input_type -> strait.controlplane.v1.ReportPeersRequest
-	25, // 34: strait.controlplane.v1.FederationService.RedeemJoin:input_type -> strait.controlplane.v1.RedeemJoinRequest
-	1,  // 35: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
-	4,  // 36: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
-	6,  // 37: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
-	8,  // 38: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
-	10, // 39: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
-	13, // 40: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
-	16, // 41: strait.controlplane.v1.FederationService.AuditLog:output_type -> strait.controlplane.v1.AuditLogResponse
-	19, // 42: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
-	24, // 43: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
-	26, // 44: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
-	35, // [35:45] is the sub-list for method output_type
-	25, // [25:35] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	30, // 18: strait.controlplane.v1.GatewaySnapshot.signed_bundle:type_name -> strait.federation.v1.SignedBundle
+	31, // 19: strait.controlplane.v1.GatewaySnapshot.intermediates:type_name -> strait.federation.v1.IntermediateUpdate
+	32, // 20: strait.controlplane.v1.GatewaySnapshot.rotation:type_name -> strait.federation.v1.RotationReport
+	33, // 21: strait.controlplane.v1.GatewaySnapshot.reissue:type_name -> strait.controlplane.v1.Reissue
+	34, // 22: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
+	23, // 23: strait.controlplane.v1.ReportPeersRequest.peers:type_name -> strait.controlplane.v1.PeerReport
+	27, // 24: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
+	28, // 25: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
+	34, // 26: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
+	30, // 27: strait.controlplane.v1.PeerReport.signed_bundle:type_name -> strait.federation.v1.SignedBundle
+	31, // 28: strait.controlplane.v1.PeerReport.intermediate:type_name -> strait.federation.v1.IntermediateUpdate
+	32, // 29: strait.controlplane.v1.PeerReport.rotation:type_name -> strait.federation.v1.RotationReport
+	35, // 30: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
+	36, // 31: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
+	0,  // 32: strait.controlplane.v1.FederationService.CreateJoinToken:input_type -> strait.controlplane.v1.CreateJoinTokenRequest
+	3,  // 33: strait.controlplane.v1.FederationService.ListJoinTokens:input_type -> strait.controlplane.v1.ListJoinTokensRequest
+	5,  // 34: strait.controlplane.v1.FederationService.RevokeJoinToken:input_type -> strait.controlplane.v1.RevokeJoinTokenRequest
+	7,  // 35: strait.controlplane.v1.FederationService.Join:input_type -> strait.controlplane.v1.JoinRequest
+	9,  // 36: strait.controlplane.v1.FederationService.RemoveLink:input_type -> strait.controlplane.v1.RemoveLinkRequest
+	12, // 37: strait.controlplane.v1.FederationService.FederationStatus:input_type -> strait.controlplane.v1.FederationStatusRequest
+	15, // 38: strait.controlplane.v1.FederationService.AuditLog:input_type -> strait.controlplane.v1.AuditLogRequest
+	18, // 39: strait.controlplane.v1.FederationService.WatchGateway:input_type -> strait.controlplane.v1.WatchGatewayRequest
+	22, // 40: strait.controlplane.v1.FederationService.ReportPeers:input_type -> strait.controlplane.v1.ReportPeersRequest
+	25, // 41: strait.controlplane.v1.FederationService.RedeemJoin:input_type -> strait.controlplane.v1.RedeemJoinRequest
+	1,  // 42: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
+	4,  // 43: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
+	6,  // 44: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
+	8,  // 45: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
+	10, // 46: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
+	13, // 47: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
+	16, // 48: strait.controlplane.v1.FederationService.AuditLog:output_type -> strait.controlplane.v1.AuditLogResponse
+	19, // 49: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
+	24, // 50: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
+	26, // 51: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
+	42, // [42:52] is the sub-list for method output_type
+	32, // [32:42] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_federation_proto_init() }
@@ -1868,6 +1973,7 @@ func file_controlplane_api_v1_federation_proto_init() {
 	if File_controlplane_api_v1_federation_proto != nil {
 		return
 	}
+	file_controlplane_api_v1_discovery_proto_init()
 	file_controlplane_api_v1_identity_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -15,6 +15,7 @@ package federationv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -308,6 +309,9 @@ type ControlMessage struct {
 	//	*ControlMessage_Heartbeat
 	//	*ControlMessage_HeartbeatAck
 	//	*ControlMessage_Bundle
+	//	*ControlMessage_SignedBundle
+	//	*ControlMessage_Intermediate
+	//	*ControlMessage_Rotation
 	Msg           isControlMessage_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -395,6 +399,33 @@ func (x *ControlMessage) GetBundle() *BundleUpdate {
 	return nil
 }
 
+func (x *ControlMessage) GetSignedBundle() *SignedBundle {
+	if x != nil {
+		if x, ok := x.Msg.(*ControlMessage_SignedBundle); ok {
+			return x.SignedBundle
+		}
+	}
+	return nil
+}
+
+func (x *ControlMessage) GetIntermediate() *IntermediateUpdate {
+	if x != nil {
+		if x, ok := x.Msg.(*ControlMessage_Intermediate); ok {
+			return x.Intermediate
+		}
+	}
+	return nil
+}
+
+func (x *ControlMessage) GetRotation() *RotationReport {
+	if x != nil {
+		if x, ok := x.Msg.(*ControlMessage_Rotation); ok {
+			return x.Rotation
+		}
+	}
+	return nil
+}
+
 type isControlMessage_Msg interface {
 	isControlMessage_Msg()
 }
@@ -419,6 +450,18 @@ type ControlMessage_Bundle struct {
 	Bundle *BundleUpdate `protobuf:"bytes,5,opt,name=bundle,proto3,oneof"`
 }
 
+type ControlMessage_SignedBundle struct {
+	SignedBundle *SignedBundle `protobuf:"bytes,6,opt,name=signed_bundle,json=signedBundle,proto3,oneof"`
+}
+
+type ControlMessage_Intermediate struct {
+	Intermediate *IntermediateUpdate `protobuf:"bytes,7,opt,name=intermediate,proto3,oneof"`
+}
+
+type ControlMessage_Rotation struct {
+	Rotation *RotationReport `protobuf:"bytes,8,opt,name=rotation,proto3,oneof"`
+}
+
 func (*ControlMessage_Hello) isControlMessage_Msg() {}
 
 func (*ControlMessage_Catalog) isControlMessage_Msg() {}
@@ -428,6 +471,12 @@ func (*ControlMessage_Heartbeat) isControlMessage_Msg() {}
 func (*ControlMessage_HeartbeatAck) isControlMessage_Msg() {}
 
 func (*ControlMessage_Bundle) isControlMessage_Msg() {}
+
+func (*ControlMessage_SignedBundle) isControlMessage_Msg() {}
+
+func (*ControlMessage_Intermediate) isControlMessage_Msg() {}
+
+func (*ControlMessage_Rotation) isControlMessage_Msg() {}
 
 // Hello opens a control stream from each side.
 type Hello struct {
@@ -931,7 +980,8 @@ func (x *HeartbeatAck) GetSentUnixNano() int64 {
 	return 0
 }
 
-// BundleUpdate carries a trust bundle that changed.
+// BundleUpdate carries a trust bundle that changed. Unused since
+// SignedBundle (kept so old peers' messages still decode).
 type BundleUpdate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	BundlePem     []byte                 `protobuf:"bytes,1,opt,name=bundle_pem,json=bundlePem,proto3" json:"bundle_pem,omitempty"`
@@ -992,11 +1042,260 @@ func (x *BundleUpdate) GetDigest() string {
 	return ""
 }
 
+// SignedBundle is the trust bundle as the root authority signed it: a JWS
+// (compact serialization) whose payload is the SPIFFE bundle (JWKS with
+// spiffe_sequence), signed by a root of the bundle the receiver holds.
+// Anyone may relay it; a receiver installs it only if the signature
+// verifies under its current bundle and the sequence is newer.
+type SignedBundle struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Jws   string                 `protobuf:"bytes,1,opt,name=jws,proto3" json:"jws,omitempty"`
+	// Informational copies of what the payload says.
+	Sequence      uint64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	Digest        string `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignedBundle) Reset() {
+	*x = SignedBundle{}
+	mi := &file_federation_api_v1_federation_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignedBundle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignedBundle) ProtoMessage() {}
+
+func (x *SignedBundle) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_api_v1_federation_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignedBundle.ProtoReflect.Descriptor instead.
+func (*SignedBundle) Descriptor() ([]byte, []int) {
+	return file_federation_api_v1_federation_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SignedBundle) GetJws() string {
+	if x != nil {
+		return x.Jws
+	}
+	return ""
+}
+
+func (x *SignedBundle) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *SignedBundle) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+// IntermediateUpdate carries a cluster's intermediate re-signed by the root
+// authority under the active root (same key, new certificate). The
+// receiver installs it only if it is for its own key and cluster and
+// verifies under its current bundle.
+type IntermediateUpdate struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Cluster string                 `protobuf:"bytes,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	// DER, the intermediate first.
+	Chain         [][]byte `protobuf:"bytes,2,rep,name=chain,proto3" json:"chain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IntermediateUpdate) Reset() {
+	*x = IntermediateUpdate{}
+	mi := &file_federation_api_v1_federation_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IntermediateUpdate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IntermediateUpdate) ProtoMessage() {}
+
+func (x *IntermediateUpdate) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_api_v1_federation_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IntermediateUpdate.ProtoReflect.Descriptor instead.
+func (*IntermediateUpdate) Descriptor() ([]byte, []int) {
+	return file_federation_api_v1_federation_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *IntermediateUpdate) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *IntermediateUpdate) GetChain() [][]byte {
+	if x != nil {
+		return x.Chain
+	}
+	return nil
+}
+
+// RotationReport is one cluster's view of a trust-root rotation: the bundle
+// its control plane holds, the root its intermediate chains to, and how
+// many of its sidecars and gateways hold that bundle and present an SVID
+// from that intermediate.
+type RotationReport struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Cluster        string                 `protobuf:"bytes,1,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	BundleSequence uint64                 `protobuf:"varint,2,opt,name=bundle_sequence,json=bundleSequence,proto3" json:"bundle_sequence,omitempty"`
+	BundleDigest   string                 `protobuf:"bytes,3,opt,name=bundle_digest,json=bundleDigest,proto3" json:"bundle_digest,omitempty"`
+	// "sha256:<hex>" of the cluster's current intermediate and of the root
+	// that signed it.
+	Intermediate     string `protobuf:"bytes,4,opt,name=intermediate,proto3" json:"intermediate,omitempty"`
+	IntermediateRoot string `protobuf:"bytes,5,opt,name=intermediate_root,json=intermediateRoot,proto3" json:"intermediate_root,omitempty"`
+	// Nodes (sidecars and gateways) the control plane knows.
+	Nodes uint32 `protobuf:"varint,6,opt,name=nodes,proto3" json:"nodes,omitempty"`
+	// Of those, how many reported bundle_digest, and an SVID signed by
+	// intermediate.
+	NodesBundleCurrent uint32 `protobuf:"varint,7,opt,name=nodes_bundle_current,json=nodesBundleCurrent,proto3" json:"nodes_bundle_current,omitempty"`
+	NodesSvidCurrent   uint32 `protobuf:"varint,8,opt,name=nodes_svid_current,json=nodesSvidCurrent,proto3" json:"nodes_svid_current,omitempty"`
+	// Some of the nodes that are behind, as "name: why" (at most 20).
+	Behind        []string               `protobuf:"bytes,9,rep,name=behind,proto3" json:"behind,omitempty"`
+	Generated     *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=generated,proto3" json:"generated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotationReport) Reset() {
+	*x = RotationReport{}
+	mi := &file_federation_api_v1_federation_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotationReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotationReport) ProtoMessage() {}
+
+func (x *RotationReport) ProtoReflect() protoreflect.Message {
+	mi := &file_federation_api_v1_federation_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotationReport.ProtoReflect.Descriptor instead.
+func (*RotationReport) Descriptor() ([]byte, []int) {
+	return file_federation_api_v1_federation_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *RotationReport) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *RotationReport) GetBundleSequence() uint64 {
+	if x != nil {
+		return x.BundleSequence
+	}
+	return 0
+}
+
+func (x *RotationReport) GetBundleDigest() string {
+	if x != nil {
+		return x.BundleDigest
+	}
+	return ""
+}
+
+func (x *RotationReport) GetIntermediate() string {
+	if x != nil {
+		return x.Intermediate
+	}
+	return ""
+}
+
+func (x *RotationReport) GetIntermediateRoot() string {
+	if x != nil {
+		return x.IntermediateRoot
+	}
+	return ""
+}
+
+func (x *RotationReport) GetNodes() uint32 {
+	if x != nil {
+		return x.Nodes
+	}
+	return 0
+}
+
+func (x *RotationReport) GetNodesBundleCurrent() uint32 {
+	if x != nil {
+		return x.NodesBundleCurrent
+	}
+	return 0
+}
+
+func (x *RotationReport) GetNodesSvidCurrent() uint32 {
+	if x != nil {
+		return x.NodesSvidCurrent
+	}
+	return 0
+}
+
+func (x *RotationReport) GetBehind() []string {
+	if x != nil {
+		return x.Behind
+	}
+	return nil
+}
+
+func (x *RotationReport) GetGenerated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Generated
+	}
+	return nil
+}
+
 var File_federation_api_v1_federation_proto protoreflect.FileDescriptor
 
 const file_federation_api_v1_federation_proto_rawDesc = "" +
 	"\n" +
-	"\"federation/api/v1/federation.proto\x12\x14strait.federation.v1\"m\n" +
+	"\"federation/api/v1/federation.proto\x12\x14strait.federation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n" +
 	"\tJoinOffer\x12\x1d\n" +
 	"\n" +
 	"bundle_pem\x18\x01 \x01(\fR\tbundlePem\x12'\n" +
@@ -1019,13 +1318,16 @@ const file_federation_api_v1_federation_proto_rawDesc = "" +
 	"\x12intermediate_chain\x18\x06 \x03(\fR\x11intermediateChain\x12\x1d\n" +
 	"\n" +
 	"bundle_pem\x18\a \x01(\fR\tbundlePem\x12'\n" +
-	"\x0fbundle_sequence\x18\b \x01(\x04R\x0ebundleSequence\"\xd6\x02\n" +
+	"\x0fbundle_sequence\x18\b \x01(\x04R\x0ebundleSequence\"\xb5\x04\n" +
 	"\x0eControlMessage\x123\n" +
 	"\x05hello\x18\x01 \x01(\v2\x1b.strait.federation.v1.HelloH\x00R\x05hello\x12>\n" +
 	"\acatalog\x18\x02 \x01(\v2\".strait.federation.v1.CatalogDeltaH\x00R\acatalog\x12?\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x1f.strait.federation.v1.HeartbeatH\x00R\theartbeat\x12I\n" +
 	"\rheartbeat_ack\x18\x04 \x01(\v2\".strait.federation.v1.HeartbeatAckH\x00R\fheartbeatAck\x12<\n" +
-	"\x06bundle\x18\x05 \x01(\v2\".strait.federation.v1.BundleUpdateH\x00R\x06bundleB\x05\n" +
+	"\x06bundle\x18\x05 \x01(\v2\".strait.federation.v1.BundleUpdateH\x00R\x06bundle\x12I\n" +
+	"\rsigned_bundle\x18\x06 \x01(\v2\".strait.federation.v1.SignedBundleH\x00R\fsignedBundle\x12N\n" +
+	"\fintermediate\x18\a \x01(\v2(.strait.federation.v1.IntermediateUpdateH\x00R\fintermediate\x12B\n" +
+	"\brotation\x18\b \x01(\v2$.strait.federation.v1.RotationReportH\x00R\brotationB\x05\n" +
 	"\x03msg\"\xce\x01\n" +
 	"\x05Hello\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12#\n" +
@@ -1071,7 +1373,26 @@ const file_federation_api_v1_federation_proto_rawDesc = "" +
 	"\n" +
 	"bundle_pem\x18\x01 \x01(\fR\tbundlePem\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12\x16\n" +
-	"\x06digest\x18\x03 \x01(\tR\x06digestB=Z;github.com/straitmesh/strait/federation/api/v1;federationv1b\x06proto3"
+	"\x06digest\x18\x03 \x01(\tR\x06digest\"T\n" +
+	"\fSignedBundle\x12\x10\n" +
+	"\x03jws\x18\x01 \x01(\tR\x03jws\x12\x1a\n" +
+	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\"D\n" +
+	"\x12IntermediateUpdate\x12\x18\n" +
+	"\acluster\x18\x01 \x01(\tR\acluster\x12\x14\n" +
+	"\x05chain\x18\x02 \x03(\fR\x05chain\"\x91\x03\n" +
+	"\x0eRotationReport\x12\x18\n" +
+	"\acluster\x18\x01 \x01(\tR\acluster\x12'\n" +
+	"\x0fbundle_sequence\x18\x02 \x01(\x04R\x0ebundleSequence\x12#\n" +
+	"\rbundle_digest\x18\x03 \x01(\tR\fbundleDigest\x12\"\n" +
+	"\fintermediate\x18\x04 \x01(\tR\fintermediate\x12+\n" +
+	"\x11intermediate_root\x18\x05 \x01(\tR\x10intermediateRoot\x12\x14\n" +
+	"\x05nodes\x18\x06 \x01(\rR\x05nodes\x120\n" +
+	"\x14nodes_bundle_current\x18\a \x01(\rR\x12nodesBundleCurrent\x12,\n" +
+	"\x12nodes_svid_current\x18\b \x01(\rR\x10nodesSvidCurrent\x12\x16\n" +
+	"\x06behind\x18\t \x03(\tR\x06behind\x128\n" +
+	"\tgenerated\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\tgeneratedB=Z;github.com/straitmesh/strait/federation/api/v1;federationv1b\x06proto3"
 
 var (
 	file_federation_api_v1_federation_proto_rawDescOnce sync.Once
@@ -1085,20 +1406,24 @@ func file_federation_api_v1_federation_proto_rawDescGZIP() []byte {
 	return file_federation_api_v1_federation_proto_rawDescData
 }
 
-var file_federation_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_federation_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_federation_api_v1_federation_proto_goTypes = []any{
-	(*JoinOffer)(nil),       // 0: strait.federation.v1.JoinOffer
-	(*JoinRequest)(nil),     // 1: strait.federation.v1.JoinRequest
-	(*JoinResult)(nil),      // 2: strait.federation.v1.JoinResult
-	(*ControlMessage)(nil),  // 3: strait.federation.v1.ControlMessage
-	(*Hello)(nil),           // 4: strait.federation.v1.Hello
-	(*CatalogDelta)(nil),    // 5: strait.federation.v1.CatalogDelta
-	(*ServiceRef)(nil),      // 6: strait.federation.v1.ServiceRef
-	(*ExportedService)(nil), // 7: strait.federation.v1.ExportedService
-	(*LocalityCount)(nil),   // 8: strait.federation.v1.LocalityCount
-	(*Heartbeat)(nil),       // 9: strait.federation.v1.Heartbeat
-	(*HeartbeatAck)(nil),    // 10: strait.federation.v1.HeartbeatAck
-	(*BundleUpdate)(nil),    // 11: strait.federation.v1.BundleUpdate
+	(*JoinOffer)(nil),             // 0: strait.federation.v1.JoinOffer
+	(*JoinRequest)(nil),           // 1: strait.federation.v1.JoinRequest
+	(*JoinResult)(nil),            // 2: strait.federation.v1.JoinResult
+	(*ControlMessage)(nil),        // 3: strait.federation.v1.ControlMessage
+	(*Hello)(nil),                 // 4: strait.federation.v1.Hello
+	(*CatalogDelta)(nil),          // 5: strait.federation.v1.CatalogDelta
+	(*ServiceRef)(nil),            // 6: strait.federation.v1.ServiceRef
+	(*ExportedService)(nil),       // 7: strait.federation.v1.ExportedService
+	(*LocalityCount)(nil),         // 8: strait.federation.v1.LocalityCount
+	(*Heartbeat)(nil),             // 9: strait.federation.v1.Heartbeat
+	(*HeartbeatAck)(nil),          // 10: strait.federation.v1.HeartbeatAck
+	(*BundleUpdate)(nil),          // 11: strait.federation.v1.BundleUpdate
+	(*SignedBundle)(nil),          // 12: strait.federation.v1.SignedBundle
+	(*IntermediateUpdate)(nil),    // 13: strait.federation.v1.IntermediateUpdate
+	(*RotationReport)(nil),        // 14: strait.federation.v1.RotationReport
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
 }
 var file_federation_api_v1_federation_proto_depIdxs = []int32{
 	4,  // 0: strait.federation.v1.ControlMessage.hello:type_name -> strait.federation.v1.Hello
@@ -1106,14 +1431,18 @@ var file_federation_api_v1_federation_proto_depIdxs = []int32{
 	9,  // 2: strait.federation.v1.ControlMessage.heartbeat:type_name -> strait.federation.v1.Heartbeat
 	10, // 3: strait.federation.v1.ControlMessage.heartbeat_ack:type_name -> strait.federation.v1.HeartbeatAck
 	11, // 4: strait.federation.v1.ControlMessage.bundle:type_name -> strait.federation.v1.BundleUpdate
-	7,  // 5: strait.federation.v1.CatalogDelta.upserts:type_name -> strait.federation.v1.ExportedService
-	6,  // 6: strait.federation.v1.CatalogDelta.removals:type_name -> strait.federation.v1.ServiceRef
-	8,  // 7: strait.federation.v1.ExportedService.localities:type_name -> strait.federation.v1.LocalityCount
-	8,  // [8:8] is the sub-list for method output_type
-	8,  // [8:8] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	12, // 5: strait.federation.v1.ControlMessage.signed_bundle:type_name -> strait.federation.v1.SignedBundle
+	13, // 6: strait.federation.v1.ControlMessage.intermediate:type_name -> strait.federation.v1.IntermediateUpdate
+	14, // 7: strait.federation.v1.ControlMessage.rotation:type_name -> strait.federation.v1.RotationReport
+	7,  // 8: strait.federation.v1.CatalogDelta.upserts:type_name -> strait.federation.v1.ExportedService
+	6,  // 9: strait.federation.v1.CatalogDelta.removals:type_name -> strait.federation.v1.ServiceRef
+	8,  // 10: strait.federation.v1.ExportedService.localities:type_name -> strait.federation.v1.LocalityCount
+	15, // 11: strait.federation.v1.RotationReport.generated:type_name -> google.protobuf.Timestamp
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_federation_api_v1_federation_proto_init() }
@@ -1127,6 +1456,9 @@ func file_federation_api_v1_federation_proto_init() {
 		(*ControlMessage_Heartbeat)(nil),
 		(*ControlMessage_HeartbeatAck)(nil),
 		(*ControlMessage_Bundle)(nil),
+		(*ControlMessage_SignedBundle)(nil),
+		(*ControlMessage_Intermediate)(nil),
+		(*ControlMessage_Rotation)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1134,7 +1466,7 @@ func file_federation_api_v1_federation_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_federation_api_v1_federation_proto_rawDesc), len(file_federation_api_v1_federation_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
