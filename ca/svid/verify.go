@@ -15,9 +15,11 @@
 package svid
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -302,4 +304,23 @@ func maxTime(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// Fingerprint is "sha256:<hex>" over a certificate's DER: how nodes and
+// control planes name an intermediate in rotation reports.
+func Fingerprint(c *x509.Certificate) string {
+	if c == nil {
+		return ""
+	}
+	sum := sha256.Sum256(c.Raw)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// IssuerFingerprint is the Fingerprint of the certificate that signed an
+// SVID (the chain's second), or "" for a chain without one.
+func IssuerFingerprint(chain []*x509.Certificate) string {
+	if len(chain) < 2 {
+		return ""
+	}
+	return Fingerprint(chain[1])
 }
