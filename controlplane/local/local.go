@@ -258,3 +258,41 @@ func mintTo(m Minter, id spiffeid.ID, ttl time.Duration, certPath, keyPath strin
 	}
 	return s, nil
 }
+
+// fileBundleJWS is the trust bundle as the root authority signed it.
+const fileBundleJWS = "bundle.jws"
+
+// WriteSignedBundle stores the signed form of the bundle (a JWS) before
+// the bundle itself is written with WriteBundle.
+func (d *Dir) WriteSignedBundle(jws string) error {
+	return atomicfile.WriteFile(filepath.Join(d.Path, fileBundleJWS), []byte(jws), 0o644)
+}
+
+// ReadSignedBundle returns the stored signed bundle, or "" if there is none.
+func (d *Dir) ReadSignedBundle() (string, error) {
+	b, err := os.ReadFile(filepath.Join(d.Path, fileBundleJWS))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("local: %w", err)
+	}
+	return string(b), nil
+}
+
+// InstallIntermediate replaces the intermediate certificate with cert, a
+// re-signing of the same key (a root rotation): the key stays, and cert
+// must be for it. It updates d.Chain.
+func (d *Dir) InstallIntermediate(cert *x509.Certificate) error {
+	if pub, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(d.Signer.Public()) {
+		return errors.New("local: the certificate is not for this cluster's intermediate key")
+	}
+	if !cert.IsCA {
+		return errors.New("local: the certificate is not a CA certificate")
+	}
+	if err := atomicfile.WriteFile(filepath.Join(d.Path, fileIntermediate), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
+		return err
+	}
+	d.Chain = []*x509.Certificate{cert}
+	return nil
+}

@@ -138,7 +138,7 @@ func (d discoveryServer) ReportHealth(ctx context.Context, req *controlplanev1.R
 	if err := d.s.cfg.Registry.ReportHealth(ctx, req.GetInstance(), h, c.id); err != nil {
 		return nil, err
 	}
-	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), h)
+	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), req.GetSvidIssuer(), h)
 	return &controlplanev1.ReportHealthResponse{Lease: durationpb.New(d.s.cfg.Registry.Lease())}, nil
 }
 

@@ -57,6 +57,8 @@ type fedWorld struct {
 	gatewayID string
 	conflicts map[string][]string // by peer: "namespace/name: why"
 	lost      map[string]bool     // "peer\x00namespace/name": an export that lost a conflict
+	// rotations are peers' rotation reports as their gateways relayed them.
+	rotations map[string]*federationv1.RotationReport
 }
 
 // readFederation collects links, exports and what the gateways reported,
@@ -73,7 +75,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		return strings.Compare(a.Peer, b.Peer)
 	})
 	gw, _ := identity.Gateway(s.cfg.TrustDomain, s.cfg.Cluster)
-	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, down: map[string]bool{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}, lost: map[string]bool{}}
+	f := fedWorld{links: links, exports: exports, imports: map[string][]*federationv1.ExportedService{}, rtt: map[string]time.Duration{}, heard: map[string]time.Time{}, down: map[string]bool{}, stale: map[string]bool{}, gatewayID: gw.String(), conflicts: map[string][]string{}, lost: map[string]bool{}, rotations: map[string]*federationv1.RotationReport{}}
 	for _, l := range links {
 		fmt.Fprintf(h, "l\x00%s\x00%s\x00%s\n", l.Peer, l.ID, strings.Join(l.PeerGateways, ","))
 	}
@@ -110,6 +112,13 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 				f.rtt[peer] = r.GetRtt().AsDuration().Round(time.Millisecond)
 			}
 		}
+		// Rotation reports: the latest from any gateway (another gateway
+		// may not have heard from a peer lately).
+		for peer, r := range g.reports {
+			if rr := r.GetRotation(); rr != nil {
+				f.rotations[peer] = rr
+			}
+		}
 	}
 	s.mu.Unlock()
 	fmt.Fprintf(h, "g\x00%s\n", f.entry)
@@ -124,6 +133,14 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		if !linked[peer] {
 			delete(f.imports, peer) // a report about a peer no longer linked
 		}
+	}
+	for _, peer := range slices.Sorted(maps.Keys(f.rotations)) {
+		if !linked[peer] {
+			delete(f.rotations, peer)
+			continue
+		}
+		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(f.rotations[peer])
+		fmt.Fprintf(h, "q\x00%s\x00%x\n", peer, sha256.Sum256(b))
 	}
 	// Conflicts: one service exported by several peers with different
 	// protocols or ports. The oldest link's export wins; the others are
@@ -285,7 +302,8 @@ func failoverTiers(p *controlplanev1.Failover, f *fedWorld) map[string]uint32 {
 
 // gatewaySnapshot is what this cluster's gateways get from w.
 func gatewaySnapshot(w *world, cluster string) *controlplanev1.GatewaySnapshot {
-	snap := &controlplanev1.GatewaySnapshot{Cluster: cluster, Bundle: w.bundle}
+	snap := &controlplanev1.GatewaySnapshot{Cluster: cluster, Bundle: w.bundle, Reissue: w.reissue,
+		SignedBundle: w.signedBundle, Intermediates: w.intermediates, Rotation: w.rotation}
 	for _, l := range w.fed.links {
 		snap.Links = append(snap.Links, linkProto(l))
 	}
@@ -463,16 +481,79 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 	}
 	changed := len(g.reports) != len(reports)
 	for peer, r := range reports {
-		if old := g.reports[peer]; old == nil || !importsEqual(old.GetImports(), r.GetImports()) {
+		if old := g.reports[peer]; old == nil || !importsEqual(old.GetImports(), r.GetImports()) || !proto.Equal(old.GetRotation(), r.GetRotation()) {
 			changed = true
 		}
 	}
 	g.reports, g.reported = reports, s.cfg.Clock()
 	s.mu.Unlock()
+	c, _ := callerFrom(ctx)
+	s.noteDigest("gateway/"+req.GetNode(), c.id, req.GetBundleDigest(), req.GetSvidIssuer(), controlplanev1.Health_HEALTH_HEALTHY)
+	if s.offerRotation(reports) {
+		changed = true
+	}
 	if changed {
 		s.pokeFederation()
 	}
 	return &controlplanev1.ReportPeersResponse{}, nil
+}
+
+// offerRotation hands what peers relayed (signed bundles, this cluster's
+// re-signed intermediate) to Trust, which installs what verifies and is
+// newer. It reports whether anything was installed.
+func (s *Server) offerRotation(reports map[string]*controlplanev1.PeerReport) bool {
+	if s.cfg.Trust == nil {
+		return false
+	}
+	installed := false
+	// The newest bundle first: an older one is then simply not newer.
+	peers := slices.SortedFunc(maps.Keys(reports), func(a, b string) int {
+		return cmp.Compare(reports[b].GetSignedBundle().GetSequence(), reports[a].GetSignedBundle().GetSequence())
+	})
+	for _, peer := range peers {
+		r := reports[peer]
+		if jws := r.GetSignedBundle().GetJws(); jws != "" {
+			if b := s.cfg.Bundle(); b != nil && r.GetSignedBundle().GetSequence() > b.Sequence() || b == nil {
+				ok, err := s.cfg.Trust.OfferBundle(jws)
+				if err != nil {
+					s.logOnce("bundle-"+peer, "a trust bundle relayed by a peer was refused", "peer", peer, "err", err)
+				} else if ok {
+					installed = true
+					s.log.Info("trust bundle installed from the root authority, relayed by a peer", "peer", peer, "sequence", s.cfg.Bundle().Sequence(), "digest", s.cfg.Bundle().Digest())
+				}
+			}
+		}
+	}
+	for _, peer := range peers {
+		im := reports[peer].GetIntermediate()
+		if im == nil || im.GetCluster() != s.cfg.Cluster || len(im.GetChain()) == 0 {
+			continue
+		}
+		ok, err := s.cfg.Trust.OfferIntermediate(im.GetChain())
+		if err != nil {
+			s.logOnce("intermediate-"+peer, "an intermediate relayed by a peer was refused", "peer", peer, "err", err)
+		} else if ok {
+			installed = true
+			s.log.Info("intermediate re-signed by the root authority installed", "peer", peer)
+		}
+	}
+	return installed
+}
+
+// logOnce logs at warn a message for key unless the same error was the
+// last one logged for it.
+func (s *Server) logOnce(key, msg string, args ...any) {
+	text := fmt.Sprint(args...)
+	s.mu.Lock()
+	if s.logged == nil {
+		s.logged = map[string]string{}
+	}
+	same := s.logged[key] == text
+	s.logged[key] = text
+	s.mu.Unlock()
+	if !same {
+		s.log.Warn(msg, args...)
+	}
 }
 
 func importsEqual(a, b []*federationv1.ExportedService) bool {

@@ -49,6 +49,15 @@ type Config struct {
 	// RootAuthority, set on the root authority's cluster only, signs the
 	// intermediates of clusters that join pending.
 	RootAuthority IntermediateSigner
+	// Trust is the cluster's changing trust material during root
+	// rotations; nil takes no part in them (the bundle still comes from
+	// Bundle).
+	Trust Trust
+	// RootCA, on the root authority's cluster only, takes rotation steps.
+	RootCA RootCA
+	// ReissueWindow spreads nodes' re-issuance after the cluster's
+	// intermediate changes; zero means 30s.
+	ReissueWindow time.Duration
 	// Authenticators check first-contact credentials; nil means the
 	// registration-token authenticator on Store.
 	Authenticators []Authenticator
@@ -84,6 +93,8 @@ type Server struct {
 	// gateways are this cluster's live gateways, by node name.
 	gateways map[string]*gatewayNode
 	fedWake  chan struct{}
+	// logged is the last message of each logOnce key.
+	logged map[string]string
 }
 
 type metrics struct {
@@ -211,13 +222,15 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 	controlplanev1.RegisterDiscoveryServiceServer(s.grpc, discoveryServer{s: s})
 	controlplanev1.RegisterAdminServiceServer(s.grpc, adminServer{s: s})
 	controlplanev1.RegisterFederationServiceServer(s.grpc, federationServer{s: s})
+	controlplanev1.RegisterRotationServiceServer(s.grpc, rotationServer{s: s})
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errc := make(chan error, 4)
-	wg.Add(3)
+	errc := make(chan error, 5)
+	wg.Add(4)
 	go func() { defer wg.Done(); errc <- s.cfg.Registry.Run(ctx) }()
+	go func() { defer wg.Done(); errc <- s.autoLoop(ctx) }()
 	go func() { defer wg.Done(); errc <- s.pushLoop(ctx) }()
 	go func() { defer wg.Done(); errc <- s.ownSVIDLoop(ctx, sv) }()
 	serveErr := make(chan error, 1)
@@ -240,9 +253,29 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
+// ownSVIDLoop renews the serving SVID at half life, and at once when the
+// cluster's intermediate changes (a root rotation re-signed it).
 func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 	for {
-		if !clock.SleepUntil(ctx, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock())) {
+		wake, stop := context.WithCancel(ctx)
+		go func() {
+			defer stop()
+			t := time.NewTicker(250 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-wake.Done():
+					return
+				case <-t.C:
+					if inter := s.intermediate(); inter != nil && svid.IssuerFingerprint(sv.Certificates) != svid.Fingerprint(inter) {
+						return
+					}
+				}
+			}
+		}()
+		clock.SleepUntil(wake, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock()))
+		stop()
+		if ctx.Err() != nil {
 			return nil
 		}
 		next, err := s.renewOwnSVID()
@@ -280,6 +313,8 @@ func toStatus(err error) error {
 		code = codes.Unavailable
 	case errors.Is(err, store.ErrLinkExists):
 		code = codes.AlreadyExists
+	case errors.Is(err, ErrFailedPrecondition):
+		code = codes.FailedPrecondition
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
@@ -289,7 +324,7 @@ func toStatus(err error) error {
 	}
 	// The code says what the sentinel would: the message keeps the rest.
 	msg := err.Error()
-	for _, sentinel := range []error{ErrUnauthenticated, ErrPermissionDenied, ErrBadRequest, ErrUnavailable} {
+	for _, sentinel := range []error{ErrUnauthenticated, ErrPermissionDenied, ErrBadRequest, ErrUnavailable, ErrFailedPrecondition} {
 		msg = strings.TrimPrefix(msg, sentinel.Error()+": ")
 	}
 	return status.Error(code, msg)

@@ -17,6 +17,7 @@ import (
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/registry"
 	"github.com/straitmesh/strait/controlplane/resource"
+	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
 // world is everything snapshots are cut from, at one version.
@@ -28,6 +29,13 @@ type world struct {
 	authz     map[string][]*resource.AuthorizationPolicy
 	bundle    *controlplanev1.TrustBundle
 	fed       fedWorld
+	// Rotation: the issuer nodes' SVIDs should come from, the bundle as
+	// the root authority signed it, peers' re-signed intermediates (root
+	// authority only), and this cluster's progress.
+	reissue       *controlplanev1.Reissue
+	signedBundle  *federationv1.SignedBundle
+	intermediates []*federationv1.IntermediateUpdate
+	rotation      *federationv1.RotationReport
 }
 
 // node is one sidecar's configuration streams and last report. Nodes are
@@ -39,6 +47,7 @@ type node struct {
 	streams     map[chan struct{}]struct{}
 	sentVersion uint64
 	digest      string
+	issuer      string // fingerprint of the certificate that signed its SVID
 	health      controlplanev1.Health
 }
 
@@ -111,10 +120,14 @@ func (s *Server) rebuild(ctx context.Context) error {
 	if w.bundle != nil {
 		fmt.Fprintf(h, "b\x00%s\x00%d\n", w.bundle.GetDigest(), w.bundle.GetSequence())
 	}
-	copy(w.digest[:], h.Sum(nil))
+	s.rotationWorld(w, h)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	w.rotation = s.ownRotationLocked(s.cfg.Bundle(), s.intermediate())
+	rb, _ := proto.MarshalOptions{Deterministic: true}.Marshal(w.rotation)
+	fmt.Fprintf(h, "o\x00%x\n", sha256.Sum256(rb))
+	copy(w.digest[:], h.Sum(nil))
 	if s.world != nil && s.world.digest == w.digest {
 		return nil
 	}
@@ -170,7 +183,7 @@ func (s *Server) pushLoop(ctx context.Context) error {
 
 // snapshotFor cuts the snapshot of one node from w (version left zero).
 func snapshotFor(w *world, cluster string, ns string, req *controlplanev1.WatchRequest) *controlplanev1.Snapshot {
-	snap := &controlplanev1.Snapshot{Bundle: w.bundle, Cluster: cluster, Authorization: &controlplanev1.Authorization{}}
+	snap := &controlplanev1.Snapshot{Bundle: w.bundle, Cluster: cluster, Authorization: &controlplanev1.Authorization{}, Reissue: w.reissue}
 	ups := slices.Clone(req.GetUpstreams())
 	slices.Sort(ups)
 	ups = slices.Compact(ups)
@@ -287,13 +300,19 @@ func (s *Server) detach(n *node, wake chan struct{}) {
 	}
 }
 
-// noteDigest records what a sidecar reported (bundle digest, health).
-func (s *Server) noteDigest(name string, id spiffeid.ID, digest string, h controlplanev1.Health) {
+// noteDigest records what a sidecar reported (bundle digest, SVID issuer,
+// health); a change in what it holds is a change in this cluster's
+// rotation progress.
+func (s *Server) noteDigest(name string, id spiffeid.ID, digest, issuer string, h controlplanev1.Health) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	changed := false
 	if n := s.nodes[nodeKey(name, id)]; n != nil {
-		n.digest = digest
-		n.health = h
+		changed = n.digest != digest || n.issuer != issuer
+		n.digest, n.issuer, n.health = digest, issuer, h
+	}
+	s.mu.Unlock()
+	if changed {
+		s.pokeFederation()
 	}
 }
 
