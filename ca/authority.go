@@ -118,6 +118,7 @@ type Authority struct {
 	st      *state
 	bundle  *bundle.Bundle
 	pending []string // keys created by the transition in progress
+	signed  signedBundle
 }
 
 type state struct {

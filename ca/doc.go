@@ -14,12 +14,19 @@
 //
 //	prepare   a new root enters the next slot and the bundle (sequence+1)
 //	activate  the prepared root becomes current; the previous root stays in
-//	          the bundle as "old"; intermediates held here are re-signed
+//	          the bundle as "old"; every recorded intermediate is re-signed
+//	          (same key, same expiry), including those of remote clusters
 //	retire    the old root leaves the bundle (sequence+1) once nothing
-//	          recorded still chains to it
+//	          recorded still chains to it and its leaves have expired (or
+//	          every node acknowledged the active root)
 //	taint     an old root is marked compromised: everything under it must be
 //	          re-issued, and it may then be revoked
 //	revoke    a tainted root leaves the bundle at once (sequence+1)
+//
+// The root authority's control plane distributes the bundle signed by the
+// active root (SignedBundle; see package bundlesig for the format and how
+// receivers verify it) and each cluster's re-signed intermediate
+// (Intermediate, Intermediates).
 //
 // Every transition is written crash-safely (new key files first, then one
 // atomic rename of state.json), so a kill at any instant leaves the previous

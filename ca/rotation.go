@@ -54,9 +54,14 @@ func nextStep(s RootState) string {
 }
 
 // Activate makes the prepared root the signing root. The previous root stays
-// in the bundle as old. Intermediates whose keys are held here are re-signed
-// under the new root with the same key, so leaves they issued keep chaining.
-// Intermediates held elsewhere must be re-signed through SignIntermediate.
+// in the bundle as old. Every recorded, unexpired intermediate is re-signed
+// under the new root with the same public key, for the same cluster and with
+// the same expiry (capped at the new root's), so leaves it issued keep
+// chaining: those whose keys are held here and those of clusters that sent a
+// CSR alike. Re-signing needs only the public key, taken from the
+// intermediate's current certificate (the cluster proved possession of the
+// key when it was first signed). Clusters held elsewhere fetch their new
+// certificate through Intermediate.
 func (a *Authority) Activate(ctx context.Context) error {
 	var resigned []string
 	var newID string
@@ -72,14 +77,10 @@ func (a *Authority) Activate(ctx context.Context) error {
 		for _, im := range st.Intermediates {
 			// Expired intermediates stay expired; the others keep their
 			// expiry (capped at the new root's).
-			if im.Key == "" || im.RootID == next.ID || !im.cert.NotAfter.After(now) {
+			if im.RootID == next.ID || !im.cert.NotAfter.After(now) {
 				continue
 			}
-			signer, err := a.keys.signer(im.Key)
-			if err != nil {
-				return fmt.Errorf("ca: intermediate of %s: %w", im.Cluster, err)
-			}
-			cert, _, err := a.signIntermediate(st, now, im.Cluster, signer.Public(), im.cert.NotAfter.Sub(now))
+			cert, _, err := a.signIntermediate(st, now, im.Cluster, im.cert.PublicKey, im.cert.NotAfter.Sub(now))
 			if err != nil {
 				return err
 			}
@@ -98,12 +99,21 @@ func (a *Authority) Activate(ctx context.Context) error {
 // RetireOptions tunes Retire.
 type RetireOptions struct {
 	// Force retires even while recorded intermediates still chain to the
-	// old root (their clusters will fail verification elsewhere).
+	// old root (their clusters will fail verification elsewhere), and
+	// before leaves issued under it may have expired.
 	Force bool
+	// Acknowledged says the caller has checked that every node of every
+	// cluster presents a chain to the active root (the root authority's
+	// control plane does, from the clusters' rotation reports). It skips the
+	// wait for leaves issued under the old root to expire, but not the
+	// refusal while recorded intermediates still chain to it.
+	Acknowledged bool
 }
 
-// Retire removes the old root from the bundle (sequence+1) once no recorded,
-// unexpired intermediate chains to it, and deletes its key.
+// Retire removes the old root from the bundle (sequence+1) and deletes its
+// key, once no recorded, unexpired intermediate chains to it and every leaf
+// issued under it has expired (LastInUse + MaxSVIDTTL) or the caller
+// acknowledged that no node presents one any more.
 func (a *Authority) Retire(ctx context.Context, opts RetireOptions) error {
 	var old rootRecord
 	err := a.mutate(func(st *state, now time.Time) error {
@@ -117,8 +127,8 @@ func (a *Authority) Retire(ctx context.Context, opts RetireOptions) error {
 		if pending := st.chainingTo(r.ID, now); len(pending) > 0 && !opts.Force {
 			return fmt.Errorf("%w: intermediates of %s still chain to root %s; re-sign them under the active root or pass --force", ErrTransition, strings.Join(pending, ", "), r.ID)
 		}
-		if until := r.retirableAt(); now.Before(until) && !opts.Force {
-			return fmt.Errorf("%w: SVIDs issued with a chain to root %s may be in use until %s (%s after it last signed); retire then, or pass --force", ErrTransition, r.ID, until.UTC().Format(time.RFC3339), MaxSVIDTTL)
+		if until := r.retirableAt(); now.Before(until) && !opts.Force && !opts.Acknowledged {
+			return fmt.Errorf("%w: SVIDs issued with a chain to root %s may be in use until %s (%s after it last signed); retire then, or run 'strait ca rotate retire' through the root authority's control plane, which checks that every node of every cluster acknowledged the active root, or pass --force", ErrTransition, r.ID, until.UTC().Format(time.RFC3339), MaxSVIDTTL)
 		}
 		old = *r
 		r.State, r.Changed, r.Key = RootRetired, now, ""
@@ -129,7 +139,7 @@ func (a *Authority) Retire(ctx context.Context, opts RetireOptions) error {
 		return err
 	}
 	a.destroyKey(old.Key)
-	a.log.Info("retired root", "root_id", old.ID, "bundle_sequence", a.Bundle().Sequence())
+	a.log.Info("retired root", "root_id", old.ID, "bundle_sequence", a.Bundle().Sequence(), "acknowledged", opts.Acknowledged, "forced", opts.Force)
 	return nil
 }
 

@@ -162,18 +162,19 @@ func TestRotationLifecycle(t *testing.T) {
 		t.Fatalf("re-signed chain ends at %q, want root %s", root.Subject.CommonName, rootB)
 	}
 
-	// retire is blocked while west's intermediate still chains to A.
-	st = h.a.Status()
-	h.refused(st, h.a.Retire(ctx, ca.RetireOptions{}), "intermediates of west still chain")
-	if _, err := h.a.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: westCSR}); err != nil {
-		t.Fatal(err)
+	// West's intermediate, signed from a CSR, was re-signed under B too.
+	for _, im := range h.a.Status().Intermediates {
+		if im.RootID != rootB || im.State != "valid" {
+			t.Fatalf("intermediate of %s after activate: %s under %s, want valid under %s", im.Cluster, im.State, im.RootID, rootB)
+		}
 	}
-	// Leaves issued under A's chain live up to MaxSVIDTTL after the last
-	// intermediate moved off it: retire waits for them.
+	// Leaves issued under A's chain live up to MaxSVIDTTL after A stopped
+	// signing: retire waits for them.
+	activated := h.clk.Now()
 	h.clk.Advance(time.Minute)
 	h.refused(h.a.Status(), h.a.Retire(ctx, ca.RetireOptions{}), "may be in use until")
-	if ra := h.a.Status().Roots[0].RetireAfter; ra == nil || !ra.Equal(h.clk.Now().Add(-time.Minute).Add(ca.MaxSVIDTTL)) {
-		t.Fatalf("status retire_after: got %v, want %s", ra, h.clk.Now().Add(-time.Minute).Add(ca.MaxSVIDTTL))
+	if ra := h.a.Status().Roots[0].RetireAfter; ra == nil || !ra.Equal(activated.Add(ca.MaxSVIDTTL)) {
+		t.Fatalf("status retire_after: got %v, want %s", ra, activated.Add(ca.MaxSVIDTTL))
 	}
 	h.clk.Advance(ca.MaxSVIDTTL)
 	if err := h.a.Retire(ctx, ca.RetireOptions{}); err != nil {
@@ -259,26 +260,6 @@ func TestTaintAndRevoke(t *testing.T) {
 	}
 }
 
-func TestRetireWaitsOnlyForUnexpiredIntermediates(t *testing.T) {
-	h := newRotationHarness(t)
-	ctx := t.Context()
-	_, csr := catest.CSR(t, nil)
-	if _, err := h.a.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: csr, TTL: 24 * time.Hour}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := h.a.Prepare(ctx, ca.PrepareOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.a.Activate(ctx); err != nil {
-		t.Fatal(err)
-	}
-	h.refused(h.a.Status(), h.a.Retire(ctx, ca.RetireOptions{}), "west")
-	h.clk.Advance(25 * time.Hour) // west's intermediate under the old root has expired
-	if err := h.a.Retire(ctx, ca.RetireOptions{}); err != nil {
-		t.Fatalf("retire after the blocking intermediate expired: %v", err)
-	}
-}
-
 func TestRetireForce(t *testing.T) {
 	h := newRotationHarness(t)
 	ctx := t.Context()
@@ -288,12 +269,13 @@ func TestRetireForce(t *testing.T) {
 	}
 	h.a.Prepare(ctx, ca.PrepareOptions{})
 	h.a.Activate(ctx)
+	h.refused(h.a.Status(), h.a.Retire(ctx, ca.RetireOptions{}), "may be in use until")
 	if err := h.a.Retire(ctx, ca.RetireOptions{Force: true}); err != nil {
 		t.Fatalf("retire --force: %v", err)
 	}
 	for _, im := range h.a.Status().Intermediates {
-		if im.Cluster == "west" && im.State != "chains-to-retired-root" {
-			t.Fatalf("west intermediate state: got %s, want chains-to-retired-root", im.State)
+		if im.State != "valid" {
+			t.Fatalf("%s intermediate state after retire: got %s, want valid (re-signed at activate)", im.Cluster, im.State)
 		}
 	}
 }
