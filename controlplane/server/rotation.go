@@ -359,6 +359,7 @@ func (s *Server) rotate(ctx context.Context, req *controlplanev1.RotateRequest) 
 // restart at any point resumes where it was.
 func (s *Server) autoLoop(ctx context.Context) error {
 	if s.cfg.RootCA == nil {
+		<-ctx.Done()
 		return nil
 	}
 	t := time.NewTicker(250 * time.Millisecond)
