@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
@@ -144,7 +145,7 @@ func (c *cluster) startControlPlane() {
 	ready := make(chan string, 1)
 	c.done = make(chan error, 1)
 	c.cancel = cancel
-	o := wiring.ControlPlaneOptions{Dir: c.path, Listen: c.addr, SVIDTTL: c.svidTTL,
+	o := wiring.ControlPlaneOptions{Dir: c.path, Listen: c.addr, SVIDTTL: c.svidTTL, ReissueWindow: time.Second,
 		Logger: testLogger(c.t).With("component", c.name+"/controlplane"), Ready: func(a string) { ready <- a }}
 	if c.root != nil {
 		o.RootAuthority = wiring.RootAuthority{CA: c.root}
@@ -183,7 +184,8 @@ func (c *cluster) dialAdmin() {
 		c.t.Fatal(err)
 	}
 	want, _ := identity.ControlPlane(c.td, c.name)
-	v, _ := svid.NewVerifier(svid.VerifierConfig{TrustDomain: c.td, Bundles: c.dir.Bundle})
+	// The bundle on disk, read at each handshake: a root rotation changes it.
+	v, _ := svid.NewVerifier(svid.VerifierConfig{TrustDomain: c.td, Bundles: diskBundle{c.dir}})
 	tc := &tls.Config{
 		MinVersion: tls.VersionTLS13, InsecureSkipVerify: true,
 		Certificates: []tls.Certificate{tlsCert(admin)},
@@ -202,6 +204,17 @@ func (c *cluster) dialAdmin() {
 	c.conn = conn
 	c.admin = controlplanev1.NewAdminServiceClient(conn)
 	c.fed = controlplanev1.NewFederationServiceClient(conn)
+}
+
+// diskBundle is a data directory's trust bundle as it is on disk now.
+type diskBundle struct{ d *local.Dir }
+
+func (b diskBundle) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	cur, err := b.d.ReadBundle()
+	if err != nil {
+		return nil, err
+	}
+	return cur.GetX509BundleForTrustDomain(td)
 }
 
 func tlsCert(s *x509svid.SVID) tls.Certificate {

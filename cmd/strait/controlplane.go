@@ -163,7 +163,7 @@ func newCPGatewayCredsCmd(g *globals) *cobra.Command {
 
 func newCPRunCmd(g *globals) *cobra.Command {
 	var dir, listen, rootDir string
-	var svidTTL time.Duration
+	var svidTTL, reissueWindow time.Duration
 	cmd := &cobra.Command{
 		Use:   "run --dir DIR --listen HOST:PORT",
 		Short: "Serve the control plane until interrupted",
@@ -173,7 +173,7 @@ func newCPRunCmd(g *globals) *cobra.Command {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}
 			}
 			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-			o := wiring.ControlPlaneOptions{Dir: dir, Listen: listen, SVIDTTL: svidTTL, Logger: log}
+			o := wiring.ControlPlaneOptions{Dir: dir, Listen: listen, SVIDTTL: svidTTL, Logger: log, ReissueWindow: reissueWindow}
 			if rootDir != "" {
 				auth, err := ca.Open(cmd.Context(), ca.Config{Dir: rootDir, Logger: log})
 				if err != nil {
@@ -188,6 +188,7 @@ func newCPRunCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (from `strait controlplane init`)")
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7400", "gRPC listen address")
 	cmd.Flags().Var(durationValue{&svidTTL}, "svid-ttl", "lifetime of the SVIDs issued (default 1h)")
+	cmd.Flags().Var(durationValue{&reissueWindow}, "reissue-window", "after a root rotation re-signs the intermediate, sidecars and gateways renew their SVIDs at random within this window (default 30s)")
 	cmd.Flags().StringVar(&rootDir, "root-authority", "", "mesh CA directory: this cluster is the root authority and signs the intermediates of clusters that join pending")
 	return cmd
 }

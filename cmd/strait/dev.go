@@ -123,6 +123,7 @@ type devUpOptions struct {
 	trustDomain string
 	proxyBin    string
 	svidTTL     time.Duration
+	reissue     time.Duration
 }
 
 func newDevUpCmd(g *globals) *cobra.Command {
@@ -182,6 +183,8 @@ everything with strait dev down --dir DIR.`,
 	cmd.Flags().StringVar(&o.trustDomain, "trust-domain", "strait.example", "trust domain of a new mesh")
 	cmd.Flags().StringVar(&o.proxyBin, "proxy-bin", "", "strait-proxy binary (default: next to strait, then $PATH)")
 	cmd.Flags().Var(durationValue{&o.svidTTL}, "svid-ttl", "lifetime of workload SVIDs (default 1h)")
+	o.reissue = 3 * time.Second
+	cmd.Flags().Var(durationValue{&o.reissue}, "reissue-window", "after a root rotation re-signs an intermediate, nodes renew their SVIDs at random within this window")
 	return cmd
 }
 
@@ -299,6 +302,7 @@ type devUpper struct {
 	self     string
 	proxyBin string
 	svidTTL  time.Duration
+	reissue  time.Duration
 	td       spiffeid.TrustDomain
 	config   string                    // DIR/strait.config
 	contexts map[string]*clientContext // by cluster
@@ -349,7 +353,7 @@ func devUp(ctx context.Context, g *globals, dir string, o devUpOptions) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	u := &devUpper{g: g, dir: dir, self: self, proxyBin: proxyBin, svidTTL: o.svidTTL, config: filepath.Join(dir, "strait.config"),
+	u := &devUpper{g: g, dir: dir, self: self, proxyBin: proxyBin, svidTTL: o.svidTTL, reissue: o.reissue, config: filepath.Join(dir, "strait.config"),
 		contexts: map[string]*clientContext{}, peerAddrs: peerAddrs}
 	ok := false
 	defer func() {
@@ -375,6 +379,9 @@ func devUp(ctx context.Context, g *globals, dir string, o devUpOptions) error {
 		args := []string{"controlplane", "run", "--dir", cpDir, "--listen", addr}
 		if u.svidTTL > 0 {
 			args = append(args, "--svid-ttl", u.svidTTL.String())
+		}
+		if u.reissue > 0 {
+			args = append(args, "--reissue-window", u.reissue.String())
 		}
 		if i == 0 {
 			args = append(args, "--root-authority", caDir)

@@ -82,8 +82,12 @@ type ControlPlaneOptions struct {
 	// Registerer receives metrics; nil means a private registry.
 	Registerer prometheus.Registerer
 	// RootAuthority, on the root authority's cluster only, signs the
-	// intermediates of clusters that join pending.
+	// intermediates of clusters that join pending. A RootAuthority value
+	// of this package also drives trust-root rotations.
 	RootAuthority server.IntermediateSigner
+	// ReissueWindow spreads nodes' re-issuance after a root rotation
+	// re-signs the intermediate; zero means 30s.
+	ReissueWindow time.Duration
 }
 
 // RunControlPlane serves a local-mode control plane until ctx ends.
@@ -124,10 +128,6 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	if err != nil {
 		return err
 	}
-	iss, err := newIssuer(d, o.SVIDTTL, o.Clock)
-	if err != nil {
-		return err
-	}
 	st, err := store.Open(d.StorePath(), store.Options{Logger: o.Logger, Clock: o.Clock})
 	if err != nil {
 		return err
@@ -142,10 +142,25 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	}
 	var current atomic.Pointer[bundle.Bundle]
 	current.Store(d.Bundle)
+	tr, err := newTrust(d, &current, o.SVIDTTL, o.Clock, o.Logger)
+	if err != nil {
+		return err
+	}
+	var root server.RootCA
+	if ra, ok := o.RootAuthority.(RootAuthority); ok && ra.CA != nil {
+		rc := &rootCA{ca: ra.CA, trust: tr}
+		// A step taken while this control plane was down (or a crash
+		// between the CA's commit and this directory's) is caught up.
+		if err := rc.sync(); err != nil {
+			return fmt.Errorf("root authority: %w", err)
+		}
+		root = rc
+	}
 	srv, err := server.New(server.Config{
-		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: iss, Bundle: current.Load,
+		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: tr.issuer, Bundle: current.Load,
 		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
 		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock, RootAuthority: o.RootAuthority,
+		Trust: tr, RootCA: root, ReissueWindow: o.ReissueWindow,
 	})
 	if err != nil {
 		return err
