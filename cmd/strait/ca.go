@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -473,68 +472,4 @@ func describeChain(w io.Writer, chain []*x509.Certificate) {
 		}
 		fmt.Fprintf(w, "%-12s subject %q, URI SAN %s, valid %s to %s\n", kind, c.Subject.String(), strings.Join(uris, ","), day(c.NotBefore), day(c.NotAfter))
 	}
-}
-
-func newCARotateCmd(f *caFlags) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "rotate",
-		Short: "Move the mesh root through prepare, activate and retire (and taint/revoke)",
-		Long: `Rotate the mesh root in this data directory:
-  prepare   a new root joins the trust bundle (the active root keeps signing)
-  activate  the new root signs; intermediates held here are re-signed under it
-  retire    the old root leaves the bundle once no intermediate chains to it and
-            every SVID issued under it has expired (24h after it last signed)
-  taint     mark an old root compromised (emergency)
-  revoke    remove a tainted root from the bundle at once (emergency)`,
-	}
-	step := func(use, short string, args cobra.PositionalArgs, fn func(ctx context.Context, a *ca.Authority, args []string) error) *cobra.Command {
-		return &cobra.Command{
-			Use: use, Short: short, Args: args,
-			RunE: func(cmd *cobra.Command, args []string) error {
-				a, err := f.open(cmd, false)
-				if err != nil {
-					return err
-				}
-				defer a.Close()
-				if err := fn(cmd.Context(), a, args); err != nil {
-					return err
-				}
-				st := a.Status()
-				fmt.Fprintf(f.g.stdout, "%s: done; bundle sequence %d, roots %s\n", strings.Fields(use)[0], st.Bundle.Sequence, describeRoots(st))
-				return nil
-			},
-		}
-	}
-	var force bool
-	retire := step("retire", "Remove the old root from the bundle", cobra.NoArgs, func(ctx context.Context, a *ca.Authority, _ []string) error {
-		return a.Retire(ctx, ca.RetireOptions{Force: force})
-	})
-	retire.Flags().BoolVar(&force, "force", false, "retire before every intermediate and SVID under the old root has moved or expired")
-	cmd.AddCommand(
-		step("prepare", "Add a new root to the bundle", cobra.NoArgs, func(ctx context.Context, a *ca.Authority, _ []string) error {
-			_, err := a.Prepare(ctx, ca.PrepareOptions{})
-			return err
-		}),
-		step("activate", "Make the prepared root the signing root", cobra.NoArgs, func(ctx context.Context, a *ca.Authority, _ []string) error {
-			return a.Activate(ctx)
-		}),
-		retire,
-		step("taint ROOT_ID", "Mark an old root compromised", cobra.ExactArgs(1), func(ctx context.Context, a *ca.Authority, args []string) error {
-			return a.Taint(ctx, args[0])
-		}),
-		step("revoke ROOT_ID", "Remove a tainted root from the bundle now", cobra.ExactArgs(1), func(ctx context.Context, a *ca.Authority, args []string) error {
-			return a.Revoke(ctx, args[0])
-		}),
-	)
-	return cmd
-}
-
-func describeRoots(st ca.Status) string {
-	var parts []string
-	for _, r := range st.Roots {
-		if r.InBundle {
-			parts = append(parts, r.ID+" ("+string(r.State)+")")
-		}
-	}
-	return strings.Join(parts, ", ")
 }
