@@ -1,8 +1,9 @@
 // Package client is what sidecars and gateways share to talk to their
 // cluster's control plane: a gRPC connection over mTLS that checks it
 // reached a control plane under current trust, SVID issuance and renewal
-// at half life (with the SVID kept on disk across restarts), the wire
-// bundle's conversion, and a jittered backoff.
+// at half life or early when the control plane asks for a reissue (with the
+// SVID kept on disk across restarts), the wire bundle's conversion, and a
+// jittered backoff.
 //
 // It stays lean (no CA, no QUIC, no Kubernetes client): the sidecar links it.
 package client
@@ -20,6 +21,7 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -34,7 +36,6 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/internal/atomicfile"
-	"github.com/straitmesh/strait/internal/clock"
 )
 
 // Credentials hold the current SVID and bundle (proxy.Credentials).
@@ -60,9 +61,36 @@ type Identity struct {
 	Clock func() time.Time
 	// Issued, if set, is called with every new SVID.
 	Issued func(*x509svid.SVID)
+	// Jitter, if set, picks when an early renewal asked for by Reissue
+	// happens: an offset into the window it is given (> 0), clamped to
+	// [0, window). Nil means uniformly at random.
+	Jitter func(window time.Duration) time.Duration
 
 	conn atomic.Pointer[grpc.ClientConn]
+
+	mu sync.Mutex
+	// hint is the last Reissue issuer seen; pending, when not zero, is when
+	// an early renewal is due, asked for by hint number gen.
+	hint    string
+	pending time.Time
+	gen     uint64
+	wake    chan struct{} // RenewLoop re-reads pending
+	// moved is closed when Connect replaces the connection; retiring are
+	// replaced connections still open for their streams to move.
+	moved    chan struct{}
+	retiring map[*grpc.ClientConn]*time.Timer
 }
+
+// connGrace is how long a connection replaced by Connect stays open: the
+// streams on it move to the new one (Follow) and calls in flight end.
+const connGrace = 30 * time.Second
+
+// MaxReissueWindow caps the window a reissue hint may spread renewals over.
+const MaxReissueWindow = 10 * time.Minute
+
+// maxIssuerLen bounds a reissue hint's issuer ("sha256:" and 64 hex digits
+// today).
+const maxIssuerLen = 256
 
 func (c *Identity) clock() time.Time {
 	if c.Clock == nil {
@@ -104,8 +132,19 @@ func (c *Identity) Dial(withCert bool) (*grpc.ClientConn, error) {
 		}))
 }
 
-// Conn is the mTLS connection made by Start and moved to each renewed SVID.
+// Conn is the mTLS connection made by Connect and moved to each renewed
+// SVID.
 func (c *Identity) Conn() *grpc.ClientConn { return c.conn.Load() }
+
+// ConnChanged returns a channel closed when Connect next replaces Conn.
+func (c *Identity) ConnChanged() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.moved == nil {
+		c.moved = make(chan struct{})
+	}
+	return c.moved
+}
 
 // Paths are where the SVID is kept.
 func (c *Identity) Paths() (cert, key string) {
@@ -207,26 +246,187 @@ func (c *Identity) Certify(ctx context.Context, conn *grpc.ClientConn, token str
 	return nil
 }
 
-// Connect makes the mTLS connection with the current SVID.
+// Connect makes the mTLS connection with the current SVID. A connection
+// it replaces stays open for a grace period (30s), so that streams on it
+// move to the new one before it closes (see Follow) and calls in flight
+// finish; ConnChanged says when.
 func (c *Identity) Connect() error {
 	conn, err := c.Dial(true)
 	if err != nil {
 		return err
 	}
-	if old := c.conn.Swap(conn); old != nil {
-		old.Close()
+	old := c.conn.Swap(conn)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.moved != nil {
+		close(c.moved)
+	}
+	c.moved = make(chan struct{})
+	if old != nil {
+		if c.retiring == nil {
+			c.retiring = map[*grpc.ClientConn]*time.Timer{}
+		}
+		c.retiring[old] = time.AfterFunc(connGrace, func() {
+			c.mu.Lock()
+			delete(c.retiring, old)
+			c.mu.Unlock()
+			old.Close()
+		})
 	}
 	return nil
 }
 
-// RenewLoop renews the SVID at half its life until ctx ends; on failure it
-// retries with backoff (past expiry too). Each renewal moves Conn to a
-// connection presenting the new SVID.
+// Reissue takes the reissue hint of a snapshot (nil or an empty issuer:
+// none). When the hint names another issuer than the one that signed the
+// current SVID, an early renewal is scheduled at a uniformly random moment
+// within the hint's window from now (at once for a window of zero or less;
+// the window is capped at MaxReissueWindow), and RenewLoop is woken for
+// it. Each distinct issuer value schedules at most once: snapshots that
+// repeat the hint change nothing. A renewal already scheduled is never
+// postponed.
+func (c *Identity) Reissue(r *controlplanev1.Reissue) {
+	issuer := r.GetIssuer()
+	if issuer == "" || len(issuer) > maxIssuerLen {
+		return
+	}
+	s := c.Creds.SVID()
+	if s == nil {
+		return // nothing to renew yet; the first SVID comes from the current issuer
+	}
+	current := svid.IssuerFingerprint(s.Certificates)
+	window := reissueWindow(r)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if issuer == c.hint {
+		return
+	}
+	c.hint = issuer
+	c.gen++
+	if current == issuer {
+		// The SVID in force is already what the control plane asks for.
+		c.pending = time.Time{}
+		return
+	}
+	at := c.clock().Add(c.jitter(window))
+	if c.pending.IsZero() || at.Before(c.pending) {
+		c.pending = at
+	}
+	c.wakeLocked()
+	c.log().Info("SVID reissue scheduled: the control plane names another issuer", "issuer", issuer, "current_issuer", current,
+		"at", c.pending.UTC().Format(time.RFC3339Nano))
+}
+
+// PendingReissue returns when an early renewal asked for by Reissue is
+// due, or the zero time if none is.
+func (c *Identity) PendingReissue() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pending
+}
+
+// reissueWindow is the hint's window: invalid or negative means zero, and
+// it is at most MaxReissueWindow.
+func reissueWindow(r *controlplanev1.Reissue) time.Duration {
+	w := r.GetWindow()
+	if w == nil || w.CheckValid() != nil {
+		return 0
+	}
+	return min(max(w.AsDuration(), 0), MaxReissueWindow)
+}
+
+func (c *Identity) jitter(window time.Duration) time.Duration {
+	if window <= 0 {
+		return 0
+	}
+	var d time.Duration
+	if c.Jitter != nil {
+		d = c.Jitter(window)
+	} else {
+		d = time.Duration(mrand.Int64N(int64(window)))
+	}
+	return min(max(d, 0), window-1)
+}
+
+func (c *Identity) wakeLocked() {
+	if c.wake == nil {
+		c.wake = make(chan struct{}, 1)
+	}
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Identity) wakeChan() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.wake == nil {
+		c.wake = make(chan struct{}, 1)
+	}
+	return c.wake
+}
+
+// sleepUntilRenewal waits until halfLife or an earlier reissue, re-reading
+// the schedule when Reissue changes it and the clock at least every second
+// (so an injected clock that jumps is noticed). It returns the reissue
+// generation it woke for, false if ctx ended first.
+func (c *Identity) sleepUntilRenewal(ctx context.Context, halfLife time.Time) (uint64, bool) {
+	wake := c.wakeChan()
+	for {
+		c.mu.Lock()
+		at, gen := halfLife, c.gen
+		if !c.pending.IsZero() && c.pending.Before(at) {
+			at = c.pending
+		}
+		c.mu.Unlock()
+		d := at.Sub(c.clock())
+		if d <= 0 {
+			return gen, true
+		}
+		t := time.NewTimer(min(d, time.Second))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return 0, false
+		case <-t.C:
+		case <-wake:
+			t.Stop()
+		}
+	}
+}
+
+// renewed settles the reissue schedule after a renewal that started at
+// generation gen: a renewal satisfies what was asked before it started,
+// and a hint that came during it if the new SVID is from that issuer.
+func (c *Identity) renewed(gen uint64) {
+	issuer := ""
+	if s := c.Creds.SVID(); s != nil {
+		issuer = svid.IssuerFingerprint(s.Certificates)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending.IsZero() {
+		return
+	}
+	if c.gen != gen && issuer != c.hint {
+		return // a newer hint came during the renewal: it stays due
+	}
+	c.pending = time.Time{}
+	if issuer != c.hint {
+		c.log().Warn("the renewed SVID is not from the issuer the control plane named; next renewal at half life",
+			"issuer", issuer, "want_issuer", c.hint)
+	}
+}
+
+// RenewLoop renews the SVID at half its life, or earlier when Reissue
+// asks, until ctx ends; on failure it retries with backoff (past expiry
+// too). Each renewal moves Conn to a connection presenting the new SVID.
 func (c *Identity) RenewLoop(ctx context.Context) error {
 	backoff := NewBackoff(time.Second, 30*time.Second)
 	for {
 		leaf := c.Creds.SVID().Certificates[0]
-		if !clock.SleepUntil(ctx, c.clock, svid.RenewAt(leaf, c.clock())) {
+		gen, ok := c.sleepUntilRenewal(ctx, svid.RenewAt(leaf, c.clock()))
+		if !ok {
 			return nil
 		}
 		for {
@@ -240,17 +440,126 @@ func (c *Identity) RenewLoop(ctx context.Context) error {
 			}
 		}
 		backoff.Reset()
+		c.renewed(gen)
 		if err := c.Connect(); err != nil {
 			c.log().Warn("reconnecting with the renewed SVID failed", "err", err)
 		}
 	}
 }
 
-// Close closes the connection.
+// Close closes the connection, and those replaced by Connect at once.
 func (c *Identity) Close() {
 	if conn := c.conn.Swap(nil); conn != nil {
 		conn.Close()
 	}
+	c.mu.Lock()
+	retiring := c.retiring
+	c.retiring = nil
+	c.mu.Unlock()
+	for conn, t := range retiring {
+		t.Stop()
+		conn.Close()
+	}
+}
+
+// Follow keeps one server stream open to the control plane, following
+// Conn: when Connect replaces the connection (after an SVID renewal), the
+// stream is opened again on the new one first, and the old stream is
+// cancelled only once the new one delivered its first message (or the old
+// one ended): make before break, so the control plane never sees the node
+// without a stream. open opens the stream on conn, bounded by ctx, and
+// returns its receive function; handle gets every message in order, with
+// first set on the first message of each stream. Follow returns the error
+// that ended the stream in use (nil when ctx ends).
+func Follow[T any](ctx context.Context, c *Identity, open func(ctx context.Context, conn *grpc.ClientConn) (func() (T, error), error), handle func(msg T, first bool)) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // every stream started here
+	moved := c.ConnChanged()
+	cur := followStream(ctx, c.Conn(), open)
+	var next *followed[T]
+	first := true // cur has delivered nothing yet
+	for {
+		var nextMsgs <-chan received[T]
+		if next != nil {
+			nextMsgs = next.msgs
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-moved:
+			moved = c.ConnChanged()
+			if next != nil {
+				next.cancel()
+			}
+			next = followStream(ctx, c.Conn(), open)
+		case r := <-cur.msgs:
+			if r.err != nil {
+				if next == nil {
+					return r.err
+				}
+				cur.cancel()
+				cur, next, first = next, nil, true
+				continue
+			}
+			handle(r.msg, first)
+			first = false
+		case r := <-nextMsgs:
+			if r.err != nil {
+				// Stay on the old stream; it ends with its connection.
+				c.log().Info("opening the stream on the renewed connection failed; keeping the old one", "err", r.err)
+				next.cancel()
+				next = nil
+				continue
+			}
+			cur.cancel()
+			cur, next = next, nil
+			handle(r.msg, true)
+			first = false
+		}
+	}
+}
+
+// followed is one stream of Follow: its messages (the last one carrying
+// the error that ended it) arrive on msgs.
+type followed[T any] struct {
+	cancel context.CancelFunc
+	msgs   chan received[T]
+}
+
+type received[T any] struct {
+	msg T
+	err error
+}
+
+func followStream[T any](ctx context.Context, conn *grpc.ClientConn, open func(context.Context, *grpc.ClientConn) (func() (T, error), error)) *followed[T] {
+	ctx, cancel := context.WithCancel(ctx)
+	f := &followed[T]{cancel: cancel, msgs: make(chan received[T])}
+	go func() {
+		var recv func() (T, error)
+		var err error
+		if conn == nil {
+			err = errors.New("not connected to the control plane")
+		} else {
+			recv, err = open(ctx, conn)
+		}
+		for {
+			var r received[T]
+			if err != nil {
+				r.err = err
+			} else {
+				r.msg, r.err = recv()
+			}
+			select {
+			case f.msgs <- r:
+			case <-ctx.Done():
+				return
+			}
+			if r.err != nil {
+				return
+			}
+		}
+	}()
+	return f
 }
 
 // BundleFromProto converts a wire bundle, checking it is for td.
