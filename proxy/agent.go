@@ -11,16 +11,20 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/client"
 )
 
 // agent is the sidecar's side of the control-plane API: it proves the
-// workload's identity, renews its SVID at half life, registers the instance
-// and reports its health, and streams configuration snapshots.
+// workload's identity, renews its SVID at half life (or earlier when a
+// snapshot asks for a reissue), registers the instance and reports its
+// health, bundle and SVID issuer (periodically, and promptly after they
+// change), and streams configuration snapshots.
 type agent struct {
 	cfg     *Config
 	creds   *Credentials
@@ -35,10 +39,17 @@ type agent struct {
 	registered    atomic.Bool
 	firstSnapshot chan struct{}
 	firstOnce     sync.Once
+	// reportNow asks healthLoop for a report before its next tick.
+	reportNow chan struct{}
 }
 
+// reportDebounce is how long a prompt report waits for more changes to
+// come with the first (an SVID and a bundle installed together are
+// reported once).
+const reportDebounce = 100 * time.Millisecond
+
 func newAgent(cfg *Config, creds *Credentials, metrics *Metrics, apply func(*controlplanev1.Snapshot) error) *agent {
-	return &agent{cfg: cfg, creds: creds, metrics: metrics, log: cfg.Logger, apply: apply, firstSnapshot: make(chan struct{}),
+	return &agent{cfg: cfg, creds: creds, metrics: metrics, log: cfg.Logger, apply: apply, firstSnapshot: make(chan struct{}), reportNow: make(chan struct{}, 1),
 		id: &client.Identity{
 			ControlPlane: cfg.ControlPlane, Creds: creds, DataDir: cfg.DataDir, Log: cfg.Logger, Clock: cfg.Clock,
 			Issued: func(s *x509svid.SVID) { metrics.svidExpiry.Set(float64(s.Certificates[0].NotAfter.Unix())) },
@@ -77,7 +88,18 @@ func (a *agent) bootstrap(ctx context.Context) error {
 	return a.id.Connect()
 }
 
-// healthLoop registers the instance, then reports its health periodically.
+// kickReport asks for a report soon (after reportDebounce), not only at the
+// next health interval: the control plane gates a root rotation on every
+// node acknowledging the new bundle and SVID.
+func (a *agent) kickReport() {
+	select {
+	case a.reportNow <- struct{}{}:
+	default:
+	}
+}
+
+// healthLoop registers the instance, then reports its health, bundle digest
+// and SVID issuer every health interval and soon after a kickReport.
 func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 	// Peers are only told about this instance once it has the policy to
 	// accept them: until the first snapshot, every caller is refused.
@@ -107,11 +129,14 @@ func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 			}
 		}
 		if registered {
-			digest := ""
+			req := &controlplanev1.ReportHealthRequest{Instance: a.cfg.Instance, Health: a.appHealth(ctx)}
 			if b := a.creds.Bundle(); b != nil {
-				digest = b.Digest()
+				req.BundleDigest = b.Digest()
 			}
-			_, err = disc.ReportHealth(rctx, &controlplanev1.ReportHealthRequest{Instance: a.cfg.Instance, Health: a.appHealth(ctx), BundleDigest: digest})
+			if s := a.creds.SVID(); s != nil {
+				req.SvidIssuer = svid.IssuerFingerprint(s.Certificates)
+			}
+			_, err = disc.ReportHealth(rctx, req)
 			if status.Code(err) == codes.NotFound {
 				registered = false
 			}
@@ -130,6 +155,19 @@ func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 			a.deregister()
 			return nil
 		case <-ticker.C:
+		case <-a.reportNow:
+			t := time.NewTimer(reportDebounce)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				a.deregister()
+				return nil
+			case <-t.C:
+			}
+			select { // kicks during the debounce are in this report
+			case <-a.reportNow:
+			default:
+			}
 		}
 	}
 }
@@ -170,35 +208,38 @@ func (a *agent) watchLoop(ctx context.Context) error {
 }
 
 func (a *agent) watchOnce(ctx context.Context, backoff *client.Backoff) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := controlplanev1.NewDiscoveryServiceClient(a.id.Conn()).Watch(ctx, &controlplanev1.WatchRequest{
-		Node: a.cfg.Instance, Service: a.cfg.Service, Upstreams: a.cfg.upstreamNames(),
-	})
-	if err != nil {
-		return err
-	}
-	for {
-		resp, err := stream.Recv()
+	req := &controlplanev1.WatchRequest{Node: a.cfg.Instance, Service: a.cfg.Service, Upstreams: a.cfg.upstreamNames()}
+	open := func(ctx context.Context, conn *grpc.ClientConn) (func() (*controlplanev1.WatchResponse, error), error) {
+		stream, err := controlplanev1.NewDiscoveryServiceClient(conn).Watch(ctx, req)
 		if err != nil {
-			return err
+			return nil, err
 		}
+		return stream.Recv, nil
+	}
+	// The stream moves to each renewed connection without a gap.
+	return client.Follow(ctx, a.id, open, func(resp *controlplanev1.WatchResponse, first bool) {
 		a.metrics.cpConnected.Set(1)
 		backoff.Reset()
+		if first {
+			// The control plane keeps a node's report only while the node
+			// has a stream open: a new stream may start without one.
+			a.kickReport()
+		}
 		snap := resp.GetSnapshot()
 		if snap == nil {
 			a.log.Error("control plane sent an empty watch response; keeping the last good snapshot")
-			continue
+			return
 		}
 		if last := a.lastSnap.Load(); last != nil && snap.GetVersion() < last.GetVersion() {
 			a.log.Warn("snapshot version went backwards (control plane state replaced?); applying it", "version", snap.GetVersion(), "previous", last.GetVersion())
 		}
 		if err := a.apply(snap); err != nil {
 			a.log.Error("snapshot refused; keeping the last good one", "version", snap.GetVersion(), "err", err)
-			continue
+			return
 		}
 		a.lastSnap.Store(snap)
 		a.firstOnce.Do(func() { close(a.firstSnapshot) })
 		a.metrics.snapshot.Set(float64(snap.GetVersion()))
-	}
+		a.id.Reissue(snap.GetReissue())
+	})
 }

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/client"
 	"github.com/straitmesh/strait/proxy/balance"
@@ -332,7 +333,8 @@ func (s *Sidecar) Run(ctx context.Context) error {
 }
 
 // credentialsLoop reacts to SVID and bundle changes: the Workload API
-// store is updated and open inbound connections are re-checked.
+// store is updated, open inbound connections are re-checked, and the
+// control plane is told soon (a rotation waits for every node to report).
 func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 	prev := s.creds.Bundle()
 	for {
@@ -342,6 +344,7 @@ func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 			return nil
 		case <-ch:
 		}
+		s.agent.kickReport()
 		s.syncWorkloadAPI()
 		s.in.recheck()
 		if cur := s.creds.Bundle(); rootRemoved(prev, cur) {
@@ -470,7 +473,11 @@ func cpuProfile(w http.ResponseWriter, r *http.Request) {
 func (s *Sidecar) configDump() map[string]any {
 	d := map[string]any{"ready": s.Ready(), "addresses": s.Addrs()}
 	if sv := s.creds.SVID(); sv != nil {
-		d["svid"] = map[string]any{"spiffe_id": sv.ID.String(), "not_after": sv.Certificates[0].NotAfter.UTC(), "serial": sv.Certificates[0].SerialNumber.String()}
+		d["svid"] = map[string]any{"spiffe_id": sv.ID.String(), "not_after": sv.Certificates[0].NotAfter.UTC(), "serial": sv.Certificates[0].SerialNumber.String(),
+			"issuer": svid.IssuerFingerprint(sv.Certificates)}
+		if at := s.agent.id.PendingReissue(); !at.IsZero() {
+			d["svid_reissue_at"] = at.UTC()
+		}
 	}
 	if b := s.creds.Bundle(); b != nil {
 		d["bundle"] = map[string]any{"sequence": b.Sequence(), "digest": b.Digest(), "roots": len(b.Roots())}
