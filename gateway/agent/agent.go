@@ -1,9 +1,12 @@
 // Package agent runs a cluster's gateway against its control plane: it
-// keeps the gateway's SVID, follows the control plane's gateway snapshots
+// keeps the gateway's SVID (renewed at half life, or early when a snapshot
+// asks for a reissue), follows the control plane's gateway snapshots
 // (links, exports and their endpoints, bundle), runs a control stream to
-// every linked peer (catalog deltas, heartbeats with RTT, addresses),
-// relays join requests to the control plane, and reports each link's
-// health and what each peer exports back to it.
+// every linked peer (catalog deltas, heartbeats with RTT, addresses, and
+// the rotation relay: signed bundles, re-signed intermediates, rotation
+// reports), relays join requests to the control plane, and reports each
+// link's health, what each peer exports and relayed, and the bundle and
+// SVID issuer the gateway holds back to it.
 package agent
 
 import (
@@ -20,16 +23,19 @@ import (
 	"runtime/metrics"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/client"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
@@ -78,12 +84,17 @@ type agent struct {
 	id    *client.Identity
 	gw    *gateway.Gateway
 	cat   *catalog
+	out   *outRelay // what the control plane gives to relay to peers
 	clock func() time.Time
 	addrs []string // advertised
 
 	mu    sync.Mutex
 	peers map[string]*peerState
 	wake  chan struct{} // a report is due
+	// resend makes the next report go even if unchanged: the control plane
+	// keeps a gateway's report only while its WatchGateway stream is open,
+	// so a new stream starts without one.
+	resend atomic.Bool
 }
 
 // peerState is what this gateway knows of one peer's link.
@@ -97,8 +108,10 @@ type peerState struct {
 	sentVersion    uint64 // our latest catalog version for the peer
 	lastHeard      time.Time
 	lastErr        string
-	cancel         context.CancelFunc // the outgoing control stream's
+	outCtx         context.Context    // the outgoing control stream's life: the agent's, until unlinked
+	cancel         context.CancelFunc // ends outCtx
 	outgoingActive bool
+	in             inRelay // the rotation messages the peer relayed
 }
 
 // Run serves the gateway until ctx ends.
@@ -118,7 +131,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	a := &agent{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, cat: newCatalog(), peers: map[string]*peerState{}, wake: make(chan struct{}, 1)}
+	a := &agent{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, cat: newCatalog(), out: newOutRelay(), peers: map[string]*peerState{}, wake: make(chan struct{}, 1)}
 	a.id = &client.Identity{ControlPlane: cfg.ControlPlane, Creds: cfg.Creds, DataDir: cfg.DataDir, Log: cfg.Logger, Clock: cfg.Clock}
 	if !a.id.LoadSaved() {
 		return fmt.Errorf("no valid gateway credentials in %s (issue them with `strait controlplane gateway-credentials --dir <control-plane dir> --out %s`)", cfg.DataDir, cfg.DataDir)
@@ -176,8 +189,23 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Go(func() { errc <- a.id.RenewLoop(ctx) })
 	wg.Go(func() { errc <- a.watchLoop(ctx, entryAddr) })
 	wg.Go(func() { errc <- a.reportLoop(ctx) })
+	wg.Go(func() { a.credentialsLoop(ctx) })
 	wg.Go(func() { releaseLoop(ctx, 5*time.Second, 32<<20) })
 	return <-errc
+}
+
+// credentialsLoop pokes the report loop whenever the SVID or the bundle
+// changes: the control plane gates a rotation on what the gateway holds.
+func (a *agent) credentialsLoop(ctx context.Context) {
+	for {
+		ch := a.cfg.Creds.Changed()
+		select {
+		case <-ctx.Done():
+			return
+		case <-ch:
+		}
+		a.poke()
+	}
 }
 
 // watchLoop follows the control plane's gateway snapshots.
@@ -196,24 +224,27 @@ func (a *agent) watchLoop(ctx context.Context, entry string) error {
 	return nil
 }
 
+// watchOnce follows one WatchGateway stream (moved to each renewed
+// connection without a gap). The control streams it starts belong to ctx,
+// the agent's life: they outlive the stream.
 func (a *agent) watchOnce(ctx context.Context, entry string, backoff *client.Backoff) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	stream, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).WatchGateway(ctx, &controlplanev1.WatchGatewayRequest{
-		Node: a.cfg.Node, EntryAddress: entry, PeerAddresses: a.addrs,
-	})
-	if err != nil {
-		return err
-	}
-	for {
-		resp, err := stream.Recv()
+	req := &controlplanev1.WatchGatewayRequest{Node: a.cfg.Node, EntryAddress: entry, PeerAddresses: a.addrs}
+	open := func(sctx context.Context, conn *grpc.ClientConn) (func() (*controlplanev1.WatchGatewayResponse, error), error) {
+		stream, err := controlplanev1.NewFederationServiceClient(conn).WatchGateway(sctx, req)
 		if err != nil {
-			return err
+			return nil, err
 		}
+		return stream.Recv, nil
+	}
+	return client.Follow(ctx, a.id, open, func(resp *controlplanev1.WatchGatewayResponse, first bool) {
 		backoff.Reset()
+		if first {
+			a.resend.Store(true) // the control plane may hold no report of this gateway yet
+			a.poke()
+		}
 		snap := resp.GetSnapshot()
 		if snap == nil {
-			continue
+			return
 		}
 		if tb := snap.GetBundle(); tb != nil {
 			b, err := client.BundleFromProto(a.cfg.TrustDomain, tb)
@@ -223,16 +254,20 @@ func (a *agent) watchOnce(ctx context.Context, entry string, backoff *client.Bac
 				a.log.Error("bundle refused; keeping the current one", "err", err)
 			}
 		}
+		a.id.Reissue(snap.GetReissue())
+		a.out.set(snap, a.log) // control streams wake on a change
 		linksChanged := a.cat.setSnapshot(snap)
 		if linksChanged {
 			a.gw.Recheck() // a removed peer loses its open sessions at once
 		}
-		a.syncPeers(ctx)
-	}
+		a.syncPeers(ctx) // pokes the report loop
+	})
 }
 
 // syncPeers starts a control stream to every linked peer with addresses
-// and stops those of peers no longer linked.
+// and stops those of peers no longer linked. ctx is the agent's life, not
+// a configuration stream's: control streams outlive the WatchGateway
+// stream they were started from (it ends at every reconnect).
 func (a *agent) syncPeers(ctx context.Context) {
 	linked := a.cat.linkedPeers()
 	a.mu.Lock()
@@ -251,7 +286,7 @@ func (a *agent) syncPeers(ctx context.Context) {
 		if !ps.outgoingActive {
 			ps.outgoingActive = true
 			pctx, cancel := context.WithCancel(ctx)
-			ps.cancel = cancel
+			ps.outCtx, ps.cancel = pctx, cancel
 			go a.controlLoop(pctx, name)
 		}
 	}
@@ -307,6 +342,13 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 	if err != nil {
 		return err
 	}
+	return a.runControl(ctx, peer, s, backoff)
+}
+
+// runControl speaks this gateway's side of its control stream s to peer:
+// Hello, then catalog deltas, the rotation relay messages (each when the
+// stream starts and whenever it changes) and heartbeats.
+func (a *agent) runControl(ctx context.Context, peer string, s io.ReadWriteCloser, backoff *client.Backoff) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() { <-ctx.Done(); s.Close() }()
@@ -345,9 +387,11 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 	}()
 	var sent map[string]*federationv1.ExportedService
 	var version, seq uint64
+	var relayed relaySent
 	t := time.NewTicker(a.cfg.Heartbeat)
 	defer t.Stop()
 	changed := a.cat.resubscribe()
+	relayChanged := a.out.subscribe()
 	for {
 		cur := a.cat.exportsFor(peer)
 		if sent == nil || !sameExports(sent, cur) {
@@ -360,6 +404,11 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 			a.mu.Lock()
 			a.peer(peer).sentVersion = version
 			a.mu.Unlock()
+		}
+		for _, m := range relayed.next(a.out.forPeer(peer)) {
+			if err := writeControl(s, m); err != nil {
+				return err
+			}
 		}
 		seq++
 		now := a.clock()
@@ -383,6 +432,8 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 		case <-t.C:
 		case <-changed:
 			changed = a.cat.resubscribe()
+		case <-relayChanged:
+			relayChanged = a.out.subscribe()
 		}
 	}
 }
@@ -449,8 +500,10 @@ func catalogDelta(prev, cur map[string]*federationv1.ExportedService, version ui
 	return d
 }
 
-// serveControl serves a control stream a peer opened: its catalog and
-// heartbeats (answered with acks).
+// serveControl serves a control stream a peer opened: its catalog,
+// heartbeats (answered with acks) and rotation relay messages. Messages
+// of kinds it does not know are skipped; one that does not decode ends
+// this stream only.
 func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteCloser) {
 	defer s.Close()
 	var first federationv1.ControlMessage
@@ -507,6 +560,10 @@ func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteClo
 			if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_HeartbeatAck{HeartbeatAck: ack}}); err != nil {
 				return
 			}
+		case m.GetSignedBundle() != nil, m.GetIntermediate() != nil, m.GetRotation() != nil:
+			if a.gotRelay(peer, &m) {
+				a.poke()
+			}
 		}
 	}
 }
@@ -537,8 +594,10 @@ func (a *agent) serveJoin(ctx context.Context, s io.ReadWriteCloser, cs tls.Conn
 	}
 }
 
-// reportLoop tells the control plane about every link, on change and
-// every other heartbeat.
+// reportLoop tells the control plane about every link and what the
+// gateway holds (bundle, SVID issuer, what peers relayed): when poked,
+// every other heartbeat if it changed, every ten heartbeats regardless,
+// and at once on a new WatchGateway stream.
 func (a *agent) reportLoop(ctx context.Context) error {
 	t := time.NewTicker(2 * a.cfg.Heartbeat)
 	defer t.Stop()
@@ -552,13 +611,17 @@ func (a *agent) reportLoop(ctx context.Context) error {
 		case <-a.wake:
 		}
 		req := a.report()
-		if last != nil && proto.Equal(last, req) && a.clock().Sub(lastSent) < 10*a.cfg.Heartbeat {
+		resend := a.resend.Swap(false)
+		if !resend && last != nil && proto.Equal(last, req) && a.clock().Sub(lastSent) < 10*a.cfg.Heartbeat {
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).ReportPeers(rctx, req)
 		cancel()
 		if err != nil {
+			if resend {
+				a.resend.Store(true)
+			}
 			if ctx.Err() == nil {
 				a.log.Debug("report to the control plane failed", "err", err)
 			}
@@ -570,6 +633,13 @@ func (a *agent) reportLoop(ctx context.Context) error {
 
 func (a *agent) report() *controlplanev1.ReportPeersRequest {
 	req := &controlplanev1.ReportPeersRequest{Node: a.cfg.Node}
+	if b := a.cfg.Creds.Bundle(); b != nil {
+		req.BundleDigest = b.Digest()
+	}
+	if s := a.cfg.Creds.SVID(); s != nil {
+		req.SvidIssuer = svid.IssuerFingerprint(s.Certificates)
+	}
+	budget := relayBudget(maxReportRelayBytes)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	// A stream that carried no heartbeat (or ack) for three periods is
@@ -600,6 +670,17 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 		}
 		if !ps.lastHeard.IsZero() {
 			r.LastHeard = timestamppb.New(ps.lastHeard)
+		}
+		// What the peer relayed, as far as the report has room (a peer
+		// sends at most about 140 KiB of it).
+		if budget.take(ps.in.signed) {
+			r.SignedBundle = ps.in.signed
+		}
+		if budget.take(ps.in.intermediate) {
+			r.Intermediate = ps.in.intermediate
+		}
+		if budget.take(ps.in.rotation) {
+			r.Rotation = ps.in.rotation
 		}
 		req.Peers = append(req.Peers, r)
 	}
