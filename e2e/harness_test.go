@@ -212,7 +212,8 @@ type diskBundle struct{ d *local.Dir }
 func (b diskBundle) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	cur, err := b.d.ReadBundle()
 	if err != nil {
-		return nil, err
+		// A pending cluster has no bundle file: the bundle it was given.
+		return b.d.Bundle.GetX509BundleForTrustDomain(td)
 	}
 	return cur.GetX509BundleForTrustDomain(td)
 }

@@ -59,6 +59,9 @@ type fedWorld struct {
 	lost      map[string]bool     // "peer\x00namespace/name": an export that lost a conflict
 	// rotations are peers' rotation reports as their gateways relayed them.
 	rotations map[string]*federationv1.RotationReport
+	// reported: a live gateway has reported (imports and link health are
+	// known, not just empty).
+	reported bool
 }
 
 // readFederation collects links, exports and what the gateways reported,
@@ -121,7 +124,8 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 		}
 	}
 	s.mu.Unlock()
-	fmt.Fprintf(h, "g\x00%s\n", f.entry)
+	f.reported = !at.IsZero()
+	fmt.Fprintf(h, "g\x00%s\x00%t\n", f.entry, f.reported)
 	for _, peer := range slices.Sorted(maps.Keys(f.rtt)) {
 		fmt.Fprintf(h, "t\x00%s\x00%d\x00%t\n", peer, f.rtt[peer], f.down[peer])
 	}
@@ -484,6 +488,9 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 		if old := g.reports[peer]; old == nil || !importsEqual(old.GetImports(), r.GetImports()) || !proto.Equal(old.GetRotation(), r.GetRotation()) {
 			changed = true
 		}
+	}
+	if g.reported.IsZero() {
+		changed = true // the first report: sidecars may get the peers now
 	}
 	g.reports, g.reported = reports, s.cfg.Clock()
 	s.mu.Unlock()

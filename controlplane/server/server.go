@@ -68,6 +68,11 @@ type Config struct {
 	SVIDTTL time.Duration
 	// Debounce gathers changes before snapshots are pushed; zero means 100ms.
 	Debounce time.Duration
+	// FederationGrace is how long after a start, with links stored, the
+	// control plane waits for a gateway's report before it sends sidecars
+	// snapshots (without it, they would lose their peers' endpoints until
+	// the gateway reconnects); zero means 10s.
+	FederationGrace time.Duration
 	// Clock; nil means time.Now.
 	Clock func() time.Time
 	// Logger; nil discards.
@@ -95,6 +100,8 @@ type Server struct {
 	fedWake  chan struct{}
 	// logged is the last message of each logOnce key.
 	logged map[string]string
+	// started is when Run began (see federationWarmLocked).
+	started time.Time
 }
 
 type metrics struct {
@@ -145,6 +152,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Debounce <= 0 {
 		cfg.Debounce = 100 * time.Millisecond
+	}
+	if cfg.FederationGrace <= 0 {
+		cfg.FederationGrace = 10 * time.Second
 	}
 	if cfg.Authenticators == nil {
 		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
@@ -204,6 +214,9 @@ func (s *Server) tlsConfig() *tls.Config {
 // Run serves on ln until ctx ends, renewing the serving SVID at half life
 // and pushing snapshots as the world changes.
 func (s *Server) Run(ctx context.Context, ln net.Listener) error {
+	s.mu.Lock()
+	s.started = s.cfg.Clock()
+	s.mu.Unlock()
 	sv, err := s.renewOwnSVID()
 	if err != nil {
 		return err

@@ -252,7 +252,19 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 		}
 		s.mu.Lock()
 		w := s.world
+		warm := s.federationWarmLocked(w)
 		s.mu.Unlock()
+		if !warm {
+			// Just started: the peers' endpoints come with the gateway's
+			// first report. Until then the sidecar keeps what it has.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-wake:
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
+		}
 		snap := snapshotFor(w, s.cfg.Cluster, c.info.Namespace, req)
 		if last == nil || !proto.Equal(last, snap) {
 			last = snap
@@ -298,6 +310,13 @@ func (s *Server) detach(n *node, wake chan struct{}) {
 	if len(n.streams) == 0 {
 		delete(s.nodes, nodeKey(n.name, n.id))
 	}
+}
+
+// federationWarmLocked says whether w's federation part may be sent to
+// sidecars: there are no links, a gateway has reported since the start, or
+// the grace period is over. The caller holds s.mu.
+func (s *Server) federationWarmLocked(w *world) bool {
+	return len(w.fed.links) == 0 || w.fed.reported || s.cfg.Clock().Sub(s.started) >= s.cfg.FederationGrace
 }
 
 // noteDigest records what a sidecar reported (bundle digest, SVID issuer,

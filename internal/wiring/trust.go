@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -164,7 +165,7 @@ type rootCA struct {
 func (r *rootCA) Roots() []server.RootInfo {
 	var out []server.RootInfo
 	for _, rs := range r.ca.Status().Roots {
-		out = append(out, server.RootInfo{ID: rs.ID, State: string(rs.State), InBundle: rs.InBundle, Fingerprint: rs.Fingerprint, NotAfter: rs.NotAfter})
+		out = append(out, server.RootInfo{ID: rs.ID, State: string(rs.State), InBundle: rs.InBundle, Fingerprint: "sha256:" + strings.ToLower(rs.Fingerprint), NotAfter: rs.NotAfter})
 	}
 	return out
 }
