@@ -494,6 +494,18 @@ func TestMaxConnsPerPeer(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
+	// Both are tracked before the third arrives (accepting is
+	// asynchronous: under load the third could otherwise overtake one).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.west.mu.Lock()
+		n := p.west.perPeer[connKey{"north", "accepted"}]
+		p.west.mu.Unlock()
+		if n == 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	third, err := dialRawPeer(t, p.west, creds)
 	if err != nil {
 		t.Fatal(err)
