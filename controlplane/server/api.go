@@ -135,10 +135,15 @@ func (d discoveryServer) ReportHealth(ctx context.Context, req *controlplanev1.R
 	if h != controlplanev1.Health_HEALTH_HEALTHY && h != controlplanev1.Health_HEALTH_UNHEALTHY {
 		return nil, fmt.Errorf("%w: health must be HEALTHY or UNHEALTHY", ErrBadRequest)
 	}
+	if len(req.GetBundleDigest()) > maxDigestLen || len(req.GetSvidIssuer()) > maxDigestLen {
+		return nil, fmt.Errorf("%w: bundle digest or SVID issuer longer than %d bytes", ErrBadRequest, maxDigestLen)
+	}
+	// What the node holds counts for rotation even if the registry refuses
+	// the health report (the node is keyed by name and verified identity).
+	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), req.GetSvidIssuer(), h)
 	if err := d.s.cfg.Registry.ReportHealth(ctx, req.GetInstance(), h, c.id); err != nil {
 		return nil, err
 	}
-	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), req.GetSvidIssuer(), h)
 	return &controlplanev1.ReportHealthResponse{Lease: durationpb.New(d.s.cfg.Registry.Lease())}, nil
 }
 

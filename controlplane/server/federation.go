@@ -439,6 +439,9 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 	if len(req.GetPeers()) > maxPeers {
 		return nil, fmt.Errorf("%w: %d peers, more than %d", ErrBadRequest, len(req.GetPeers()), maxPeers)
 	}
+	if len(req.GetBundleDigest()) > maxDigestLen || len(req.GetSvidIssuer()) > maxDigestLen {
+		return nil, fmt.Errorf("%w: bundle digest or SVID issuer longer than %d bytes", ErrBadRequest, maxDigestLen)
+	}
 	reports := map[string]*controlplanev1.PeerReport{}
 	for _, p := range req.GetPeers() {
 		if err := identity.ValidateClusterName(p.GetPeer()); err != nil {

@@ -82,6 +82,9 @@ const (
 // maxBehind bounds the nodes named in a rotation report.
 const maxBehind = 20
 
+// maxDigestLen bounds the digests and fingerprints nodes report.
+const maxDigestLen = 128
+
 // ownRotation is this cluster's rotation report, from what its nodes
 // (sidecars and gateways) last reported. The caller holds s.mu.
 func (s *Server) ownRotationLocked(b *bundle.Bundle, inter *x509.Certificate) *federationv1.RotationReport {
