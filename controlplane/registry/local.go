@@ -19,6 +19,11 @@ import (
 // when LocalConfig.Lease is zero. Sidecars report well within it.
 const DefaultLease = 15 * time.Second
 
+// DefaultReap is how long an instance stays HEALTH_UNKNOWN, after its lease
+// lapsed, before it is removed (a crashed sidecar never deregisters) when
+// LocalConfig.Reap is zero.
+const DefaultReap = 2 * time.Minute
+
 // LocalConfig configures NewLocal.
 type LocalConfig struct {
 	// Store holds the instances. Required.
@@ -30,6 +35,11 @@ type LocalConfig struct {
 	// registration or health report; then it is HEALTH_UNKNOWN. Zero means
 	// DefaultLease.
 	Lease time.Duration
+	// Reap is how long an instance whose lease lapsed stays listed (as
+	// HEALTH_UNKNOWN, so failover sees it gone) before it is removed, so
+	// that a crashed instance does not count in its service's capacity
+	// for ever. Zero means DefaultReap.
+	Reap time.Duration
 	// Clock returns the current time. Nil means time.Now. Run sleeps with
 	// real timers for the durations this clock reports, so a fake clock
 	// should move with them (testing/synctest does this).
@@ -45,6 +55,7 @@ type Local struct {
 	st      *store.Store
 	cluster string
 	lease   time.Duration
+	reap    time.Duration
 	clock   func() time.Time
 	log     *slog.Logger
 
@@ -70,6 +81,7 @@ func NewLocal(cfg LocalConfig) (*Local, error) {
 		st:      cfg.Store,
 		cluster: cfg.Cluster,
 		lease:   cfg.Lease,
+		reap:    cfg.Reap,
 		clock:   cfg.Clock,
 		log:     cfg.Logger,
 		changed: make(chan struct{}, 1),
@@ -77,6 +89,9 @@ func NewLocal(cfg LocalConfig) (*Local, error) {
 	}
 	if l.lease == 0 {
 		l.lease = DefaultLease
+	}
+	if l.reap <= 0 {
+		l.reap = DefaultReap
 	}
 	if l.clock == nil {
 		l.clock = time.Now
@@ -241,8 +256,9 @@ func (l *Local) Run(ctx context.Context) error {
 		}
 	}()
 	noticed := map[string]time.Time{} // lapsed instance -> the LastSeen it lapsed with
+	started := l.clock()
 	for {
-		next, err := l.sweep(noticed)
+		next, err := l.sweep(noticed, started)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -271,7 +287,11 @@ func (l *Local) Run(ctx context.Context) error {
 // sweep notes instances whose lease lapsed since the last sweep, fires
 // Changed if there are any, and returns the next lease expiry (zero if no
 // lease is running).
-func (l *Local) sweep(noticed map[string]time.Time) (time.Time, error) {
+//
+// An instance is removed once it has been lapsed for Reap, counted from no
+// earlier than started: after a control plane's restart, sidecars get the
+// time to report again before anything is removed.
+func (l *Local) sweep(noticed map[string]time.Time, started time.Time) (time.Time, error) {
 	stored, err := l.st.ListInstances()
 	if err != nil {
 		return time.Time{}, err
@@ -280,13 +300,28 @@ func (l *Local) sweep(noticed map[string]time.Time) (time.Time, error) {
 	var next time.Time
 	lapsedNow := make(map[string]bool)
 	newly := 0
+	soonest := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	reaped := 0
 	for _, in := range stored {
 		expiry := in.LastSeen.Add(l.lease)
 		if now.Before(expiry) {
-			if next.IsZero() || expiry.Before(next) {
-				next = expiry
-			}
+			soonest(expiry)
 			continue
+		}
+		if gone := later(expiry, started).Add(l.reap); !now.Before(gone) {
+			if err := l.st.DeleteInstance(in.Name, in.SPIFFEID); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return time.Time{}, err
+			}
+			reaped++
+			l.log.Warn("instance removed: no health report since its lease lapsed", "instance", in.Name, "service", in.Service,
+				"spiffe_id", in.SPIFFEID, "last_seen", in.LastSeen, "after", l.reap)
+			continue
+		} else {
+			soonest(gone)
 		}
 		lapsedNow[in.Name] = true
 		if at, ok := noticed[in.Name]; !ok || !at.Equal(in.LastSeen) {
@@ -301,10 +336,17 @@ func (l *Local) sweep(noticed map[string]time.Time) (time.Time, error) {
 			delete(noticed, name)
 		}
 	}
-	if newly > 0 {
+	if newly > 0 || reaped > 0 {
 		notify(l.changed)
 	}
 	return next, nil
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // lapsed reports whether a lease renewed at lastSeen has run out at now.

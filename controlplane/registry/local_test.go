@@ -369,6 +369,17 @@ func TestLeaseLapse(t *testing.T) {
 			t.Fatalf("web-1 lapsing again: got %s, want HEALTH_UNKNOWN", got)
 		}
 
+		// Lapsed for DefaultReap, they are removed (a crashed sidecar never
+		// deregisters).
+		time.Sleep(DefaultReap)
+		synctest.Wait()
+		if !fired(l) {
+			t.Fatal("instances lapsed for DefaultReap: got no Changed, want one")
+		}
+		if insts, err := l.Instances(ctx); err != nil || len(insts) != 0 {
+			t.Fatalf("instances lapsed for DefaultReap: got %v (%v), want none", insts, err)
+		}
+
 		// Nothing is left to expire: Run sleeps until the registry changes.
 		time.Sleep(time.Hour)
 		synctest.Wait()
@@ -431,4 +442,31 @@ func TestCanceledContext(t *testing.T) {
 	if _, err := l.Instances(ctx); !errors.Is(err, context.Canceled) {
 		t.Errorf("Instances: got %v, want context.Canceled", err)
 	}
+}
+
+// TestReapWaitsAfterRestart: instances that lapsed while the control plane
+// was down are not removed at once when it comes back; their sidecars get
+// DefaultReap to report again.
+func TestReapWaitsAfterRestart(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newLocal(t, 15*time.Second)
+		register(t, l, web("web-0"), webID)
+		time.Sleep(time.Hour) // "down": no Run, no reports
+		ctx, cancel := context.WithCancel(t.Context())
+		var wg sync.WaitGroup
+		wg.Go(func() { l.Run(ctx) })
+		defer func() { cancel(); wg.Wait() }()
+		synctest.Wait()
+		if got := healthOf(t, l, "web-0"); got != unknown {
+			t.Fatalf("after the restart: got %s, want HEALTH_UNKNOWN (listed, not removed)", got)
+		}
+		if err := l.ReportHealth(ctx, "web-0", healthy, webID); err != nil {
+			t.Fatalf("reporting again after the restart: %v", err)
+		}
+		time.Sleep(DefaultReap)
+		synctest.Wait()
+		if got := healthOf(t, l, "web-0"); got != unknown {
+			t.Fatalf("reported once after the restart, then quiet for DefaultReap: got %s, want HEALTH_UNKNOWN", got)
+		}
+	})
 }
