@@ -299,9 +299,9 @@ func TestTaintAndRevokeCutOpenConnections(t *testing.T) {
 
 	l := startLoad(m.fe.url("backend"), 2, 90*time.Second)
 	m.east.rotate(t, "prepare", "")
-	st := m.east.waitReady(t, "activate", 30*time.Second)
+	m.east.waitReady(t, "activate", 30*time.Second)
 	m.east.rotate(t, "activate", "")
-	st = m.east.waitReady(t, "retire", 30*time.Second)
+	st := m.east.waitReady(t, "retire", 30*time.Second)
 	old := rootIn(st, "old")
 	m.east.rotate(t, "taint", old.GetId())
 	if err := call(conn, br); err != nil {
