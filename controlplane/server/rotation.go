@@ -36,8 +36,8 @@ type Trust interface {
 	OfferBundle(jws string) (bool, error)
 	// OfferIntermediate installs this cluster's intermediate as the root
 	// authority re-signed it (DER, intermediate first) if it is for this
-	// cluster and its key and verifies; it reports whether anything
-	// changed.
+	// cluster and its key, verifies and is not older than the one in
+	// force; it reports whether anything changed.
 	OfferIntermediate(chain [][]byte) (bool, error)
 }
 

@@ -117,8 +117,15 @@ func (t *trust) OfferIntermediate(chain [][]byte) (bool, error) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if cur := t.inter.Load(); cur != nil && svid.Fingerprint(cur) == svid.Fingerprint(cert) {
+	cur := t.inter.Load()
+	if cur != nil && svid.Fingerprint(cur) == svid.Fingerprint(cert) {
 		return false, nil
+	}
+	// Never back: a re-signing is newer than what it replaces, and an
+	// earlier certificate for this key (which any peer has seen in this
+	// cluster's chains) may still verify until its root is retired.
+	if cur != nil && cert.NotBefore.Before(cur.NotBefore) {
+		return false, fmt.Errorf("intermediate is older than the one in force (not before %s, in force since %s)", cert.NotBefore.UTC().Format(time.RFC3339), cur.NotBefore.UTC().Format(time.RFC3339))
 	}
 	// It must chain to a root this cluster trusts now.
 	roots := x509.NewCertPool()
