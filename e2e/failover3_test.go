@@ -643,6 +643,25 @@ func TestThreeClusterSpillThreshold(t *testing.T) {
 	waitUntil(t, 10*time.Second, "the frontend ejects crashed backend-e2", ejected)
 	v, _ := backendView(fe)
 	t.Logf("backend-e2 ejected by the frontend %s after its crash; the control plane lists it %s", time.Since(crashed).Round(time.Millisecond), v["backend-e2"].health)
+	// The control plane lists backend-e2 healthy; `explain --from` shows
+	// the frontend's own view, where it is ejected.
+	waitUntil(t, 10*time.Second, "explain --from frontend-e0 shows backend-e2 ejected", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		ex, err := east.admin.Explain(ctx, &controlplanev1.ExplainRequest{Service: "backend", From: "frontend-e0"})
+		if err != nil || len(ex.GetFrom().GetEjected()) == 0 {
+			return false
+		}
+		var names []string
+		for _, e := range ex.GetFrom().GetEjected() {
+			names = append(names, e.GetEndpoint())
+		}
+		if !slices.Contains(names, "backend-e2") || ex.GetTiers()[0].GetHealthy() != 1 || !ex.GetFrom().GetConnected() {
+			return false
+		}
+		t.Logf("explain --from frontend-e0: %s; ejected %v; local tier %d/%d healthy", ex.GetSummary(), names, ex.GetTiers()[0].GetHealthy(), ex.GetTiers()[0].GetTotal())
+		return true
+	})
 	check("backend-e2 crashed and ejected", 1, 3, 80)
 	if !ejected() {
 		t.Log("backend-e2's ejection ended during the measurement")

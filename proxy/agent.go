@@ -41,6 +41,9 @@ type agent struct {
 	firstOnce     sync.Once
 	// reportNow asks healthLoop for a report before its next tick.
 	reportNow chan struct{}
+	// ejections, if set, lists the endpoints outlier detection ejects now
+	// (reported so that `strait explain --from` shows this sidecar's view).
+	ejections func() []*controlplanev1.Ejection
 }
 
 // reportDebounce is how long a prompt report waits for more changes to
@@ -135,6 +138,9 @@ func (a *agent) healthLoop(ctx context.Context, inboundAddr string) error {
 			}
 			if s := a.creds.SVID(); s != nil {
 				req.SvidIssuer = svid.IssuerFingerprint(s.Certificates)
+			}
+			if a.ejections != nil {
+				req.Ejections = a.ejections()
 			}
 			_, err = disc.ReportHealth(rctx, req)
 			if status.Code(err) == codes.NotFound {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/svid"
@@ -198,6 +200,7 @@ func New(cfg Config) (*Sidecar, error) {
 	s.in = newInbound(creds, s.metrics, cfg.Logger, cfg.Service, cfg.App, cfg.protocol() == controlplanev1.Protocol_PROTOCOL_TCP)
 	s.out = newOutbound(creds, s.metrics, cfg.Logger, cfg.Clock)
 	s.agent = newAgent(&s.cfg, creds, s.metrics, s.applySnapshot)
+	s.agent.ejections = s.ejections
 	return s, nil
 }
 
@@ -435,6 +438,30 @@ func (s *Sidecar) adminHandler() http.Handler {
 		json.NewEncoder(w).Encode(s.configDump())
 	})
 	return mux
+}
+
+// maxReportedEjections bounds the ejections in one health report (the
+// control plane refuses more than 256).
+const maxReportedEjections = 256
+
+// ejections lists the endpoints outlier detection ejects now, by upstream.
+func (s *Sidecar) ejections() []*controlplanev1.Ejection {
+	s.out.mu.Lock()
+	names := slices.Sorted(maps.Keys(s.out.upstreams))
+	ups := make([]*upstream, 0, len(names))
+	for _, n := range names {
+		ups = append(ups, s.out.upstreams[n])
+	}
+	s.out.mu.Unlock()
+	var out []*controlplanev1.Ejection
+	for i, u := range ups {
+		for _, st := range u.lb.Stats() {
+			if st.Ejected && len(out) < maxReportedEjections {
+				out = append(out, &controlplanev1.Ejection{Service: names[i], Endpoint: st.Key, Until: timestamppb.New(st.EjectedUntil)})
+			}
+		}
+	}
+	return out
 }
 
 // UpstreamStats returns the live balancer state of an upstream's endpoints.

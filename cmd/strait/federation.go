@@ -302,10 +302,17 @@ func newAuditCmd(g *globals) *cobra.Command {
 
 func newExplainCmd(g *globals) *cobra.Command {
 	f := &clientFlags{g: g}
-	var ns, output string
+	var ns, output, from string
 	cmd := &cobra.Command{
-		Use:   "explain SERVICE [-n NAMESPACE] [-o json]",
+		Use:   "explain SERVICE [-n NAMESPACE] [--from WORKLOAD] [-o json]",
 		Short: "Say where traffic for a service goes now, tier by tier, and why",
+		Long: `Say where traffic for a service goes now, tier by tier, and why: the
+control plane's view (endpoints, health, failover policy, links).
+
+--from WORKLOAD (a sidecar's instance name, as in dev.json) explains one
+caller's own view instead: the snapshot version it holds, and the endpoints
+its passive outlier detection ejects (counted as unhealthy), as it last
+reported them with its health.`,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, client, _, done, err := f.admin(cmd)
@@ -313,7 +320,7 @@ func newExplainCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer done()
-			r, err := client.Explain(ctx, &controlplanev1.ExplainRequest{Service: args[0], Namespace: ns})
+			r, err := client.Explain(ctx, &controlplanev1.ExplainRequest{Service: args[0], Namespace: ns, From: from})
 			if err != nil {
 				return rpcError(err)
 			}
@@ -326,6 +333,20 @@ func newExplainCmd(g *globals) *cobra.Command {
 				return err
 			}
 			fmt.Fprintln(g.stdout, r.GetSummary())
+			if fr := r.GetFrom(); fr != nil {
+				state := "connected"
+				if !fr.GetConnected() {
+					state = "not connected"
+				}
+				lag := "up to date"
+				if fr.GetSnapshotVersion() != fr.GetCurrentVersion() {
+					lag = fmt.Sprintf("the control plane is at %d", fr.GetCurrentVersion())
+				}
+				fmt.Fprintf(g.stdout, "  from %s: %s, holds snapshot %d (%s)\n", fr.GetNode(), state, fr.GetSnapshotVersion(), lag)
+				for _, e := range fr.GetEjected() {
+					fmt.Fprintf(g.stdout, "  ejected by %s's outlier detection: %s until %s\n", fr.GetNode(), e.GetEndpoint(), e.GetUntil().AsTime().Local().Format("15:04:05"))
+				}
+			}
 			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "\nTIER\tCLUSTERS\tHEALTHY\tWHY")
 			for _, t := range r.GetTiers() {
@@ -343,6 +364,7 @@ func newExplainCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().StringVarP(&ns, "namespace", "n", "default", "the service's namespace")
 	cmd.Flags().StringVarP(&output, "output", "o", "", "json for the whole answer")
+	cmd.Flags().StringVar(&from, "from", "", "explain one sidecar's own view (its instance name): its snapshot and the endpoints it ejects")
 	f.register(cmd)
 	return cmd
 }

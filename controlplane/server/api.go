@@ -140,7 +140,16 @@ func (d discoveryServer) ReportHealth(ctx context.Context, req *controlplanev1.R
 	}
 	// What the node holds counts for rotation even if the registry refuses
 	// the health report (the node is keyed by name and verified identity).
+	if len(req.GetEjections()) > maxEjections {
+		return nil, fmt.Errorf("%w: %d ejections, more than %d", ErrBadRequest, len(req.GetEjections()), maxEjections)
+	}
+	for _, e := range req.GetEjections() {
+		if len(e.GetService()) > 253 || len(e.GetEndpoint()) > 253 {
+			return nil, fmt.Errorf("%w: ejection names longer than 253 bytes", ErrBadRequest)
+		}
+	}
 	d.s.noteDigest(req.GetInstance(), c.id, req.GetBundleDigest(), req.GetSvidIssuer(), h)
+	d.s.noteEjections(req.GetInstance(), c.id, req.GetEjections())
 	if err := d.s.cfg.Registry.ReportHealth(ctx, req.GetInstance(), h, c.id); err != nil {
 		return nil, err
 	}

@@ -2,14 +2,33 @@ package server
 
 import (
 	"context"
+
 	"fmt"
 	"maps"
 	"slices"
 	"strings"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/store"
 )
+
+// maxEjections bounds what one sidecar reports.
+const maxEjections = 256
+
+// noteEjections records the endpoints a sidecar's outlier detection ejects.
+func (s *Server) noteEjections(name string, id spiffeid.ID, ej []*controlplanev1.Ejection) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.nodes[nodeKey(name, id)]; n != nil {
+		n.ejections, n.reported = ej, s.cfg.Clock()
+	}
+}
 
 // Explain says where traffic for a service goes and why, from the same
 // view the sidecars get: tiers by failover priority with their health, the
@@ -27,10 +46,34 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 	}
 	s.mu.Lock()
 	w := s.world
+	var from *controlplanev1.ExplainFrom
+	ejected := map[string]bool{}
+	if req.GetFrom() != "" {
+		from = &controlplanev1.ExplainFrom{Node: req.GetFrom(), CurrentVersion: w.version}
+		for _, n := range s.sortedNodes() {
+			if n.name != req.GetFrom() || (from.Connected && len(n.streams) == 0) {
+				continue
+			}
+			from.Connected, from.SnapshotVersion = len(n.streams) > 0, n.sentVersion
+			from.Ejected = nil
+			if !n.reported.IsZero() {
+				from.Reported = timestamppb.New(n.reported)
+			}
+			for _, e := range n.ejections {
+				if e.GetService() == req.GetService() || e.GetService() == req.GetService()+"."+ns {
+					from.Ejected = append(from.Ejected, e)
+					ejected[e.GetEndpoint()] = true
+				}
+			}
+		}
+	}
 	s.mu.Unlock()
+	if from != nil && from.SnapshotVersion == 0 && !from.Connected {
+		return nil, fmt.Errorf("%w: no sidecar named %q is connected to this control plane", store.ErrNotFound, req.GetFrom())
+	}
 	snap := snapshotFor(w, s.cfg.Cluster, ns, &controlplanev1.WatchRequest{Node: "explain", Upstreams: []string{req.GetService()}})
 	svc := snap.GetServices()[0]
-	resp := &controlplanev1.ExplainResponse{Service: req.GetService(), Namespace: ns, Protocol: svc.GetProtocol(), Policy: svc.GetPolicy()}
+	resp := &controlplanev1.ExplainResponse{Service: req.GetService(), Namespace: ns, Protocol: svc.GetProtocol(), Policy: svc.GetPolicy(), From: from}
 	byPrio := map[uint32]*controlplanev1.ExplainTier{}
 	for _, ep := range svc.GetEndpoints() {
 		p := ep.GetPriority()
@@ -51,6 +94,11 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 		}
 		n := max(ep.GetWeight(), 1)
 		t.Total += n
+		if ejected[ep.GetInstance()] {
+			// The sidecar asked about ejects it: unhealthy in its view.
+			ep = proto.Clone(ep).(*controlplanev1.Endpoint)
+			ep.Health = controlplanev1.Health_HEALTH_UNHEALTHY
+		}
 		if ep.GetHealth() == controlplanev1.Health_HEALTH_HEALTHY {
 			t.Healthy += n
 		}
@@ -101,6 +149,13 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 		}
 	}
 	resp.Summary = explainSummary(resp)
+	if from != nil {
+		resp.Summary += " (as " + from.GetNode() + " sees it"
+		if n := len(from.GetEjected()); n > 0 {
+			resp.Summary += fmt.Sprintf(", with %d endpoint(s) its outlier detection ejects", n)
+		}
+		resp.Summary += ")"
+	}
 	return resp, nil
 }
 

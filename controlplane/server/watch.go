@@ -49,6 +49,9 @@ type node struct {
 	digest      string
 	issuer      string // fingerprint of the certificate that signed its SVID
 	health      controlplanev1.Health
+	// ejections the sidecar reported, and when.
+	ejections []*controlplanev1.Ejection
+	reported  time.Time
 }
 
 func nodeKey(name string, id spiffeid.ID) string { return name + "\x00" + id.String() }

@@ -659,7 +659,10 @@ type ExplainRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Service string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
 	// Default "default".
-	Namespace     string `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Namespace string `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	// A workload instance (sidecar node) whose own view to explain: the
+	// snapshot it holds and the endpoints its outlier detection ejects.
+	From          string `protobuf:"bytes,3,opt,name=from,proto3" json:"from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -708,6 +711,13 @@ func (x *ExplainRequest) GetNamespace() string {
 	return ""
 }
 
+func (x *ExplainRequest) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
 type ExplainResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Service   string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
@@ -719,7 +729,9 @@ type ExplainResponse struct {
 	// Peers that export the service but get none of its traffic, and why.
 	Excluded []string `protobuf:"bytes,6,rep,name=excluded,proto3" json:"excluded,omitempty"`
 	// A sentence: where traffic goes now.
-	Summary       string `protobuf:"bytes,7,opt,name=summary,proto3" json:"summary,omitempty"`
+	Summary string `protobuf:"bytes,7,opt,name=summary,proto3" json:"summary,omitempty"`
+	// Set when the request named a node.
+	From          *ExplainFrom `protobuf:"bytes,8,opt,name=from,proto3" json:"from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -803,6 +815,101 @@ func (x *ExplainResponse) GetSummary() string {
 	return ""
 }
 
+func (x *ExplainResponse) GetFrom() *ExplainFrom {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+// ExplainFrom is one sidecar's own view of the service.
+type ExplainFrom struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Node      string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Connected bool                   `protobuf:"varint,2,opt,name=connected,proto3" json:"connected,omitempty"`
+	// The snapshot version last sent to the node, and the current one.
+	SnapshotVersion uint64 `protobuf:"varint,3,opt,name=snapshot_version,json=snapshotVersion,proto3" json:"snapshot_version,omitempty"`
+	CurrentVersion  uint64 `protobuf:"varint,4,opt,name=current_version,json=currentVersion,proto3" json:"current_version,omitempty"`
+	// Endpoints its outlier detection ejects now (counted as unhealthy in
+	// the tiers above), as it last reported.
+	Ejected       []*Ejection            `protobuf:"bytes,5,rep,name=ejected,proto3" json:"ejected,omitempty"`
+	Reported      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=reported,proto3" json:"reported,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainFrom) Reset() {
+	*x = ExplainFrom{}
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainFrom) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainFrom) ProtoMessage() {}
+
+func (x *ExplainFrom) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainFrom.ProtoReflect.Descriptor instead.
+func (*ExplainFrom) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ExplainFrom) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ExplainFrom) GetConnected() bool {
+	if x != nil {
+		return x.Connected
+	}
+	return false
+}
+
+func (x *ExplainFrom) GetSnapshotVersion() uint64 {
+	if x != nil {
+		return x.SnapshotVersion
+	}
+	return 0
+}
+
+func (x *ExplainFrom) GetCurrentVersion() uint64 {
+	if x != nil {
+		return x.CurrentVersion
+	}
+	return 0
+}
+
+func (x *ExplainFrom) GetEjected() []*Ejection {
+	if x != nil {
+		return x.Ejected
+	}
+	return nil
+}
+
+func (x *ExplainFrom) GetReported() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Reported
+	}
+	return nil
+}
+
 type ExplainTier struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Priority uint32                 `protobuf:"varint,1,opt,name=priority,proto3" json:"priority,omitempty"`
@@ -819,7 +926,7 @@ type ExplainTier struct {
 
 func (x *ExplainTier) Reset() {
 	*x = ExplainTier{}
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +938,7 @@ func (x *ExplainTier) String() string {
 func (*ExplainTier) ProtoMessage() {}
 
 func (x *ExplainTier) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +951,7 @@ func (x *ExplainTier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainTier.ProtoReflect.Descriptor instead.
 func (*ExplainTier) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ExplainTier) GetPriority() uint32 {
@@ -905,7 +1012,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +1024,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1037,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatusResponse) GetCluster() string {
@@ -999,7 +1106,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1118,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_admin_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1131,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NodeStatus) GetNode() string {
@@ -1116,10 +1223,11 @@ const file_controlplane_api_v1_admin_proto_rawDesc = "" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x129\n" +
 	"\n" +
 	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x0f\n" +
-	"\rStatusRequest\"H\n" +
+	"\rStatusRequest\"\\\n" +
 	"\x0eExplainRequest\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x1c\n" +
-	"\tnamespace\x18\x02 \x01(\tR\tnamespace\"\xb7\x02\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04from\x18\x03 \x01(\tR\x04from\"\xf0\x02\n" +
 	"\x0fExplainResponse\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12<\n" +
@@ -1127,7 +1235,15 @@ const file_controlplane_api_v1_admin_proto_rawDesc = "" +
 	"\x06policy\x18\x04 \x01(\v2%.strait.controlplane.v1.TrafficPolicyR\x06policy\x129\n" +
 	"\x05tiers\x18\x05 \x03(\v2#.strait.controlplane.v1.ExplainTierR\x05tiers\x12\x1a\n" +
 	"\bexcluded\x18\x06 \x03(\tR\bexcluded\x12\x18\n" +
-	"\asummary\x18\a \x01(\tR\asummary\"\xcd\x01\n" +
+	"\asummary\x18\a \x01(\tR\asummary\x127\n" +
+	"\x04from\x18\b \x01(\v2#.strait.controlplane.v1.ExplainFromR\x04from\"\x87\x02\n" +
+	"\vExplainFrom\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
+	"\tconnected\x18\x02 \x01(\bR\tconnected\x12)\n" +
+	"\x10snapshot_version\x18\x03 \x01(\x04R\x0fsnapshotVersion\x12'\n" +
+	"\x0fcurrent_version\x18\x04 \x01(\x04R\x0ecurrentVersion\x12:\n" +
+	"\aejected\x18\x05 \x03(\v2 .strait.controlplane.v1.EjectionR\aejected\x126\n" +
+	"\breported\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\breported\"\xcd\x01\n" +
 	"\vExplainTier\x12\x1a\n" +
 	"\bpriority\x18\x01 \x01(\rR\bpriority\x12\x1a\n" +
 	"\bclusters\x18\x02 \x03(\tR\bclusters\x12\x18\n" +
@@ -1171,7 +1287,7 @@ func file_controlplane_api_v1_admin_proto_rawDescGZIP() []byte {
 	return file_controlplane_api_v1_admin_proto_rawDescData
 }
 
-var file_controlplane_api_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_controlplane_api_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_controlplane_api_v1_admin_proto_goTypes = []any{
 	(*Resource)(nil),                        // 0: strait.controlplane.v1.Resource
 	(*ApplyRequest)(nil),                    // 1: strait.controlplane.v1.ApplyRequest
@@ -1186,46 +1302,51 @@ var file_controlplane_api_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),                   // 10: strait.controlplane.v1.StatusRequest
 	(*ExplainRequest)(nil),                  // 11: strait.controlplane.v1.ExplainRequest
 	(*ExplainResponse)(nil),                 // 12: strait.controlplane.v1.ExplainResponse
-	(*ExplainTier)(nil),                     // 13: strait.controlplane.v1.ExplainTier
-	(*StatusResponse)(nil),                  // 14: strait.controlplane.v1.StatusResponse
-	(*NodeStatus)(nil),                      // 15: strait.controlplane.v1.NodeStatus
-	(*timestamppb.Timestamp)(nil),           // 16: google.protobuf.Timestamp
-	(Protocol)(0),                           // 17: strait.controlplane.v1.Protocol
-	(*TrafficPolicy)(nil),                   // 18: strait.controlplane.v1.TrafficPolicy
-	(*Endpoint)(nil),                        // 19: strait.controlplane.v1.Endpoint
-	(*Instance)(nil),                        // 20: strait.controlplane.v1.Instance
-	(Health)(0),                             // 21: strait.controlplane.v1.Health
+	(*ExplainFrom)(nil),                     // 13: strait.controlplane.v1.ExplainFrom
+	(*ExplainTier)(nil),                     // 14: strait.controlplane.v1.ExplainTier
+	(*StatusResponse)(nil),                  // 15: strait.controlplane.v1.StatusResponse
+	(*NodeStatus)(nil),                      // 16: strait.controlplane.v1.NodeStatus
+	(*timestamppb.Timestamp)(nil),           // 17: google.protobuf.Timestamp
+	(Protocol)(0),                           // 18: strait.controlplane.v1.Protocol
+	(*TrafficPolicy)(nil),                   // 19: strait.controlplane.v1.TrafficPolicy
+	(*Ejection)(nil),                        // 20: strait.controlplane.v1.Ejection
+	(*Endpoint)(nil),                        // 21: strait.controlplane.v1.Endpoint
+	(*Instance)(nil),                        // 22: strait.controlplane.v1.Instance
+	(Health)(0),                             // 23: strait.controlplane.v1.Health
 }
 var file_controlplane_api_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.ApplyRequest.resources:type_name -> strait.controlplane.v1.Resource
 	3,  // 1: strait.controlplane.v1.ApplyResponse.results:type_name -> strait.controlplane.v1.ApplyResult
 	0,  // 2: strait.controlplane.v1.ListResponse.resources:type_name -> strait.controlplane.v1.Resource
-	16, // 3: strait.controlplane.v1.CreateRegistrationTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 4: strait.controlplane.v1.ExplainResponse.protocol:type_name -> strait.controlplane.v1.Protocol
-	18, // 5: strait.controlplane.v1.ExplainResponse.policy:type_name -> strait.controlplane.v1.TrafficPolicy
-	13, // 6: strait.controlplane.v1.ExplainResponse.tiers:type_name -> strait.controlplane.v1.ExplainTier
-	19, // 7: strait.controlplane.v1.ExplainTier.endpoints:type_name -> strait.controlplane.v1.Endpoint
-	20, // 8: strait.controlplane.v1.StatusResponse.instances:type_name -> strait.controlplane.v1.Instance
-	15, // 9: strait.controlplane.v1.StatusResponse.nodes:type_name -> strait.controlplane.v1.NodeStatus
-	16, // 10: strait.controlplane.v1.StatusResponse.intermediate_expires_at:type_name -> google.protobuf.Timestamp
-	21, // 11: strait.controlplane.v1.NodeStatus.health:type_name -> strait.controlplane.v1.Health
-	1,  // 12: strait.controlplane.v1.AdminService.Apply:input_type -> strait.controlplane.v1.ApplyRequest
-	4,  // 13: strait.controlplane.v1.AdminService.List:input_type -> strait.controlplane.v1.ListRequest
-	6,  // 14: strait.controlplane.v1.AdminService.Delete:input_type -> strait.controlplane.v1.DeleteRequest
-	8,  // 15: strait.controlplane.v1.AdminService.CreateRegistrationToken:input_type -> strait.controlplane.v1.CreateRegistrationTokenRequest
-	10, // 16: strait.controlplane.v1.AdminService.Status:input_type -> strait.controlplane.v1.StatusRequest
-	11, // 17: strait.controlplane.v1.AdminService.Explain:input_type -> strait.controlplane.v1.ExplainRequest
-	2,  // 18: strait.controlplane.v1.AdminService.Apply:output_type -> strait.controlplane.v1.ApplyResponse
-	5,  // 19: strait.controlplane.v1.AdminService.List:output_type -> strait.controlplane.v1.ListResponse
-	7,  // 20: strait.controlplane.v1.AdminService.Delete:output_type -> strait.controlplane.v1.DeleteResponse
-	9,  // 21: strait.controlplane.v1.AdminService.CreateRegistrationToken:output_type -> strait.controlplane.v1.CreateRegistrationTokenResponse
-	14, // 22: strait.controlplane.v1.AdminService.Status:output_type -> strait.controlplane.v1.StatusResponse
-	12, // 23: strait.controlplane.v1.AdminService.Explain:output_type -> strait.controlplane.v1.ExplainResponse
-	18, // [18:24] is the sub-list for method output_type
-	12, // [12:18] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	17, // 3: strait.controlplane.v1.CreateRegistrationTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	18, // 4: strait.controlplane.v1.ExplainResponse.protocol:type_name -> strait.controlplane.v1.Protocol
+	19, // 5: strait.controlplane.v1.ExplainResponse.policy:type_name -> strait.controlplane.v1.TrafficPolicy
+	14, // 6: strait.controlplane.v1.ExplainResponse.tiers:type_name -> strait.controlplane.v1.ExplainTier
+	13, // 7: strait.controlplane.v1.ExplainResponse.from:type_name -> strait.controlplane.v1.ExplainFrom
+	20, // 8: strait.controlplane.v1.ExplainFrom.ejected:type_name -> strait.controlplane.v1.Ejection
+	17, // 9: strait.controlplane.v1.ExplainFrom.reported:type_name -> google.protobuf.Timestamp
+	21, // 10: strait.controlplane.v1.ExplainTier.endpoints:type_name -> strait.controlplane.v1.Endpoint
+	22, // 11: strait.controlplane.v1.StatusResponse.instances:type_name -> strait.controlplane.v1.Instance
+	16, // 12: strait.controlplane.v1.StatusResponse.nodes:type_name -> strait.controlplane.v1.NodeStatus
+	17, // 13: strait.controlplane.v1.StatusResponse.intermediate_expires_at:type_name -> google.protobuf.Timestamp
+	23, // 14: strait.controlplane.v1.NodeStatus.health:type_name -> strait.controlplane.v1.Health
+	1,  // 15: strait.controlplane.v1.AdminService.Apply:input_type -> strait.controlplane.v1.ApplyRequest
+	4,  // 16: strait.controlplane.v1.AdminService.List:input_type -> strait.controlplane.v1.ListRequest
+	6,  // 17: strait.controlplane.v1.AdminService.Delete:input_type -> strait.controlplane.v1.DeleteRequest
+	8,  // 18: strait.controlplane.v1.AdminService.CreateRegistrationToken:input_type -> strait.controlplane.v1.CreateRegistrationTokenRequest
+	10, // 19: strait.controlplane.v1.AdminService.Status:input_type -> strait.controlplane.v1.StatusRequest
+	11, // 20: strait.controlplane.v1.AdminService.Explain:input_type -> strait.controlplane.v1.ExplainRequest
+	2,  // 21: strait.controlplane.v1.AdminService.Apply:output_type -> strait.controlplane.v1.ApplyResponse
+	5,  // 22: strait.controlplane.v1.AdminService.List:output_type -> strait.controlplane.v1.ListResponse
+	7,  // 23: strait.controlplane.v1.AdminService.Delete:output_type -> strait.controlplane.v1.DeleteResponse
+	9,  // 24: strait.controlplane.v1.AdminService.CreateRegistrationToken:output_type -> strait.controlplane.v1.CreateRegistrationTokenResponse
+	15, // 25: strait.controlplane.v1.AdminService.Status:output_type -> strait.controlplane.v1.StatusResponse
+	12, // 26: strait.controlplane.v1.AdminService.Explain:output_type -> strait.controlplane.v1.ExplainResponse
+	21, // [21:27] is the sub-list for method output_type
+	15, // [15:21] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_admin_proto_init() }
@@ -1240,7 +1361,7 @@ func file_controlplane_api_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_admin_proto_rawDesc), len(file_controlplane_api_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

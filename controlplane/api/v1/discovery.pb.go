@@ -15,6 +15,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -443,7 +444,10 @@ type ReportHealthRequest struct {
 	// "sha256:<hex>" of the certificate that signed the sidecar's SVID (the
 	// chain's second certificate): the control plane compares it with its
 	// current intermediate to tell who still presents a chain to an old root.
-	SvidIssuer    string `protobuf:"bytes,4,opt,name=svid_issuer,json=svidIssuer,proto3" json:"svid_issuer,omitempty"`
+	SvidIssuer string `protobuf:"bytes,4,opt,name=svid_issuer,json=svidIssuer,proto3" json:"svid_issuer,omitempty"`
+	// Endpoints the sidecar's passive outlier detection ejects now (at most
+	// 256), so that `strait explain --from` shows the sidecar's own view.
+	Ejections     []*Ejection `protobuf:"bytes,5,rep,name=ejections,proto3" json:"ejections,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -506,6 +510,76 @@ func (x *ReportHealthRequest) GetSvidIssuer() string {
 	return ""
 }
 
+func (x *ReportHealthRequest) GetEjections() []*Ejection {
+	if x != nil {
+		return x.Ejections
+	}
+	return nil
+}
+
+// Ejection is one endpoint a sidecar has ejected from an upstream.
+type Ejection struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The upstream service as the sidecar names it.
+	Service string `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	// The endpoint's instance, as in its snapshot.
+	Endpoint      string                 `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Until         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=until,proto3" json:"until,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Ejection) Reset() {
+	*x = Ejection{}
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Ejection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Ejection) ProtoMessage() {}
+
+func (x *Ejection) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Ejection.ProtoReflect.Descriptor instead.
+func (*Ejection) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Ejection) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *Ejection) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *Ejection) GetUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Until
+	}
+	return nil
+}
+
 // ReportHealthResponse acknowledges a report.
 type ReportHealthResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -516,7 +590,7 @@ type ReportHealthResponse struct {
 
 func (x *ReportHealthResponse) Reset() {
 	*x = ReportHealthResponse{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[5]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -528,7 +602,7 @@ func (x *ReportHealthResponse) String() string {
 func (*ReportHealthResponse) ProtoMessage() {}
 
 func (x *ReportHealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[5]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -541,7 +615,7 @@ func (x *ReportHealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportHealthResponse.ProtoReflect.Descriptor instead.
 func (*ReportHealthResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{5}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ReportHealthResponse) GetLease() *durationpb.Duration {
@@ -561,7 +635,7 @@ type DeregisterRequest struct {
 
 func (x *DeregisterRequest) Reset() {
 	*x = DeregisterRequest{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[6]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +647,7 @@ func (x *DeregisterRequest) String() string {
 func (*DeregisterRequest) ProtoMessage() {}
 
 func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[6]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +660,7 @@ func (x *DeregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterRequest.ProtoReflect.Descriptor instead.
 func (*DeregisterRequest) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{6}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeregisterRequest) GetInstance() string {
@@ -605,7 +679,7 @@ type DeregisterResponse struct {
 
 func (x *DeregisterResponse) Reset() {
 	*x = DeregisterResponse{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[7]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +691,7 @@ func (x *DeregisterResponse) String() string {
 func (*DeregisterResponse) ProtoMessage() {}
 
 func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[7]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +704,7 @@ func (x *DeregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeregisterResponse.ProtoReflect.Descriptor instead.
 func (*DeregisterResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{7}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{8}
 }
 
 // WatchRequest opens a node's configuration stream.
@@ -648,7 +722,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[8]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -660,7 +734,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[8]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -673,7 +747,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{8}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WatchRequest) GetNode() string {
@@ -707,7 +781,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[9]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +793,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[9]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +806,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{9}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WatchResponse) GetSnapshot() *Snapshot {
@@ -764,7 +838,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[10]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -776,7 +850,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[10]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -789,7 +863,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{10}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Snapshot) GetVersion() uint64 {
@@ -848,7 +922,7 @@ type Reissue struct {
 
 func (x *Reissue) Reset() {
 	*x = Reissue{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -860,7 +934,7 @@ func (x *Reissue) String() string {
 func (*Reissue) ProtoMessage() {}
 
 func (x *Reissue) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[11]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -873,7 +947,7 @@ func (x *Reissue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reissue.ProtoReflect.Descriptor instead.
 func (*Reissue) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{11}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Reissue) GetIssuer() string {
@@ -904,7 +978,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -916,7 +990,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[12]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -929,7 +1003,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{12}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Service) GetName() string {
@@ -995,7 +1069,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1081,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[13]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1094,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Endpoint) GetInstance() string {
@@ -1102,7 +1176,7 @@ type Tunnel struct {
 
 func (x *Tunnel) Reset() {
 	*x = Tunnel{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1188,7 @@ func (x *Tunnel) String() string {
 func (*Tunnel) ProtoMessage() {}
 
 func (x *Tunnel) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[14]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1201,7 @@ func (x *Tunnel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
 func (*Tunnel) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Tunnel) GetGatewayAddress() string {
@@ -1175,7 +1249,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1187,7 +1261,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[15]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1200,7 +1274,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TrafficPolicy) GetConnectTimeout() *durationpb.Duration {
@@ -1274,7 +1348,7 @@ type Failover struct {
 
 func (x *Failover) Reset() {
 	*x = Failover{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1360,7 @@ func (x *Failover) String() string {
 func (*Failover) ProtoMessage() {}
 
 func (x *Failover) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[16]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1373,7 @@ func (x *Failover) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Failover.ProtoReflect.Descriptor instead.
 func (*Failover) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Failover) GetPeers() []string {
@@ -1355,7 +1429,7 @@ type RetryPolicy struct {
 
 func (x *RetryPolicy) Reset() {
 	*x = RetryPolicy{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1441,7 @@ func (x *RetryPolicy) String() string {
 func (*RetryPolicy) ProtoMessage() {}
 
 func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[17]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1454,7 @@ func (x *RetryPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryPolicy.ProtoReflect.Descriptor instead.
 func (*RetryPolicy) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RetryPolicy) GetAttempts() uint32 {
@@ -1432,7 +1506,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1518,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[18]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1531,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *OutlierDetection) GetConsecutiveErrors() uint32 {
@@ -1493,7 +1567,7 @@ type ConnectionLimits struct {
 
 func (x *ConnectionLimits) Reset() {
 	*x = ConnectionLimits{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1505,7 +1579,7 @@ func (x *ConnectionLimits) String() string {
 func (*ConnectionLimits) ProtoMessage() {}
 
 func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[19]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1592,7 @@ func (x *ConnectionLimits) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionLimits.ProtoReflect.Descriptor instead.
 func (*ConnectionLimits) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ConnectionLimits) GetMaxConnections() uint32 {
@@ -1555,7 +1629,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1567,7 +1641,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[20]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1580,7 +1654,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{20}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Authorization) GetAllow() []*AuthorizationRule {
@@ -1612,7 +1686,7 @@ type AuthorizationRule struct {
 
 func (x *AuthorizationRule) Reset() {
 	*x = AuthorizationRule{}
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1698,7 @@ func (x *AuthorizationRule) String() string {
 func (*AuthorizationRule) ProtoMessage() {}
 
 func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
-	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[21]
+	mi := &file_controlplane_api_v1_discovery_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1711,7 @@ func (x *AuthorizationRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationRule.ProtoReflect.Descriptor instead.
 func (*AuthorizationRule) Descriptor() ([]byte, []int) {
-	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{21}
+	return file_controlplane_api_v1_discovery_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AuthorizationRule) GetPolicy() string {
@@ -1665,7 +1739,7 @@ var File_controlplane_api_v1_discovery_proto protoreflect.FileDescriptor
 
 const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\n" +
-	"#controlplane/api/v1/discovery.proto\x12\x16strait.controlplane.v1\x1a\"controlplane/api/v1/identity.proto\x1a\x1egoogle/protobuf/duration.proto\"6\n" +
+	"#controlplane/api/v1/discovery.proto\x12\x16strait.controlplane.v1\x1a\"controlplane/api/v1/identity.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n" +
 	"\bLocality\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12\x12\n" +
 	"\x04zone\x18\x02 \x01(\tR\x04zone\"\x89\x02\n" +
@@ -1680,13 +1754,18 @@ const file_controlplane_api_v1_discovery_proto_rawDesc = "" +
 	"\x0fRegisterRequest\x12<\n" +
 	"\binstance\x18\x01 \x01(\v2 .strait.controlplane.v1.InstanceR\binstance\"C\n" +
 	"\x10RegisterResponse\x12/\n" +
-	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"\xaf\x01\n" +
+	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"\xef\x01\n" +
 	"\x13ReportHealthRequest\x12\x1a\n" +
 	"\binstance\x18\x01 \x01(\tR\binstance\x126\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x1e.strait.controlplane.v1.HealthR\x06health\x12#\n" +
 	"\rbundle_digest\x18\x03 \x01(\tR\fbundleDigest\x12\x1f\n" +
 	"\vsvid_issuer\x18\x04 \x01(\tR\n" +
-	"svidIssuer\"G\n" +
+	"svidIssuer\x12>\n" +
+	"\tejections\x18\x05 \x03(\v2 .strait.controlplane.v1.EjectionR\tejections\"r\n" +
+	"\bEjection\x12\x18\n" +
+	"\aservice\x18\x01 \x01(\tR\aservice\x12\x1a\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x120\n" +
+	"\x05until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\"G\n" +
 	"\x14ReportHealthResponse\x12/\n" +
 	"\x05lease\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05lease\"/\n" +
 	"\x11DeregisterRequest\x12\x1a\n" +
@@ -1800,81 +1879,85 @@ func file_controlplane_api_v1_discovery_proto_rawDescGZIP() []byte {
 }
 
 var file_controlplane_api_v1_discovery_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_controlplane_api_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_controlplane_api_v1_discovery_proto_goTypes = []any{
-	(Protocol)(0),                // 0: strait.controlplane.v1.Protocol
-	(Health)(0),                  // 1: strait.controlplane.v1.Health
-	(LoadBalancer)(0),            // 2: strait.controlplane.v1.LoadBalancer
-	(*Locality)(nil),             // 3: strait.controlplane.v1.Locality
-	(*Instance)(nil),             // 4: strait.controlplane.v1.Instance
-	(*RegisterRequest)(nil),      // 5: strait.controlplane.v1.RegisterRequest
-	(*RegisterResponse)(nil),     // 6: strait.controlplane.v1.RegisterResponse
-	(*ReportHealthRequest)(nil),  // 7: strait.controlplane.v1.ReportHealthRequest
-	(*ReportHealthResponse)(nil), // 8: strait.controlplane.v1.ReportHealthResponse
-	(*DeregisterRequest)(nil),    // 9: strait.controlplane.v1.DeregisterRequest
-	(*DeregisterResponse)(nil),   // 10: strait.controlplane.v1.DeregisterResponse
-	(*WatchRequest)(nil),         // 11: strait.controlplane.v1.WatchRequest
-	(*WatchResponse)(nil),        // 12: strait.controlplane.v1.WatchResponse
-	(*Snapshot)(nil),             // 13: strait.controlplane.v1.Snapshot
-	(*Reissue)(nil),              // 14: strait.controlplane.v1.Reissue
-	(*Service)(nil),              // 15: strait.controlplane.v1.Service
-	(*Endpoint)(nil),             // 16: strait.controlplane.v1.Endpoint
-	(*Tunnel)(nil),               // 17: strait.controlplane.v1.Tunnel
-	(*TrafficPolicy)(nil),        // 18: strait.controlplane.v1.TrafficPolicy
-	(*Failover)(nil),             // 19: strait.controlplane.v1.Failover
-	(*RetryPolicy)(nil),          // 20: strait.controlplane.v1.RetryPolicy
-	(*OutlierDetection)(nil),     // 21: strait.controlplane.v1.OutlierDetection
-	(*ConnectionLimits)(nil),     // 22: strait.controlplane.v1.ConnectionLimits
-	(*Authorization)(nil),        // 23: strait.controlplane.v1.Authorization
-	(*AuthorizationRule)(nil),    // 24: strait.controlplane.v1.AuthorizationRule
-	(*durationpb.Duration)(nil),  // 25: google.protobuf.Duration
-	(*TrustBundle)(nil),          // 26: strait.controlplane.v1.TrustBundle
+	(Protocol)(0),                 // 0: strait.controlplane.v1.Protocol
+	(Health)(0),                   // 1: strait.controlplane.v1.Health
+	(LoadBalancer)(0),             // 2: strait.controlplane.v1.LoadBalancer
+	(*Locality)(nil),              // 3: strait.controlplane.v1.Locality
+	(*Instance)(nil),              // 4: strait.controlplane.v1.Instance
+	(*RegisterRequest)(nil),       // 5: strait.controlplane.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 6: strait.controlplane.v1.RegisterResponse
+	(*ReportHealthRequest)(nil),   // 7: strait.controlplane.v1.ReportHealthRequest
+	(*Ejection)(nil),              // 8: strait.controlplane.v1.Ejection
+	(*ReportHealthResponse)(nil),  // 9: strait.controlplane.v1.ReportHealthResponse
+	(*DeregisterRequest)(nil),     // 10: strait.controlplane.v1.DeregisterRequest
+	(*DeregisterResponse)(nil),    // 11: strait.controlplane.v1.DeregisterResponse
+	(*WatchRequest)(nil),          // 12: strait.controlplane.v1.WatchRequest
+	(*WatchResponse)(nil),         // 13: strait.controlplane.v1.WatchResponse
+	(*Snapshot)(nil),              // 14: strait.controlplane.v1.Snapshot
+	(*Reissue)(nil),               // 15: strait.controlplane.v1.Reissue
+	(*Service)(nil),               // 16: strait.controlplane.v1.Service
+	(*Endpoint)(nil),              // 17: strait.controlplane.v1.Endpoint
+	(*Tunnel)(nil),                // 18: strait.controlplane.v1.Tunnel
+	(*TrafficPolicy)(nil),         // 19: strait.controlplane.v1.TrafficPolicy
+	(*Failover)(nil),              // 20: strait.controlplane.v1.Failover
+	(*RetryPolicy)(nil),           // 21: strait.controlplane.v1.RetryPolicy
+	(*OutlierDetection)(nil),      // 22: strait.controlplane.v1.OutlierDetection
+	(*ConnectionLimits)(nil),      // 23: strait.controlplane.v1.ConnectionLimits
+	(*Authorization)(nil),         // 24: strait.controlplane.v1.Authorization
+	(*AuthorizationRule)(nil),     // 25: strait.controlplane.v1.AuthorizationRule
+	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
+	(*TrustBundle)(nil),           // 28: strait.controlplane.v1.TrustBundle
 }
 var file_controlplane_api_v1_discovery_proto_depIdxs = []int32{
 	0,  // 0: strait.controlplane.v1.Instance.protocol:type_name -> strait.controlplane.v1.Protocol
 	3,  // 1: strait.controlplane.v1.Instance.locality:type_name -> strait.controlplane.v1.Locality
 	4,  // 2: strait.controlplane.v1.RegisterRequest.instance:type_name -> strait.controlplane.v1.Instance
-	25, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
+	26, // 3: strait.controlplane.v1.RegisterResponse.lease:type_name -> google.protobuf.Duration
 	1,  // 4: strait.controlplane.v1.ReportHealthRequest.health:type_name -> strait.controlplane.v1.Health
-	25, // 5: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
-	13, // 6: strait.controlplane.v1.WatchResponse.snapshot:type_name -> strait.controlplane.v1.Snapshot
-	15, // 7: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
-	23, // 8: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
-	26, // 9: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
-	14, // 10: strait.controlplane.v1.Snapshot.reissue:type_name -> strait.controlplane.v1.Reissue
-	25, // 11: strait.controlplane.v1.Reissue.window:type_name -> google.protobuf.Duration
-	0,  // 12: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
-	16, // 13: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
-	18, // 14: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
-	1,  // 15: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
-	3,  // 16: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
-	17, // 17: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
-	25, // 18: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	25, // 19: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
-	20, // 20: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
-	2,  // 21: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
-	21, // 22: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
-	22, // 23: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
-	19, // 24: strait.controlplane.v1.TrafficPolicy.failover:type_name -> strait.controlplane.v1.Failover
-	25, // 25: strait.controlplane.v1.Failover.slow_start:type_name -> google.protobuf.Duration
-	25, // 26: strait.controlplane.v1.Failover.staleness:type_name -> google.protobuf.Duration
-	25, // 27: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
-	25, // 28: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	24, // 29: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
-	24, // 30: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
-	5,  // 31: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
-	7,  // 32: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
-	9,  // 33: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
-	11, // 34: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
-	6,  // 35: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
-	8,  // 36: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
-	10, // 37: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
-	12, // 38: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
-	35, // [35:39] is the sub-list for method output_type
-	31, // [31:35] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	8,  // 5: strait.controlplane.v1.ReportHealthRequest.ejections:type_name -> strait.controlplane.v1.Ejection
+	27, // 6: strait.controlplane.v1.Ejection.until:type_name -> google.protobuf.Timestamp
+	26, // 7: strait.controlplane.v1.ReportHealthResponse.lease:type_name -> google.protobuf.Duration
+	14, // 8: strait.controlplane.v1.WatchResponse.snapshot:type_name -> strait.controlplane.v1.Snapshot
+	16, // 9: strait.controlplane.v1.Snapshot.services:type_name -> strait.controlplane.v1.Service
+	24, // 10: strait.controlplane.v1.Snapshot.authorization:type_name -> strait.controlplane.v1.Authorization
+	28, // 11: strait.controlplane.v1.Snapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	15, // 12: strait.controlplane.v1.Snapshot.reissue:type_name -> strait.controlplane.v1.Reissue
+	26, // 13: strait.controlplane.v1.Reissue.window:type_name -> google.protobuf.Duration
+	0,  // 14: strait.controlplane.v1.Service.protocol:type_name -> strait.controlplane.v1.Protocol
+	17, // 15: strait.controlplane.v1.Service.endpoints:type_name -> strait.controlplane.v1.Endpoint
+	19, // 16: strait.controlplane.v1.Service.policy:type_name -> strait.controlplane.v1.TrafficPolicy
+	1,  // 17: strait.controlplane.v1.Endpoint.health:type_name -> strait.controlplane.v1.Health
+	3,  // 18: strait.controlplane.v1.Endpoint.locality:type_name -> strait.controlplane.v1.Locality
+	18, // 19: strait.controlplane.v1.Endpoint.tunnel:type_name -> strait.controlplane.v1.Tunnel
+	26, // 20: strait.controlplane.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	26, // 21: strait.controlplane.v1.TrafficPolicy.request_timeout:type_name -> google.protobuf.Duration
+	21, // 22: strait.controlplane.v1.TrafficPolicy.retries:type_name -> strait.controlplane.v1.RetryPolicy
+	2,  // 23: strait.controlplane.v1.TrafficPolicy.load_balancer:type_name -> strait.controlplane.v1.LoadBalancer
+	22, // 24: strait.controlplane.v1.TrafficPolicy.outlier_detection:type_name -> strait.controlplane.v1.OutlierDetection
+	23, // 25: strait.controlplane.v1.TrafficPolicy.connection_limits:type_name -> strait.controlplane.v1.ConnectionLimits
+	20, // 26: strait.controlplane.v1.TrafficPolicy.failover:type_name -> strait.controlplane.v1.Failover
+	26, // 27: strait.controlplane.v1.Failover.slow_start:type_name -> google.protobuf.Duration
+	26, // 28: strait.controlplane.v1.Failover.staleness:type_name -> google.protobuf.Duration
+	26, // 29: strait.controlplane.v1.RetryPolicy.per_try_timeout:type_name -> google.protobuf.Duration
+	26, // 30: strait.controlplane.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	25, // 31: strait.controlplane.v1.Authorization.allow:type_name -> strait.controlplane.v1.AuthorizationRule
+	25, // 32: strait.controlplane.v1.Authorization.deny:type_name -> strait.controlplane.v1.AuthorizationRule
+	5,  // 33: strait.controlplane.v1.DiscoveryService.Register:input_type -> strait.controlplane.v1.RegisterRequest
+	7,  // 34: strait.controlplane.v1.DiscoveryService.ReportHealth:input_type -> strait.controlplane.v1.ReportHealthRequest
+	10, // 35: strait.controlplane.v1.DiscoveryService.Deregister:input_type -> strait.controlplane.v1.DeregisterRequest
+	12, // 36: strait.controlplane.v1.DiscoveryService.Watch:input_type -> strait.controlplane.v1.WatchRequest
+	6,  // 37: strait.controlplane.v1.DiscoveryService.Register:output_type -> strait.controlplane.v1.RegisterResponse
+	9,  // 38: strait.controlplane.v1.DiscoveryService.ReportHealth:output_type -> strait.controlplane.v1.ReportHealthResponse
+	11, // 39: strait.controlplane.v1.DiscoveryService.Deregister:output_type -> strait.controlplane.v1.DeregisterResponse
+	13, // 40: strait.controlplane.v1.DiscoveryService.Watch:output_type -> strait.controlplane.v1.WatchResponse
+	37, // [37:41] is the sub-list for method output_type
+	33, // [33:37] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_controlplane_api_v1_discovery_proto_init() }
@@ -1889,7 +1972,7 @@ func file_controlplane_api_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_discovery_proto_rawDesc), len(file_controlplane_api_v1_discovery_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
