@@ -373,15 +373,24 @@ func (s *Server) autoLoop(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		a, err := s.cfg.Store.GetAutoRotation()
-		if err != nil || !a.Running {
-			continue
-		}
-		next := s.autoStep(ctx, a)
-		if !autoEqual(a, next) {
-			if err := s.cfg.Store.PutAutoRotation(next); err != nil {
-				s.log.Error("saving the automatic rotation's progress failed", "err", err)
-			}
+		s.autoOnce(ctx)
+	}
+}
+
+// autoOnce advances the automatic rotation, if one is running, by at most
+// one step. A cancel waits for the step in progress: it is never
+// overwritten by the record read before it.
+func (s *Server) autoOnce(ctx context.Context) {
+	s.autoMu.Lock()
+	defer s.autoMu.Unlock()
+	a, err := s.cfg.Store.GetAutoRotation()
+	if err != nil || !a.Running {
+		return
+	}
+	next := s.autoStep(ctx, a)
+	if !autoEqual(a, next) {
+		if err := s.cfg.Store.PutAutoRotation(next); err != nil {
+			s.log.Error("saving the automatic rotation's progress failed", "err", err)
 		}
 	}
 }
@@ -482,6 +491,8 @@ func (r rotationServer) AutoRotate(ctx context.Context, req *controlplanev1.Auto
 	if s.cfg.RootCA == nil {
 		return nil, fmt.Errorf("%w: cluster %s is not the root authority; run the rotation against the root authority's control plane", ErrFailedPrecondition, s.cfg.Cluster)
 	}
+	s.autoMu.Lock()
+	defer s.autoMu.Unlock()
 	a, err := s.cfg.Store.GetAutoRotation()
 	if err != nil {
 		return nil, err

@@ -102,6 +102,9 @@ type Server struct {
 	logged map[string]string
 	// started is when Run began (see federationWarmLocked).
 	started time.Time
+	// autoMu serializes changes to the automatic rotation's record: the
+	// loop's step (read, step, write) and AutoRotate's start and cancel.
+	autoMu sync.Mutex
 }
 
 type metrics struct {

@@ -1,0 +1,104 @@
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"sync"
+	"testing"
+	"time"
+
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/store"
+)
+
+// blockingCA is a RootCA whose Activate waits until release is closed.
+type blockingCA struct {
+	mu        sync.Mutex
+	roots     []RootInfo
+	activated chan struct{} // closed when Activate starts
+	release   chan struct{}
+	retired   bool
+}
+
+func (c *blockingCA) Roots() []RootInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]RootInfo(nil), c.roots...)
+}
+
+func (c *blockingCA) Prepare(context.Context, time.Duration) error { return nil }
+
+func (c *blockingCA) Activate(context.Context) error {
+	close(c.activated)
+	<-c.release
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.roots = []RootInfo{{ID: "r1", State: "old", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "active", InBundle: true, Fingerprint: "sha256:r2"}}
+	return nil
+}
+
+func (c *blockingCA) Retire(context.Context, bool, bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.retired = true
+	return nil
+}
+
+func (c *blockingCA) Taint(context.Context, string) error         { return nil }
+func (c *blockingCA) Revoke(context.Context, string) error        { return nil }
+func (c *blockingCA) Intermediates() map[string]*x509.Certificate { return nil }
+
+// Cancelling an automatic rotation while the loop is taking a step must
+// stick: the loop must not write back the record it read before the
+// cancel (Running, with the step it took), which would carry the rotation
+// on behind the operator's back.
+func TestAutoRotateCancelDuringStep(t *testing.T) {
+	e := newTestEnv(t)
+	rca := &blockingCA{
+		roots:     []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: "sha256:r2"}},
+		activated: make(chan struct{}),
+		release:   make(chan struct{}),
+	}
+	e.srv.cfg.RootCA = rca
+	if err := e.srv.rebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.PutAutoRotation(store.AutoRotation{Running: true, Started: time.Now(), Steps: []store.RotationStep{{Step: stepPrepare, Taken: time.Now()}}}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	loopDone := make(chan struct{})
+	go func() { defer close(loopDone); e.srv.autoLoop(ctx) }()
+	defer func() { cancel(); <-loopDone }()
+
+	select {
+	case <-rca.activated:
+	case <-time.After(5 * time.Second):
+		close(rca.release)
+		t.Fatal("the automatic rotation did not take activate")
+	}
+	cancelled := make(chan error, 1)
+	go func() {
+		_, err := rotationServer{s: e.srv}.AutoRotate(context.Background(), &controlplanev1.AutoRotateRequest{Cancel: true})
+		cancelled <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the cancel is in (or waiting for the step)
+	close(rca.release)
+	if err := <-cancelled; err != nil {
+		t.Fatalf("cancel: %v", err)
+	}
+	time.Sleep(time.Second) // several ticks of the loop
+	a, err := e.store.GetAutoRotation()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Running {
+		t.Fatalf("the automatic rotation runs on after it was cancelled: %+v", a)
+	}
+	rca.mu.Lock()
+	defer rca.mu.Unlock()
+	if rca.retired {
+		t.Fatal("the cancelled automatic rotation retired the old root")
+	}
+}
