@@ -74,7 +74,7 @@ generate-check: generate ## Fail if checked-in generated code is not current
 	  git status --short -- $(GENERATED); echo "generated code is stale: run make generate and commit"; exit 1; fi
 
 .PHONY: bench
-bench: ## Benchmarks, reported as ratios against a baseline measured in the same run
+bench: ## Benchmarks, reported as ratios against a baseline measured in the same run; failover and rotation times as measured
 	STRAIT_BENCH=1 $(GO) test -count=1 -run '^TestReport' -v ./ca/ ./e2e/ ./cmd/strait/ | grep -E 'report:|^(ok|FAIL|---)|_test\.go:[0-9]+:'
 
 .PHONY: fuzz

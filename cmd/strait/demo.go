@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 )
 
 func newDemoCmd(g *globals) *cobra.Command {
@@ -28,8 +30,13 @@ sidecars): calls through the mesh, an AuthorizationPolicy denying and
 re-allowing, metrics. Then three clusters (east, west, and south installed
 without an intermediate) linked with join tokens, a payments service running
 in west only exported with a ServiceExport and called from east and south,
-federation status, a replayed token refused, and a clean shutdown.
-Exits non-zero if any step does not go as expected. Nothing outside --dir
+federation status, a replayed token refused. Then failover: east's backends
+SIGKILLed under steady load from east's frontend, west answering, and the
+failback when backend starts again in east; and a root rotation across the
+three clusters under load (strait ca rotate --auto), with the timings and
+error counts measured. Then a clean shutdown.
+Exits non-zero if any step does not go as expected or any request of the
+load fails. Nothing outside --dir
 (default: a temporary directory) is touched; processes are loopback-only.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -138,7 +145,9 @@ Demo complete: mesh root, intermediate and SVIDs verified, a foreign SVID refuse
 mTLS between sidecars, policy allowed and denied callers, and the metrics saw every call; three clusters
 linked with one-time join tokens (south receiving its intermediate through its join), payments ran in
 west only and answered east's and south's frontends through the gateways, seeing each caller's own
-SPIFFE ID; a replayed token was refused, and everything stopped.
+SPIFFE ID; a replayed token was refused; east's backends were killed under load and west answered, then
+east took its traffic back, and the mesh root rotated across the three clusters under load, with no
+failed request; and everything stopped.
 `)
 	return nil
 }
@@ -287,7 +296,7 @@ func (d *demo) federation(dir string) (err error) {
 		return err
 	}
 	defer func() {
-		d.section("21. Stop everything")
+		d.section("24. Stop everything")
 		// Whatever dev.json records must be gone after dev down.
 		var pids []int
 		if df, rerr := readDevFile(dir); rerr == nil {
@@ -385,7 +394,10 @@ func (d *demo) federation(dir string) (err error) {
 	if !strings.Contains(stderr, "already used") {
 		return fmt.Errorf("demo: the replayed token was refused, but not as already used: %s", strings.TrimSpace(stderr))
 	}
-	return nil
+	if err := d.failover(dir, cfg, withProxy); err != nil {
+		return err
+	}
+	return d.rotation(dir, cfg)
 }
 
 // crossCluster calls url until it is answered by cluster (the import
@@ -447,4 +459,260 @@ func (d *demo) allExited(dir string, pids []int) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// demoSlowStart is the failback ramp the demo's TrafficPolicy sets for
+// backend (the default, 10s, is long for a demo).
+const demoSlowStart = 3 * time.Second
+
+// devFrontend is cluster's frontend-0 in dir's dev.json.
+func devFrontend(dir, cluster string) (devWorkload, error) {
+	df, err := readDevFile(dir)
+	if err != nil {
+		return devWorkload{}, err
+	}
+	for _, c := range df.Clusters {
+		for _, w := range c.Workloads {
+			if c.Name == cluster && w.Service == "frontend" {
+				return w, nil
+			}
+		}
+	}
+	return devWorkload{}, fmt.Errorf("demo: no frontend in cluster %s", cluster)
+}
+
+// showApply writes doc to file, shows it, and applies it in context.
+func (d *demo) showApply(cfg, context, file, doc string) error {
+	if err := os.WriteFile(file, []byte(doc), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.g.stdout, "\n$ cat %s\n%s", file, indent([]byte(doc)))
+	return d.step(true, "apply", "--config", cfg, "--context", context, "-f", file)
+}
+
+// failover kills east's backends while east's frontend calls backend
+// under steady load: west, which exports backend, answers. Then backend
+// starts again in east and the traffic returns, ramped by the slow start.
+// Every client request must succeed.
+func (d *demo) failover(dir, cfg string, withProxy func(...string) []string) (err error) {
+	out := d.g.stdout
+	d.section("21. Failover: east's backends are killed under steady load from east's frontend; west, which exports backend, answers")
+	if err := d.showApply(cfg, "west", filepath.Join(dir, "backend-export.yaml"),
+		"apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: backend, namespace: default}\n"); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "\n  and in east, a TrafficPolicy for backend with a short failback ramp (the default slow start is 10s):\n")
+	if err := d.showApply(cfg, "east", filepath.Join(dir, "backend-policy.yaml"),
+		"apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend, namespace: default}\nspec:\n  service: backend\n  failover: {slowStart: "+demoSlowStart.String()+"}\n"); err != nil {
+		return err
+	}
+	fe, err := devFrontend(dir, "east")
+	if err != nil {
+		return err
+	}
+	// east's frontend's sidecar holds both of east's backends and west's.
+	var healthy map[string]int
+	if !pollUntil(15*time.Second, func() bool {
+		healthy, err = upstreamHealthy(fe.Admin, "backend")
+		return err == nil && healthy["east"] >= 2 && healthy["west"] >= 1
+	}) {
+		return fmt.Errorf("demo: east's frontend never held east's 2 and west's backends healthy (healthy by cluster: %v, %v)", healthy, err)
+	}
+	if err := d.step(true, "explain", "backend", "--config", cfg, "--context", "east"); err != nil {
+		return err
+	}
+
+	url := "http://" + fe.Upstreams["backend"] + "/"
+	fmt.Fprintf(out, "\n  load: 4 clients call %s (east's frontend's sidecar, upstream backend), each every 2ms\n", url)
+	l, err := startLoad([]loadTarget{{"backend", url}}, loadOptions{clients: 4, pause: 2 * time.Millisecond, limit: time.Minute, perClient: 30000})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if serr := l.stopLoad(); err == nil {
+			err = serr
+		}
+	}()
+	time.Sleep(time.Second)
+	killed, err := killInstances(dir, "east", "backend")
+	if err != nil {
+		return err
+	}
+	killedAt := time.Now()
+	for _, w := range killed {
+		fmt.Fprintf(out, "\n$ kill -KILL %d %d   # %s in east: its sidecar and its app (pids from dev.json)\n", w.PID, w.AppPID, w.Instance)
+	}
+	if !pollUntil(5*time.Second, func() bool { return !l.first("west", killedAt).IsZero() }) {
+		c := l.count("", killedAt, time.Time{})
+		return fmt.Errorf("demo: west did not answer within 5s of the kill (%d answered, %d failed since: %v)", c.ok, c.failed, c.errs)
+	}
+	time.Sleep(time.Second)
+	now := time.Now()
+	lastEast, firstWest := l.last("east", now), l.first("west", killedAt)
+	c := l.count("", time.Time{}, now)
+	fmt.Fprintf(out, "\n  failover: last answer from east -> first answer from west: %s (the first from west came %s after the kill)\n",
+		roundDuration(firstWest.Sub(lastEast)), roundDuration(firstWest.Sub(killedAt)))
+	fmt.Fprintf(out, "  requests so far: %d answered (east %d, west %d), %d failed\n", c.ok, c.byCluster["east"], c.byCluster["west"], c.failed)
+	if c.failed > 0 {
+		return fmt.Errorf("demo: %d client requests failed during the failover: %v", c.failed, c.errs)
+	}
+	// explain shows the control plane's view: it sees the killed instances
+	// unhealthy once they miss their health reports.
+	explain := []string{"explain", "backend", "--config", cfg, "--context", "east"}
+	var seen string
+	if !pollUntil(30*time.Second, func() bool {
+		time.Sleep(200 * time.Millisecond) // a new connection each time: not too often
+		var b bytes.Buffer
+		code := run(d.cmd.Context(), explain, &b, io.Discard)
+		seen = b.String()
+		return code == 0 && strings.Contains(seen, "goes to west")
+	}) {
+		return fmt.Errorf("demo: east's control plane still did not send backend's traffic to west 30s after the kill:\n%s", seen)
+	}
+	fmt.Fprintf(out, "  east's control plane saw them gone %s after the kill, when they missed their health reports; the sidecars had not waited\n",
+		roundDuration(time.Since(killedAt)))
+	if err := d.step(true, explain...); err != nil {
+		return err
+	}
+
+	d.section("22. Failback: backend starts again in east; traffic returns to east, ramped up over the slow start")
+	if err := d.step(true, withProxy("dev", "run", "backend", "--dir", dir, "--cluster", "east")...); err != nil {
+		return err
+	}
+	back := time.Now()
+	if !pollUntil(10*time.Second, func() bool { return !l.first("east", back).IsZero() }) {
+		return fmt.Errorf("demo: east did not answer within 10s of its backend's return")
+	}
+	firstEast := l.first("east", back)
+	// The ramp, then a second at full share.
+	end := back.Add(demoSlowStart + 1500*time.Millisecond)
+	time.Sleep(time.Until(end))
+	var shares []string
+	for t := back; t.Add(time.Second).Compare(end) <= 0; t = t.Add(time.Second) {
+		pct, _ := l.share("east", t, t.Add(time.Second))
+		shares = append(shares, fmt.Sprintf("%.0f%%", pct))
+	}
+	lastPct, lastN := l.share("east", end.Add(-time.Second), end)
+	fmt.Fprintf(out, "\n  failback: the first answer from east came %s after `dev run` returned\n", roundDuration(firstEast.Sub(back)))
+	fmt.Fprintf(out, "  east's share of the answers, second by second since: %s; in the last second %.0f%% (of %d)\n", strings.Join(shares, ", "), lastPct, lastN)
+	if err := d.step(true, "explain", "backend", "--config", cfg, "--context", "east"); err != nil {
+		return err
+	}
+	if err := l.stopLoad(); err != nil {
+		return err
+	}
+	c = l.count("", time.Time{}, time.Time{})
+	fmt.Fprintf(out, "\n  the whole act, failover and failback: %d requests, %d answered by east and %d by west; %d failed\n",
+		c.ok+c.failed, c.byCluster["east"], c.byCluster["west"], c.failed)
+	if c.failed > 0 {
+		return fmt.Errorf("demo: %d client requests failed: %v", c.failed, c.errs)
+	}
+	return nil
+}
+
+// rotation rotates the mesh root across the three clusters while east's
+// frontend calls payments (answered in west) and backend. No request may
+// fail, and no process restarts.
+func (d *demo) rotation(dir, cfg string) (err error) {
+	out := d.g.stdout
+	ctx := d.cmd.Context()
+	d.section("23. The mesh root rotates under load: prepare, activate, retire across east, west and south, no restart")
+	before, err := rotationStatus(ctx, cfg, "east")
+	if err != nil {
+		return fmt.Errorf("demo: rotation status: %w", err)
+	}
+	oldRoot := activeRoot(before)
+	df, err := readDevFile(dir)
+	if err != nil {
+		return err
+	}
+	var running []int
+	for _, p := range df.pids() {
+		if alive(p) {
+			running = append(running, p)
+		}
+	}
+	fe, err := devFrontend(dir, "east")
+	if err != nil {
+		return err
+	}
+	targets := []loadTarget{{"payments", "http://" + fe.Upstreams["payments"] + "/"}, {"backend", "http://" + fe.Upstreams["backend"] + "/"}}
+	fmt.Fprintf(out, "\n  load: east's frontend calls payments (%s, answered in west) and backend (%s), 2 clients each, each every 2ms\n", targets[0].url, targets[1].url)
+	l, err := startLoad(targets, loadOptions{clients: 2, pause: 2 * time.Millisecond, limit: 90 * time.Second, perClient: 45000})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if serr := l.stopLoad(); err == nil {
+			err = serr
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	// --wait=false: the demo follows the rotation itself (RotationStatus
+	// over a new connection each time), and prints each step as every
+	// cluster acknowledges it.
+	if err := d.step(true, "ca", "rotate", "--auto", "--wait=false", "--config", cfg, "--context", "east"); err != nil {
+		return err
+	}
+	acked := map[string]bool{}
+	st, err := waitAutoRotation(ctx, cfg, "east", time.Minute, func(st *controlplanev1.RotationStatusResponse) {
+		for _, s := range st.GetAuto().GetSteps() {
+			if s.GetAcknowledged() != nil && s.GetTaken() != nil && !acked[s.GetStep()] {
+				acked[s.GetStep()] = true
+				fmt.Fprintf(out, "  %s: acknowledged by every sidecar and gateway of %s in %s\n", s.GetStep(), clusterList(st),
+					roundDuration(s.GetAcknowledged().AsTime().Sub(s.GetTaken().AsTime())))
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	time.Sleep(500 * time.Millisecond) // traffic after the last step
+	if err := l.stopLoad(); err != nil {
+		return err
+	}
+	if err := d.step(true, "ca", "rotate", "status", "--config", cfg, "--context", "east"); err != nil {
+		return err
+	}
+	steps, total, err := rotationTimings(st.GetAuto())
+	if err != nil {
+		return fmt.Errorf("demo: rotation timings: %w", err)
+	}
+	fmt.Fprintf(out, "\n  each step, from taken to acknowledged by every sidecar and gateway of every cluster:\n")
+	for _, s := range steps {
+		fmt.Fprintf(out, "    %-9s %s\n", s.step, roundDuration(s.took))
+	}
+	fmt.Fprintf(out, "    %-9s %s (first step taken -> last acknowledged)\n", "total", roundDuration(total))
+	pay, be := l.count("payments", time.Time{}, time.Time{}), l.count("backend", time.Time{}, time.Time{})
+	all := l.count("", time.Time{}, time.Time{})
+	fmt.Fprintf(out, "  requests during the rotation: %d (payments %d, answered by west %d; backend %d), %d failed\n",
+		all.ok+all.failed, pay.ok+pay.failed, pay.byCluster["west"], be.ok+be.failed, all.failed)
+	var restarted []int
+	for _, p := range running {
+		if !alive(p) {
+			restarted = append(restarted, p)
+		}
+	}
+	fmt.Fprintf(out, "  the root: %s before, %s now; of the %d processes running before, %d still run (no restart)\n", oldRoot, activeRoot(st), len(running), len(running)-len(restarted))
+	switch {
+	case all.failed > 0:
+		return fmt.Errorf("demo: %d client requests failed during the rotation: %v", all.failed, all.errs)
+	case pay.byCluster["west"] == 0 || be.ok == 0:
+		return fmt.Errorf("demo: the load was not answered as expected: payments by %v, backend by %v", pay.byCluster, be.byCluster)
+	case activeRoot(st) == oldRoot:
+		return fmt.Errorf("demo: the active root is still %s after the rotation", oldRoot)
+	case len(restarted) > 0:
+		return fmt.Errorf("demo: processes gone during the rotation: %v", restarted)
+	}
+	return nil
+}
+
+// activeRoot is the ID of the active root in st ("-" if none).
+func activeRoot(st *controlplanev1.RotationStatusResponse) string {
+	for _, r := range st.GetRoots() {
+		if r.GetState() == "active" {
+			return r.GetId()
+		}
+	}
+	return "-"
 }

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"net/http"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -16,6 +14,39 @@ type failoverRun struct {
 	killed, lastLocal, firstRemote time.Time
 	ok, failed                     int
 	errs                           []string
+}
+
+// exportService applies a ServiceExport of service in cluster.
+func exportService(t *testing.T, dir, config, cluster, service string) {
+	t.Helper()
+	export := filepath.Join(dir, service+"-export.yaml")
+	doc := "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: " + service + ", namespace: default}\n"
+	if err := os.WriteFile(export, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustCLI(t, "apply", "--config", config, "--context", cluster, "-f", export)
+}
+
+// waitHealthy waits until the sidecar behind admin holds at least want[c]
+// healthy endpoints of upstream in each cluster c.
+func waitHealthy(t *testing.T, admin, upstream string, want map[string]int) {
+	t.Helper()
+	var got map[string]int
+	var err error
+	ok := pollUntil(15*time.Second, func() bool {
+		if got, err = upstreamHealthy(admin, upstream); err != nil {
+			return false
+		}
+		for c, n := range want {
+			if got[c] < n {
+				return false
+			}
+		}
+		return true
+	})
+	if !ok {
+		t.Fatalf("%s: healthy endpoints of %s by cluster %v (%v), want at least %v", admin, upstream, got, err, want)
+	}
 }
 
 // crashFailover starts east and west linked (west exports backend), puts
@@ -30,68 +61,31 @@ func crashFailover(t *testing.T) failoverRun {
 	if err != nil {
 		t.Fatal(err)
 	}
-	export := filepath.Join(dir, "export.yaml")
-	os.WriteFile(export, []byte("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: backend, namespace: default}\n"), 0o644)
-	mustCLI(t, "apply", "--config", df.Config, "--context", "west", "-f", export)
-	url := "http://" + df.Clusters[0].Workloads[0].Upstreams["backend"] + "/"
-	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(mustCLI(t, "explain", "backend", "--config", df.Config, "--context", "east"), "west") {
-		if time.Now().After(deadline) {
-			t.Fatal("east never saw west's backend")
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	time.Sleep(time.Second) // the frontend's snapshot follows the control plane's view
+	exportService(t, dir, df.Config, "west", "backend")
+	fe := df.Clusters[0].Workloads[0]
+	// The frontend's sidecar holds east's two backends and west's.
+	waitHealthy(t, fe.Admin, "backend", map[string]int{"east": 2, "west": 1})
 
-	var mu sync.Mutex
-	var r failoverRun
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Go(func() {
-			for i := 0; i < 100000; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				code, reply, err := getEcho(url)
-				now := time.Now()
-				mu.Lock()
-				switch {
-				case err != nil || code != http.StatusOK:
-					r.failed++
-					if len(r.errs) < 5 {
-						r.errs = append(r.errs, http.StatusText(code)+" "+errString(err))
-					}
-				default:
-					r.ok++
-					if reply.Cluster == "east" && now.After(r.lastLocal) {
-						r.lastLocal = now
-					}
-					if reply.Cluster == "west" && r.firstRemote.IsZero() {
-						r.firstRemote = now
-					}
-				}
-				mu.Unlock()
-				time.Sleep(2 * time.Millisecond)
-			}
-		})
+	l, err := startLoad([]loadTarget{{"backend", "http://" + fe.Upstreams["backend"] + "/"}},
+		loadOptions{clients: 4, pause: 2 * time.Millisecond, limit: 30 * time.Second, perClient: 15000})
+	if err != nil {
+		t.Fatal(err)
 	}
+	defer l.stopLoad()
 	time.Sleep(time.Second)
-	mu.Lock()
-	r.killed = time.Now()
-	mu.Unlock()
-	for _, w := range df.Clusters[0].Workloads {
-		if w.Service == "backend" {
-			syscall.Kill(w.PID, syscall.SIGKILL)
-			syscall.Kill(w.AppPID, syscall.SIGKILL)
-		}
+	if _, err := killInstances(dir, "east", "backend"); err != nil {
+		t.Fatal(err)
 	}
+	killed := time.Now()
 	time.Sleep(3 * time.Second)
-	close(stop)
-	wg.Wait()
-	return r
+	if err := l.stopLoad(); err != nil {
+		t.Fatal(err)
+	}
+	c := l.count("", time.Time{}, time.Time{})
+	return failoverRun{
+		killed: killed, lastLocal: l.last("east", time.Now()), firstRemote: l.first("west", time.Time{}),
+		ok: c.ok, failed: c.failed, errs: c.errs,
+	}
 }
 
 // TestCrashFailover: when east's backends crash under load, west (which
@@ -129,9 +123,64 @@ func TestReportFailover(t *testing.T) {
 		gap, r.firstRemote.Sub(r.killed).Round(100*time.Microsecond), r.ok, r.failed, r.errs)
 }
 
-func errString(err error) string {
-	if err == nil {
-		return ""
+// TestReportRotation is make bench's rotation figure: how long each step
+// of `strait ca rotate --auto` takes, from taken to acknowledged by every
+// sidecar and gateway of three linked clusters, while east's frontend
+// calls payments in west under steady load, and the failed requests.
+func TestReportRotation(t *testing.T) {
+	if os.Getenv("STRAIT_BENCH") != "1" {
+		t.Skip("set STRAIT_BENCH=1 (make bench)")
 	}
-	return err.Error()
+	dir := t.TempDir()
+	bin := buildProxy(t)
+	t.Cleanup(func() { cli(t, "dev", "down", "--dir", dir) })
+	mustCLI(t, "dev", "up", "--dir", dir, "--clusters", "east,west,south", "--link", "--proxy-bin", bin)
+	mustCLI(t, "dev", "run", "payments", "--dir", dir, "--cluster", "west", "--proxy-bin", bin)
+	df, err := readDevFile(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exportService(t, dir, df.Config, "west", "payments")
+	fe := df.Clusters[0].Workloads[0]
+	waitHealthy(t, fe.Admin, "payments", map[string]int{"west": 1})
+	// Every cluster reported; prepare may be taken.
+	if !pollUntil(30*time.Second, func() bool {
+		st, err := rotationStatus(t.Context(), df.Config, "east")
+		return err == nil && st.GetReady() && strings.HasPrefix(st.GetNext(), "prepare") && len(st.GetClusters()) == 3
+	}) {
+		t.Fatal("the root authority never said prepare may be taken with 3 clusters reporting")
+	}
+
+	l, err := startLoad([]loadTarget{{"payments", "http://" + fe.Upstreams["payments"] + "/"}},
+		loadOptions{clients: 4, pause: 2 * time.Millisecond, limit: 2 * time.Minute, perClient: 60000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.stopLoad()
+	time.Sleep(time.Second)
+	// --wait=false, then RotationStatus over a new connection each time:
+	// the CLI's own follow keeps one connection, opened with the admin
+	// credentials of the old root, which the control plane refuses once
+	// that root is retired.
+	rotate := []string{"ca", "rotate", "--auto", "--wait=false", "--config", df.Config, "--context", "east"}
+	mustCLI(t, rotate...)
+	st, err := waitAutoRotation(t.Context(), df.Config, "east", time.Minute, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // traffic after the last step
+	if err := l.stopLoad(); err != nil {
+		t.Fatal(err)
+	}
+	steps, total, err := rotationTimings(st.GetAuto())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var parts []string
+	for _, s := range steps {
+		parts = append(parts, fmt.Sprintf("%s %s", s.step, s.took.Round(time.Millisecond)))
+	}
+	c := l.count("", time.Time{}, time.Time{})
+	t.Logf("report: rotation (`strait %s`, then RotationStatus until done; 3 linked clusters, dev harness processes on loopback, 4 clients on east's frontend -> payments in west): per step, taken -> acknowledged by every sidecar and gateway: %s; total %s; %d requests ok (%d answered by west), %d failed %v",
+		strings.Join(rotate[:4], " ")+" --config DIR/strait.config --context east", strings.Join(parts, ", "), total.Round(time.Millisecond), c.ok, c.byCluster["west"], c.failed, c.errs)
 }
