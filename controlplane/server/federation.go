@@ -89,6 +89,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 	}
 	slices.Sort(names)
 	var at time.Time
+	rotationHeard := map[string]time.Time{} // when the gateway whose report is kept heard from the peer
 	for _, n := range names {
 		g := s.gateways[n]
 		if g.streams == 0 {
@@ -115,11 +116,17 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 				f.rtt[peer] = r.GetRtt().AsDuration().Round(time.Millisecond)
 			}
 		}
-		// Rotation reports: the latest from any gateway (another gateway
-		// may not have heard from a peer lately).
+		// Rotation reports: from the gateway that heard from the peer
+		// last (another keeps what it got before the peer's streams moved
+		// away from it).
 		for peer, r := range g.reports {
-			if rr := r.GetRotation(); rr != nil {
-				f.rotations[peer] = rr
+			rr := r.GetRotation()
+			if rr == nil {
+				continue
+			}
+			heard := r.GetLastHeard().AsTime()
+			if old, ok := rotationHeard[peer]; !ok || heard.After(old) {
+				f.rotations[peer], rotationHeard[peer] = rr, heard
 			}
 		}
 	}

@@ -7,8 +7,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/store"
+	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
 // blockingCA is a RootCA whose Activate waits until release is closed.
@@ -100,5 +104,38 @@ func TestAutoRotateCancelDuringStep(t *testing.T) {
 	defer rca.mu.Unlock()
 	if rca.retired {
 		t.Fatal("the cancelled automatic rotation retired the old root")
+	}
+}
+
+// With two gateways, the peer's rotation report that counts is the one
+// from the gateway that heard from the peer last: a gateway whose streams
+// from the peer moved to the other one keeps the last report it got, and
+// that stale report must not hold the gates shut (or show an old state)
+// because its gateway's name sorts last.
+func TestRotationReportFromFreshestGateway(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.srv
+	now := time.Now()
+	if err := e.store.PutLink(store.Link{ID: "l-west", Peer: "west", PeerGateways: []string{"127.0.0.1:1"}, Role: "issuer", Created: now}); err != nil {
+		t.Fatal(err)
+	}
+	fresh := &federationv1.RotationReport{Cluster: "west", BundleSequence: 2, BundleDigest: "sha256:new", Nodes: 3, NodesBundleCurrent: 3, NodesSvidCurrent: 3}
+	stale := &federationv1.RotationReport{Cluster: "west", BundleSequence: 1, BundleDigest: "sha256:old", Nodes: 3}
+	s.mu.Lock()
+	s.gateways["gw-a"] = &gatewayNode{name: "gw-a", streams: 1, entry: "127.0.0.1:15443", reported: now, reports: map[string]*controlplanev1.PeerReport{
+		"west": {Peer: "west", ControlStreamUp: true, LastHeard: timestamppb.New(now), Rotation: fresh},
+	}}
+	s.gateways["gw-b"] = &gatewayNode{name: "gw-b", streams: 1, entry: "127.0.0.1:15444", reported: now, reports: map[string]*controlplanev1.PeerReport{
+		"west": {Peer: "west", LastHeard: timestamppb.New(now.Add(-time.Minute)), Rotation: stale},
+	}}
+	s.mu.Unlock()
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	got := s.world.fed.rotations["west"]
+	s.mu.Unlock()
+	if !proto.Equal(got, fresh) {
+		t.Fatalf("west's rotation report is %v, want the one gw-a heard last: %v", got, fresh)
 	}
 }
