@@ -102,10 +102,15 @@ type Server struct {
 	logged map[string]string
 	// started is when Run began (see federationWarmLocked).
 	started time.Time
+	// gone: when each node's last stream closed, until one reopens.
+	gone map[string]time.Time
 	// autoMu serializes changes to the automatic rotation's record: the
 	// loop's step (read, step, write) and AutoRotate's start and cancel.
 	autoMu sync.Mutex
 }
+
+// maxGone bounds the closed nodes remembered.
+const maxGone = 65536
 
 type metrics struct {
 	authFailures *prometheus.CounterVec

@@ -79,6 +79,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 		return fmt.Errorf("server: read registry: %w", err)
 	}
 	slices.SortFunc(insts, func(a, b registry.Instance) int { return strings.Compare(a.Name, b.Name) })
+	s.markGone(insts)
 	w := &world{instances: insts, traffic: map[string]*controlplanev1.TrafficPolicy{}, authz: map[string][]*resource.AuthorizationPolicy{}, bundle: bundleProto(s.cfg.Bundle())}
 	h := sha256.New()
 	for _, in := range insts {
@@ -303,7 +304,27 @@ func (s *Server) attach(name string, id spiffeid.ID) (*node, chan struct{}) {
 	}
 	wake := make(chan struct{}, 1)
 	n.streams[wake] = struct{}{}
+	delete(s.gone, name)
 	return n, wake
+}
+
+// goneAfter is how long after a sidecar's last configuration stream closed
+// (and none reopened) its instance counts as unhealthy: a killed sidecar
+// is seen in seconds, not when its health lease lapses. Renewals move the
+// stream without a gap, so they never trigger it.
+const goneAfter = 2 * time.Second
+
+// markGone marks unhealthy the instances whose sidecar's streams all
+// closed more than goneAfter ago.
+func (s *Server) markGone(insts []registry.Instance) {
+	now := s.cfg.Clock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range insts {
+		if at, ok := s.gone[insts[i].Name]; ok && now.Sub(at) >= goneAfter && insts[i].Health == controlplanev1.Health_HEALTH_HEALTHY {
+			insts[i].Health = controlplanev1.Health_HEALTH_UNHEALTHY
+		}
+	}
 }
 
 func (s *Server) detach(n *node, wake chan struct{}) {
@@ -312,6 +333,12 @@ func (s *Server) detach(n *node, wake chan struct{}) {
 	delete(n.streams, wake)
 	if len(n.streams) == 0 {
 		delete(s.nodes, nodeKey(n.name, n.id))
+		if s.gone == nil {
+			s.gone = map[string]time.Time{}
+		}
+		if len(s.gone) < maxGone {
+			s.gone[n.name] = s.cfg.Clock()
+		}
 	}
 }
 
