@@ -158,10 +158,8 @@ func TestReportRotation(t *testing.T) {
 	}
 	defer l.stopLoad()
 	time.Sleep(time.Second)
-	// --wait=false, then RotationStatus over a new connection each time:
-	// the CLI's own follow keeps one connection, opened with the admin
-	// credentials of the old root, which the control plane refuses once
-	// that root is retired.
+	// --wait=false, then RotationStatus: the timings come from the
+	// control plane's record of each step.
 	rotate := []string{"ca", "rotate", "--auto", "--wait=false", "--config", df.Config, "--context", "east"}
 	mustCLI(t, rotate...)
 	st, err := waitAutoRotation(t.Context(), df.Config, "east", time.Minute, nil)

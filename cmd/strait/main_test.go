@@ -123,7 +123,10 @@ func TestDemo(t *testing.T) {
 	out := mustCLI(t, "demo", "--dir", t.TempDir(), "--proxy-bin", buildProxy(t))
 	for _, want := range []string{"OK: spiffe://demo.strait.example/ns/shop/sa/frontend", "REFUSED (untrusted)",
 		`"caller":"spiffe://strait.example/ns/default/sa/frontend"`, "HTTP 502", "spec.from[0].spifeID: unknown field",
-		`strait_proxy_requests_total{destination="backend",direction="inbound",response_class="2xx"`, "Demo complete"} {
+		`strait_proxy_requests_total{destination="backend",direction="inbound",response_class="2xx"`, "Demo complete",
+		"failover: last answer from east -> first answer from west", "failback: the first answer from east came",
+		"the whole act, failover and failback:", "prepare acknowledged by 3 clusters", "retire acknowledged by 3 clusters",
+		"requests during the rotation:", "still run (no restart)"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out)
 		}

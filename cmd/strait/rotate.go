@@ -504,10 +504,18 @@ func (r *rotator) follow(ctx context.Context, done func(*controlplanev1.Rotation
 	var downSince time.Time
 	tick := time.NewTicker(r.poll)
 	defer tick.Stop()
+	redialed := false
 	for {
 		st, err := r.fetchStatus(ctx)
 		switch {
 		case ctx.Err() != nil:
+		case err != nil && status.Code(err) == codes.Unauthenticated && !redialed:
+			// The rotation re-issued the admin credentials under the new
+			// root and retired the old one: dial again with the ones on
+			// disk (and the trust bundle as it is now).
+			r.reset()
+			redialed = true
+			continue
 		case err != nil && unreachable(err):
 			r.reset()
 			if downSince.IsZero() {
@@ -517,6 +525,7 @@ func (r *rotator) follow(ctx context.Context, done func(*controlplanev1.Rotation
 		case err != nil:
 			return nil, rpcError(err)
 		default:
+			redialed = false
 			if !downSince.IsZero() {
 				fmt.Fprintf(r.errOut, "root authority is back after %s\n", roundDuration(time.Since(downSince)))
 				downSince = time.Time{}
