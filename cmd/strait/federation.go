@@ -313,7 +313,7 @@ control plane's view (endpoints, health, failover policy, links).
 caller's own view instead: the snapshot version it holds, and the endpoints
 its passive outlier detection ejects (counted as unhealthy), as it last
 reported them with its health.`,
-		Args:  cobra.ExactArgs(1),
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
