@@ -530,7 +530,11 @@ func (s *Server) offerRotation(reports map[string]*controlplanev1.PeerReport) bo
 	for _, peer := range peers {
 		r := reports[peer]
 		if jws := r.GetSignedBundle().GetJws(); jws != "" {
-			if b := s.cfg.Bundle(); b != nil && r.GetSignedBundle().GetSequence() > b.Sequence() || b == nil {
+			// Newer, or the bundle held when its signed form is not (kept
+			// to be relayed on). The sequence is the relayer's word only:
+			// Trust checks the signed one.
+			seq := r.GetSignedBundle().GetSequence()
+			if b := s.cfg.Bundle(); b == nil || seq > b.Sequence() || seq == b.Sequence() && s.cfg.Trust.SignedBundle() == "" {
 				ok, err := s.cfg.Trust.OfferBundle(jws)
 				if err != nil {
 					s.logOnce("bundle-"+peer, "a trust bundle relayed by a peer was refused", "peer", peer, "err", err)

@@ -139,3 +139,51 @@ func TestRotationReportFromFreshestGateway(t *testing.T) {
 		t.Fatalf("west's rotation report is %v, want the one gw-a heard last: %v", got, fresh)
 	}
 }
+
+// fakeTrust records what offerRotation offers.
+type fakeTrust struct {
+	mu      sync.Mutex
+	signed  string
+	offered []string
+}
+
+func (f *fakeTrust) Intermediate() *x509.Certificate { return nil }
+
+func (f *fakeTrust) SignedBundle() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.signed
+}
+
+func (f *fakeTrust) OfferBundle(jws string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.offered = append(f.offered, jws)
+	return false, nil
+}
+
+func (f *fakeTrust) OfferIntermediate([][]byte) (bool, error) { return false, nil }
+
+// A cluster that holds the bundle in force but not its signed form (it
+// joined after the last step, or never installed one by relay) keeps the
+// signed form a peer relays, so that it can relay it on: that relay must
+// reach Trust even though its sequence is not newer. Once the signed form
+// is held, relays of the same sequence are not offered again.
+func TestOfferRotationKeepsSignedFormOfBundleHeld(t *testing.T) {
+	e := newTestEnv(t)
+	tr := &fakeTrust{}
+	e.srv.cfg.Trust = tr
+	seq := e.bundle.Load().Sequence()
+	reports := map[string]*controlplanev1.PeerReport{
+		"west": {Peer: "west", SignedBundle: &federationv1.SignedBundle{Jws: "jws-same", Sequence: seq}},
+	}
+	e.srv.offerRotation(reports)
+	if len(tr.offered) != 1 {
+		t.Fatalf("offered %d signed bundles of the sequence held while none is kept, want 1", len(tr.offered))
+	}
+	tr.signed = "jws-same"
+	e.srv.offerRotation(reports)
+	if len(tr.offered) != 1 {
+		t.Fatalf("the signed form of the bundle held was offered again once kept (%d offers)", len(tr.offered))
+	}
+}
