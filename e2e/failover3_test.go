@@ -30,11 +30,20 @@ import (
 // both to east, waiting until east imports their backend.
 func threeClustersForFailover(t *testing.T) (east, west, south *cluster) {
 	t.Helper()
+	east, west, south, _ = threeClustersWithGateways(t)
+	return east, west, south
+}
+
+// threeClustersWithGateways is threeClustersForFailover that also returns
+// the gateways, by cluster name.
+func threeClustersWithGateways(t *testing.T) (east, west, south *cluster, gateways map[string]*gatewayProc) {
+	t.Helper()
 	east = newCluster(t, "east", clusterOptions{rootAuthority: true})
 	west = newCluster(t, "west", clusterOptions{meshOf: east})
 	south = newCluster(t, "south", clusterOptions{meshOf: east})
+	gateways = map[string]*gatewayProc{}
 	for _, c := range []*cluster{east, west, south} {
-		c.startGateway("")
+		gateways[c.name] = c.startGateway("")
 	}
 	for _, c := range []*cluster{west, south} {
 		c.workload("backend-"+c.name, "backend", workloadOptions{})
@@ -44,7 +53,7 @@ func threeClustersForFailover(t *testing.T) (east, west, south *cluster) {
 		}
 		east.linkUp(c.name, 1)
 	}
-	return east, west, south
+	return east, west, south, gateways
 }
 
 // backendPolicy is east's TrafficPolicy for backend: failover to west,
@@ -396,12 +405,44 @@ func TestThreeClusterCrashFailover(t *testing.T) {
 		t.Fatalf("with east's backends healthy: answers %v, %d failed; want all from east", byCluster, failed)
 	}
 
+	// Before the crash, explain sends traffic to the local cluster.
+	if s, err := explainBackend(context.Background(), east); err != nil || !strings.Contains(s, "goes to the local cluster") {
+		t.Fatalf("explain before the crash: %q %v; want traffic to the local cluster", s, err)
+	}
+
 	// Both local instances die at once, as in a power cut: the control
-	// plane is not told (it still lists them healthy until their lease
-	// lapses); only the frontend's sidecar sees connections fail.
+	// plane is not told; only the frontend's sidecar sees connections fail
+	// at first. The control plane sees the sidecars' configuration streams
+	// close (their relay is cut) and marks the instances unhealthy 2s
+	// later: explain, polled from the crash on, then says west.
+	type flip struct {
+		lag     time.Duration // -1: not within the poll's bound
+		summary string
+	}
+	flipped := make(chan flip, 1)
+	pollCtx, stopPoll := context.WithCancel(context.Background())
+	var poll sync.WaitGroup
+	defer func() { stopPoll(); poll.Wait() }()
 	killAt := time.Now()
 	b0.crash()
 	b1.crash()
+	poll.Go(func() {
+		var last string
+		for pollCtx.Err() == nil && time.Since(killAt) < 20*time.Second {
+			if s, err := explainBackend(pollCtx, east); err == nil {
+				last = s
+				if strings.Contains(s, "west") {
+					flipped <- flip{time.Since(killAt), s}
+					return
+				}
+			}
+			select {
+			case <-pollCtx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		flipped <- flip{-1, last}
+	})
 	waitUntil(t, 10*time.Second, "west answers after east's backends died", func() bool {
 		for _, a := range l.since(killAt) {
 			if a.cluster == "west" {
@@ -442,6 +483,14 @@ func TestThreeClusterCrashFailover(t *testing.T) {
 		lastEast.Sub(killAt).Round(100*time.Microsecond), firstWest.Sub(killAt).Round(100*time.Microsecond), gap.Round(100*time.Microsecond), slowest.Round(100*time.Microsecond))
 	if gap > time.Second || firstWest.Sub(killAt) > time.Second {
 		t.Errorf("west answered %s after the last east answer (%s after the kill), want within 1s", gap, firstWest.Sub(killAt))
+	}
+	switch f := <-flipped; {
+	case f.lag < 0:
+		t.Errorf("explain did not mention west within 20s of the crash; last summary %q", f.summary)
+	case f.lag > 5*time.Second:
+		t.Errorf("explain said %q only %s after the crash, want within 5s (the control plane marks an instance unhealthy 2s after its sidecar's streams closed)", f.summary, f.lag.Round(time.Millisecond))
+	default:
+		t.Logf("explain flipped to west %s after the crash: %q", f.lag.Round(time.Millisecond), f.summary)
 	}
 
 	// East comes back: new instances of backend.
@@ -540,6 +589,14 @@ func TestThreeClusterCrashFailover(t *testing.T) {
 	if total["south"] > 0 {
 		t.Errorf("south answered %d requests while west, the first peer tier, was healthy", total["south"])
 	}
+}
+
+// explainBackend returns the summary of `strait explain backend` on c.
+func explainBackend(ctx context.Context, c *cluster) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	ex, err := c.admin.Explain(ctx, &controlplanev1.ExplainRequest{Service: "backend"})
+	return ex.GetSummary(), err
 }
 
 // TestThreeClusterSpillThreshold measures the share of traffic that
@@ -673,5 +730,202 @@ func TestThreeClusterSpillThreshold(t *testing.T) {
 	t.Logf("load: %d answered, %d failed %v; test ran %s", len(l.answers), l.fail, l.errs, time.Since(began).Round(time.Millisecond))
 	if l.fail > 0 {
 		t.Errorf("%d client requests failed: %v", l.fail, l.errs)
+	}
+}
+
+// windowCounts splits the answers from `from` on into n windows of length
+// w and counts, per window, the answers and those from cluster.
+func windowCounts(answers []answer, from time.Time, w time.Duration, n int, cluster string) (of, total []int) {
+	of, total = make([]int, n), make([]int, n)
+	for _, a := range answers {
+		if a.at.Before(from) {
+			continue
+		}
+		i := int(a.at.Sub(from) / w)
+		if i >= n {
+			break
+		}
+		total[i]++
+		if a.cluster == cluster {
+			of[i]++
+		}
+	}
+	return of, total
+}
+
+// TestThreeClusterPartition partitions west, the first peer tier, off
+// east by stopping west's gateway, under load from east's frontend (east
+// runs no backend), and checks: zero failed client requests throughout;
+// south answering from shortly after the stop; west's endpoint in the
+// frontend's snapshot turning unhealthy when the link is reported down,
+// then expiring after the 3s staleness (not before 2.5s, by 10s), with no
+// west answer after the stop; then west's gateway restarts on its address,
+// west's endpoint comes back healthy in tier 1, and traffic returns to west
+// over the 2s slow start, south's share falling to nothing.
+func TestThreeClusterPartition(t *testing.T) {
+	began := time.Now()
+	east, west, _, gateways := threeClustersWithGateways(t)
+	east.mustApply(backendPolicy(", staleness: 3s, slowStart: 2s"))
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	waitTiers(t, fe)
+	t.Logf("three clusters linked, policy in force: %s", time.Since(began).Round(time.Millisecond))
+
+	l := startRecordedLoad(fe.url("backend"), 4, 400_000, 90*time.Second)
+	defer l.finish()
+	if by, failed := l.measure(t, 200); by["west"] != 200 || failed != 0 {
+		t.Fatalf("with both peers up: answers %v, %d failed; want all from west (the first peer tier)", by, failed)
+	}
+
+	// The partition: west's gateway stops. Its peer address is kept, to
+	// restart it there.
+	westView := func() (endpointView, bool) {
+		v, _ := backendView(fe)
+		e, ok := v["west/backend"]
+		return e, ok
+	}
+	westGW := gateways["west"]
+	addr := westGW.peer
+	stopAt := time.Now()
+	westGW.stop()
+	stopped := time.Now()
+	var unhealthyAt time.Time
+	sawUnhealthy := false
+	waitUntil(t, 10*time.Second, "west's endpoint unhealthy or gone in the frontend's snapshot", func() bool {
+		e, ok := westView()
+		if ok && e.healthy() {
+			return false
+		}
+		unhealthyAt, sawUnhealthy = time.Now(), ok
+		return true
+	})
+	var goneAt time.Time
+	waitUntil(t, 15*time.Second, "west's endpoint expires from the frontend's snapshot", func() bool {
+		if _, ok := westView(); ok {
+			return false
+		}
+		goneAt = time.Now()
+		return true
+	})
+	// When east's gateway last heard from west's, as it reports it: the
+	// staleness counts from there.
+	var heard time.Time
+	var state string
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	st, err := east.fed.FederationStatus(ctx, &controlplanev1.FederationStatusRequest{})
+	cancel()
+	if err != nil {
+		t.Fatalf("federation status: %v", err)
+	}
+	for _, ls := range st.GetLinks() {
+		if ls.GetLink().GetPeer() == "west" {
+			state = ls.GetState()
+			if ls.GetLastHeard() != nil {
+				heard = ls.GetLastHeard().AsTime()
+			}
+		}
+	}
+	var firstSouth, lastWest time.Time
+	var slowest time.Duration // of the answers within 3s of the stop
+	for _, a := range l.since(stopAt) {
+		if a.at.Sub(stopAt) < 3*time.Second {
+			slowest = max(slowest, a.took)
+		}
+		switch a.cluster {
+		case "south":
+			if firstSouth.IsZero() {
+				firstSouth = a.at
+			}
+		case "west":
+			lastWest = a.at
+		}
+	}
+	since := func(at time.Time) string {
+		if at.IsZero() {
+			return "never"
+		}
+		return at.Sub(stopAt).Round(time.Millisecond).String()
+	}
+	how := "unhealthy"
+	if !sawUnhealthy {
+		how = "gone (never seen unhealthy)"
+	}
+	t.Logf("partition: west's gateway stopped in %s; from the stop: first south answer %s, last west answer %s, west's endpoint %s in the frontend's snapshot %s, expired %s (staleness 3s; %s after east's gateway last heard from west, at %s; link %q); slowest request answered within 3s of the stop took %s",
+		stopped.Sub(stopAt).Round(time.Millisecond), since(firstSouth), since(lastWest), how, since(unhealthyAt), since(goneAt),
+		goneAt.Sub(heard).Round(time.Millisecond), since(heard), state, slowest.Round(time.Millisecond))
+	if heard.IsZero() || state == "connected" {
+		t.Errorf("east's link to west after the partition: state %q, last heard %s; want it not connected, with a last-heard time", state, since(heard))
+	} else if goneAt.Sub(heard) < 3*time.Second {
+		t.Errorf("west's endpoint expired %s after east's gateway last heard from west, before the 3s staleness", goneAt.Sub(heard).Round(time.Millisecond))
+	}
+	// Requests sent to west before the frontend's snapshot marks it
+	// unhealthy wait at east's gateway, which dials west again, until the
+	// frontend's 1s connect timeout; then they are retried to south.
+	if firstSouth.IsZero() || firstSouth.Sub(stopAt) > 2*time.Second {
+		t.Errorf("first south answer %s after the stop, want within 2s", since(firstSouth))
+	}
+	if !lastWest.IsZero() && lastWest.Sub(stopped) > time.Second {
+		t.Errorf("west answered %s after its gateway stopped (stopping took %s)", since(lastWest), stopped.Sub(stopAt))
+	}
+	if d := goneAt.Sub(stopAt); d < 2500*time.Millisecond || d > 10*time.Second {
+		t.Errorf("west's endpoint expired %s after the stop, want between 2.5s and 10s (staleness 3s)", d.Round(time.Millisecond))
+	}
+	if by, failed := l.measure(t, 200); by["south"] != 200 || failed != 0 {
+		t.Errorf("west partitioned: answers %v, %d failed; want all from south", by, failed)
+	}
+
+	// West heals: its gateway restarts on the same address.
+	healAt := time.Now()
+	west.startGateway(addr)
+	waitTiers(t, fe)
+	backAt := time.Now()
+	var firstWest time.Time
+	waitUntil(t, 15*time.Second, "west answers again after its gateway restarted", func() bool {
+		for _, a := range l.since(healAt) {
+			if a.cluster == "west" {
+				firstWest = a.at
+				return true
+			}
+		}
+		return false
+	})
+	// South's share per 500ms window from west's return to the snapshot,
+	// over 6s: west ramps up over the 2s slow start.
+	const window, windows = 500 * time.Millisecond, 12
+	waitUntil(t, 30*time.Second, "the return to west observed for 6s", func() bool { return time.Since(backAt) > windows*window+500*time.Millisecond })
+	south, total := windowCounts(l.since(backAt), backAt, window, windows, "south")
+	var b strings.Builder
+	for i := range windows {
+		f := math.NaN()
+		if total[i] > 0 {
+			f = float64(south[i]) / float64(total[i])
+		}
+		fmt.Fprintf(&b, " %.1fs:%.2f(n=%d)", float64(i+1)*window.Seconds(), f, total[i])
+	}
+	t.Logf("heal: west's endpoint healthy in tier 1 in the frontend's snapshot %s after its gateway restarted; first west answer %s after; south's share per 500ms window from then (slow start 2s):%s",
+		backAt.Sub(healAt).Round(time.Millisecond), firstWest.Sub(healAt).Round(time.Millisecond), b.String())
+	for i := 6; i < windows; i++ { // from 3s: past the 2s slow start
+		if total[i] >= 10 && float64(south[i]) > 0.02*float64(total[i]) {
+			t.Errorf("south's share %d/%d at %.1fs after west came back, past the 2s slow start; want ~0", south[i], total[i], float64(i+1)*window.Seconds())
+		}
+	}
+	if by, failed := l.measure(t, 200); by["west"] < 198 || failed != 0 {
+		t.Errorf("west healed: answers %v, %d failed; want all (at least 198 of 200) from west", by, failed)
+	}
+
+	l.finish()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	counts := map[string]int{}
+	for _, a := range l.answers {
+		counts[a.cluster]++
+	}
+	retries := metric(t, fe.registry, "strait_proxy_retries_total", map[string]string{"destination": "backend", "outcome": "sent"})
+	t.Logf("load: %d answered %v, %d failed %v; %v retries sent by the frontend; test ran %s",
+		len(l.answers), counts, l.fail, l.errs, retries, time.Since(began).Round(time.Millisecond))
+	if l.fail > 0 {
+		t.Errorf("%d client requests failed (retries included): %v", l.fail, l.errs)
+	}
+	if counts["east"] > 0 {
+		t.Errorf("east answered %d requests; it runs no backend", counts["east"])
 	}
 }
