@@ -452,6 +452,14 @@ func (g *Gateway) untrack(pc *peerConn) {
 	}
 	if s := g.slots[pc.peer]; s != nil && s.conn == pc {
 		s.conn = nil
+		// The peer's gateway said it is going away, or went silent:
+		// callers are answered at once until a dial succeeds.
+		var ae *quic.ApplicationError
+		var ie *quic.IdleTimeoutError
+		cause := context.Cause(pc.conn.Context())
+		if errors.As(cause, &ae) && ae.Remote && ae.ErrorCode == quic.ApplicationErrorCode(tunnel.CloseShutdown) || errors.As(cause, &ie) {
+			s.down = true
+		}
 	}
 }
 

@@ -809,3 +809,53 @@ func TestDependencies(t *testing.T) {
 	deptest.Check(t, "github.com/straitmesh/strait/gateway", deptest.ClientGo, deptest.SmallStep,
 		[]string{"github.com/straitmesh/strait/proxy", "github.com/straitmesh/strait/controlplane"})
 }
+
+// TestPeerGoneAnswersFast: once a peer's gateway has gone away, a sidecar
+// asking for a tunnel to it is answered "unavailable" within moments (so
+// it tries its next tier), not after the dial timeout; when the peer comes
+// back on the same address, tunnels work again at once.
+func TestPeerGoneAnswersFast(t *testing.T) {
+	p := newPair(t, gwOptions{}, gwOptions{})
+	c := mustTunnel(t, p.east, p.sidecar, echoHeader())
+	if err := echoLine(c, "before\n"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	p.west.stop()
+	// east learns of the shutdown from west's CONNECTION_CLOSE.
+	eventually(t, "east drops its connection to west", func() error {
+		p.east.mu.Lock()
+		defer p.east.mu.Unlock()
+		if s := p.east.slots["west"]; s != nil && s.conn != nil {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	for i := range 3 {
+		start := time.Now()
+		_, reply, err := dialEntry(t, p.east, p.sidecar, echoHeader())
+		took := time.Since(start)
+		if err == nil && reply.Code == tunnel.CodeOK {
+			t.Fatalf("attempt %d: a tunnel to a stopped peer was answered OK", i)
+		}
+		if took > 2*time.Second {
+			t.Fatalf("attempt %d: refused after %s; want well under the %s dial timeout", i, took, p.east.lim.DialTimeout)
+		}
+		t.Logf("attempt %d refused after %s: %v %v", i, took.Round(time.Millisecond), reply, err)
+	}
+	west := startGateway(t, "west", gwOptions{ca: p.ca, cat: p.west.cat, peerListen: p.west.peerAddr})
+	if west.peerAddr != p.west.peerAddr {
+		t.Fatalf("restarted west on %s, want %s", west.peerAddr, p.west.peerAddr)
+	}
+	eventually(t, "a tunnel through the restarted west", func() error {
+		c, reply, err := dialEntry(t, p.east, p.sidecar, echoHeader())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if reply.Code != tunnel.CodeOK {
+			return fmt.Errorf("reply %v", reply)
+		}
+		return echoLine(c, "after\n")
+	})
+}

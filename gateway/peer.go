@@ -85,6 +85,7 @@ func (g *Gateway) serveAccepted(conn *quic.Conn) {
 	defer g.untrack(pc)
 	log := g.log.With(logPeer, pc.peer)
 	log.Info("peer connected", "address", conn.RemoteAddr().String())
+	g.peerBack(pc.peer)
 	// A trust or link change between the handshake and track was not seen
 	// by Recheck: judge the connection once more now that it is tracked.
 	if code, reason, err := g.judgePeer(pc); err != nil {
@@ -230,13 +231,25 @@ func resetStream(str *quic.Stream, code tunnel.StreamCode) {
 type dialSlot struct {
 	conn *peerConn
 	call *dialCall // the dial in progress, if any
+	// down: the last dial failed, or the last connection ended because
+	// the peer's gateway went away. Callers are then answered at once
+	// (the sidecar tries its next tier) rather than kept waiting on a dial
+	// that may take the whole dial timeout; the dial goes on behind.
+	down bool
+	// restart: a dial in progress was cancelled because the peer connected
+	// to us (it is back); dial again as soon as it ends.
+	restart bool
 }
 
 type dialCall struct {
-	done chan struct{}
-	pc   *peerConn
-	err  error
+	done   chan struct{}
+	cancel context.CancelFunc
+	pc     *peerConn
+	err    error
 }
+
+// errPeerDown answers callers while a peer is known to be down.
+var errPeerDown = errors.New("its gateway went away or could not be reached; dialing again in the background")
 
 // peerConnFor returns the live outgoing connection to peer other than
 // avoid (one found dead), dialing one if there is none (concurrent callers
@@ -259,35 +272,78 @@ func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn)
 	}
 	call := s.call
 	if call == nil {
-		call = &dialCall{done: make(chan struct{})}
-		s.call = call
-		g.handlers.Add(1) // running is set, under mu
-		go func() {
-			defer g.handlers.Done()
-			pc, err := g.dial(peer)
-			g.mu.Lock()
-			call.pc, call.err = pc, err
-			if s.call == call {
-				s.call = nil
-			}
-			if err == nil && g.slots[peer] == s {
-				s.conn = pc
-			}
-			g.mu.Unlock()
-			close(call.done)
-		}()
+		call = g.startDialLocked(peer, s)
 	}
+	down := s.down
 	g.mu.Unlock()
+	var short <-chan time.Time
+	if down {
+		// Known down: a caller (a sidecar with other tiers to try) is not
+		// kept for the whole dial timeout, only for a peer coming back.
+		t := time.NewTimer(downWait)
+		defer t.Stop()
+		short = t.C
+	}
 	select {
 	case <-call.done:
 		return call.pc, true, call.err
 	case <-ctx.Done():
 		return nil, false, ctx.Err()
+	case <-short:
+		return nil, false, errPeerDown
+	}
+}
+
+// downWait is how long a caller waits on a dial to a peer known to be down.
+const downWait = 100 * time.Millisecond
+
+// startDialLocked starts a dial to peer for slot s, shared by every
+// caller until it ends. The caller holds g.mu, with running set.
+func (g *Gateway) startDialLocked(peer string, s *dialSlot) *dialCall {
+	ctx, cancel := context.WithCancel(g.runCtx)
+	call := &dialCall{done: make(chan struct{}), cancel: cancel}
+	s.call = call
+	g.handlers.Add(1)
+	go func() {
+		defer g.handlers.Done()
+		defer cancel()
+		pc, err := g.dial(ctx, peer)
+		g.mu.Lock()
+		call.pc, call.err = pc, err
+		if s.call == call {
+			s.call = nil
+		}
+		if g.slots[peer] == s {
+			switch {
+			case err == nil:
+				s.conn, s.down = pc, false
+			case s.restart && g.running:
+				s.restart = false
+				g.startDialLocked(peer, s)
+			default:
+				s.down = true
+			}
+		}
+		g.mu.Unlock()
+		close(call.done)
+	}()
+	return call
+}
+
+// peerBack is called when peer connects to this gateway: a dial to it that
+// is still waiting (on an address that did not answer while the peer was
+// away) is cut short and made again now.
+func (g *Gateway) peerBack(peer string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if s := g.slots[peer]; s != nil && s.call != nil && s.down {
+		s.restart = true
+		s.call.cancel()
 	}
 }
 
 // dial connects to peer's gateway, trying its addresses in order.
-func (g *Gateway) dial(peer string) (*peerConn, error) {
+func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 	p, ok := g.cfg.Catalog.Peer(peer)
 	if !ok {
 		return nil, fmt.Errorf("cluster %s is not linked", peer)
@@ -296,7 +352,7 @@ func (g *Gateway) dial(peer string) (*peerConn, error) {
 		return nil, fmt.Errorf("cluster %s has no gateway address", peer)
 	}
 	g.mu.Lock()
-	tr, runCtx := g.tr, g.runCtx
+	tr := g.tr
 	g.mu.Unlock()
 	tlsConf := g.cfg.Credentials.ClientTLS([]string{tunnel.ALPNPeer}, g.verifyPeerServer(peer))
 	var errs []error

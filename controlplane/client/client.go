@@ -600,7 +600,11 @@ func NewBackoff(min, max time.Duration) *Backoff { return &Backoff{min: min, max
 func (b *Backoff) Reset() { b.cur = b.min }
 
 // Wait sleeps for the next delay; false if ctx ended first.
-func (b *Backoff) Wait(ctx context.Context) bool {
+func (b *Backoff) Wait(ctx context.Context) bool { return b.WaitOr(ctx, nil) }
+
+// WaitOr is Wait, cut short (with the backoff reset) when wake receives:
+// a sign that trying again now will work.
+func (b *Backoff) WaitOr(ctx context.Context, wake <-chan struct{}) bool {
 	d := b.cur/2 + time.Duration(mrand.Int64N(int64(b.cur/2)+1))
 	b.cur = min(b.cur*2, b.max)
 	t := time.NewTimer(d)
@@ -609,6 +613,9 @@ func (b *Backoff) Wait(ctx context.Context) bool {
 	case <-ctx.Done():
 		return false
 	case <-t.C:
+		return true
+	case <-wake:
+		b.Reset()
 		return true
 	}
 }

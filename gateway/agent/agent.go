@@ -112,6 +112,9 @@ type peerState struct {
 	cancel         context.CancelFunc // ends outCtx
 	outgoingActive bool
 	in             inRelay // the rotation messages the peer relayed
+	// back is signalled when the peer opens its control stream to us: if
+	// ours is down, the peer is back and ours is retried now.
+	back chan struct{}
 }
 
 // Run serves the gateway until ctx ends.
@@ -303,7 +306,7 @@ func (a *agent) poke() {
 func (a *agent) peer(name string) *peerState {
 	ps := a.peers[name]
 	if ps == nil {
-		ps = &peerState{}
+		ps = &peerState{back: make(chan struct{}, 1)}
 		a.peers[name] = ps
 	}
 	return ps
@@ -328,7 +331,10 @@ func (a *agent) controlLoop(ctx context.Context, peer string) {
 			return
 		}
 		a.log.Debug("control stream to peer ended", "peer", peer, "err", err)
-		if !backoff.Wait(ctx) {
+		a.mu.Lock()
+		back := a.peer(peer).back
+		a.mu.Unlock()
+		if !backoff.WaitOr(ctx, back) {
 			return
 		}
 	}
@@ -520,6 +526,12 @@ func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteClo
 	a.mu.Lock()
 	ps := a.peer(peer)
 	ps.inUp, ps.peerDigest, ps.lastHeard = true, hello.GetBundleDigest(), a.clock()
+	if !ps.outUp {
+		select {
+		case ps.back <- struct{}{}:
+		default:
+		}
+	}
 	a.mu.Unlock()
 	a.poke()
 	defer func() {
