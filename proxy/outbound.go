@@ -49,6 +49,59 @@ type outbound struct {
 
 	tmu        sync.RWMutex
 	transports map[string]pool // by service|endpoint address|SPIFFE ID|protocol
+	// pooled are the open mTLS connections of the pools (*pooledConn to
+	// its *tls.Conn), re-judged when trust shrinks.
+	pooled sync.Map
+	// busyGrace: see trustShrank; zero means defaultBusyGrace.
+	busyGrace time.Duration
+}
+
+// defaultBusyGrace is how long a busy pooled connection whose endpoint no
+// longer verifies may finish its request once trust shrinks.
+const defaultBusyGrace = 30 * time.Second
+
+// cutUntrustedPooled closes the pools' connections whose endpoint no
+// longer verifies, busy or not.
+func (o *outbound) cutUntrustedPooled() {
+	o.pooled.Range(func(_, v any) bool {
+		c := v.(*tls.Conn)
+		if _, err := o.creds.StillTrusted(c.ConnectionState().PeerCertificates, svid.RoleServer); err != nil {
+			o.metrics.connsClosed.WithLabelValues(string(svid.ReasonOf(err))).Inc()
+			go c.Close() // a close_notify may wait on a busy writer
+		}
+		return true
+	})
+}
+
+// pooledConn is the connection under a pool's workload mTLS: closing the
+// TLS connection closes it, which forgets the connection.
+type pooledConn struct {
+	net.Conn
+	o *outbound
+}
+
+func (c *pooledConn) Close() error {
+	c.o.pooled.Delete(c)
+	return c.Conn.Close()
+}
+
+// dialPooled is dialTLS for the pools: the connection is tracked while it
+// is open.
+func (o *outbound) dialPooled(ctx context.Context, raw func(context.Context) (net.Conn, error), cfg *tls.Config, timeout time.Duration) (*tls.Conn, error) {
+	var pc *pooledConn
+	tc, err := dialTLS(ctx, func(ctx context.Context) (net.Conn, error) {
+		c, err := raw(ctx)
+		if err != nil {
+			return nil, err
+		}
+		pc = &pooledConn{Conn: c, o: o}
+		return pc, nil
+	}, cfg, timeout)
+	if err != nil {
+		return nil, err
+	}
+	o.pooled.Store(pc, tc)
+	return tc, nil
 }
 
 // pool is the connections toward one endpoint: an h1Pool for HTTP/1.1,
@@ -272,7 +325,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 		cfg := o.creds.ClientTLS([]string{alpnH2}, verify)
 		ht := &http.Transport{
 			DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return dialTLS(ctx, raw, cfg, connectTimeout)
+				return o.dialPooled(ctx, raw, cfg, connectTimeout)
 			},
 			ForceAttemptHTTP2:  true,
 			Protocols:          protos,
@@ -285,7 +338,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 		cfg := o.creds.ClientTLS([]string{alpnHTTP1}, verify)
 		p := &h1Pool{
 			dial: func(ctx context.Context) (net.Conn, error) {
-				return dialTLS(ctx, raw, cfg, connectTimeout)
+				return o.dialPooled(ctx, raw, cfg, connectTimeout)
 			},
 			maxIdle:     256,
 			idleTimeout: 60 * time.Second,
@@ -373,18 +426,29 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 
 // trustShrank reacts to a root leaving the bundle: every pooled upstream
 // connection was verified against the old trust, so the pools are dropped
-// (idle connections closed now, busy ones when their request ends) and
-// opaque TCP relays whose endpoint no longer verifies are cut.
+// (idle connections closed now, busy ones when their request ends, and
+// those whose endpoint no longer verifies after busyGrace even if their
+// request has not ended), and opaque TCP relays whose endpoint no longer
+// verifies are cut.
 func (o *outbound) trustShrank() {
 	o.tmu.Lock()
 	old := o.transports
 	o.transports = map[string]pool{}
 	o.tmu.Unlock()
+	grace := o.busyGrace
+	if grace <= 0 {
+		grace = defaultBusyGrace
+	}
 	for _, t := range old {
 		t.CloseIdleConnections()
 		// Busy connections go idle once their response is read; close
-		// those too, a little later.
-		time.AfterFunc(30*time.Second, t.CloseIdleConnections)
+		// those too, a little later, and cut those that never go idle
+		// (a stream, or an endpoint under a revoked root keeping its
+		// session open) if their endpoint no longer verifies.
+		time.AfterFunc(grace, func() {
+			t.CloseIdleConnections()
+			o.cutUntrustedPooled()
+		})
 	}
 	o.mu.Lock()
 	ups := make([]*upstream, 0, len(o.upstreams))

@@ -1,0 +1,131 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/catest"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/proxy/balance"
+)
+
+// A root leaving the bundle (retire, revoke) cuts outbound pooled
+// connections whose endpoint chains to it even while a request is in
+// flight on them, once the grace given to busy connections is over: a
+// response that never ends (a stream, or an endpoint under a compromised
+// root that keeps it open on purpose) must not keep a session under the
+// revoked root alive.
+func TestTrustShrankCutsBusyPooledConnections(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		name := "http1"
+		if h2 {
+			name = "http2"
+		}
+		t.Run(name, func(t *testing.T) { testTrustShrankCutsBusy(t, h2) })
+	}
+}
+
+func testTrustShrankCutsBusy(t *testing.T, h2 bool) {
+	const td = "strait.example"
+	trustDomain := spiffeid.RequireTrustDomainFromString(td)
+	mine := catest.New(t, td, catest.Options{Cluster: "east"})
+	revoked := catest.New(t, td, catest.Options{Cluster: "west"})
+
+	// The endpoint: an SVID under the root about to leave, answering with a
+	// body that never ends.
+	backendID := "spiffe://" + td + "/ns/default/sa/backend"
+	sv := revoked.SVID(t, backendID, time.Hour)
+	cert := tls.Certificate{PrivateKey: sv.PrivateKey, Leaf: sv.Certificates[0]}
+	for _, c := range sv.Certificates {
+		cert.Certificate = append(cert.Certificate, c.Raw)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
+		ClientAuth: tls.RequireAnyClientCert, NextProtos: []string{alpnH2, alpnHTTP1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for {
+			if _, err := io.WriteString(w, "tick\n"); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	creds, err := NewCredentials(trustDomain, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	both, err := bundle.New(trustDomain, 2, append(mine.Bundle().Roots(), revoked.Bundle().Roots()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(both); err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(mine.SVID(t, "spiffe://"+td+"/ns/default/sa/frontend", time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	o := newOutbound(creds, NewMetrics(prometheus.NewRegistry()), slog.New(slog.DiscardHandler), time.Now)
+	o.busyGrace = 200 * time.Millisecond
+	st := &upstreamState{svc: &controlplanev1.Service{Name: "backend"}, policy: &controlplanev1.TrafficPolicy{}}
+	ep := balance.Endpoint{Key: "backend-0", Address: ln.Addr().String(), SPIFFEID: backendID}
+	p, err := o.transport(ep, st, h2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest("GET", "https://backend/", nil)
+	resp, err := p.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if got := resp.ProtoMajor == 2; got != h2 {
+		t.Fatalf("response over %s, want HTTP/2 %v", resp.Proto, h2)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, buf); err != nil {
+		t.Fatalf("first bytes of the stream: %v", err)
+	}
+
+	// The endpoint's root leaves the bundle.
+	only, err := bundle.New(trustDomain, 3, mine.Bundle().Roots())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(only); err != nil {
+		t.Fatal(err)
+	}
+	o.trustShrank()
+
+	cut := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, resp.Body)
+		if err == nil {
+			err = io.EOF
+		}
+		cut <- err
+	}()
+	select {
+	case <-cut:
+	case <-time.After(3 * time.Second):
+		srv.Close() // ends the stream, so that the test can end
+		t.Fatal("the stream from an endpoint under the removed root still flows 3s after the bundle shrank")
+	}
+}
