@@ -187,3 +187,30 @@ func TestOfferRotationKeepsSignedFormOfBundleHeld(t *testing.T) {
 		t.Fatalf("the signed form of the bundle held was offered again once kept (%d offers)", len(tr.offered))
 	}
 }
+
+// slowTrust answers Intermediate slowly, as a Trust under load may.
+type slowTrust struct {
+	fakeTrust
+	inter *x509.Certificate
+}
+
+func (s *slowTrust) Intermediate() *x509.Certificate {
+	time.Sleep(20 * time.Millisecond)
+	return s.inter
+}
+
+// The watcher ownSVIDLoop starts each time round (is the intermediate still
+// the one the SVID came from?) must not read the SVID the loop replaces
+// once it renewed: it outlives the wait it was started for.
+func TestOwnSVIDLoopWatcherDoesNotRace(t *testing.T) {
+	e := newTestEnv(t)
+	e.srv.cfg.SVIDTTL = 200 * time.Millisecond
+	sv, err := e.srv.renewOwnSVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv.cfg.Trust = &slowTrust{inter: sv.Certificates[1]}
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	e.srv.ownSVIDLoop(ctx, sv)
+}

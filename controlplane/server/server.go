@@ -279,6 +279,9 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 	for {
 		wake, stop := context.WithCancel(ctx)
+		// The watcher may outlive this round (sv is replaced below): it
+		// reads only what it is given here.
+		issuer := svid.IssuerFingerprint(sv.Certificates)
 		go func() {
 			defer stop()
 			t := time.NewTicker(250 * time.Millisecond)
@@ -288,7 +291,7 @@ func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 				case <-wake.Done():
 					return
 				case <-t.C:
-					if inter := s.intermediate(); inter != nil && svid.IssuerFingerprint(sv.Certificates) != svid.Fingerprint(inter) {
+					if inter := s.intermediate(); inter != nil && issuer != svid.Fingerprint(inter) {
 						return
 					}
 				}
