@@ -86,7 +86,8 @@ const maxBehind = 20
 const maxDigestLen = 128
 
 // ownRotation is this cluster's rotation report, from what its nodes
-// (sidecars and gateways) last reported. The caller holds s.mu.
+// (sidecars and gateways) connected now last reported. The caller holds
+// s.mu.
 func (s *Server) ownRotationLocked(b *bundle.Bundle, inter *x509.Certificate) *federationv1.RotationReport {
 	r := &federationv1.RotationReport{Cluster: s.cfg.Cluster}
 	if b != nil {
@@ -119,8 +120,21 @@ func (s *Server) ownRotationLocked(b *bundle.Bundle, inter *x509.Certificate) *f
 			r.Behind = append(r.Behind, n.name+": "+strings.Join(why, ", "))
 		}
 	}
+	// Just started: the nodes attached so far are not all there are. The
+	// control plane counts as one more node behind until they had time to
+	// reconnect, so that no gate opens on a partial count.
+	if !s.started.IsZero() && s.cfg.Clock().Sub(s.started) < rotationSettle {
+		r.Nodes++
+		r.Behind = append([]string{fmt.Sprintf("control plane: started less than %s ago, its nodes may still be reconnecting", rotationSettle)}, r.Behind...)
+		r.Behind = r.Behind[:min(len(r.Behind), maxBehind)]
+	}
 	return r
 }
+
+// rotationSettle is how long after a start a control plane's rotation
+// report holds its cluster behind: nodes reconnect within their backoff
+// (at most 2s for configuration streams).
+const rotationSettle = 5 * time.Second
 
 // rootOf is the fingerprint of the root in b that signed c, or "".
 func rootOf(b *bundle.Bundle, c *x509.Certificate) string {

@@ -214,3 +214,34 @@ func TestOwnSVIDLoopWatcherDoesNotRace(t *testing.T) {
 	defer cancel()
 	e.srv.ownSVIDLoop(ctx, sv)
 }
+
+// Right after a control plane starts, its nodes have not reconnected yet:
+// a report counting only the nodes attached so far (none, or the gateway
+// alone) would call the cluster in sync and could open a gate (retire
+// while the cluster's sidecars still present SVIDs under the old root).
+// The report holds the cluster behind until its nodes had time to come
+// back.
+func TestRotationReportSettlesAfterStart(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.srv
+	s.mu.Lock()
+	s.started = time.Now()
+	s.mu.Unlock()
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	st := s.rotationStatus()
+	if own := st.GetClusters()[0]; own.GetBundleInSync() || own.GetWaiting() == "" {
+		t.Fatalf("a control plane started just now reports its cluster in sync: %v", own)
+	}
+	s.mu.Lock()
+	s.started = time.Now().Add(-time.Minute)
+	s.mu.Unlock()
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	st = s.rotationStatus()
+	if own := st.GetClusters()[0]; !own.GetBundleInSync() {
+		t.Fatalf("a control plane up for a minute with no nodes is not in sync: %v", own)
+	}
+}
