@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -155,7 +156,13 @@ func short(d string) string {
 		return "(none)"
 	}
 	if len(d) > 19 {
-		return d[:19] + "…"
+		// On a character boundary: what nodes report is any UTF-8, and a
+		// report that is not valid UTF-8 does not marshal.
+		i := 19
+		for i > 0 && !utf8.RuneStart(d[i]) {
+			i--
+		}
+		return d[:i] + "…"
 	}
 	return d
 }

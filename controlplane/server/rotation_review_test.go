@@ -3,10 +3,12 @@ package server
 import (
 	"context"
 	"crypto/x509"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -243,5 +245,33 @@ func TestRotationReportSettlesAfterStart(t *testing.T) {
 	st = s.rotationStatus()
 	if own := st.GetClusters()[0]; !own.GetBundleInSync() {
 		t.Fatalf("a control plane up for a minute with no nodes is not in sync: %v", own)
+	}
+}
+
+// What nodes report is any valid UTF-8 of up to 128 bytes: abbreviating
+// it for a rotation report must not cut a character in two. A report with
+// invalid UTF-8 does not marshal, and it is in every gateway snapshot: one
+// workload could end its cluster's gateway's configuration stream for
+// good (and the status RPC).
+func TestRotationReportAbbreviatesOnCharacterBoundary(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.srv
+	id := spiffeid.RequireFromString("spiffe://" + testTD + "/ns/default/sa/web")
+	n, wake := s.attach("web-0", id)
+	defer s.detach(n, wake)
+	// "é" straddles byte 19, where digests are abbreviated.
+	odd := "sha256:0123456789aé" + strings.Repeat("f", 40)
+	s.noteDigest("web-0", id, odd, odd, controlplanev1.Health_HEALTH_HEALTHY)
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	w := s.world
+	s.mu.Unlock()
+	if _, err := proto.Marshal(gatewaySnapshot(w, testCluster)); err != nil {
+		t.Fatalf("the gateway snapshot does not marshal: %v", err)
+	}
+	if _, err := proto.Marshal(s.rotationStatus()); err != nil {
+		t.Fatalf("the rotation status does not marshal: %v", err)
 	}
 }
