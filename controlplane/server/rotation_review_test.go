@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/straitmesh/strait/ca/catest"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/store"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
@@ -273,5 +275,50 @@ func TestRotationReportAbbreviatesOnCharacterBoundary(t *testing.T) {
 	}
 	if _, err := proto.Marshal(s.rotationStatus()); err != nil {
 		t.Fatalf("the rotation status does not marshal: %v", err)
+	}
+}
+
+// interTrust is a Trust whose intermediate can be set.
+type interTrust struct {
+	fakeTrust
+	inter atomic.Pointer[x509.Certificate]
+}
+
+func (i *interTrust) Intermediate() *x509.Certificate { return i.inter.Load() }
+
+// The control plane's own serving SVID must be on the cluster's current
+// intermediate before the cluster counts as moved: every node verifies it
+// on each new connection, and after retire one from the old intermediate
+// no longer verifies.
+func TestRotationReportCountsServingSVID(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.srv
+	sv, err := s.renewOwnSVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &interTrust{}
+	s.cfg.Trust = tr
+	// The intermediate was re-signed: the serving SVID is from the old one.
+	other := catest.New(t, testTD, catest.Options{Cluster: testCluster})
+	tr.inter.Store(other.SVID(t, "spiffe://"+testTD+"/ns/default/sa/x", time.Hour).Certificates[1])
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	r := s.world.rotation
+	s.mu.Unlock()
+	if r.GetNodesSvidCurrent() == r.GetNodes() {
+		t.Fatalf("the control plane serves an SVID from an intermediate no longer in force, and its cluster counts as moved: %v", r)
+	}
+	tr.inter.Store(sv.Certificates[1])
+	if err := s.rebuild(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	r = s.world.rotation
+	s.mu.Unlock()
+	if r.GetNodesSvidCurrent() != r.GetNodes() || r.GetNodes() != 0 {
+		t.Fatalf("with the serving SVID on the current intermediate: %v, want no node behind", r)
 	}
 }

@@ -202,6 +202,7 @@ func (s *Server) renewOwnSVID() (*x509svid.SVID, error) {
 		chain = append(chain, c.Raw)
 	}
 	s.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: sv.PrivateKey, Leaf: sv.Certificates[0]})
+	s.pokeFederation() // the cluster's rotation report counts the serving SVID
 	return sv, nil
 }
 
