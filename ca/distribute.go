@@ -26,8 +26,13 @@ type signedBundle struct {
 func (a *Authority) SignedBundle() (string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	b, root := a.bundle, a.st.rootIn(RootActive)
-	key := fmt.Sprintf("%d %s %s", b.Sequence(), b.Digest(), root.ID)
+	b, root, next := a.bundle, a.st.rootIn(RootActive), a.st.rootIn(RootPrepared)
+	var nextCert *x509.Certificate
+	nextID := ""
+	if next != nil {
+		nextCert, nextID = next.cert, next.ID
+	}
+	key := fmt.Sprintf("%d %s %s %s", b.Sequence(), b.Digest(), root.ID, nextID)
 	if a.signed.key == key {
 		return a.signed.token, nil
 	}
@@ -35,7 +40,7 @@ func (a *Authority) SignedBundle() (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("ca: sign the trust bundle: root %s: %w", root.ID, err)
 	}
-	token, err := bundlesig.Sign(b, root.cert, signer)
+	token, err := bundlesig.SignWithSuccessor(b, root.cert, signer, nextCert)
 	if err != nil {
 		return "", fmt.Errorf("ca: sign the trust bundle with root %s: %w", root.ID, err)
 	}

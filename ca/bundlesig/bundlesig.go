@@ -12,6 +12,8 @@
 //	     (Ed25519), chosen from the root's key
 //	kid  svid.Fingerprint of the signing root: "sha256:<hex of its DER>"
 //	typ  "strait-bundle+jws"
+//	nxt  optional: svid.Fingerprint of the prepared root that will sign
+//	     next (the root authority sets it between prepare and activate)
 //
 // Trust is chained, never bootstrapped from the token: the kid must name a
 // root of the bundle the receiver holds, the signature must verify under
@@ -22,6 +24,13 @@
 // bundle before and the bundle after prepare, retire and revoke). A member
 // that missed a step (it holds a bundle that does not contain the signer)
 // refuses the token and must be re-bootstrapped out of band.
+//
+// VerifyFrom adds the chain of signers: a receiver that holds a signed
+// bundle accepts the next one only from the root that signed it or from the
+// successor it announced (nxt). Once the successor has signed, the old root
+// (still in the bundle until retire or revoke) signs nothing a receiver
+// accepts: the holder of a compromised old root cannot push a bundle with a
+// huge sequence that would make the root authority's revoke look older.
 //
 // RSA is not accepted: the mesh CA creates ECDSA P-256 roots only, and
 // every algorithm a verifier accepts is attack surface.
@@ -103,6 +112,14 @@ func algorithmFor(pub crypto.PublicKey) (jose.SignatureAlgorithm, error) {
 // root's and root must be one of b's roots (a receiver refuses a bundle that
 // drops its signer).
 func Sign(b *bundle.Bundle, root *x509.Certificate, key crypto.Signer) (string, error) {
+	return SignWithSuccessor(b, root, key, nil)
+}
+
+// SignWithSuccessor is Sign, announcing next (a prepared root, in b) as the
+// root that will sign after this one: receivers that follow the signer
+// chain (VerifyFrom) then accept bundles from next, and from no other root
+// than root and next.
+func SignWithSuccessor(b *bundle.Bundle, root *x509.Certificate, key crypto.Signer, next *x509.Certificate) (string, error) {
 	switch {
 	case b == nil:
 		return "", errors.New("bundlesig: sign: no bundle")
@@ -129,6 +146,12 @@ func Sign(b *bundle.Bundle, root *x509.Certificate, key crypto.Signer) (string, 
 	opts := (&jose.SignerOptions{}).
 		WithType(Type).
 		WithHeader(jose.HeaderKey("kid"), svid.Fingerprint(root))
+	if next != nil {
+		if !b.Contains(next) {
+			return "", fmt.Errorf("bundlesig: sign: successor root %q is not in the bundle", next.Subject)
+		}
+		opts = opts.WithHeader(jose.HeaderKey("nxt"), svid.Fingerprint(next))
+	}
 	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: cryptosigner.Opaque(key)}, opts)
 	if err != nil {
 		return "", fmt.Errorf("bundlesig: sign: %w", err)
@@ -156,6 +179,8 @@ type protectedHeader struct {
 	Alg string `json:"alg"`
 	Kid string `json:"kid"`
 	Typ string `json:"typ"`
+	// Nxt, optional: the fingerprint of the root that will sign next.
+	Nxt string `json:"nxt,omitempty"`
 }
 
 // parseHeader decodes the protected header of a compact JWS strictly:
@@ -176,8 +201,8 @@ func parseHeader(token string) (protectedHeader, error) {
 		return h, invalid("protected header is not a JSON object: %v", err)
 	}
 	for k := range fields {
-		if k != "alg" && k != "kid" && k != "typ" {
-			return h, invalid("protected header has %q; only alg, kid and typ are allowed", k)
+		if k != "alg" && k != "kid" && k != "typ" && k != "nxt" {
+			return h, invalid("protected header has %q; only alg, kid, typ and nxt are allowed", k)
 		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
@@ -290,4 +315,44 @@ func checkTrustDomain(td spiffeid.TrustDomain, roots []*x509.Certificate) error 
 		}
 	}
 	return nil
+}
+
+// VerifyFrom is Verify for a receiver that holds held, the signed form of
+// current (as a previous VerifyFrom accepted it, or as the root authority
+// issued it), and follows the chain of signers: the new bundle must be
+// signed by the root that signed held, or by the successor held announced.
+// A root that has handed over (an old, tainted root) can then no longer
+// sign bundles this receiver accepts, even though it is still in the
+// bundle: without this, the holder of a compromised root's key could sign
+// a bundle with a huge sequence and make every later bundle of the root
+// authority (its revoke included) look older.
+//
+// The successor's first bundle may have the sequence of current and the
+// same roots (the handover at activate): it is accepted, so that the new
+// signer is followed from then on. With held empty (a receiver that has
+// never seen a signed bundle), VerifyFrom is Verify.
+func VerifyFrom(current *bundle.Bundle, held, token string) (*bundle.Bundle, error) {
+	next, err := Verify(current, token)
+	if held == "" || (err != nil && !errors.Is(err, ErrNotNewer)) {
+		return next, err
+	}
+	hh, herr := parseHeader(held)
+	if herr != nil {
+		return nil, fmt.Errorf("bundlesig: the signed bundle held is unreadable: %w", herr)
+	}
+	th, terr := parseHeader(token)
+	if terr != nil {
+		return nil, terr
+	}
+	switch {
+	case th.Kid == hh.Kid:
+		return next, err
+	case hh.Nxt != "" && th.Kid == hh.Nxt:
+		if errors.Is(err, ErrNotNewer) && next.Sequence() == current.Sequence() && next.Digest() == current.Digest() {
+			return next, nil // the handover: the same bundle, from the successor
+		}
+		return next, err
+	default:
+		return nil, invalid("signed by root %.80q, but this cluster follows root %.80q (successor announced: %.80q): a root that handed over signs nothing more", th.Kid, hh.Kid, hh.Nxt)
+	}
 }

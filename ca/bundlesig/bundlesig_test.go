@@ -147,7 +147,7 @@ func TestVerify(t *testing.T) {
 		{"wrong typ", current, forge(t, map[string]any{"alg": "ES256", "kid": a.kid(), "typ": "JWT"}, mustJWKS(t, mustBundle(t, 6, a)), a.key), bundlesig.ErrInvalid, "typ"},
 		{"no kid", current, forge(t, map[string]any{"alg": "ES256", "typ": bundlesig.Type}, mustJWKS(t, mustBundle(t, 6, a)), a.key), bundlesig.ErrInvalid, "kid is missing"},
 		{"embedded jwk", current, forge(t, map[string]any{"alg": "ES256", "kid": a.kid(), "typ": bundlesig.Type, "jwk": map[string]any{"kty": "EC"}}, mustJWKS(t, mustBundle(t, 6, a)), a.key), bundlesig.ErrInvalid, `"jwk"`},
-		{"crit b64", current, forge(t, map[string]any{"alg": "ES256", "kid": a.kid(), "typ": bundlesig.Type, "b64": false, "crit": []string{"b64"}}, mustJWKS(t, mustBundle(t, 6, a)), a.key), bundlesig.ErrInvalid, "only alg, kid and typ"},
+		{"crit b64", current, forge(t, map[string]any{"alg": "ES256", "kid": a.kid(), "typ": bundlesig.Type, "b64": false, "crit": []string{"b64"}}, mustJWKS(t, mustBundle(t, 6, a)), a.key), bundlesig.ErrInvalid, "only alg, kid, typ and nxt"},
 		{"JSON serialization", current, jsonSerialization(t, mustBundle(t, 6, a), a), bundlesig.ErrInvalid, ""},
 		{"empty", current, "", bundlesig.ErrInvalid, "empty"},
 		{"garbage", current, "not a jws at all", bundlesig.ErrInvalid, ""},
@@ -224,5 +224,67 @@ func TestVerifyChainsAcrossARotation(t *testing.T) {
 	}
 	if _, err := bundlesig.Verify(seq1, retired); !errors.Is(err, bundlesig.ErrInvalid) || !strings.Contains(err.Error(), "does not trust") {
 		t.Fatalf("skipping prepare: got %v, want a refusal for an untrusted signer", err)
+	}
+}
+
+// TestVerifyFromFollowsSigners: a receiver that follows the chain of
+// signers accepts the successor's handover at the same sequence and its
+// later bundles, and refuses a root that has handed over, however high the
+// sequence it signs (a compromised old root cannot block the revoke).
+func TestVerifyFromFollowsSigners(t *testing.T) {
+	a, b := loadRoot(t, "root-a"), loadRoot(t, "root-b")
+	seq1, seq2, seq3 := mustBundle(t, 1, a), mustBundle(t, 2, a, b), mustBundle(t, 3, b)
+	initial, err := bundlesig.Sign(seq1, a.cert, a.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prepared, err := bundlesig.SignWithSuccessor(seq2, a.cert, a.key, b.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := header(t, prepared)["nxt"]; got != b.kid() {
+		t.Fatalf("nxt header %v, want %s", got, b.kid())
+	}
+	handover, err := bundlesig.Sign(seq2, b.cert, b.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	retired, err := bundlesig.Sign(seq3, b.cert, b.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The old root, compromised, signs a bundle with a huge sequence.
+	forged, err := bundlesig.Sign(mustBundle(t, 1000, a, b), a.cert, a.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := bundlesig.VerifyFrom(seq1, initial, prepared); err != nil {
+		t.Fatalf("prepare, signed by the root held: %v", err)
+	}
+	if got, err := bundlesig.VerifyFrom(seq2, prepared, handover); err != nil || got.Sequence() != 2 {
+		t.Fatalf("the handover at the same sequence: %v, %v", got, err)
+	}
+	if _, err := bundlesig.VerifyFrom(seq2, handover, forged); !errors.Is(err, bundlesig.ErrInvalid) || !strings.Contains(err.Error(), "handed over") {
+		t.Fatalf("the old root after the handover: got %v, want a refusal", err)
+	}
+	// Missing the handover: the announced successor is still followed.
+	if _, err := bundlesig.VerifyFrom(seq2, prepared, retired); err != nil {
+		t.Fatalf("retire from the announced successor, handover missed: %v", err)
+	}
+	if _, err := bundlesig.VerifyFrom(seq2, handover, retired); err != nil {
+		t.Fatalf("retire after the handover: %v", err)
+	}
+	// Before the handover the old root is still the signer: the same
+	// sequence again is only "not newer".
+	if _, err := bundlesig.VerifyFrom(seq2, prepared, prepared); !errors.Is(err, bundlesig.ErrNotNewer) {
+		t.Fatalf("the bundle held, again: got %v, want ErrNotNewer", err)
+	}
+	// A receiver holding no signed form yet: plain Verify.
+	if _, err := bundlesig.VerifyFrom(seq2, "", forged); err != nil {
+		t.Fatalf("no signed form held: got %v, want Verify's answer (accepted)", err)
+	}
+	if _, err := bundlesig.VerifyFrom(seq2, "garbage", retired); err == nil {
+		t.Fatal("an unreadable signed form held was not reported")
 	}
 }

@@ -534,7 +534,7 @@ func (s *Server) offerRotation(reports map[string]*controlplanev1.PeerReport) bo
 			// to be relayed on). The sequence is the relayer's word only:
 			// Trust checks the signed one.
 			seq := r.GetSignedBundle().GetSequence()
-			if b := s.cfg.Bundle(); b == nil || seq > b.Sequence() || seq == b.Sequence() && s.cfg.Trust.SignedBundle() == "" {
+			if b := s.cfg.Bundle(); b == nil || seq > b.Sequence() || seq == b.Sequence() && jws != s.cfg.Trust.SignedBundle() {
 				ok, err := s.cfg.Trust.OfferBundle(jws)
 				if err != nil {
 					s.logOnce("bundle-"+peer, "a trust bundle relayed by a peer was refused", "peer", peer, "err", err)

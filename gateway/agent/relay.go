@@ -215,7 +215,8 @@ type inRelay struct {
 
 // gotRelay takes a relay message (SignedBundle, IntermediateUpdate or
 // RotationReport) from peer's control stream: bounded, and kept if newer
-// (a SignedBundle with a higher sequence) or different (the others). A
+// (a SignedBundle with a higher sequence, or the same one signed anew) or
+// different (the others). A
 // message out of bounds is dropped; the stream carries on. It reports
 // whether what the peer relayed changed.
 func (a *agent) gotRelay(peer string, m *federationv1.ControlMessage) bool {
@@ -255,7 +256,9 @@ func (a *agent) gotRelay(peer string, m *federationv1.ControlMessage) bool {
 	}
 	switch {
 	case sb != nil:
-		if in.signed != nil && sb.GetSequence() <= in.signed.GetSequence() {
+		// The same sequence signed again (the handover to the next root at
+		// activate) replaces it too: the control plane follows signers.
+		if in.signed != nil && (sb.GetSequence() < in.signed.GetSequence() || sb.GetSequence() == in.signed.GetSequence() && sb.GetJws() == in.signed.GetJws()) {
 			return false
 		}
 		in.signed = sb

@@ -241,7 +241,8 @@ func TestServeControlRelay(t *testing.T) {
 	}{
 		{"signed bundle 2", signed(2, "jws-2"), true, "jws-2", 0, 0},
 		{"an older signed bundle", signed(1, "jws-1"), false, "jws-2", 0, 0},
-		{"another at the same sequence", signed(2, "jws-2b"), false, "jws-2", 0, 0},
+		{"the same again", signed(2, "jws-2"), false, "jws-2", 0, 0},
+		{"another at the same sequence (a handover)", signed(2, "jws-2b"), true, "jws-2b", 0, 0},
 		{"signed bundle 3", signed(3, "jws-3"), true, "jws-3", 0, 0},
 		{"a JWS over 64 KiB", signed(9, strings.Repeat("a", maxSignedBundleJWS+1)), false, "jws-3", 0, 0},
 		{"our intermediate", intermediate("east", cert(300)), true, "jws-3", 1, 0},

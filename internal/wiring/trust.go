@@ -75,7 +75,7 @@ func (t *trust) OfferBundle(jws string) (bool, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	cur := t.bundle.Load()
-	b, err := bundlesig.Verify(cur, jws)
+	b, err := bundlesig.VerifyFrom(cur, t.SignedBundle(), jws)
 	if errors.Is(err, bundlesig.ErrNotNewer) {
 		// The bundle in force, signed: kept so this cluster can relay it.
 		if t.SignedBundle() == "" && b != nil && b.Sequence() == cur.Sequence() && b.Digest() == cur.Digest() {
