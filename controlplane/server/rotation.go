@@ -166,6 +166,11 @@ func short(d string) string {
 	if d == "" {
 		return "(none)"
 	}
+	// What a node reports reaches operators' terminals: anything but a
+	// "sha256:<hex>" digest is not repeated.
+	if !strings.HasPrefix(d, "sha256:") || strings.Trim(d[len("sha256:"):], "0123456789abcdef") != "" {
+		return "(malformed)"
+	}
 	if len(d) > 19 {
 		// On a character boundary: what nodes report is any UTF-8, and a
 		// report that is not valid UTF-8 does not marshal.
