@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
@@ -216,12 +217,7 @@ func newFederationStatusCmd(g *globals) *cobra.Command {
 				return rpcError(err)
 			}
 			if output == "json" {
-				b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(st)
-				if err != nil {
-					return err
-				}
-				_, err = fmt.Fprintln(g.stdout, string(b))
-				return err
+				return printProtoJSON(g.stdout, st)
 			}
 			printFederationStatus(g.stdout, st)
 			return nil
@@ -325,12 +321,7 @@ reported them with its health.`,
 				return rpcError(err)
 			}
 			if output == "json" {
-				b, err := protojson.MarshalOptions{Multiline: true}.Marshal(r)
-				if err != nil {
-					return err
-				}
-				_, err = fmt.Fprintln(g.stdout, string(b))
-				return err
+				return printProtoJSON(g.stdout, r)
 			}
 			fmt.Fprintln(g.stdout, r.GetSummary())
 			if fr := r.GetFrom(); fr != nil {
@@ -367,4 +358,15 @@ reported them with its health.`,
 	cmd.Flags().StringVar(&from, "from", "", "explain one sidecar's own view (its instance name): its snapshot and the endpoints it ejects")
 	f.register(cmd)
 	return cmd
+}
+
+// printProtoJSON writes m as indented protojson, every field present (what
+// -o json prints for an API answer).
+func printProtoJSON(w io.Writer, m proto.Message) error {
+	b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(w, string(b))
+	return err
 }

@@ -14,7 +14,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/straitmesh/strait/ca"
@@ -402,12 +401,7 @@ func (r *rotator) status(ctx context.Context, output string) error {
 		return rpcError(err)
 	}
 	if output == "json" {
-		b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(st)
-		if err != nil {
-			return err
-		}
-		_, err = fmt.Fprintln(r.out, string(b))
-		return err
+		return printProtoJSON(r.out, st)
 	}
 	printRotationStatus(r.out, st)
 	return nil
