@@ -235,6 +235,23 @@ func (s *Server) rotationStatus() *controlplanev1.RotationStatusResponse {
 		}
 		clusters = append(clusters, r)
 	}
+	// Every cluster that holds an intermediate of the mesh CA takes part,
+	// linked here or not: one this root authority cannot see (or reach
+	// with its re-signed intermediate) holds the gates shut rather than
+	// being cut off at retire.
+	if s.cfg.RootCA != nil {
+		linked := map[string]bool{s.cfg.Cluster: true}
+		for _, l := range w.fed.links {
+			linked[l.Peer] = true
+		}
+		ims := s.cfg.RootCA.Intermediates()
+		for _, c := range slices.Sorted(maps.Keys(ims)) {
+			if !linked[c] {
+				clusters = append(clusters, &federationv1.RotationReport{Cluster: c})
+				waitingFor[c] = fmt.Sprintf("holds an intermediate of the mesh CA but is not linked to %s: its progress cannot be seen nor its re-signed intermediate delivered; link it with a join token (or pass --force, and it fails verification after retire)", s.cfg.Cluster)
+			}
+		}
+	}
 	for _, r := range clusters {
 		cr := &controlplanev1.ClusterRotation{Report: r}
 		cr.BundleInSync = r.GetBundleDigest() == resp.BundleDigest && r.GetNodesBundleCurrent() == r.GetNodes()

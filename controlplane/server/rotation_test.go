@@ -1,6 +1,8 @@
 package server
 
 import (
+	"context"
+	"crypto/x509"
 	"strings"
 	"testing"
 
@@ -46,5 +48,37 @@ func TestNextStepGates(t *testing.T) {
 	}
 	if _, ready := nextStep([]RootInfo{active}, []*controlplanev1.ClusterRotation{svidBehind("west")}, false); ready {
 		t.Error("a cluster that is not the root authority is in sync with SVIDs behind")
+	}
+}
+
+// unlinkedCA is a RootCA whose CA holds intermediates for east (this
+// cluster) and for north, which is not linked to it.
+type unlinkedCA struct{ blockingCA }
+
+func (unlinkedCA) Intermediates() map[string]*x509.Certificate {
+	return map[string]*x509.Certificate{"east": {}, "north": {}}
+}
+
+// TestRotationGatesClustersNotLinked: a cluster holding an intermediate of
+// the mesh CA but not linked to the root authority holds the gate shut,
+// and status says why.
+func TestRotationGatesClustersNotLinked(t *testing.T) {
+	e := newTestEnv(t)
+	e.srv.cfg.RootCA = &unlinkedCA{blockingCA{roots: []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: "sha256:r2"}}}}
+	if err := e.srv.rebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := e.srv.rotationStatus()
+	var north *controlplanev1.ClusterRotation
+	for _, c := range st.GetClusters() {
+		if c.GetReport().GetCluster() == "north" {
+			north = c
+		}
+	}
+	if north == nil || !strings.Contains(north.GetWaiting(), "not linked") {
+		t.Fatalf("north (not linked) in the status: %v", north)
+	}
+	if st.GetReady() || !strings.Contains(st.GetNext(), "north") {
+		t.Fatalf("next %q ready=%v: want activate waiting for north", st.GetNext(), st.GetReady())
 	}
 }
