@@ -721,12 +721,21 @@ func printRotationStatus(w io.Writer, st *controlplanev1.RotationStatusResponse)
 		if c.GetBundleInSync() {
 			bundleState = "in sync"
 		}
-		if rep.GetBundleDigest() == "" {
+		active := ""
+		for _, r := range st.GetRoots() {
+			if r.GetState() == "active" {
+				active = r.GetFingerprint()
+			}
+		}
+		switch {
+		case rep.GetBundleDigest() == "":
 			bundleState = "unknown"
-		} else if c.GetSvidsOnActiveRoot() {
+		case !c.GetSvidsOnActiveRoot() && rep.GetIntermediateRoot() != "" && active != "" && rep.GetIntermediateRoot() != active:
+			svids = fmt.Sprintf("0/%d (intermediate not yet under the active root)", rep.GetNodes())
+		default:
+			// Nodes presenting an SVID from the cluster's intermediate,
+			// which the active root signed.
 			svids = fmt.Sprintf("%d/%d on active root", rep.GetNodesSvidCurrent(), rep.GetNodes())
-		} else {
-			svids = fmt.Sprintf("0/%d on active root", rep.GetNodes())
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", clusterName(c), bundleState, svids, dash(lagReason(st, c)))
 	}

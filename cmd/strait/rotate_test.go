@@ -538,7 +538,7 @@ func TestRotateStatus(t *testing.T) {
 		"CLUSTER  BUNDLE   SVIDS               WAITING\n",
 		"east     in sync  3/3 on active root  -\n",
 		"west     behind   5/5 on active root  3 of 5 nodes hold an older bundle\n",
-		"south    behind   0/2 on active root  gateway link down\n",
+		"south    behind   2/2 on active root  gateway link down\n",
 		"north    unknown  -                   no rotation report yet\n",
 		"next: activate once every cluster holds the new bundle (waiting)\n",
 		"auto rotation: running, last step prepare, started 2030-05-06T07:08:09Z\n",

@@ -10,12 +10,13 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
-	"github.com/straitmesh/strait/controlplane/store"
 )
 
 // maxEjections bounds what one sidecar reports.
@@ -55,6 +56,9 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 				continue
 			}
 			from.Connected, from.SnapshotVersion = len(n.streams) > 0, n.sentVersion
+			if n.upTo == w.version {
+				from.CurrentVersion = n.sentVersion // nothing newer for it
+			}
 			from.Ejected = nil
 			if !n.reported.IsZero() {
 				from.Reported = timestamppb.New(n.reported)
@@ -69,7 +73,7 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 	}
 	s.mu.Unlock()
 	if from != nil && from.SnapshotVersion == 0 && !from.Connected {
-		return nil, fmt.Errorf("%w: no sidecar named %q is connected to this control plane", store.ErrNotFound, req.GetFrom())
+		return nil, status.Errorf(codes.NotFound, "no sidecar named %q is connected to this control plane (--from takes a workload instance name, as in dev.json)", req.GetFrom())
 	}
 	snap := snapshotFor(w, s.cfg.Cluster, ns, &controlplanev1.WatchRequest{Node: "explain", Upstreams: []string{req.GetService()}})
 	svc := snap.GetServices()[0]

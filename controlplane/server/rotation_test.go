@@ -55,7 +55,7 @@ func TestNextStepGates(t *testing.T) {
 // cluster) and for north, which is not linked to it.
 type unlinkedCA struct{ blockingCA }
 
-func (unlinkedCA) Intermediates() map[string]*x509.Certificate {
+func (*unlinkedCA) Intermediates() map[string]*x509.Certificate {
 	return map[string]*x509.Certificate{"east": {}, "north": {}}
 }
 

@@ -46,6 +46,9 @@ type node struct {
 	id          spiffeid.ID
 	streams     map[chan struct{}]struct{}
 	sentVersion uint64
+	// upTo is the latest world version the node's snapshot was cut from
+	// (sent, or equal to the one it holds).
+	upTo uint64
 	digest      string
 	issuer      string // fingerprint of the certificate that signed its SVID
 	health      controlplanev1.Health
@@ -283,6 +286,9 @@ func (s *Server) watch(ctx context.Context, req *controlplanev1.WatchRequest, se
 			n.sentVersion = w.version
 			s.mu.Unlock()
 		}
+		s.mu.Lock()
+		n.upTo = w.version // what it holds is this version's, sent or unchanged
+		s.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
