@@ -48,10 +48,10 @@ type node struct {
 	sentVersion uint64
 	// upTo is the latest world version the node's snapshot was cut from
 	// (sent, or equal to the one it holds).
-	upTo uint64
-	digest      string
-	issuer      string // fingerprint of the certificate that signed its SVID
-	health      controlplanev1.Health
+	upTo   uint64
+	digest string
+	issuer string // fingerprint of the certificate that signed its SVID
+	health controlplanev1.Health
 	// ejections the sidecar reported, and when.
 	ejections []*controlplanev1.Ejection
 	reported  time.Time
