@@ -483,9 +483,16 @@ func (s *Server) autoStep(ctx context.Context, a store.AutoRotation) store.AutoR
 	var phase string // what the CA's roots say was taken last
 	for _, r := range s.cfg.RootCA.Roots() {
 		switch r.State {
+		case "tainted":
+			// The emergency path overrides: the operator finishes it by
+			// hand (revoke), then starts a rotation again if needed.
+			a.Running = false
+			a.LastError = fmt.Sprintf("root %s was tainted during the automatic rotation; it stopped here: revoke it (strait ca rotate revoke %s), then start again", r.ID, r.ID)
+			s.log.Warn("automatic rotation stopped: a root was tainted", "root_id", r.ID)
+			return a
 		case "prepared":
 			phase = stepPrepare
-		case "old", "tainted":
+		case "old":
 			if phase == "" {
 				phase = stepActivate
 			}

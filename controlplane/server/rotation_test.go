@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/store"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
@@ -80,5 +81,19 @@ func TestRotationGatesClustersNotLinked(t *testing.T) {
 	}
 	if st.GetReady() || !strings.Contains(st.GetNext(), "north") {
 		t.Fatalf("next %q ready=%v: want activate waiting for north", st.GetNext(), st.GetReady())
+	}
+}
+
+// TestAutoRotationStopsOnTaint: a root tainted while an automatic rotation
+// runs stops it, saying what to do; it does not take the taint for a step.
+func TestAutoRotationStopsOnTaint(t *testing.T) {
+	e := newTestEnv(t)
+	e.srv.cfg.RootCA = &blockingCA{roots: []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "tainted", InBundle: true, Fingerprint: "sha256:r2"}}}
+	if err := e.srv.rebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := e.srv.autoStep(context.Background(), store.AutoRotation{Running: true, Steps: []store.RotationStep{{Step: stepPrepare}}})
+	if a.Running || a.Done || !strings.Contains(a.LastError, "revoke") || len(a.Steps) != 1 {
+		t.Fatalf("after a taint: %+v; want stopped, not done, one step, a hint to revoke", a)
 	}
 }
