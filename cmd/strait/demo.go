@@ -569,7 +569,7 @@ func (d *demo) failover(dir, cfg string, withProxy func(...string) []string) (er
 	}) {
 		return fmt.Errorf("demo: east's control plane still did not send backend's traffic to west 30s after the kill:\n%s", seen)
 	}
-	fmt.Fprintf(out, "  east's control plane saw them gone %s after the kill, when they missed their health reports; the sidecars had not waited\n",
+	fmt.Fprintf(out, "  east's control plane saw them gone %s after the kill, 2s after their sidecars' configuration streams closed; the callers' sidecars had not waited\n",
 		roundDuration(time.Since(killedAt)))
 	if err := d.step(true, explain...); err != nil {
 		return err
