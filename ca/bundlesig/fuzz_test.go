@@ -152,3 +152,40 @@ func TestSeedCorpus(t *testing.T) {
 		t.Error("no seed in the corpus is accepted; the fuzzer would only explore refusals")
 	}
 }
+
+// FuzzVerifyFrom feeds arbitrary tokens to a receiver that holds a bundle
+// signed by root A announcing root B. It must never panic, and a bundle it
+// accepts must come from A or B.
+func FuzzVerifyFrom(f *testing.F) {
+	a, b := loadRoot(f, "root-a"), loadRoot(f, "root-b")
+	current := mustBundle(f, 5, a, b)
+	held, err := bundlesig.SignWithSuccessor(current, a.cert, a.key, b.cert)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, s := range seeds(f) {
+		f.Add(s)
+	}
+	for _, signer := range []testRoot{a, b} {
+		for _, seq := range []uint64{5, 6} {
+			token, err := bundlesig.Sign(mustBundle(f, seq, a, b), signer.cert, signer.key)
+			if err != nil {
+				f.Fatal(err)
+			}
+			f.Add(token)
+		}
+	}
+	f.Fuzz(func(t *testing.T, token string) {
+		next, err := bundlesig.VerifyFrom(current, held, token)
+		if err != nil {
+			return
+		}
+		hdr := header(t, token)
+		if kid := hdr["kid"]; kid != a.kid() && kid != b.kid() {
+			t.Fatalf("accepted a bundle signed by %v, neither the signer held nor its successor", kid)
+		}
+		if next.Sequence() < current.Sequence() {
+			t.Fatalf("accepted sequence %d, holding %d", next.Sequence(), current.Sequence())
+		}
+	})
+}
