@@ -610,17 +610,29 @@ func (a *agent) serveJoin(ctx context.Context, s io.ReadWriteCloser, cs tls.Conn
 // gateway holds (bundle, SVID issuer, what peers relayed): when poked,
 // every other heartbeat if it changed, every ten heartbeats regardless,
 // and at once on a new WatchGateway stream.
+// minReportGap is the least time between two reports to the control plane.
+const minReportGap = 100 * time.Millisecond
+
 func (a *agent) reportLoop(ctx context.Context) error {
 	t := time.NewTicker(2 * a.cfg.Heartbeat)
 	defer t.Stop()
 	var last *controlplanev1.ReportPeersRequest
-	lastSent := time.Time{}
+	var lastSent, lastSentWall time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
 		case <-a.wake:
+			// Reports are spaced by minReportGap: a peer flooding relay
+			// messages cannot make this gateway flood its control plane.
+			if gap := minReportGap - time.Since(lastSentWall); gap > 0 {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(gap):
+				}
+			}
 		}
 		req := a.report()
 		resend := a.resend.Swap(false)
@@ -639,7 +651,7 @@ func (a *agent) reportLoop(ctx context.Context) error {
 			}
 			continue
 		}
-		last, lastSent = req, a.clock()
+		last, lastSent, lastSentWall = req, a.clock(), time.Now()
 	}
 }
 
