@@ -36,6 +36,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	iclock "github.com/straitmesh/strait/internal/clock"
 )
 
 // Credentials hold the current SVID and bundle (proxy.Credentials).
@@ -379,18 +380,12 @@ func (c *Identity) sleepUntilRenewal(ctx context.Context, halfLife time.Time) (u
 			at = c.pending
 		}
 		c.mu.Unlock()
-		d := at.Sub(c.clock())
-		if d <= 0 {
+		if !at.After(c.clock()) {
 			return gen, true
 		}
-		t := time.NewTimer(min(d, time.Second))
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		// Woken by a new hint, the target is read again.
+		if !iclock.SleepUntilOr(ctx, c.clock, at, wake) {
 			return 0, false
-		case <-t.C:
-		case <-wake:
-			t.Stop()
 		}
 	}
 }

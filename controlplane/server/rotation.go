@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -124,12 +123,14 @@ func (s *Server) ownRotationLocked(b *bundle.Bundle, inter *x509.Certificate) *f
 	}
 	// The control plane's own serving SVID, which every node verifies on
 	// each new connection, counts when it is not from the intermediate in
-	// force (it is renewed within about 250ms of a change).
-	if c := s.cert.Load(); c != nil && len(c.Certificate) > 1 && r.Intermediate != "" {
-		if sum := sha256.Sum256(c.Certificate[1]); "sha256:"+hex.EncodeToString(sum[:]) != r.Intermediate {
-			r.Nodes++
-			r.Behind = append([]string{"control plane: serving SVID from intermediate " + short("sha256:"+hex.EncodeToString(sum[:]))}, r.Behind...)
-			r.Behind = r.Behind[:min(len(r.Behind), maxBehind)]
+	// force; ownSVIDLoop is asked to renew it now.
+	if own := s.ownIssuer.Load(); own != nil && *own != "" && r.Intermediate != "" && *own != r.Intermediate {
+		r.Nodes++
+		r.Behind = append([]string{"control plane: serving SVID from intermediate " + short(*own)}, r.Behind...)
+		r.Behind = r.Behind[:min(len(r.Behind), maxBehind)]
+		select {
+		case s.renewOwn <- struct{}{}:
+		default:
 		}
 	}
 	// Just started: the nodes attached so far are not all there are. The

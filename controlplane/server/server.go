@@ -89,7 +89,11 @@ type Server struct {
 	metrics  *metrics
 	grpc     *grpc.Server
 	cert     atomic.Pointer[tls.Certificate]
-	selfID   spiffeid.ID
+	// ownIssuer is the fingerprint of the certificate that signed cert's
+	// leaf; renewOwn asks ownSVIDLoop to renew now.
+	ownIssuer atomic.Pointer[string]
+	renewOwn  chan struct{}
+	selfID    spiffeid.ID
 
 	mu      sync.Mutex
 	world   *world
@@ -168,7 +172,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer), selfID: selfID,
-		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, fedWake: make(chan struct{}, 1)}
+		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, fedWake: make(chan struct{}, 1), renewOwn: make(chan struct{}, 1)}
 	s.verifier, err = svid.NewVerifier(svid.VerifierConfig{TrustDomain: cfg.TrustDomain, Bundles: bundleSource{cfg.Bundle}, Clock: cfg.Clock})
 	if err != nil {
 		return nil, err
@@ -202,6 +206,8 @@ func (s *Server) renewOwnSVID() (*x509svid.SVID, error) {
 		chain = append(chain, c.Raw)
 	}
 	s.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: sv.PrivateKey, Leaf: sv.Certificates[0]})
+	issuer := svid.IssuerFingerprint(sv.Certificates)
+	s.ownIssuer.Store(&issuer)
 	s.pokeFederation() // the cluster's rotation report counts the serving SVID
 	return sv, nil
 }
@@ -276,31 +282,12 @@ func (s *Server) Run(ctx context.Context, ln net.Listener) error {
 }
 
 // ownSVIDLoop renews the serving SVID at half life, and at once when the
-// cluster's intermediate changes (a root rotation re-signed it).
+// cluster's intermediate changes (a root rotation re-signed it: rebuild
+// sees the serving SVID's issuer is not the intermediate in force and
+// signals renewOwn).
 func (s *Server) ownSVIDLoop(ctx context.Context, sv *x509svid.SVID) error {
 	for {
-		wake, stop := context.WithCancel(ctx)
-		// The watcher may outlive this round (sv is replaced below): it
-		// reads only what it is given here.
-		issuer := svid.IssuerFingerprint(sv.Certificates)
-		go func() {
-			defer stop()
-			t := time.NewTicker(250 * time.Millisecond)
-			defer t.Stop()
-			for {
-				select {
-				case <-wake.Done():
-					return
-				case <-t.C:
-					if inter := s.intermediate(); inter != nil && issuer != svid.Fingerprint(inter) {
-						return
-					}
-				}
-			}
-		}()
-		clock.SleepUntil(wake, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock()))
-		stop()
-		if ctx.Err() != nil {
+		if !clock.SleepUntilOr(ctx, s.cfg.Clock, svid.RenewAt(sv.Certificates[0], s.cfg.Clock()), s.renewOwn) {
 			return nil
 		}
 		next, err := s.renewOwnSVID()

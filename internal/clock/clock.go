@@ -12,6 +12,12 @@ import (
 // false). It re-reads the clock at least every second, so an injected
 // clock that jumps ahead is noticed.
 func SleepUntil(ctx context.Context, now func() time.Time, at time.Time) bool {
+	return SleepUntilOr(ctx, now, at, nil)
+}
+
+// SleepUntilOr is SleepUntil that also returns (true) as soon as wake
+// receives.
+func SleepUntilOr(ctx context.Context, now func() time.Time, at time.Time, wake <-chan struct{}) bool {
 	for {
 		d := at.Sub(now())
 		if d <= 0 {
@@ -22,6 +28,9 @@ func SleepUntil(ctx context.Context, now func() time.Time, at time.Time) bool {
 		case <-ctx.Done():
 			t.Stop()
 			return false
+		case <-wake:
+			t.Stop()
+			return true
 		case <-t.C:
 		}
 	}
