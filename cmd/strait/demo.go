@@ -690,10 +690,8 @@ func (d *demo) rotation(dir, cfg string) (err error) {
 
 // activeRoot is the ID of the active root in st ("-" if none).
 func activeRoot(st *controlplanev1.RotationStatusResponse) string {
-	for _, r := range st.GetRoots() {
-		if r.GetState() == "active" {
-			return r.GetId()
-		}
+	if r := activeRootOf(st); r != nil {
+		return r.GetId()
 	}
 	return "-"
 }

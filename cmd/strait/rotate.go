@@ -630,12 +630,7 @@ func lagReason(st *controlplanev1.RotationStatusResponse, c *controlplanev1.Clus
 	case !c.GetBundleInSync():
 		parts = append(parts, "bundle not in sync")
 	}
-	active := ""
-	for _, r := range st.GetRoots() {
-		if r.GetState() == "active" {
-			active = r.GetFingerprint()
-		}
-	}
+	active := activeRootOf(st).GetFingerprint()
 	switch {
 	case active != "" && rep.GetIntermediateRoot() != "" && rep.GetIntermediateRoot() != active:
 		parts = append(parts, "its intermediate is not signed by the active root yet")
@@ -715,17 +710,12 @@ func printRotationStatus(w io.Writer, st *controlplanev1.RotationStatusResponse)
 
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "\nCLUSTER\tBUNDLE\tSVIDS\tWAITING")
+	active := activeRootOf(st).GetFingerprint()
 	for _, c := range st.GetClusters() {
 		rep := c.GetReport()
 		bundleState, svids := "behind", "-"
 		if c.GetBundleInSync() {
 			bundleState = "in sync"
-		}
-		active := ""
-		for _, r := range st.GetRoots() {
-			if r.GetState() == "active" {
-				active = r.GetFingerprint()
-			}
 		}
 		switch {
 		case rep.GetBundleDigest() == "":
@@ -914,4 +904,14 @@ func printAutoSummary(w io.Writer, a *controlplanev1.AutoRotation) {
 	fmt.Fprintf(tw, "total\t\t\t%s\n", total)
 	tw.Flush()
 	fmt.Fprintln(w, "auto rotation done")
+}
+
+// activeRootOf is the active root in st, or nil.
+func activeRootOf(st *controlplanev1.RotationStatusResponse) *controlplanev1.RootInfo {
+	for _, r := range st.GetRoots() {
+		if r.GetState() == "active" {
+			return r
+		}
+	}
+	return nil
 }
