@@ -296,7 +296,8 @@ func killInstances(dir, cluster, service string) ([]devWorkload, error) {
 }
 
 // upstreamHealthy is, per cluster, how many endpoints of upstream a
-// sidecar's snapshot (its admin /config_dump) holds healthy.
+// sidecar's snapshot (its admin /config_dump) holds healthy; nil if the
+// snapshot has no configuration for upstream yet.
 func upstreamHealthy(admin, upstream string) (map[string]int, error) {
 	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
 	defer c.CloseIdleConnections()
@@ -319,11 +320,12 @@ func upstreamHealthy(admin, upstream string) (map[string]int, error) {
 	if err := json.NewDecoder(resp.Body).Decode(&dump); err != nil {
 		return nil, err
 	}
-	healthy := map[string]int{}
+	var healthy map[string]int // nil: no configuration for upstream yet
 	for _, svc := range dump.Snapshot.Services {
 		if svc.Name != upstream {
 			continue
 		}
+		healthy = map[string]int{}
 		for _, ep := range svc.Endpoints {
 			if ep.Health == "HEALTH_HEALTHY" {
 				healthy[ep.Cluster]++

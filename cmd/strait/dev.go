@@ -717,40 +717,21 @@ func (u *devUpper) workload(ctx context.Context, admin controlplanev1.AdminServi
 // healthyEndpoints checks, through a sidecar's /config_dump, that its
 // snapshot lists at least n healthy endpoints of upstream.
 func healthyEndpoints(admin, upstream string, n int) error {
-	resp, err := http.Get("http://" + admin + "/config_dump")
+	byCluster, err := upstreamHealthy(admin, upstream)
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
-	var dump struct {
-		Snapshot struct {
-			Services []struct {
-				Name      string `json:"name"`
-				Endpoints []struct {
-					Health string `json:"health"`
-				} `json:"endpoints"`
-			} `json:"services"`
-		} `json:"snapshot"`
+	if byCluster == nil {
+		return errors.New("no configuration for it yet")
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&dump); err != nil {
-		return err
+	healthy := 0
+	for _, c := range byCluster {
+		healthy += c
 	}
-	for _, svc := range dump.Snapshot.Services {
-		if svc.Name != upstream {
-			continue
-		}
-		healthy := 0
-		for _, ep := range svc.Endpoints {
-			if ep.Health == "HEALTH_HEALTHY" {
-				healthy++
-			}
-		}
-		if healthy >= n {
-			return nil
-		}
+	if healthy < n {
 		return fmt.Errorf("%d of %d endpoints healthy", healthy, n)
 	}
-	return errors.New("no configuration for it yet")
+	return nil
 }
 
 func readDevFile(dir string) (*devFile, error) {
