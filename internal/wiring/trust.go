@@ -149,11 +149,9 @@ func (t *trust) OfferIntermediate(chain [][]byte) (bool, error) {
 	t.inter.Store(cert)
 	t.log.Info("intermediate re-signed under another root installed", "fingerprint", svid.Fingerprint(cert), "expires", cert.NotAfter.UTC().Format(time.RFC3339))
 	// The admin credentials the CLI presents move to the new chain too.
-	ttl := 24 * time.Hour
-	if c, _ := t.dir.AdminPaths(); c != "" {
-		if s, err := x509svid.Load(t.dir.AdminPaths()); err == nil {
-			ttl = s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore)
-		}
+	ttl := 24 * time.Hour // as controlplane init, unless the current ones say otherwise
+	if s, err := x509svid.Load(t.dir.AdminPaths()); err == nil {
+		ttl = s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore)
 	}
 	if _, err := t.dir.MintAdmin(iss, ttl); err != nil {
 		t.log.Warn("re-issuing the admin credentials under the new intermediate failed", "err", err)
