@@ -519,8 +519,8 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 // re-signed intermediate) to Trust, which installs what verifies and is
 // newer. It reports whether anything was installed.
 func (s *Server) offerRotation(reports map[string]*controlplanev1.PeerReport) bool {
-	if s.cfg.Trust == nil {
-		return false
+	if s.cfg.Trust == nil || s.cfg.RootCA != nil {
+		return false // the root authority's bundle and intermediate come from its CA
 	}
 	installed := false
 	// The newest bundle first: an older one is then simply not newer.
