@@ -41,10 +41,11 @@ const (
 	benchMaxCount = 10_000_000 // requests per worker per closed-loop phase, a bound only
 )
 
-// TestReportProxyBench compares three paths to one HTTP app, measured in
+// TestReportProxyBench compares four paths to one HTTP app, measured in
 // the same run: a direct connection (the baseline), a Strait client and
-// server sidecar pair (strait-proxy processes, mTLS with SVIDs), and a pair
-// of Debian nginx processes doing the same mTLS hop. Requests are POSTs of
+// server sidecar pair (strait-proxy processes, mTLS with SVIDs), a pair
+// of Debian nginx processes doing the same mTLS hop, and a pair of bare Go
+// byte relays doing it too (a floor for a Go proxy, see runRelay). Requests are POSTs of
 // 1 KiB answered with 1 KiB, over 16 keep-alive connections. It is a
 // report, not a timing test: it fails only on functional errors (a request
 // that is not a 200 with the app's body, a component that does not start).
@@ -81,7 +82,8 @@ func TestReportProxyBench(t *testing.T) {
 	direct := &benchPath{name: "direct", url: "http://" + appAddr + "/"}
 	strait := startStraitPair(t, east, appAddr, filepath.Join(tmp, "strait"))
 	nginx := startNginxPair(t, east, appAddr, filepath.Join(tmp, "nginx"))
-	paths := []*benchPath{direct, strait, nginx}
+	relay := startRelayPair(t, east, appAddr, filepath.Join(tmp, "relay"))
+	paths := []*benchPath{direct, strait, nginx, relay}
 
 	// 1. A round trip through each path, then 2. warm-up and idle RSS.
 	for _, p := range paths {
