@@ -36,6 +36,9 @@ type h1Server struct {
 	connContext   func(ctx context.Context, c net.Conn) context.Context
 	headerTimeout time.Duration // for a request's headers once the connection is in use
 	idleTimeout   time.Duration // between requests
+	// fast, if set, serves the plain requests of the HTTP/1.1 fast path
+	// (h1fast.go) instead of handler.
+	fast fastHandler
 
 	mu       sync.Mutex
 	conns    map[*h1ServerConn]struct{}
@@ -118,6 +121,10 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 
 	bw := bufio.NewWriterSize(c, 4096)
 	w := &h1Response{bw: bw, header: make(http.Header)}
+	var fc *fastConn
+	if s.fast != nil {
+		fc = &fastConn{c: c, br: br, bw: bw, ctx: ctx, tlsState: tlsState, req: h1Head{fields: make([]h1Field, 0, 16)}, resp: h1Head{fields: make([]h1Field, 0, 16)}}
+	}
 	for first := true; ; first = false {
 		sc.idle.Store(true)
 		if s.shutdown.Load() {
@@ -138,6 +145,15 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 			c.SetReadDeadline(time.Now().Add(s.headerTimeout))
 		}
 		sc.idle.Store(false)
+		if fc != nil && fc.req.peekRequest(br) {
+			if handled, keep := s.serveFast(fc); handled {
+				br.Discard(fc.req.n + int(max(fc.req.length, 0)))
+				if err := bw.Flush(); err != nil || !keep {
+					return
+				}
+				continue
+			}
+		}
 		// What is buffered so far, usually the whole header block: see
 		// below. It stays valid while ReadRequest reads nothing more.
 		pending, _ := br.Peek(br.Buffered())
@@ -226,6 +242,19 @@ func (s *h1Server) serveOne(w *h1Response, req *http.Request) (ok bool) {
 	}()
 	s.handler.ServeHTTP(w, req)
 	return true
+}
+
+// serveFast runs the fast path's handler, recovering a panic as serveOne
+// does (the connection then ends).
+func (s *h1Server) serveFast(fc *fastConn) (handled, keep bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("HTTP fast path panicked; connection closed", "panic", r, "method", string(fc.req.method))
+			fc.bw.Reset(fc.c) // the response is unknown: none of it goes out
+			handled, keep = true, false
+		}
+	}()
+	return s.fast(fc)
 }
 
 // refuse answers a request that could not be read, unless the client

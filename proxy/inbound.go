@@ -125,13 +125,16 @@ func (in *inbound) connContext(ctx context.Context, _ net.Conn) context.Context 
 	return context.WithValue(ctx, peerKey{}, &peerConn{})
 }
 
-func (in *inbound) caller(r *http.Request) *peerConn {
-	pc, ok := r.Context().Value(peerKey{}).(*peerConn)
-	if !ok || r.TLS == nil {
+func (in *inbound) caller(r *http.Request) *peerConn { return in.callerOf(r.Context(), r.TLS) }
+
+// callerOf is caller for a connection's context and TLS state.
+func (in *inbound) callerOf(ctx context.Context, cs *tls.ConnectionState) *peerConn {
+	pc, ok := ctx.Value(peerKey{}).(*peerConn)
+	if !ok || cs == nil {
 		return nil
 	}
 	pc.once.Do(func() {
-		pc.id = peerID(r.TLS)
+		pc.id = peerID(cs)
 		pc.idStr = pc.id.String()
 		pc.xfcc = []string{"By=" + in.selfID.Load().(string) + ";URI=" + pc.idStr}
 	})
@@ -298,7 +301,7 @@ func (in *inbound) run(ctx context.Context, ln net.Listener) error {
 		ConnContext:       in.connContext,
 		ErrorLog:          slogErrorLog(in.log),
 	}
-	h1 := &h1Server{handler: in, log: in.log, connContext: in.connContext, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
+	h1 := &h1Server{handler: in, fast: in.serveFast, log: in.log, connContext: in.connContext, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
 	h2ln := newChanListener(ln.Addr())
 	var wg sync.WaitGroup
 	wg.Add(1)

@@ -538,6 +538,13 @@ func sidecarError(w http.ResponseWriter, code int, msg string) {
 }
 
 func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	code, msg := u.errorStatus(err)
+	sidecarError(w, code, msg)
+}
+
+// errorStatus is the status and message a failed request is answered
+// with.
+func (u *upstream) errorStatus(err error) (int, string) {
 	code := http.StatusBadGateway
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
@@ -561,7 +568,7 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 		msg = u.name + " refused this workload's identity (not allowed by its AuthorizationPolicy, or not trusted): " + msg
 	}
 	u.o.log.Debug("upstream request failed", "service", u.name, "err", err)
-	sidecarError(w, code, msg)
+	return code, msg
 }
 
 // RoundTrip sends one request to the service: it picks an endpoint, and
@@ -765,7 +772,7 @@ func (u *upstream) run(ctx context.Context, ln net.Listener) error {
 	h2c := new(http.Protocols)
 	h2c.SetUnencryptedHTTP2(true)
 	h2 := &http.Server{Handler: u, Protocols: h2c, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute, ErrorLog: slogErrorLog(u.o.log)}
-	h1 := &h1Server{handler: u, log: u.o.log, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
+	h1 := &h1Server{handler: u, fast: u.serveFast, log: u.o.log, headerTimeout: 30 * time.Second, idleTimeout: 5 * time.Minute}
 	h2ln := newChanListener(ln.Addr())
 	var wg sync.WaitGroup
 	wg.Add(1)
