@@ -105,6 +105,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if *concurrency > 0 && os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(*concurrency)
 	}
+	if !*profiling {
+		// No heap profile is served: the runtime need not sample one (its
+		// bucket table alone is over a megabyte of address space).
+		runtime.MemProfileRate = 0
+	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(stderr, "strait-proxy: --log-level: %v\n", err)
