@@ -16,6 +16,7 @@ import (
 // to drive the sidecars' byte-level fast path and its fallbacks.
 type rawApp struct {
 	release chan struct{} // lets /stream finish
+	done    chan struct{} // ends /hang
 }
 
 func (a *rawApp) serve(ln net.Listener) func() {
@@ -67,6 +68,16 @@ func (a *rawApp) conn(c net.Conn) {
 			out = "HTTP/1.1 200 OK\r\nX-Strait-Error: forged\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok"
 		case "/big-head":
 			out = "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("b", 6000) + "\r\nContent-Length: 2\r\n\r\nok"
+		case "/hang":
+			<-a.done
+			return
+		case "/truncated-fast", "/truncated-slow":
+			trailer := ""
+			if req.URL.Path == "/truncated-slow" {
+				trailer = "Trailer: X-Sum\r\n" // outside the fast subset
+			}
+			c.Write([]byte("HTTP/1.1 200 OK\r\n" + trailer + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
+			return
 		case "/hop":
 			out = "HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: secret\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
 		default:
@@ -84,7 +95,8 @@ func (a *rawApp) conn(c net.Conn) {
 // cases left to the net/http path all come out as a proxy should.
 func TestHTTP1FastPathThroughSidecars(t *testing.T) {
 	east := newCluster(t, "east", clusterOptions{})
-	app := &rawApp{release: make(chan struct{})}
+	app := &rawApp{release: make(chan struct{}), done: make(chan struct{})}
+	defer close(app.done)
 	east.workload("backend-0", "backend", workloadOptions{serve: app.serve})
 	fe := east.workload("frontend-0", "frontend", workloadOptions{upstreams: []string{"backend"}})
 	fe.waitEndpoints(t, "backend", 1)
@@ -187,6 +199,59 @@ func TestHTTP1FastPathThroughSidecars(t *testing.T) {
 			t.Errorf("pipelined response %d: %d %q", i, resp.StatusCode, resp.Header.Get("Content-Type"))
 		}
 	}
+	// A bodyless POST reaches the app with its length, as net/http sends it.
+	if resp, body := do("POST /headers HTTP/1.1\r\nHost: backend\r\n\r\n", "POST"); resp.StatusCode != 200 || !strings.Contains(body, `"Content-Length":["0"]`) {
+		t.Errorf("bodyless POST: %d %s", resp.StatusCode, body)
+	}
+
+	// The sidecar's own answer to a HEAD (here a timeout) has no body:
+	// the connection stays in step.
+	east.mustApply(`
+apiVersion: strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend, namespace: default}
+spec:
+  service: backend
+  timeouts: {request: 300ms}
+  retries: {attempts: 0}
+`)
+	waitUntil(t, 10*time.Second, "request timeout in force", func() bool {
+		for _, svc := range fe.sc.Snapshot().GetServices() {
+			if svc.GetPolicy().GetRequestTimeout().AsDuration() == 300*time.Millisecond {
+				return true
+			}
+		}
+		return false
+	})
+	if resp, body := do("HEAD /hang HTTP/1.1\r\nHost: backend\r\n\r\n", "HEAD"); resp.StatusCode != http.StatusGatewayTimeout || body != "" || resp.Header.Get("X-Strait-Error") == "" {
+		t.Errorf("HEAD timing out: %d %q %v", resp.StatusCode, body, resp.Header)
+	}
+	if resp, body := do("GET /interim HTTP/1.1\r\nHost: backend\r\n\r\n", "GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Errorf("after a HEAD answered by the sidecar: %d %q", resp.StatusCode, body)
+	}
+
+	// A body that breaks off does not reach the client as complete,
+	// whichever path framed it (a 5000-byte request body keeps both
+	// sidecars on the net/http path).
+	big := "POST /truncated-slow HTTP/1.1\r\nHost: backend\r\nContent-Length: 5000\r\n\r\n" + strings.Repeat("x", 5000)
+	for _, raw := range []string{"GET /truncated-fast HTTP/1.1\r\nHost: backend\r\n\r\n", "GET /truncated-slow HTTP/1.1\r\nHost: backend\r\n\r\n", big} {
+		path := strings.Fields(raw)[1]
+		tc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		tc.Write([]byte(raw))
+		resp, err := http.ReadResponse(bufio.NewReader(tc), &http.Request{Method: "GET"})
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if b, err := io.ReadAll(resp.Body); err == nil {
+			t.Errorf("%s: a truncated body came through as complete: %q", path, b)
+		}
+		tc.Close()
+	}
+
 	// A client's Connection: close is honoured.
 	resp, _ = do("GET /interim HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n", "GET")
 	if !resp.Close {

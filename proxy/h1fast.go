@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -64,15 +65,9 @@ func (h *h1Head) peekRequest(br *bufio.Reader) bool {
 	if !ok || !h.parse(b, true) {
 		return false
 	}
-	if h.length > 0 {
-		if int64(br.Size()-h.n) < h.length {
-			return false
-		}
-		if _, err := br.Peek(h.n + int(h.length)); err != nil {
-			return false
-		}
-	}
-	return true
+	// The body must be there already (it usually comes with the head): a
+	// slow one is streamed by the net/http path instead of waited for.
+	return h.length <= 0 || int64(br.Buffered()-h.n) >= h.length
 }
 
 // peekHead returns the buffered bytes of br up to and including the first
@@ -174,25 +169,41 @@ func (h *h1Head) parseRequestLine() bool {
 	return !bytes.Equal(h.method, []byte("CONNECT"))
 }
 
-// validTarget reports whether an origin-form target has only visible
-// ASCII and, in its path, only well-formed percent escapes (net/url
-// refuses the others).
+// validTarget reports whether an origin-form target reaches the next hop
+// as the net/http path would send it: a path of characters net/url leaves
+// unescaped and well-formed percent escapes, and a query url.ParseQuery
+// accepts whole (httputil.ReverseProxy drops the parameters it does not).
+// No fragment.
 func validTarget(t []byte) bool {
 	path := true
 	for i := 0; i < len(t); i++ {
 		c := t[i]
 		switch {
-		case c <= ' ' || c >= 0x7f:
-			return false
-		case c == '?':
-			path = false
-		case c == '%' && path:
+		case c == '%':
 			if i+2 >= len(t) || !isHex(t[i+1]) || !isHex(t[i+2]) {
 				return false
 			}
+		case c == '?' && path:
+			path = false
+		case c <= ' ' || c >= 0x7f || c == '#':
+			return false
+		case path && !pathChar(c):
+			return false
+		case !path && c == ';':
+			return false
 		}
 	}
 	return true
+}
+
+// pathChar: unreserved, sub-delims, ':', '@', '/' and the brackets
+// net/url lets stand in a path.
+func pathChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("-._~!$&'()*+,;=:@/[]", c) >= 0
 }
 
 func isHex(c byte) bool {
@@ -451,8 +462,9 @@ ext:
 }
 
 // writeSidecarError writes a response of the sidecar's own, as
-// sidecarError and http.Error do on the net/http path.
-func writeSidecarError(w *bufio.Writer, code int, msg string, close bool) {
+// sidecarError and http.Error do on the net/http path (a response to HEAD
+// says its length but has no body).
+func writeSidecarError(w *bufio.Writer, method []byte, code int, msg string, close bool) {
 	w.WriteString("HTTP/1.1 ")
 	w.WriteString(strconv.Itoa(code))
 	w.WriteByte(' ')
@@ -467,8 +479,10 @@ func writeSidecarError(w *bufio.Writer, code int, msg string, close bool) {
 	w.WriteString("Content-Length: ")
 	w.WriteString(strconv.Itoa(len(msg) + 1))
 	w.WriteString("\r\n\r\n")
-	w.WriteString(msg)
-	w.WriteByte('\n')
+	if string(method) != http.MethodHead {
+		w.WriteString(msg)
+		w.WriteByte('\n')
+	}
 }
 
 // sanitizeFieldValue replaces what may not appear in a field value, as

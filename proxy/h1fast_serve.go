@@ -109,6 +109,13 @@ func writeRequestHead(w *bufio.Writer, h *h1Head, head []byte, drop func([]byte)
 		}
 		writeField(w, f.name, f.value)
 	}
+	if h.length < 0 {
+		switch string(h.method) {
+		case http.MethodPost, http.MethodPut, http.MethodPatch:
+			// As net/http sends them: some servers want a length.
+			w.WriteString("Content-Length: 0\r\n")
+		}
+	}
 	if extraName != "" {
 		w.WriteString(extraName)
 		w.WriteString(": ")
@@ -189,7 +196,12 @@ func readResponseHead(hc *h1Conn, fc *fastConn, idempotent bool) (*http.Response
 func forwardResponse(fc *fastConn, r upstreamResult, drop func([]byte) bool) (reusable, keep bool, err error) {
 	w := fc.bw
 	if r.resp != nil {
-		return forwardSlowResponse(fc, r.resp, drop)
+		reusable, keep, err = forwardSlowResponse(fc, r.resp, drop)
+		if err != nil {
+			r.hc.close() // first, so that closing the body does not drain it
+		}
+		r.resp.Body.Close()
+		return reusable, keep, err
 	}
 	rh := &fc.resp
 	w.Write(rh.line)
@@ -221,7 +233,6 @@ func forwardResponse(fc *fastConn, r upstreamResult, drop func([]byte) bool) (re
 // forwardSlowResponse writes a response read by http.ReadResponse with
 // h1Server's response writer (which frames it for the client).
 func forwardSlowResponse(fc *fastConn, resp *http.Response, drop func([]byte) bool) (reusable, keep bool, err error) {
-	defer resp.Body.Close()
 	w := &h1Response{bw: fc.bw, header: make(http.Header, len(resp.Header))}
 	w.reset(&http.Request{Method: string(fc.req.method), Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Close: fc.req.close})
 	named := map[string]bool{}
@@ -253,16 +264,16 @@ func forwardSlowResponse(fc *fastConn, resp *http.Response, drop func([]byte) bo
 	} else {
 		_, err = io.Copy(w, resp.Body)
 	}
-	if err == nil {
-		for k, vv := range resp.Trailer {
-			w.header[http.TrailerPrefix+k] = vv
-		}
+	if err != nil {
+		// The body broke off: the response is not ended as if it were
+		// complete; the client's connection ends instead.
+		return false, false, err
+	}
+	for k, vv := range resp.Trailer {
+		w.header[http.TrailerPrefix+k] = vv
 	}
 	w.finish()
-	if err == nil {
-		err = w.err
-	}
-	return err == nil && !resp.Close, !w.closeAfter, err
+	return w.err == nil && !resp.Close, !w.closeAfter, w.err
 }
 
 // copyFlushing copies r to w, flushing after every read.
@@ -314,11 +325,17 @@ func (u *upstream) serveFast(fc *fastConn) (handled, keep bool) {
 }
 
 func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Time) (code int, keep bool) {
-	w := fc.bw
 	fail := func(code int, msg string) (int, bool) {
-		writeSidecarError(w, code, msg, fc.req.close)
+		writeSidecarError(fc.bw, fc.req.method, code, msg, fc.req.close)
 		return code, !fc.req.close
 	}
+	// A connection in use is closed if this panics (h1Server recovers).
+	var inUse *h1Conn
+	defer func() {
+		if inUse != nil {
+			inUse.close()
+		}
+	}()
 	if !st.requests.TryAcquire() {
 		return fail(http.StatusServiceUnavailable, "overflow: connection limits of "+u.name+" reached")
 	}
@@ -339,6 +356,7 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 		}
 		tried = append(tried, pick.Endpoint.Key)
 		r, p, cause := u.fastAttempt(fc, st, pick, deadline, perTry)
+		inUse = r.hc
 		if cause != "" {
 			last := attempt >= int(retries.GetAttempts()) || !deadline.IsZero() && !time.Now().Before(deadline)
 			if !last && cause != "connect-failure" && !st.budget.TryRetry() {
@@ -347,10 +365,10 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 			}
 			if !last {
 				if r.hc != nil {
+					r.hc.close() // its response is not read: never reused
 					if r.resp != nil {
 						r.resp.Body.Close()
 					}
-					r.hc.close() // its response is not read: never reused
 				}
 				u.o.metrics.retries.WithLabelValues(u.name, "sent").Inc()
 				continue
@@ -371,6 +389,7 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 			u.o.log.Debug("upstream response failed midway", "service", u.name, "err", err)
 			keep = false
 		}
+		inUse = nil
 		releaseUpstream(p, r.hc, reusable && err == nil)
 		return status, keep
 	}
@@ -449,6 +468,12 @@ func (in *inbound) serveFast(fc *fastConn) (handled, keep bool) {
 	start := time.Now()
 	code := http.StatusBadGateway
 	r := in.appH1.exchange(fc, dropIdentity, HeaderXFCC, pc.xfcc[0], time.Time{})
+	inUse := r.hc
+	defer func() {
+		if inUse != nil {
+			inUse.close() // it panicked (h1Server recovers)
+		}
+	}()
 	if r.err != nil {
 		in.log.Debug("forward to application failed", "err", r.err)
 		fc.bw.WriteString("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n")
@@ -469,6 +494,7 @@ func (in *inbound) serveFast(fc *fastConn) (handled, keep bool) {
 			in.log.Debug("application response failed midway", "err", err)
 			keep = false
 		}
+		inUse = nil
 		releaseUpstream(in.appH1, r.hc, reusable && err == nil)
 	}
 	in.metrics.observeRequest("inbound", pc.idStr, in.service, code, time.Since(start))

@@ -331,9 +331,10 @@ func (b *h1Body) Close() error {
 		return nil
 	}
 	b.done = true
-	b.body.Close()
-	// Not read to the end: the connection's framing is unknown.
+	// Not read to the end: the connection's framing is unknown. It is
+	// closed first, so that closing the body does not drain it.
 	b.stop()
 	b.hc.close()
+	b.body.Close()
 	return nil
 }

@@ -51,6 +51,10 @@ const (
 	h1MaxDrain       = 256 << 10
 )
 
+// serverMarker is the http.ServerContextKey value of h1Server's requests
+// (no http.Server serves them).
+var serverMarker = new(http.Server)
+
 // h1ServerConn is one connection being served.
 type h1ServerConn struct {
 	c    net.Conn
@@ -107,7 +111,10 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		s.wg.Done()
 	}()
 
-	ctx, cancel := context.WithCancel(context.Background())
+	// Under http.ServerContextKey, httputil.ReverseProxy aborts a
+	// response whose body fails midway (serveOne then ends the
+	// connection) instead of letting it end as if complete.
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), http.ServerContextKey, serverMarker))
 	defer cancel()
 	if s.connContext != nil {
 		ctx = s.connContext(ctx, c)
