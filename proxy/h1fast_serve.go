@@ -69,7 +69,7 @@ func (p *h1Pool) exchange(fc *fastConn, drop func([]byte) bool, extraName, extra
 				return upstreamResult{err: deadlineErr(err)}
 			}
 		}
-		hc.c.SetDeadline(dl)
+		hc.setDeadline(dl)
 		writeRequestHead(hc.bw, h, head, drop, extraName, extraValue)
 		hc.bw.Write(body)
 		err := hc.bw.Flush()
@@ -300,9 +300,9 @@ func copyFlushing(w *h1Response, r io.Reader) error {
 	}
 }
 
-// releaseUpstream returns a connection to its pool, or closes it.
+// releaseUpstream returns a connection to its pool, or closes it. Its
+// deadline stays: the next user sets its own (see h1Conn.setDeadline).
 func releaseUpstream(p *h1Pool, hc *h1Conn, reusable bool) {
-	hc.c.SetDeadline(time.Time{})
 	if !reusable {
 		hc.close()
 		return
@@ -381,7 +381,7 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 		if r.resp != nil {
 			status = r.resp.StatusCode
 		}
-		r.hc.c.SetDeadline(deadline)
+		r.hc.setDeadline(deadline)
 		reusable, keep, err := forwardResponse(fc, r, dropUpstreamError)
 		if err != nil {
 			// Part of the response may have gone out: the client's

@@ -41,6 +41,15 @@ type h1Conn struct {
 	idleSince time.Time
 	sem       chan struct{}
 	closeOnce sync.Once
+	deadline  time.Time // set on c by setDeadline (the fast path's)
+}
+
+// setDeadline sets c's read and write deadline unless it is set already.
+func (hc *h1Conn) setDeadline(t time.Time) {
+	if !t.Equal(hc.deadline) {
+		hc.deadline = t
+		hc.c.SetDeadline(t)
+	}
 }
 
 func (hc *h1Conn) close() {
@@ -135,7 +144,8 @@ const probeAfter = time.Second
 func (hc *h1Conn) alive() bool {
 	hc.c.SetReadDeadline(time.Now().Add(time.Millisecond))
 	_, err := hc.br.Peek(1)
-	hc.c.SetReadDeadline(time.Time{})
+	hc.deadline = time.Unix(0, 1) // neither zero nor the fast path's: set afresh
+	hc.setDeadline(time.Time{})
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
@@ -211,6 +221,7 @@ func (p *h1Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 var longAgo = time.Unix(1, 0)
 
 func (p *h1Pool) roundTrip(hc *h1Conn, req *http.Request) (*http.Response, error) {
+	hc.setDeadline(time.Time{}) // one the fast path left
 	// Cancellation unblocks the reads and writes below.
 	stop := context.AfterFunc(req.Context(), func() { hc.c.SetDeadline(longAgo) })
 	fail := func(err error) (*http.Response, error) {

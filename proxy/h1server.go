@@ -132,6 +132,7 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 	if s.fast != nil {
 		fc = &fastConn{c: c, br: br, bw: bw, ctx: ctx, tlsState: tlsState, req: h1Head{fields: make([]h1Field, 0, 16)}, resp: h1Head{fields: make([]h1Field, 0, 16)}}
 	}
+	var rd time.Time // the read deadline set on c
 	for first := true; ; first = false {
 		sc.idle.Store(true)
 		if s.shutdown.Load() {
@@ -141,15 +142,21 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		if first {
 			timeout = s.headerTimeout
 		}
-		c.SetReadDeadline(time.Now().Add(timeout))
+		// A deadline within a second of the one wanted is left as it is
+		// (it is moved per request otherwise: a timer operation each).
+		if want := time.Now().Add(timeout); want.Before(rd) || want.Sub(rd) > time.Second {
+			rd = want
+			c.SetReadDeadline(rd)
+		}
 		lr.n = h1MaxHeaderBytes
 		// The next request's first byte ends the idle wait; its headers
-		// then get headerTimeout.
+		// then get headerTimeout, unless they are all there already.
 		if _, err := br.Peek(1); err != nil {
 			return
 		}
-		if !first {
-			c.SetReadDeadline(time.Now().Add(s.headerTimeout))
+		if buffered, _ := br.Peek(br.Buffered()); !first && !bytes.Contains(buffered, crlfcrlf) {
+			rd = time.Now().Add(s.headerTimeout)
+			c.SetReadDeadline(rd)
 		}
 		sc.idle.Store(false)
 		if fc != nil && fc.req.peekRequest(br) {
@@ -172,7 +179,8 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		}
 		readMore := lr.n != unread
 		lr.n = 1<<63 - 1
-		c.SetReadDeadline(time.Time{})
+		rd = time.Time{}
+		c.SetReadDeadline(rd)
 		if msg := checkRequest(req); msg != "" {
 			s.refuseMsg(bw, http.StatusBadRequest, msg)
 			return
@@ -227,7 +235,8 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 				if n, err := io.CopyN(io.Discard, req.Body, h1MaxDrain+1); n > h1MaxDrain || (err != nil && err != io.EOF) {
 					w.closeAfter = true
 				}
-				c.SetReadDeadline(time.Time{})
+				rd = time.Time{}
+				c.SetReadDeadline(rd)
 			}
 		}
 		if w.closeAfter || req.Close {

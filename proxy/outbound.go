@@ -48,7 +48,7 @@ type outbound struct {
 	upstreams map[string]*upstream
 
 	tmu        sync.RWMutex
-	transports map[string]pool // by service|endpoint address|SPIFFE ID|protocol
+	transports map[transportKey]pool
 	// pooled are the open mTLS connections of the pools (*pooledConn to
 	// its *tls.Conn), re-judged when trust shrinks.
 	pooled sync.Map
@@ -113,7 +113,7 @@ type pool interface {
 
 func newOutbound(creds *Credentials, m *Metrics, log *slog.Logger, clock func() time.Time) *outbound {
 	return &outbound{creds: creds, metrics: m, log: log, clock: clock,
-		upstreams: map[string]*upstream{}, transports: map[string]pool{}}
+		upstreams: map[string]*upstream{}, transports: map[transportKey]pool{}}
 }
 
 // upstream is one upstream service's local listener and its live config.
@@ -136,8 +136,10 @@ type upstreamState struct {
 	retryOn   map[string]bool
 	namespace string
 	// tunnels holds, by endpoint key, how to reach endpoints in peer
-	// clusters (through this cluster's gateway).
-	tunnels map[string]*controlplanev1.Tunnel
+	// clusters (through this cluster's gateway); tunnelAddrs names each
+	// such route (a pool's key).
+	tunnels     map[string]*controlplanev1.Tunnel
+	tunnelAddrs map[string]string
 }
 
 func (o *outbound) addUpstream(name string) (*upstream, error) {
@@ -171,7 +173,7 @@ func (o *outbound) apply(services []*controlplanev1.Service) {
 	defer o.mu.Unlock()
 	o.tmu.Lock()
 	defer o.tmu.Unlock()
-	live := map[string]bool{}
+	live := map[transportKey]bool{}
 	for _, svc := range services {
 		u := o.upstreams[svc.GetName()]
 		if u == nil {
@@ -181,16 +183,18 @@ func (o *outbound) apply(services []*controlplanev1.Service) {
 			// Pools were built with the old connect timeout and connection
 			// cap: new ones are made on demand, idle old ones closed.
 			for k, t := range o.transports {
-				if strings.HasPrefix(k, u.name+"|") {
+				if k.service == u.name {
 					t.CloseIdleConnections()
 					delete(o.transports, k)
 				}
 			}
 		}
 		u.apply(svc)
+		st := u.state.Load()
 		for _, ep := range svc.GetEndpoints() {
-			live[transportKey(u.name, ep.GetAddress(), ep.GetSpiffeId(), false)] = true
-			live[transportKey(u.name, ep.GetAddress(), ep.GetSpiffeId(), true)] = true
+			addr := st.dialAddr(ep.GetInstance(), ep.GetAddress())
+			live[transportKey{u.name, addr, ep.GetSpiffeId(), false}] = true
+			live[transportKey{u.name, addr, ep.GetSpiffeId(), true}] = true
 		}
 	}
 	for k, t := range o.transports {
@@ -244,9 +248,10 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 	for _, ep := range svc.GetEndpoints() {
 		if t := ep.GetTunnel(); t != nil {
 			if st.tunnels == nil {
-				st.tunnels = map[string]*controlplanev1.Tunnel{}
+				st.tunnels, st.tunnelAddrs = map[string]*controlplanev1.Tunnel{}, map[string]string{}
 			}
 			st.tunnels[ep.GetInstance()] = t
+			st.tunnelAddrs[ep.GetInstance()] = "tunnel:" + t.GetGatewayAddress() + "/" + t.GetCluster() + "/" + strconv.Itoa(int(t.GetPort()))
 		}
 		// Failover tier from the control plane; a peer's endpoint is never
 		// in the local tier.
@@ -284,11 +289,19 @@ func lbPolicy(p controlplanev1.LoadBalancer) balance.Policy {
 	}
 }
 
-func transportKey(service, addr, id string, h2 bool) string {
-	if h2 {
-		return service + "|" + addr + "|" + id + "|h2"
+// transportKey names the pool toward one endpoint, by protocol.
+type transportKey struct {
+	service, addr, id string
+	h2                bool
+}
+
+// dialAddr is what an endpoint is dialled by: its address, or for one in
+// a peer cluster its tunnel through this cluster's gateway.
+func (st *upstreamState) dialAddr(instance, address string) string {
+	if a, ok := st.tunnelAddrs[instance]; ok {
+		return a
 	}
-	return service + "|" + addr + "|" + id + "|h1"
+	return address
 }
 
 // transport returns the mTLS connection pool toward one endpoint; it
@@ -297,11 +310,7 @@ func transportKey(service, addr, id string, h2 bool) string {
 // connections (cheapest per request); HTTP/2 requests (gRPC) use HTTP/2.
 func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (pool, error) {
 	tun := st.tunnels[ep.Key]
-	addr := ep.Address
-	if tun != nil {
-		addr = "tunnel:" + tun.GetGatewayAddress() + "/" + tun.GetCluster() + "/" + strconv.Itoa(int(tun.GetPort()))
-	}
-	key := transportKey(st.svc.GetName(), addr, ep.SPIFFEID, h2)
+	key := transportKey{st.svc.GetName(), st.dialAddr(ep.Key, ep.Address), ep.SPIFFEID, h2}
 	o.tmu.RLock()
 	t := o.transports[key]
 	o.tmu.RUnlock()
@@ -433,7 +442,7 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 func (o *outbound) trustShrank() {
 	o.tmu.Lock()
 	old := o.transports
-	o.transports = map[string]pool{}
+	o.transports = map[transportKey]pool{}
 	o.tmu.Unlock()
 	grace := o.busyGrace
 	if grace <= 0 {

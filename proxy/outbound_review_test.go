@@ -129,3 +129,54 @@ func testTrustShrankCutsBusy(t *testing.T, h2 bool) {
 		t.Fatal("the stream from an endpoint under the removed root still flows 3s after the bundle shrank")
 	}
 }
+
+// A snapshot that changes nothing keeps the pools toward endpoints in peer
+// clusters (reached through a tunnel) as it keeps those toward local ones:
+// their keys once differed between the pools and the check of which are
+// live, and every snapshot closed the tunnelled ones.
+func TestSnapshotKeepsTunnelPools(t *testing.T) {
+	const td = "strait.example"
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := newOutbound(creds, NewMetrics(prometheus.NewRegistry()), slog.New(slog.DiscardHandler), time.Now)
+	u, err := o.addUpstream("backend")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "spiffe://" + td + "/ns/default/sa/backend"
+	svcs := []*controlplanev1.Service{{Name: "backend", Policy: &controlplanev1.TrafficPolicy{}, Endpoints: []*controlplanev1.Endpoint{
+		{Instance: "backend-0", Address: "127.0.0.1:1", SpiffeId: id, Health: controlplanev1.Health_HEALTH_HEALTHY},
+		{Instance: "backend-w0", Address: "198.18.0.1:1", SpiffeId: id, Health: controlplanev1.Health_HEALTH_HEALTHY, Cluster: "west",
+			Tunnel: &controlplanev1.Tunnel{GatewayAddress: "127.0.0.1:2", GatewaySpiffeId: "spiffe://" + td + "/gateway/east", Cluster: "west", Port: 8080}},
+	}}}
+	o.apply(svcs)
+	pools := map[string]pool{}
+	for _, key := range []string{"backend-0", "backend-w0"} {
+		st := u.state.Load()
+		var ep balance.Endpoint
+		for _, e := range svcs[0].Endpoints {
+			if e.Instance == key {
+				ep = balance.Endpoint{Key: key, Address: e.Address, SPIFFEID: e.SpiffeId}
+			}
+		}
+		p, err := o.transport(ep, st, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pools[key] = p
+	}
+	o.apply(svcs)
+	for key, want := range pools {
+		o.tmu.RLock()
+		found := false
+		for _, p := range o.transports {
+			found = found || p == want
+		}
+		o.tmu.RUnlock()
+		if !found {
+			t.Errorf("the pool toward %s was dropped by a snapshot that changed nothing", key)
+		}
+	}
+}
