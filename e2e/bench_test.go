@@ -842,33 +842,7 @@ func startNginxPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	iss, err := wiring.NewIssuer(c.dir, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pems := map[string][2]string{}
-	for _, sa := range []string{"frontend", "backend"} {
-		id, err := identity.Workload(c.td, "default", sa)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sv, err := iss.MintSVID(id, time.Hour)
-		if err != nil {
-			t.Fatalf("mint %s: %v", id, err)
-		}
-		certs, key, err := sv.Marshal()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, keyPath := filepath.Join(dir, sa+".pem"), filepath.Join(dir, sa+".key")
-		if err := os.WriteFile(cert, certs, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(keyPath, key, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		pems[sa] = [2]string{cert, keyPath}
-	}
+	pems := writeBenchSVIDs(t, c, dir)
 	bundle := c.dir.BundlePEMPath()
 	cport, sport := freePort(t), freePort(t)
 
@@ -926,6 +900,40 @@ func startNginxPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 	p.procs = [2]*benchProc{client, server}
 	p.note = "nginx client side: proxy_ssl_verify off (its verification requires a DNS name/CN match, SVIDs carry only a URI SAN); server side verifies the client chain against the bundle"
 	return p
+}
+
+// writeBenchSVIDs mints frontend and backend SVIDs of c into PEM files in
+// dir and returns their certificate and key paths by service account.
+func writeBenchSVIDs(t *testing.T, c *cluster, dir string) map[string][2]string {
+	t.Helper()
+	iss, err := wiring.NewIssuer(c.dir, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pems := map[string][2]string{}
+	for _, sa := range []string{"frontend", "backend"} {
+		id, err := identity.Workload(c.td, "default", sa)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sv, err := iss.MintSVID(id, time.Hour)
+		if err != nil {
+			t.Fatalf("mint %s: %v", id, err)
+		}
+		certs, key, err := sv.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, keyPath := filepath.Join(dir, sa+".pem"), filepath.Join(dir, sa+".key")
+		if err := os.WriteFile(cert, certs, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(keyPath, key, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		pems[sa] = [2]string{cert, keyPath}
+	}
+	return pems
 }
 
 // findNginx finds nginx, installing Debian's nginx-light as root if it is

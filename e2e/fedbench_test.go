@@ -528,6 +528,38 @@ func fedStartSink(t *testing.T, c *cluster, dir string) *fedSink {
 	return sk
 }
 
+// loadCredentials is the SVID and bundle of a helper process (a sink, a
+// relay), read from PEM files.
+func loadCredentials(trustDomain, cert, key, bundlePEM string) (*proxy.Credentials, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, err
+	}
+	s, err := x509svid.Load(cert, key)
+	if err != nil {
+		return nil, err
+	}
+	bpem, err := os.ReadFile(bundlePEM)
+	if err != nil {
+		return nil, err
+	}
+	b, err := bundle.ParsePEM(td, 0, bpem)
+	if err != nil {
+		return nil, err
+	}
+	creds, err := proxy.NewCredentials(td, nil)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := creds.SetBundle(b); err != nil {
+		return nil, err
+	}
+	if err := creds.SetSVID(s); err != nil {
+		return nil, err
+	}
+	return creds, nil
+}
+
 // runFedSink serves the sink until SIGTERM or SIGINT.
 func runFedSink(cfgPath string) error {
 	raw, err := os.ReadFile(cfgPath)
@@ -538,30 +570,8 @@ func runFedSink(cfgPath string) error {
 	if err := json.Unmarshal(raw, &cfg); err != nil {
 		return err
 	}
-	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+	creds, err := loadCredentials(cfg.TrustDomain, cfg.Cert, cfg.Key, cfg.Bundle)
 	if err != nil {
-		return err
-	}
-	s, err := x509svid.Load(cfg.Cert, cfg.Key)
-	if err != nil {
-		return err
-	}
-	bpem, err := os.ReadFile(cfg.Bundle)
-	if err != nil {
-		return err
-	}
-	b, err := bundle.ParsePEM(td, 0, bpem)
-	if err != nil {
-		return err
-	}
-	creds, err := proxy.NewCredentials(td, nil)
-	if err != nil {
-		return err
-	}
-	if _, err := creds.SetBundle(b); err != nil {
-		return err
-	}
-	if err := creds.SetSVID(s); err != nil {
 		return err
 	}
 	tlsConf := creds.ServerTLS([]string{fedSinkALPN}, creds.Verifier().VerifyConnection(svid.RoleClient, nil))

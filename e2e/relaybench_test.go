@@ -16,14 +16,10 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/internal/atomicfile"
-	"github.com/straitmesh/strait/internal/wiring"
-	"github.com/straitmesh/strait/proxy"
 )
 
 // relayEnv makes the test binary a byte relay process (see init): its value
@@ -68,30 +64,8 @@ func runRelay(cfgPath string) error {
 	if err := json.Unmarshal(raw, &cfg); err != nil {
 		return err
 	}
-	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+	creds, err := loadCredentials(cfg.TrustDomain, cfg.Cert, cfg.Key, cfg.Bundle)
 	if err != nil {
-		return err
-	}
-	s, err := x509svid.Load(cfg.Cert, cfg.Key)
-	if err != nil {
-		return err
-	}
-	bpem, err := os.ReadFile(cfg.Bundle)
-	if err != nil {
-		return err
-	}
-	b, err := bundle.ParsePEM(td, 0, bpem)
-	if err != nil {
-		return err
-	}
-	creds, err := proxy.NewCredentials(td, nil)
-	if err != nil {
-		return err
-	}
-	if _, err := creds.SetBundle(b); err != nil {
-		return err
-	}
-	if err := creds.SetSVID(s); err != nil {
 		return err
 	}
 	var dial func() (net.Conn, error)
@@ -170,33 +144,7 @@ func startRelayPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	iss, err := wiring.NewIssuer(c.dir, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pems := map[string][2]string{}
-	for _, sa := range []string{"frontend", "backend"} {
-		id, err := identity.Workload(c.td, "default", sa)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sv, err := iss.MintSVID(id, time.Hour)
-		if err != nil {
-			t.Fatalf("mint %s: %v", id, err)
-		}
-		certs, key, err := sv.Marshal()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, keyPath := filepath.Join(dir, sa+".pem"), filepath.Join(dir, sa+".key")
-		if err := os.WriteFile(cert, certs, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(keyPath, key, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		pems[sa] = [2]string{cert, keyPath}
-	}
+	pems := writeBenchSVIDs(t, c, dir)
 	backendID, err := identity.Workload(c.td, "default", "backend")
 	if err != nil {
 		t.Fatal(err)

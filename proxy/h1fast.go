@@ -51,10 +51,7 @@ const (
 	h1FastMaxChunkLine = 4096
 )
 
-var (
-	errH1Fallback = errors.New("proxy: outside the HTTP/1.1 fast path")
-	crlfcrlf      = []byte("\r\n\r\n")
-)
+var crlfcrlf = []byte("\r\n\r\n")
 
 // peekRequest parses the request at the front of br without consuming
 // anything, reading more into br's buffer if the head or the body is not
