@@ -4,12 +4,15 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/textproto"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 var fastRequestSeeds = []string{
@@ -257,4 +260,47 @@ func FuzzCopyChunked(f *testing.F) {
 			t.Fatalf("net/http's framing ends before the fast path's: %q left of %q", b[consumed-br.Buffered():consumed], b[:consumed])
 		}
 	})
+}
+
+// A connection whose request was served by the fast path waits for the
+// next one for the whole idle timeout, not the header timeout left over
+// from the request, even with timeouts short enough that the tolerance
+// on moving the deadline matters.
+func TestH1FastIdleAfterHeaderTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	s := &h1Server{
+		handler: http.NotFoundHandler(),
+		fast: func(fc *fastConn) (bool, bool) {
+			fc.bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			return true, true
+		},
+		log:           slog.New(slog.DiscardHandler),
+		headerTimeout: 300 * time.Millisecond,
+		idleTimeout:   900 * time.Millisecond,
+	}
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			s.serveConn(c)
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i, wait := range []time.Duration{0, 500 * time.Millisecond} {
+		time.Sleep(wait)
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("request %d, %s after the previous: %v", i, wait, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+	}
 }

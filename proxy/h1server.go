@@ -142,9 +142,10 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		if first {
 			timeout = s.headerTimeout
 		}
-		// A deadline within a second of the one wanted is left as it is
-		// (it is moved per request otherwise: a timer operation each).
-		if want := time.Now().Add(timeout); want.Before(rd) || want.Sub(rd) > time.Second {
+		// A deadline a little short of the one wanted (a tenth of the
+		// timeout, at most a second) is left as it is: it would be moved
+		// per request otherwise, a timer operation each.
+		if want := time.Now().Add(timeout); want.Before(rd) || want.Sub(rd) > min(time.Second, timeout/10) {
 			rd = want
 			c.SetReadDeadline(rd)
 		}

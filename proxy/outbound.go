@@ -251,7 +251,9 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 				st.tunnels, st.tunnelAddrs = map[string]*controlplanev1.Tunnel{}, map[string]string{}
 			}
 			st.tunnels[ep.GetInstance()] = t
-			st.tunnelAddrs[ep.GetInstance()] = "tunnel:" + t.GetGatewayAddress() + "/" + t.GetCluster() + "/" + strconv.Itoa(int(t.GetPort()))
+			// Everything the tunnel dialer uses, so that a pool is not kept
+			// across a change of any of it (the gateway's identity, say).
+			st.tunnelAddrs[ep.GetInstance()] = "tunnel:" + t.GetGatewayAddress() + "/" + t.GetGatewaySpiffeId() + "/" + t.GetCluster() + "/" + st.namespace + "/" + strconv.Itoa(int(t.GetPort()))
 		}
 		// Failover tier from the control plane; a peer's endpoint is never
 		// in the local tier.

@@ -180,3 +180,40 @@ func TestSnapshotKeepsTunnelPools(t *testing.T) {
 		}
 	}
 }
+
+// A snapshot that changes the identity of the gateway a peer's endpoint
+// is reached through replaces the pool toward it: the old one verifies
+// the old identity.
+func TestSnapshotReplacesTunnelPoolOnNewGatewayID(t *testing.T) {
+	const td = "strait.example"
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := newOutbound(creds, NewMetrics(prometheus.NewRegistry()), slog.New(slog.DiscardHandler), time.Now)
+	u, err := o.addUpstream("backend")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "spiffe://" + td + "/ns/default/sa/backend"
+	snapshot := func(gw string) []*controlplanev1.Service {
+		return []*controlplanev1.Service{{Name: "backend", Policy: &controlplanev1.TrafficPolicy{}, Endpoints: []*controlplanev1.Endpoint{
+			{Instance: "backend-w0", Address: "198.18.0.1:1", SpiffeId: id, Health: controlplanev1.Health_HEALTH_HEALTHY, Cluster: "west",
+				Tunnel: &controlplanev1.Tunnel{GatewayAddress: "127.0.0.1:2", GatewaySpiffeId: "spiffe://" + td + "/gateway/" + gw, Cluster: "west", Port: 8080}},
+		}}}
+	}
+	ep := balance.Endpoint{Key: "backend-w0", Address: "198.18.0.1:1", SPIFFEID: id}
+	o.apply(snapshot("east"))
+	before, err := o.transport(ep, u.state.Load(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.apply(snapshot("east-2"))
+	after, err := o.transport(ep, u.state.Load(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before == after {
+		t.Error("the pool built for the old gateway identity was kept")
+	}
+}
