@@ -75,7 +75,7 @@ generate-check: generate ## Fail if checked-in generated code is not current
 
 .PHONY: bench
 bench: ## Benchmarks, reported as ratios against a baseline measured in the same run; failover and rotation times as measured
-	STRAIT_BENCH=1 $(GO) test -count=1 -run '^TestReport' -v ./ca/ ./e2e/ ./cmd/strait/ | grep -E 'report:|^(ok|FAIL|---)|_test\.go:[0-9]+:'
+	STRAIT_BENCH=1 $(GO) test -p 1 -count=1 -run '^TestReport' -v ./ca/ ./e2e/ ./cmd/strait/ | grep -E 'report:|^(ok|FAIL|---)|_test\.go:[0-9]+:'
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for FUZZTIME each (default 30s)
