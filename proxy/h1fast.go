@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -40,8 +39,8 @@ type h1Head struct {
 	fields []h1Field
 	length int64 // Content-Length, -1 if none
 	// chunked: a response with Transfer-Encoding: chunked; close: a
-	// Connection: close; keepAlive: a Connection: keep-alive.
-	chunked, close, keepAlive bool
+	// Connection: close.
+	chunked, close bool
 }
 
 const (
@@ -124,7 +123,6 @@ func (h *h1Head) parse(b []byte, request bool) bool {
 			case asciiEqualFold(value, "close"):
 				h.close = true
 			case asciiEqualFold(value, "keep-alive"):
-				h.keepAlive = true
 			default:
 				return false // it may name fields to remove
 			}
@@ -456,45 +454,4 @@ ext:
 		}
 	}
 	return n, nil
-}
-
-// writeSidecarError writes a response of the sidecar's own, as
-// sidecarError and http.Error do on the net/http path (a response to HEAD
-// says its length but has no body).
-func writeSidecarError(w *bufio.Writer, method []byte, code int, msg string, close bool) {
-	w.WriteString("HTTP/1.1 ")
-	w.WriteString(strconv.Itoa(code))
-	w.WriteByte(' ')
-	w.WriteString(http.StatusText(code))
-	w.WriteString("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n")
-	if msg != "" {
-		w.WriteString(HeaderUpstreamError + ": " + sanitizeFieldValue(msg) + "\r\n")
-	}
-	if close {
-		w.WriteString("Connection: close\r\n")
-	}
-	w.WriteString("Content-Length: ")
-	w.WriteString(strconv.Itoa(len(msg) + 1))
-	w.WriteString("\r\n\r\n")
-	if string(method) != http.MethodHead {
-		w.WriteString(msg)
-		w.WriteByte('\n')
-	}
-}
-
-// sanitizeFieldValue replaces what may not appear in a field value, as
-// net/http does when it writes one.
-func sanitizeFieldValue(s string) string {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < ' ' && c != '\t' || c == 0x7f {
-			b := []byte(s)
-			for j := i; j < len(b); j++ {
-				if c := b[j]; c < ' ' && c != '\t' || c == 0x7f {
-					b[j] = ' '
-				}
-			}
-			return string(b)
-		}
-	}
-	return s
 }

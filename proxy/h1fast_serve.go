@@ -36,9 +36,10 @@ type fastHandler func(fc *fastConn) (handled, keep bool)
 
 // upstreamResult is the outcome of sending the request once.
 type upstreamResult struct {
-	hc   *h1Conn
-	resp *http.Response // a response outside the fast subset; else its head is in fc.resp
-	err  error
+	hc     *h1Conn
+	resp   *http.Response // a response outside the fast subset; else its head is in fc.resp
+	status int            // of the response, either way
+	err    error
 }
 
 // exchange sends fc's request (with extra, if not empty, as one more
@@ -80,7 +81,11 @@ func (p *h1Pool) exchange(fc *fastConn, drop func([]byte) bool, extraName, extra
 			resp, err = readResponseHead(hc, fc, idempotentHead(h))
 		}
 		if err == nil {
-			return upstreamResult{hc: hc, resp: resp}
+			status := fc.resp.status
+			if resp != nil {
+				status = resp.StatusCode
+			}
+			return upstreamResult{hc: hc, resp: resp, status: status}
 		}
 		hc.close()
 		if !reused || try > 0 || !errors.Is(err, errStaleConn) {
@@ -233,8 +238,7 @@ func forwardResponse(fc *fastConn, r upstreamResult, drop func([]byte) bool) (re
 // forwardSlowResponse writes a response read by http.ReadResponse with
 // h1Server's response writer (which frames it for the client).
 func forwardSlowResponse(fc *fastConn, resp *http.Response, drop func([]byte) bool) (reusable, keep bool, err error) {
-	w := &h1Response{bw: fc.bw, header: make(http.Header, len(resp.Header))}
-	w.reset(&http.Request{Method: string(fc.req.method), Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Close: fc.req.close})
+	w := fc.responseWriter()
 	named := map[string]bool{}
 	for _, v := range resp.Header["Connection"] {
 		for _, f := range strings.Split(v, ",") {
@@ -274,6 +278,14 @@ func forwardSlowResponse(fc *fastConn, resp *http.Response, drop func([]byte) bo
 	}
 	w.finish()
 	return w.err == nil && !resp.Close, !w.closeAfter, w.err
+}
+
+// responseWriter is h1Server's response writer for fc's request, for what
+// the fast path answers through net/http's interfaces.
+func (fc *fastConn) responseWriter() *h1Response {
+	w := &h1Response{bw: fc.bw, header: make(http.Header)}
+	w.reset(&http.Request{Method: string(fc.req.method), Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Close: fc.req.close})
+	return w
 }
 
 // copyFlushing copies r to w, flushing after every read.
@@ -326,8 +338,10 @@ func (u *upstream) serveFast(fc *fastConn) (handled, keep bool) {
 
 func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Time) (code int, keep bool) {
 	fail := func(code int, msg string) (int, bool) {
-		writeSidecarError(fc.bw, fc.req.method, code, msg, fc.req.close)
-		return code, !fc.req.close
+		w := fc.responseWriter()
+		sidecarError(w, code, msg)
+		w.finish()
+		return code, !w.closeAfter
 	}
 	// A connection in use is closed if this panics (h1Server recovers).
 	var inUse *h1Conn
@@ -377,10 +391,6 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 		if r.err != nil {
 			return fail(u.errorStatus(r.err))
 		}
-		status := fc.resp.status
-		if r.resp != nil {
-			status = r.resp.StatusCode
-		}
 		r.hc.setDeadline(deadline)
 		reusable, keep, err := forwardResponse(fc, r, dropUpstreamError)
 		if err != nil {
@@ -391,7 +401,7 @@ func (u *upstream) fastRoundTrip(fc *fastConn, st *upstreamState, start time.Tim
 		}
 		inUse = nil
 		releaseUpstream(p, r.hc, reusable && err == nil)
-		return status, keep
+		return r.status, keep
 	}
 }
 
@@ -428,10 +438,7 @@ func (u *upstream) fastAttempt(fc *fastConn, st *upstreamState, pick *balance.Pi
 		}
 		return r, p, ""
 	}
-	status := fc.resp.status
-	if r.resp != nil {
-		status = r.resp.StatusCode
-	}
+	status := r.status
 	outcome := balance.Success
 	if status >= 500 {
 		outcome = balance.Failure
@@ -476,17 +483,12 @@ func (in *inbound) serveFast(fc *fastConn) (handled, keep bool) {
 	}()
 	if r.err != nil {
 		in.log.Debug("forward to application failed", "err", r.err)
-		fc.bw.WriteString("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n")
-		if fc.req.close {
-			fc.bw.WriteString("Connection: close\r\n")
-		}
-		fc.bw.WriteString("\r\n")
-		keep = !fc.req.close
+		w := fc.responseWriter()
+		w.WriteHeader(http.StatusBadGateway)
+		w.finish()
+		keep = !w.closeAfter
 	} else {
-		code = fc.resp.status
-		if r.resp != nil {
-			code = r.resp.StatusCode
-		}
+		code = r.status
 		var reusable bool
 		var err error
 		reusable, keep, err = forwardResponse(fc, r, nil)
