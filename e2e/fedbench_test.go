@@ -62,6 +62,15 @@ const (
 	aimCrossP50Delta = 500 * time.Microsecond
 	aimTunnelVsQUIC  = 0.8
 	fedDefaultNS     = "default"
+
+	// fedProfileEnv names a directory for CPU profiles of the gateways
+	// during the throughput phase (its first fedProfileSeconds).
+	fedProfileEnv     = "STRAIT_FEDBENCH_PROFILE"
+	fedProfileSeconds = 20
+
+	// fedOnlyEnv=throughput runs the throughput phase alone (for work on
+	// the tunnel).
+	fedOnlyEnv = "STRAIT_FEDBENCH_ONLY"
 )
 
 // init turns this test binary into the sink process when fedSinkEnv is
@@ -102,7 +111,9 @@ func init() {
 // STRAIT_BENCH=1 runs it; STRAIT_BENCH_SECONDS (default 5) is the length
 // of the latency phase per path; STRAIT_BENCH_PROXY_ENV (e.g.
 // "GODEBUG=gctrace=1") is added to the environment of the gateways and
-// sidecars, as in the proxy bench.
+// sidecars, as in the proxy bench; STRAIT_FEDBENCH_ONLY=throughput runs the
+// second phase alone, and STRAIT_FEDBENCH_PROFILE=DIR takes CPU profiles
+// of the gateways during it.
 func TestReportFederationBench(t *testing.T) {
 	if os.Getenv("STRAIT_BENCH") != "1" {
 		t.Skip("set STRAIT_BENCH=1 (make bench) to run the federation benchmark")
@@ -158,6 +169,19 @@ metadata: {name: sink, namespace: %s}
 	gws := []*benchProc{eastGW.proc, westGW.proc}
 	rssStart := fedRSS(gws)
 
+	// The entry hop as a sidecar speaks it, for the held streams and the
+	// transfers.
+	entry := fedNewEntry(t, east, td, eastGW.addrs.Entry)
+	sinkHeader := tunnel.Header{Kind: tunnel.KindData, Cluster: "west", Namespace: fedDefaultNS, Service: "sink", Port: server.MeshPort}
+	throughput := func() *fedXferResult {
+		defer fedProfile(t, map[string]*fedGateway{"east": eastGW, "west": westGW})()
+		return fedThroughput(t, entry, sinkHeader, sink, gws)
+	}
+	if os.Getenv(fedOnlyEnv) == "throughput" {
+		fedReportXfer(t, throughput())
+		return
+	}
+
 	// 1. Latency.
 	inCluster := &fedLatPath{name: "in-cluster", url: "http://" + feAddrs.Upstreams["backend"] + "/",
 		procs: []*benchProc{frontend, backendE}}
@@ -194,10 +218,6 @@ metadata: {name: sink, namespace: %s}
 		}
 	}
 
-	// The entry hop as a sidecar speaks it, for the last two phases.
-	entry := fedNewEntry(t, east, td, eastGW.addrs.Entry)
-	sinkHeader := tunnel.Header{Kind: tunnel.KindData, Cluster: "west", Namespace: fedDefaultNS, Service: "sink", Port: server.MeshPort}
-
 	// 3. (before the bulk transfers, which leave the gateways with larger
 	// flow-control windows and buffers) 10,000 held streams.
 	runtime.GC()
@@ -205,13 +225,46 @@ metadata: {name: sink, namespace: %s}
 	hold := fedHold(t, entry, sinkHeader, gws, sink.proc)
 
 	// 2. Throughput.
-	xfer := fedThroughput(t, entry, sinkHeader, sink, gws)
+	xfer := throughput()
 
 	fedReport(t, fedResults{
 		d: d, round: round, nofile: nofile, setup: setupTook, total: time.Since(began),
 		lat: latPaths, rssStart: rssStart, hold: hold, xfer: xfer,
 		logs: []*benchProc{eastGW.proc, westGW.proc, frontend, backendE, backendW, sink.proc},
 	})
+}
+
+// fedProfile, when fedProfileEnv names a directory, takes a CPU profile of
+// each gateway for fedProfileSeconds from now (the throughput phase) into
+// DIR/NAME-gateway.pprof; the function it returns waits for them.
+func fedProfile(t *testing.T, gws map[string]*fedGateway) func() {
+	dir := os.Getenv(fedProfileEnv)
+	if dir == "" {
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	for name, g := range gws {
+		wg.Go(func() {
+			url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", g.addrs.Admin, fedProfileSeconds)
+			resp, err := http.Get(url)
+			if err != nil {
+				t.Errorf("profile of %s gateway: %v", name, err)
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err == nil && resp.StatusCode != http.StatusOK {
+				err = fmt.Errorf("%s: %s", resp.Status, b)
+			}
+			if err == nil {
+				err = os.WriteFile(filepath.Join(dir, name+"-gateway.pprof"), b, 0o644)
+			}
+			if err != nil {
+				t.Errorf("profile of %s gateway: %v", name, err)
+			}
+		})
+	}
+	return wg.Wait
 }
 
 // --- processes ---
@@ -266,6 +319,7 @@ type fedGateway struct {
 	addrs struct {
 		Peer  string `json:"peer"`
 		Entry string `json:"entry"`
+		Admin string `json:"admin"`
 	}
 }
 
@@ -283,10 +337,13 @@ func fedStartGateway(t *testing.T, c *cluster, bin, dir string) *fedGateway {
 	}
 	addrFile := filepath.Join(dir, "addrs.json")
 	g := &fedGateway{}
-	g.proc = startProc(t, c.name+" gateway", filepath.Join(dir, "gateway.log"), bin, false,
-		"gateway", "run", "--cluster", c.name, "--trust-domain", trustDomain, "--control-plane", c.addr,
+	args := []string{"gateway", "run", "--cluster", c.name, "--trust-domain", trustDomain, "--control-plane", c.addr,
 		"--data-dir", data, "--peer-listen", "127.0.0.1:0", "--entry-listen", "127.0.0.1:0",
-		"--addresses-file", addrFile, "--log-level", "info")
+		"--addresses-file", addrFile, "--log-level", "info", "--concurrency", "1"} // as strait dev up runs it
+	if os.Getenv(fedProfileEnv) != "" {
+		args = append(args, "--admin", "127.0.0.1:0", "--profiling")
+	}
+	g.proc = startProc(t, c.name+" gateway", filepath.Join(dir, "gateway.log"), bin, false, args...)
 	if err := waitFor(g.proc, c.name+" gateway addresses file", func() bool {
 		b, err := os.ReadFile(addrFile)
 		return err == nil && json.Unmarshal(b, &g.addrs) == nil && g.addrs.Entry != "" && g.addrs.Peer != ""
@@ -500,7 +557,7 @@ func fedStartSink(t *testing.T, c *cluster, dir string) *fedSink {
 	// startProc, with the marker in the environment.
 	cmd := exec.Command(self, "-test.run=^$")
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = append(os.Environ(), fedSinkEnv+"="+cfgPath)
+	cmd.Env = append(os.Environ(), fedSinkEnv+"="+cfgPath, "GOMAXPROCS=1") // as the gateways run: see fedThroughput
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		f.Close()
@@ -932,6 +989,11 @@ func fedThroughput(t *testing.T, entry *fedEntry, h tunnel.Header, sink *fedSink
 		self, _ := procTicks(os.Getpid())
 		return append([]int64{self}, fedTicks(procs)...)
 	}
+	// Every process on every path runs Go code on one thread, as the
+	// gateways do (--concurrency 1): this one for the phase, the sink by its
+	// environment. With two each on two cores, a raw quic-go endpoint spent
+	// about a third more CPU per byte.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	payload := make([]byte, fedXferChunk)
 	for i := range payload {
 		payload[i] = byte(i*7 + i>>8)
@@ -1293,8 +1355,51 @@ func fedReport(t *testing.T, r fedResults) {
 	}
 
 	// 2. Throughput.
-	x := r.xfer
-	t.Logf("report: tunnel throughput: %d MiB per transfer split evenly over the streams, %d rounds, median MB/s (MB = 10^6 bytes); client: this test process; server: one sink process (this test binary re-executed) for every path; all TLS 1.3 with workload SVIDs",
+	fedReportXfer(t, r.xfer)
+
+	// 3. Gateway memory with 10,000 held streams.
+	h := r.hold
+	per := func(i int) float64 {
+		if h.opened == 0 {
+			return 0
+		}
+		return float64(h.rssHeld[i]-h.rssIdle[i]) / 1024 / float64(h.opened)
+	}
+	perStreamMS := func(ticks int64) float64 {
+		if h.opened == 0 {
+			return 0
+		}
+		return float64(ticks) / clockTicks * 1e3 / float64(h.opened)
+	}
+	t.Logf("report: gateway RSS MiB east/west: at start %s, idle before %s; with %d open tunnelled streams %s (peak while opening %s; %+.1f/%+.1f KiB per stream over idle); %s after closing them %s (an idle Go process runs no GC before its 2-minute forced one, so freed memory stays resident; the descriptors below show the streams were released)",
+		pair(r.rssStart), pair(h.rssIdle), h.opened, pair(h.rssHeld), pair(h.rssPeak), per(0), per(1), (h.drainTook + 3*time.Second).Round(100*time.Millisecond), pair(h.rssAfter))
+	t.Logf("report:   %d of %d streams opened in %s by %d workers (each: TLS to east's entry listener, tunnel header and reply, a byte echoed by the sink), gateway cpu while opening east/west %.1fs/%.1fs (%.2f/%.2f ms per stream); descriptors east/west/sink idle %v, held %v, 3s after close %v (back within 16 of idle in %s%s); sink RSS held %s MiB",
+		h.opened, h.want, h.openTook.Round(time.Millisecond), fedHoldWorkers, float64(h.cpuOpen[0])/clockTicks, float64(h.cpuOpen[1])/clockTicks,
+		perStreamMS(h.cpuOpen[0]), perStreamMS(h.cpuOpen[1]),
+		h.fdIdle, h.fdHeld, h.fdAfter, h.drainTook.Round(time.Millisecond), map[bool]string{true: "", false: ": NOT released, gave up"}[h.drained], mb(h.rssHeld[2]))
+	if h.failed > 0 {
+		t.Logf("report:   %d held streams failed to open, first: %s", h.failed, h.firstErr)
+	}
+
+	for _, p := range r.logs {
+		n, first := fedLogIssues(p.log)
+		if n == 0 {
+			t.Logf("report: log of %s: no warnings or errors", p.name)
+			continue
+		}
+		t.Logf("report: log of %s: %d lines at WARN or ERROR (or not from the logger); first distinct: %s", p.name, n, strings.Join(first, " | "))
+	}
+}
+
+// fedReportXfer reports the throughput phase.
+func fedReportXfer(t *testing.T, x *fedXferResult) {
+	met := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT met"
+	}
+	t.Logf("report: tunnel throughput: %d MiB per transfer split evenly over the streams, %d rounds, median MB/s (MB = 10^6 bytes); client: this test process; server: one sink process (this test binary re-executed) for every path; all TLS 1.3 with workload SVIDs; every process runs Go code on one thread (GOMAXPROCS 1: the gateways by --concurrency 1 as strait dev up runs them)",
 		x.perXfer/mib, x.rounds)
 	t.Logf("report: %-14s %10s %10s  %-24s %-24s %s", "path", "1 stream", "16 streams", "rounds (1)", "rounds (16)", "cpu s/GB, 1 | 16 streams: total (client east-gw west-gw sink)")
 	byName := map[string]*xferPath{}
@@ -1353,39 +1458,6 @@ func fedReport(t *testing.T, r fedResults) {
 			runtime.NumCPU(), est(raw, 0), est(raw, 1), est(tun, 0), est(tun, 1), cpuPerGB(raw, 0)/cpuPerGB(tun, 0), cpuPerGB(raw, 1)/cpuPerGB(tun, 1))
 	}
 	t.Logf("report:   the tunnel path includes what the raw paths do not: a TLS 1.3 entry hop client -> east gateway (decrypted there), the QUIC hop between two gateway processes, and a plain TCP hop west gateway -> sink; four processes (client, two gateways, sink) touch every byte instead of two, on %d cores; raw quic-go and TLS are one hop client -> sink", runtime.NumCPU())
-
-	// 3. Gateway memory with 10,000 held streams.
-	h := r.hold
-	per := func(i int) float64 {
-		if h.opened == 0 {
-			return 0
-		}
-		return float64(h.rssHeld[i]-h.rssIdle[i]) / 1024 / float64(h.opened)
-	}
-	perStreamMS := func(ticks int64) float64 {
-		if h.opened == 0 {
-			return 0
-		}
-		return float64(ticks) / clockTicks * 1e3 / float64(h.opened)
-	}
-	t.Logf("report: gateway RSS MiB east/west: at start %s, idle before %s; with %d open tunnelled streams %s (peak while opening %s; %+.1f/%+.1f KiB per stream over idle); %s after closing them %s (an idle Go process runs no GC before its 2-minute forced one, so freed memory stays resident; the descriptors below show the streams were released)",
-		pair(r.rssStart), pair(h.rssIdle), h.opened, pair(h.rssHeld), pair(h.rssPeak), per(0), per(1), (h.drainTook + 3*time.Second).Round(100*time.Millisecond), pair(h.rssAfter))
-	t.Logf("report:   %d of %d streams opened in %s by %d workers (each: TLS to east's entry listener, tunnel header and reply, a byte echoed by the sink), gateway cpu while opening east/west %.1fs/%.1fs (%.2f/%.2f ms per stream); descriptors east/west/sink idle %v, held %v, 3s after close %v (back within 16 of idle in %s%s); sink RSS held %s MiB",
-		h.opened, h.want, h.openTook.Round(time.Millisecond), fedHoldWorkers, float64(h.cpuOpen[0])/clockTicks, float64(h.cpuOpen[1])/clockTicks,
-		perStreamMS(h.cpuOpen[0]), perStreamMS(h.cpuOpen[1]),
-		h.fdIdle, h.fdHeld, h.fdAfter, h.drainTook.Round(time.Millisecond), map[bool]string{true: "", false: ": NOT released, gave up"}[h.drained], mb(h.rssHeld[2]))
-	if h.failed > 0 {
-		t.Logf("report:   %d held streams failed to open, first: %s", h.failed, h.firstErr)
-	}
-
-	for _, p := range r.logs {
-		n, first := fedLogIssues(p.log)
-		if n == 0 {
-			t.Logf("report: log of %s: no warnings or errors", p.name)
-			continue
-		}
-		t.Logf("report: log of %s: %d lines at WARN or ERROR (or not from the logger); first distinct: %s", p.name, n, strings.Join(first, " | "))
-	}
 }
 
 // fedLogIssues counts the lines of a process's log that are not INFO or

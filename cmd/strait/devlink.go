@@ -49,7 +49,8 @@ func (u *devUpper) startGateway(ctx context.Context, dc *devCluster, d *local.Di
 		}
 	}
 	args := []string{"gateway", "run", "--cluster", dc.Name, "--trust-domain", u.td.Name(), "--control-plane", dc.ControlPlane.Address,
-		"--data-dir", gwDir, "--peer-listen", peerListen, "--entry-listen", "127.0.0.1:0", "--addresses-file", addrFile}
+		"--data-dir", gwDir, "--peer-listen", peerListen, "--entry-listen", "127.0.0.1:0", "--addresses-file", addrFile,
+		"--concurrency", "1"} // every cluster shares this host's cores
 	gw, err := u.start(u.self, args, filepath.Join(u.dir, dc.Name, "gateway.log"))
 	if err != nil {
 		return err
