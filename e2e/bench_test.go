@@ -210,25 +210,30 @@ func (p *benchPath) profile(t *testing.T, wg *sync.WaitGroup, d time.Duration) {
 		return
 	}
 	for i, side := range []string{"client", "server"} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			secs := max(int(d/time.Second), 1)
-			resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", p.admins[i], secs))
-			if err != nil {
-				t.Logf("profile %s: %v", side, err)
-				return
-			}
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			if err == nil {
-				err = os.WriteFile(filepath.Join(dir, side+".pprof"), b, 0o644)
-			}
-			if err != nil {
+		wg.Go(func() {
+			if err := saveCPUProfile(p.admins[i], d, filepath.Join(dir, side+".pprof")); err != nil {
 				t.Logf("profile %s: %v", side, err)
 			}
-		}()
+		})
 	}
+}
+
+// saveCPUProfile takes a CPU profile of the process serving pprof on admin
+// over the next d (at least a second) and writes it to path.
+func saveCPUProfile(admin string, d time.Duration, path string) error {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", admin, max(int(d/time.Second), 1)))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", resp.Status, b)
+	}
+	return os.WriteFile(path, b, 0o644)
 }
 
 // phase accumulates the rounds of one phase on one path.

@@ -245,21 +245,7 @@ func fedProfile(t *testing.T, gws map[string]*fedGateway) func() {
 	var wg sync.WaitGroup
 	for name, g := range gws {
 		wg.Go(func() {
-			url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", g.addrs.Admin, fedProfileSeconds)
-			resp, err := http.Get(url)
-			if err != nil {
-				t.Errorf("profile of %s gateway: %v", name, err)
-				return
-			}
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			if err == nil && resp.StatusCode != http.StatusOK {
-				err = fmt.Errorf("%s: %s", resp.Status, b)
-			}
-			if err == nil {
-				err = os.WriteFile(filepath.Join(dir, name+"-gateway.pprof"), b, 0o644)
-			}
-			if err != nil {
+			if err := saveCPUProfile(g.addrs.Admin, fedProfileSeconds*time.Second, filepath.Join(dir, name+"-gateway.pprof")); err != nil {
 				t.Errorf("profile of %s gateway: %v", name, err)
 			}
 		})
