@@ -12,9 +12,7 @@ import (
 	"net/http"
 	"os"
 	"runtime/debug"
-	"runtime/pprof"
 	"slices"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -31,6 +29,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/client"
+	"github.com/straitmesh/strait/internal/profiling"
 	"github.com/straitmesh/strait/proxy/balance"
 	"github.com/straitmesh/strait/proxy/workloadapi"
 )
@@ -80,8 +79,8 @@ type Config struct {
 	// Registry receives the metrics and is served on /metrics; nil means a
 	// new registry with the Go and process collectors.
 	Registry *prometheus.Registry
-	// Profiling serves /debug/pprof/profile?seconds=N (a CPU profile) and
-	// /debug/pprof/heap on the admin port.
+	// Profiling serves CPU, heap and goroutine profiles on the admin port
+	// (see package profiling).
 	Profiling bool
 }
 
@@ -427,11 +426,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 		io.WriteString(w, "ready\n")
 	})
 	if s.cfg.Profiling {
-		mux.HandleFunc("GET /debug/pprof/profile", cpuProfile)
-		mux.HandleFunc("GET /debug/pprof/heap", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "application/octet-stream")
-			pprof.Lookup("heap").WriteTo(w, 0)
-		})
+		profiling.Register(mux)
 	}
 	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -473,26 +468,6 @@ func (s *Sidecar) UpstreamStats(service string) []balance.EndpointStats {
 		return nil
 	}
 	return u.lb.Stats()
-}
-
-// cpuProfile writes a CPU profile of the next ?seconds=N (default 10, at
-// most 120) seconds.
-func cpuProfile(w http.ResponseWriter, r *http.Request) {
-	secs, err := strconv.Atoi(r.URL.Query().Get("seconds"))
-	if err != nil || secs <= 0 {
-		secs = 10
-	}
-	secs = min(secs, 120)
-	w.Header().Set("Content-Type", "application/octet-stream")
-	if err := pprof.StartCPUProfile(w); err != nil {
-		http.Error(w, err.Error(), http.StatusConflict)
-		return
-	}
-	select {
-	case <-time.After(time.Duration(secs) * time.Second):
-	case <-r.Context().Done():
-	}
-	pprof.StopCPUProfile()
 }
 
 // configDump is what /config_dump shows: identity, trust, the snapshot in

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -23,6 +22,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/gateway/agent"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/profiling"
 	"github.com/straitmesh/strait/proxy"
 )
 
@@ -42,7 +42,7 @@ type gatewayAddrs struct {
 func newGatewayRunCmd(g *globals) *cobra.Command {
 	var cluster, tdName, cp, dir, peerListen, entryListen, addrFile, level, admin string
 	var advertise []string
-	var profiling bool
+	var serveProfiles bool
 	var concurrency int
 	cmd := &cobra.Command{
 		Use:   "run --cluster NAME --trust-domain TD --control-plane ADDR --data-dir DIR",
@@ -72,13 +72,15 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 			if concurrency < 0 {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--concurrency must be 0 or more")}
 			}
-			if concurrency > 0 && os.Getenv("GOMAXPROCS") == "" {
-				runtime.GOMAXPROCS(concurrency)
-			}
-			if profiling && admin == "" {
+			if serveProfiles && admin == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--profiling needs --admin")}
 			}
 			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: lv}))
+			if env := os.Getenv("GOMAXPROCS"); concurrency > 0 && env != "" {
+				log.Info("GOMAXPROCS in the environment overrides --concurrency", "GOMAXPROCS", env, "concurrency", concurrency)
+			} else if concurrency > 0 {
+				runtime.GOMAXPROCS(concurrency)
+			}
 			creds, err := proxy.NewCredentials(td, nil)
 			if err != nil {
 				return err
@@ -113,10 +115,8 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 					}
 					fmt.Fprintln(w, "ready")
 				})
-				if profiling {
-					mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-					mux.Handle("GET /debug/pprof/heap", pprof.Handler("heap"))
-					mux.Handle("GET /debug/pprof/goroutine", pprof.Handler("goroutine"))
+				if serveProfiles {
+					profiling.Register(mux)
 				}
 				srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 				go srv.Serve(ln)
@@ -147,9 +147,9 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 	cmd.Flags().StringSliceVar(&advertise, "advertise", nil, "QUIC addresses peers should dial (default: the bound --peer-listen)")
 	cmd.Flags().StringVar(&addrFile, "addresses-file", "", "write the bound addresses here as JSON once serving")
 	cmd.Flags().StringVar(&level, "log-level", "info", "debug, info, warn or error")
-	cmd.Flags().StringVar(&admin, "admin", "", "admin listen address (/metrics, /ready); empty: none")
-	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "OS threads running Go code at once (GOMAXPROCS); 0 means Go's default, one per CPU or the container's CPU limit. "+
-		"One cost 15-20% less CPU per byte tunnelled where processes outnumber cores, as under strait dev up, which sets it (make bench)")
-	cmd.Flags().BoolVar(&profiling, "profiling", false, "serve CPU, heap and goroutine profiles on --admin (/debug/pprof/profile, /heap, /goroutine)")
+	cmd.Flags().StringVar(&admin, "admin", "", "admin listen address (/metrics, /ready, and with --profiling /debug/pprof/profile, /heap and /goroutine); empty: none")
+	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "OS threads running Go code at once (GOMAXPROCS); 0: Go's default (the CPUs, or the container's CPU limit); "+
+		"a GOMAXPROCS environment variable wins; strait dev up sets 1")
+	cmd.Flags().BoolVar(&serveProfiles, "profiling", false, "serve CPU, heap and goroutine profiles on --admin, without authentication: keep --admin on loopback")
 	return cmd
 }

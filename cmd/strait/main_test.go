@@ -30,6 +30,9 @@ func mustCLI(t *testing.T, args ...string) string {
 
 func TestCLIErrors(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "ca")
+	// A gateway whose data dir does not exist: refused flags must be
+	// caught before it is read.
+	gw := []string{"gateway", "run", "--cluster", "east", "--trust-domain", "strait.example", "--control-plane", "127.0.0.1:1", "--data-dir", filepath.Join(dir, "no-gw")}
 	tests := []struct {
 		name     string
 		args     []string
@@ -47,6 +50,8 @@ func TestCLIErrors(t *testing.T) {
 		{"mistyped group", []string{"ca", "rotat"}, 2, `unknown command "rotat"`},
 		{"missing argument", []string{"ca", "rotate", "taint", "--data-dir", dir}, 2, "accepts 1 arg"},
 		{"extra argument", []string{"ca", "status", "extra"}, 2, "unknown command"},
+		{"gateway: negative concurrency", append(gw, "--concurrency", "-1"), 2, "--concurrency must be 0 or more"},
+		{"gateway: profiles need an admin port", append(gw, "--profiling"), 2, "--profiling needs --admin"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

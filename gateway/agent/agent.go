@@ -193,7 +193,7 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Go(func() { errc <- a.watchLoop(ctx, entryAddr) })
 	wg.Go(func() { errc <- a.reportLoop(ctx) })
 	wg.Go(func() { a.credentialsLoop(ctx) })
-	wg.Go(func() { releaseLoop(ctx, 5*time.Second, 32<<20) })
+	wg.Go(func() { releaseLoop(ctx, 2*time.Second, 32<<20) })
 	return <-errc
 }
 
@@ -711,24 +711,85 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 	return req
 }
 
-// releaseLoop returns free heap memory to the OS when more than limit
-// bytes of it are held: after a burst of streams closes, the Go runtime
-// would otherwise keep it resident for minutes.
+// releaseLoop hands heap memory back to the OS after a burst of streams:
+// the Go runtime would otherwise keep it resident for minutes. See
+// releaser for when.
 func releaseLoop(ctx context.Context, every time.Duration, limit uint64) {
 	t := time.NewTicker(every)
 	defer t.Stop()
-	sample := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
+	samples := []metrics.Sample{
+		{Name: "/memory/classes/heap/free:bytes"},
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/gc/cycles/total:gc-cycles"},
+	}
+	read := func() heapState {
+		metrics.Read(samples)
+		var v [3]uint64
+		for i, s := range samples {
+			if s.Value.Kind() == metrics.KindUint64 {
+				v[i] = s.Value.Uint64()
+			}
+		}
+		return heapState{free: v[0], objects: v[1], cycles: v[2]}
+	}
+	r := releaser{limit: limit}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		metrics.Read(sample)
-		if sample[0].Value.Kind() == metrics.KindUint64 && sample[0].Value.Uint64() > limit {
+		before := read()
+		if r.due(before) {
 			debug.FreeOSMemory()
+			r.freed(before, read())
 		}
 	}
+}
+
+// heapState is what releaser looks at: free heap bytes (held, not yet
+// returned to the OS), bytes of heap objects (live or not yet found dead)
+// and the count of completed collections.
+type heapState struct{ free, objects, cycles uint64 }
+
+// releaser decides when to collect and return memory, one tick at a time:
+//   - when more than limit bytes of the heap are free;
+//   - when more than limit bytes of objects have gone a whole tick without a
+//     collection: after a burst closes, the heap stops growing and no
+//     collection comes to find it dead. When a forced collection finds
+//     most of the objects still live (streams held open, idle), it waits
+//     twice as many ticks before forcing again, up to 32.
+type releaser struct {
+	limit      uint64
+	lastCycles uint64
+	backoff    int // ticks to wait after a fruitless forced collection
+	skip       int // ticks left to wait
+}
+
+func (r *releaser) due(h heapState) bool {
+	collected := h.cycles != r.lastCycles
+	r.lastCycles = h.cycles
+	switch {
+	case h.free > r.limit:
+		return true
+	case h.objects <= r.limit || collected:
+		return false
+	case r.skip > 0:
+		r.skip--
+		return false
+	}
+	return true
+}
+
+// freed takes the heap before and after a forced collection.
+func (r *releaser) freed(before, after heapState) {
+	r.lastCycles = after.cycles
+	if after.objects > r.limit && after.objects > before.objects/2 { // mostly live: back off
+		r.backoff = min(max(2*r.backoff, 1), 32)
+		r.skip = r.backoff
+		return
+	}
+	r.backoff, r.skip = 0, 0
 }
 
 // loadResetKey reads the QUIC stateless reset key kept in dir, creating it
