@@ -721,16 +721,17 @@ func releaseLoop(ctx context.Context, every time.Duration, limit uint64) {
 		{Name: "/memory/classes/heap/free:bytes"},
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/gc/cycles/total:gc-cycles"},
+		{Name: "/sched/goroutines:goroutines"},
 	}
 	read := func() heapState {
 		metrics.Read(samples)
-		var v [3]uint64
+		var v [4]uint64
 		for i, s := range samples {
 			if s.Value.Kind() == metrics.KindUint64 {
 				v[i] = s.Value.Uint64()
 			}
 		}
-		return heapState{free: v[0], objects: v[1], cycles: v[2]}
+		return heapState{free: v[0], objects: v[1], cycles: v[2], goroutines: v[3]}
 	}
 	r := releaser{limit: limit}
 	for {
@@ -748,9 +749,10 @@ func releaseLoop(ctx context.Context, every time.Duration, limit uint64) {
 }
 
 // heapState is what releaser looks at: free heap bytes (held, not yet
-// returned to the OS), bytes of heap objects (live or not yet found dead)
-// and the count of completed collections.
-type heapState struct{ free, objects, cycles uint64 }
+// returned to the OS), bytes of heap objects (live or not yet found dead),
+// the count of completed collections and of goroutines (each open stream
+// has two).
+type heapState struct{ free, objects, cycles, goroutines uint64 }
 
 // releaser decides when to collect and return memory, one tick at a time:
 //   - when more than limit bytes of the heap are free;
@@ -758,22 +760,30 @@ type heapState struct{ free, objects, cycles uint64 }
 //     collection: after a burst closes, the heap stops growing and no
 //     collection comes to find it dead. When a forced collection finds
 //     most of the objects still live (streams held open, idle), it waits
-//     twice as many ticks before forcing again, up to 32.
+//     twice as many ticks before forcing again, up to 32; but not once the
+//     goroutines have fallen under half of what they were at the last
+//     collection: the streams have closed.
 type releaser struct {
-	limit      uint64
-	lastCycles uint64
-	backoff    int // ticks to wait after a fruitless forced collection
-	skip       int // ticks left to wait
+	limit          uint64
+	lastCycles     uint64
+	goroutinesAtGC uint64 // at the last collection seen or forced
+	backoff        int    // ticks to wait after a fruitless forced collection
+	skip           int    // ticks left to wait
 }
 
 func (r *releaser) due(h heapState) bool {
 	collected := h.cycles != r.lastCycles
 	r.lastCycles = h.cycles
+	if collected {
+		r.goroutinesAtGC = h.goroutines
+	}
 	switch {
 	case h.free > r.limit:
 		return true
 	case h.objects <= r.limit || collected:
 		return false
+	case 2*h.goroutines < r.goroutinesAtGC:
+		return true
 	case r.skip > 0:
 		r.skip--
 		return false
@@ -783,7 +793,7 @@ func (r *releaser) due(h heapState) bool {
 
 // freed takes the heap before and after a forced collection.
 func (r *releaser) freed(before, after heapState) {
-	r.lastCycles = after.cycles
+	r.lastCycles, r.goroutinesAtGC = after.cycles, after.goroutines
 	if after.objects > r.limit && after.objects > before.objects/2 { // mostly live: back off
 		r.backoff = min(max(2*r.backoff, 1), 32)
 		r.skip = r.backoff

@@ -33,13 +33,13 @@ func TestReleaser(t *testing.T) {
 
 	// Held streams: a large heap that stays live. Forced collections back
 	// off: 1, 2, 4 ... ticks between them, at most 32.
-	live := heapState{objects: 300 * mb, cycles: 8}
+	live := heapState{objects: 300 * mb, cycles: 8, goroutines: 20_000}
 	var forcedAt []int
 	for i := range 200 {
 		if tick(live) {
 			forcedAt = append(forcedAt, i)
 			live.cycles++
-			r.freed(heapState{objects: 300 * mb}, live)
+			r.freed(heapState{objects: 300 * mb, goroutines: 20_000}, live)
 		}
 	}
 	want := []int{0, 2, 5, 10, 19, 36, 69, 102, 135, 168}
@@ -52,12 +52,16 @@ func TestReleaser(t *testing.T) {
 		}
 	}
 
-	// Once it frees again, the backoff resets.
-	live.objects = 300 * mb
-	for !tick(live) {
+	// The streams close: the goroutines fall, and the next tick forces a
+	// collection despite the backoff; it frees, and the backoff resets.
+	if r.skip == 0 {
+		t.Fatal("no backoff under way to test against")
 	}
-	live.cycles++
-	r.freed(heapState{objects: 300 * mb}, heapState{objects: 100 * mb, cycles: live.cycles})
+	closed := heapState{objects: 300 * mb, cycles: live.cycles, goroutines: 40}
+	if !tick(closed) {
+		t.Fatal("streams closed, but no collection forced")
+	}
+	r.freed(closed, heapState{objects: 20 * mb, cycles: live.cycles + 1, goroutines: 40})
 	if r.backoff != 0 || r.skip != 0 {
 		t.Fatalf("backoff %d skip %d after a fruitful collection, want 0 0", r.backoff, r.skip)
 	}
