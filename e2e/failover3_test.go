@@ -347,6 +347,27 @@ func (l *recordedLoad) finish() {
 	l.wg.Wait()
 }
 
+// report stops the load, logs what it saw and the retries the frontend
+// (its metrics in reg) sent, fails t if any request failed, and returns
+// the answers by cluster.
+func (l *recordedLoad) report(t *testing.T, reg *prometheus.Registry, began time.Time) map[string]int {
+	t.Helper()
+	l.finish()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	byCluster := map[string]int{}
+	for _, a := range l.answers {
+		byCluster[a.cluster]++
+	}
+	retries := metric(t, reg, "strait_proxy_retries_total", map[string]string{"destination": "backend", "outcome": "sent"})
+	t.Logf("load: %d answered %v, %d failed %v; %v retries sent by the frontend; test ran %s",
+		len(l.answers), byCluster, l.fail, l.errs, retries, time.Since(began).Round(time.Millisecond))
+	if l.fail > 0 {
+		t.Errorf("%d client requests failed (retries included): %v", l.fail, l.errs)
+	}
+	return byCluster
+}
+
 // counts returns how many answers have arrived and how many requests failed.
 func (l *recordedLoad) counts() (answered, failed int) {
 	l.mu.Lock()
@@ -573,19 +594,7 @@ func TestThreeClusterCrashFailover(t *testing.T) {
 		}
 	}
 
-	l.finish()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	total := map[string]int{}
-	for _, a := range l.answers {
-		total[a.cluster]++
-	}
-	retries := metric(t, fe.registry, "strait_proxy_retries_total", map[string]string{"destination": "backend", "outcome": "sent"})
-	t.Logf("load: %d answered %v, %d failed %v; %v retries sent by the frontend; test ran %s",
-		len(l.answers), total, l.fail, l.errs, retries, time.Since(began).Round(time.Millisecond))
-	if l.fail > 0 {
-		t.Errorf("%d client requests failed (retries included): %v", l.fail, l.errs)
-	}
+	total := l.report(t, fe.registry, began)
 	if total["south"] > 0 {
 		t.Errorf("south answered %d requests while west, the first peer tier, was healthy", total["south"])
 	}
@@ -912,19 +921,7 @@ func TestThreeClusterPartition(t *testing.T) {
 		t.Errorf("west healed: answers %v, %d failed; want all (at least 198 of 200) from west", by, failed)
 	}
 
-	l.finish()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	counts := map[string]int{}
-	for _, a := range l.answers {
-		counts[a.cluster]++
-	}
-	retries := metric(t, fe.registry, "strait_proxy_retries_total", map[string]string{"destination": "backend", "outcome": "sent"})
-	t.Logf("load: %d answered %v, %d failed %v; %v retries sent by the frontend; test ran %s",
-		len(l.answers), counts, l.fail, l.errs, retries, time.Since(began).Round(time.Millisecond))
-	if l.fail > 0 {
-		t.Errorf("%d client requests failed (retries included): %v", l.fail, l.errs)
-	}
+	counts := l.report(t, fe.registry, began)
 	if counts["east"] > 0 {
 		t.Errorf("east answered %d requests; it runs no backend", counts["east"])
 	}

@@ -144,8 +144,8 @@ const probeAfter = time.Second
 func (hc *h1Conn) alive() bool {
 	hc.c.SetReadDeadline(time.Now().Add(time.Millisecond))
 	_, err := hc.br.Peek(1)
-	hc.deadline = time.Unix(0, 1) // neither zero nor the fast path's: set afresh
-	hc.setDeadline(time.Time{})
+	hc.c.SetDeadline(time.Time{}) // read and write: the fast path's is gone too
+	hc.deadline = time.Time{}
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }

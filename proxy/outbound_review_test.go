@@ -130,13 +130,11 @@ func testTrustShrankCutsBusy(t *testing.T, h2 bool) {
 	}
 }
 
-// A snapshot that changes nothing keeps the pools toward endpoints in peer
-// clusters (reached through a tunnel) as it keeps those toward local ones:
-// their keys once differed between the pools and the check of which are
-// live, and every snapshot closed the tunnelled ones.
-func TestSnapshotKeepsTunnelPools(t *testing.T) {
-	const td = "strait.example"
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
+// newBackendOutbound is an outbound side with no credentials beyond the
+// trust domain strait.example and one upstream, backend.
+func newBackendOutbound(t *testing.T) (*outbound, *upstream) {
+	t.Helper()
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,6 +143,16 @@ func TestSnapshotKeepsTunnelPools(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return o, u
+}
+
+// A snapshot that changes nothing keeps the pools toward endpoints in peer
+// clusters (reached through a tunnel) as it keeps those toward local ones:
+// their keys once differed between the pools and the check of which are
+// live, and every snapshot closed the tunnelled ones.
+func TestSnapshotKeepsTunnelPools(t *testing.T) {
+	o, u := newBackendOutbound(t)
+	const td = "strait.example"
 	id := "spiffe://" + td + "/ns/default/sa/backend"
 	svcs := []*controlplanev1.Service{{Name: "backend", Policy: &controlplanev1.TrafficPolicy{}, Endpoints: []*controlplanev1.Endpoint{
 		{Instance: "backend-0", Address: "127.0.0.1:1", SpiffeId: id, Health: controlplanev1.Health_HEALTH_HEALTHY},
@@ -185,16 +193,8 @@ func TestSnapshotKeepsTunnelPools(t *testing.T) {
 // is reached through replaces the pool toward it: the old one verifies
 // the old identity.
 func TestSnapshotReplacesTunnelPoolOnNewGatewayID(t *testing.T) {
+	o, u := newBackendOutbound(t)
 	const td = "strait.example"
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := newOutbound(creds, NewMetrics(prometheus.NewRegistry()), slog.New(slog.DiscardHandler), time.Now)
-	u, err := o.addUpstream("backend")
-	if err != nil {
-		t.Fatal(err)
-	}
 	id := "spiffe://" + td + "/ns/default/sa/backend"
 	snapshot := func(gw string) []*controlplanev1.Service {
 		return []*controlplanev1.Service{{Name: "backend", Policy: &controlplanev1.TrafficPolicy{}, Endpoints: []*controlplanev1.Endpoint{
