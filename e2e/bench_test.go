@@ -65,7 +65,8 @@ const (
 // Knobs: STRAIT_BENCH=1 runs it; STRAIT_BENCH_SECONDS (default 5, at most
 // 60) is the length of each of phases 3 and 4 per path;
 // STRAIT_BENCH_PROFILE=DIR runs the sidecars with --profiling and saves
-// CPU profiles of the last maximum-throughput round in DIR;
+// in DIR their heap and goroutine profiles and /proc smaps at the idle
+// point, and CPU profiles of the last maximum-throughput round;
 // STRAIT_BENCH_NGINX_INSTALL=0 stops it from apt-get installing nginx-light
 // when nginx is missing (it only tries as root).
 func TestReportProxyBench(t *testing.T) {
@@ -110,6 +111,7 @@ func TestReportProxyBench(t *testing.T) {
 	for _, p := range paths {
 		if p.skip == "" && p.procs[0] != nil {
 			p.rssIdle = p.rss()
+			p.saveIdle(t)
 		}
 	}
 
@@ -218,10 +220,35 @@ func (p *benchPath) profile(t *testing.T, wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
+// saveIdle saves each strait sidecar's heap and goroutine profiles and
+// its /proc smaps at the idle point into the directory
+// STRAIT_BENCH_PROFILE names, to see what the idle RSS is made of.
+func (p *benchPath) saveIdle(t *testing.T) {
+	dir := os.Getenv("STRAIT_BENCH_PROFILE")
+	if dir == "" || p.admins[0] == "" {
+		return
+	}
+	for i, side := range []string{"client", "server"} {
+		for _, prof := range []string{"heap", "goroutine"} {
+			if err := saveURL(fmt.Sprintf("http://%s/debug/pprof/%s", p.admins[i], prof), filepath.Join(dir, side+"-idle-"+prof+".pprof")); err != nil {
+				t.Logf("idle %s profile of the %s sidecar: %v", prof, side, err)
+			}
+		}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", p.procs[i].cmd.Process.Pid)); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, side+"-idle-smaps.txt"), b, 0o644)
+		}
+	}
+}
+
 // saveCPUProfile takes a CPU profile of the process serving pprof on admin
 // over the next d (at least a second) and writes it to path.
 func saveCPUProfile(admin string, d time.Duration, path string) error {
-	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", admin, max(int(d/time.Second), 1)))
+	return saveURL(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", admin, max(int(d/time.Second), 1)), path)
+}
+
+// saveURL writes the body of a successful GET of url to path.
+func saveURL(url, path string) error {
+	resp, err := http.Get(url)
 	if err != nil {
 		return err
 	}
