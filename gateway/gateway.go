@@ -11,6 +11,7 @@ import (
 	"maps"
 	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +68,7 @@ type Gateway struct {
 	conns    map[*peerConn]struct{}
 	perPeer  map[connKey]int
 	entries  map[*entryConn]struct{}
+	exported map[*exportedStream]struct{} // inbound streams relayed to a local endpoint
 	joins    int
 	handlers sync.WaitGroup
 
@@ -121,16 +123,17 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("gateway: register metrics: %w", err)
 	}
 	g := &Gateway{
-		cfg:     cfg,
-		lim:     cfg.Limits,
-		log:     cfg.Logger.With(logCluster, cfg.Cluster),
-		m:       m,
-		now:     cfg.Clock,
-		ready:   make(chan struct{}),
-		slots:   map[string]*dialSlot{},
-		conns:   map[*peerConn]struct{}{},
-		perPeer: map[connKey]int{},
-		entries: map[*entryConn]struct{}{},
+		cfg:      cfg,
+		lim:      cfg.Limits,
+		log:      cfg.Logger.With(logCluster, cfg.Cluster),
+		m:        m,
+		now:      cfg.Clock,
+		ready:    make(chan struct{}),
+		slots:    map[string]*dialSlot{},
+		conns:    map[*peerConn]struct{}{},
+		perPeer:  map[connKey]int{},
+		entries:  map[*entryConn]struct{}{},
+		exported: map[*exportedStream]struct{}{},
 	}
 	creds := cfg.Credentials
 
@@ -463,15 +466,28 @@ func (g *Gateway) untrack(pc *peerConn) {
 	}
 }
 
+// exportedStream is a peer's stream relayed to a local endpoint of an
+// exported service: Recheck ends it once the service is no longer exported
+// to that peer.
+type exportedStream struct {
+	peer, namespace, service string
+	port                     uint16
+	str                      *quic.Stream
+	conn                     net.Conn
+}
+
 // Recheck closes every connection whose peer is no longer linked or whose
 // chain is no longer trusted by the current bundle: QUIC connections in
 // both directions and entry connections (whose peer is the cluster they
-// tunnel to). The gateway calls it itself when its credentials change; call
-// it when the catalog's links change.
+// tunnel to). It also resets every stream relayed to a local service that
+// is no longer exported to the peer that opened it. The gateway calls it
+// itself when its credentials change; call it when the catalog's links
+// change.
 func (g *Gateway) Recheck() {
 	g.mu.Lock()
 	pcs := slices.Collect(maps.Keys(g.conns))
 	ecs := slices.Collect(maps.Keys(g.entries))
+	ess := slices.Collect(maps.Keys(g.exported))
 	for peer, s := range g.slots {
 		if s.conn == nil && s.call == nil {
 			delete(g.slots, peer) // made again on the next dial
@@ -496,6 +512,58 @@ func (g *Gateway) Recheck() {
 		g.m.refusals.WithLabelValues(reason).Inc()
 		abort(ec.conn) // a reset, not an orderly end of data
 	}
+	g.recheckExports(ess)
+}
+
+// RecheckExports resets every stream relayed to a local service that is no
+// longer exported to the peer that opened it, as Recheck does, without
+// judging connections again: call it when the catalog's exports change.
+func (g *Gateway) RecheckExports() {
+	g.mu.Lock()
+	ess := slices.Collect(maps.Keys(g.exported))
+	g.mu.Unlock()
+	g.recheckExports(ess)
+}
+
+func (g *Gateway) recheckExports(ess []*exportedStream) {
+	for _, es := range ess {
+		_, err := g.cfg.Catalog.LocalEndpoints(es.peer, es.namespace, es.service, es.port)
+		if !errors.Is(err, ErrNotExported) {
+			continue // still exported (having no healthy endpoint left ends no stream)
+		}
+		g.log.Info("resetting stream", logPeer, es.peer, logService, es.namespace+"/"+es.service+":"+strconv.Itoa(int(es.port)), "reason", "not_exported", "error", err)
+		g.m.refusals.WithLabelValues("not_exported").Inc()
+		es.str.CancelRead(quic.StreamErrorCode(tunnel.StreamRefused))
+		es.str.CancelWrite(quic.StreamErrorCode(tunnel.StreamRefused))
+		abort(es.conn)
+	}
+}
+
+// relayExported answers a peer's stream and relays it to a local
+// endpoint (connected as es.conn), registered for Recheck while it runs. It
+// returns the reply's code.
+func (g *Gateway) relayExported(es *exportedStream) tunnel.Code {
+	g.mu.Lock()
+	g.exported[es] = struct{}{}
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		delete(g.exported, es)
+		g.mu.Unlock()
+	}()
+	// An export removed before the registration was not seen by Recheck.
+	if _, err := g.cfg.Catalog.LocalEndpoints(es.peer, es.namespace, es.service, es.port); errors.Is(err, ErrNotExported) {
+		es.conn.Close()
+		g.refuse(es.str, tunnel.Reply{Code: tunnel.CodeNotExported, Message: catalogReply(err).Message})
+		return tunnel.CodeNotExported
+	}
+	if err := tunnel.WriteReply(es.str, tunnel.Reply{Code: tunnel.CodeOK}); err != nil {
+		es.conn.Close()
+		resetStream(es.str, tunnel.StreamAborted)
+		return tunnel.CodeUnavailable
+	}
+	g.relay(es.str, es.conn, dirInbound)
+	return tunnel.CodeOK
 }
 
 func (g *Gateway) judgePeer(pc *peerConn) (tunnel.CloseCode, string, error) {

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -858,4 +860,114 @@ func TestPeerGoneAnswersFast(t *testing.T) {
 		}
 		return echoLine(c, "after\n")
 	})
+}
+
+// TestRecheckEndsHalfClosedRelays: a caller sends its request and
+// half-closes; the endpoint reads it and stays silent. Unlinking the
+// caller's cluster closes the QUIC connection, and the receiving gateway
+// lets go of the endpoint's connection too instead of waiting on it.
+func TestRecheckEndsHalfClosedRelays(t *testing.T) {
+	p := newPair(t, gwOptions{}, gwOptions{})
+	addr, conns := silentServer(t)
+	p.west.cat.export("default", "echo", 7, []string{"east"}, addr)
+	conn := mustTunnel(t, p.east, p.sidecar, echoHeader())
+	if _, err := conn.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the endpoint reads the request to its end", func() error {
+		if n := len(conns()); n != 1 {
+			return fmt.Errorf("%d endpoint connections at their end, want 1", n)
+		}
+		return nil
+	})
+	p.west.cat.unlink("east")
+	p.west.Recheck()
+	awaitClosed(t, conn)
+	eventually(t, "west lets go of the endpoint's connection", func() error {
+		if v := metricValue(p.west.m.active[dirInbound]); v != 0 {
+			return fmt.Errorf("west still relays %v inbound stream(s)", v)
+		}
+		return nil
+	})
+	c := conns()[0]
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the endpoint's connection was not ended: read returned %v", err)
+	}
+}
+
+// silentServer accepts connections, reads each to its end and then keeps
+// it open without a word; conns lists those read to their end.
+func silentServer(t *testing.T) (addr string, conns func() []net.Conn) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var done []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range done {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(io.Discard, c)
+				mu.Lock()
+				done = append(done, c)
+				mu.Unlock()
+			}()
+		}
+	}()
+	return ln.Addr().String(), func() []net.Conn {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(done)
+	}
+}
+
+// TestRecheckResetsStreamsNoLongerExported: once a service is no longer
+// exported to a peer, its open streams end at the next Recheck; streams
+// to services still exported carry on, and so do those of a service that
+// merely lost its healthy endpoints.
+func TestRecheckResetsStreamsNoLongerExported(t *testing.T) {
+	p := newPair(t, gwOptions{}, gwOptions{})
+	p.west.cat.export("default", "other", 7, []string{"east"}, p.echo.addr)
+	p.east.cat.importFrom("west", "default", "other")
+	other := echoHeader()
+	other.Service = "other"
+	stays := mustTunnel(t, p.east, p.sidecar, other)
+	goes := mustTunnel(t, p.east, p.sidecar, echoHeader())
+	for _, c := range []*tls.Conn{stays, goes} {
+		if err := echoLine(c, "before\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	p.west.cat.export("default", "other", 7, []string{"east"}) // no endpoints left
+	p.west.Recheck()
+	if err := echoLine(stays, "no endpoints\n"); err != nil {
+		t.Fatalf("a stream ended when its service lost its endpoints: %v", err)
+	}
+
+	p.west.cat.export("default", "echo", 7, []string{"south"}, p.echo.addr)
+	p.west.Recheck()
+	awaitClosed(t, goes)
+	if err := echoLine(stays, "still exported\n"); err != nil {
+		t.Errorf("a stream to a service still exported ended: %v", err)
+	}
+	if got := metricValue(p.west.m.refusals.WithLabelValues("not_exported")); got != 1 {
+		t.Errorf("west refusals{not_exported} = %v, want 1", got)
+	}
 }

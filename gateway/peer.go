@@ -178,13 +178,7 @@ func (g *Gateway) serveStream(ctx context.Context, pc *peerConn, str *quic.Strea
 		refuse(tunnel.CodeDialFailed, "%s: %d endpoint(s) tried, none answered", target, tried)
 		return
 	}
-	if err := tunnel.WriteReply(str, tunnel.Reply{Code: tunnel.CodeOK}); err != nil {
-		c.Close()
-		result = tunnel.CodeUnavailable
-		resetStream(str, tunnel.StreamAborted)
-		return
-	}
-	g.relay(str, c, dirInbound)
+	result = g.relayExported(&exportedStream{peer: pc.peer, namespace: h.Namespace, service: h.Service, port: h.Port, str: str, conn: c})
 }
 
 // catalogReply maps a Catalog error to a reply.

@@ -1,7 +1,9 @@
 package gateway
 
 import (
+	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -97,6 +99,21 @@ func (g *Gateway) relay(str *quic.Stream, c net.Conn, dir string) {
 		abort(c)
 	default:
 		closeWrite(c)
+		// The connection may stay silent, holding its half open: end it
+		// when the stream can no longer carry its data (the QUIC
+		// connection closed on an unlink or an untrusted root, or was
+		// lost, or the peer stopped reading).
+		select {
+		case <-done:
+		case <-str.Context().Done():
+			select {
+			case <-done:
+			default:
+				if !errors.Is(context.Cause(str.Context()), quic.ErrStreamClosed) { // not our own orderly close
+					abort(c)
+				}
+			}
+		}
 	}
 	<-done
 	str.CancelRead(quic.StreamErrorCode(tunnel.StreamNoError)) // no-op once read to the end

@@ -259,9 +259,11 @@ func (a *agent) watchOnce(ctx context.Context, entry string, backoff *client.Bac
 		}
 		a.id.Reissue(snap.GetReissue())
 		a.out.set(snap, a.log) // control streams wake on a change
-		linksChanged := a.cat.setSnapshot(snap)
-		if linksChanged {
+		switch linksChanged, exportsChanged := a.cat.setSnapshot(snap); {
+		case linksChanged:
 			a.gw.Recheck() // a removed peer loses its open sessions at once
+		case exportsChanged:
+			a.gw.RecheckExports() // and a peer a service is no longer exported to, its streams to it
 		}
 		a.syncPeers(ctx) // pokes the report loop
 	})

@@ -42,8 +42,9 @@ func key(ns, name string) string { return ns + "/" + name }
 func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
 
 // setSnapshot installs the control plane's view; it reports whether the
-// set of links (or their addresses) changed.
-func (c *catalog) setSnapshot(s *controlplanev1.GatewaySnapshot) bool {
+// set of links (or their addresses) changed, and whether the exports
+// (or their endpoints) did.
+func (c *catalog) setSnapshot(s *controlplanev1.GatewaySnapshot) (linksChanged, exportsChanged bool) {
 	links := map[string]*controlplanev1.Link{}
 	for _, l := range s.GetLinks() {
 		links[l.GetPeer()] = l
@@ -54,13 +55,13 @@ func (c *catalog) setSnapshot(s *controlplanev1.GatewaySnapshot) bool {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	linksChanged := len(links) != len(c.links)
+	linksChanged = len(links) != len(c.links)
 	for p, l := range links {
 		if old := c.links[p]; old == nil || !proto.Equal(old, l) {
 			linksChanged = true
 		}
 	}
-	exportsChanged := len(exports) != len(c.exports)
+	exportsChanged = len(exports) != len(c.exports)
 	for k, e := range exports {
 		if old := c.exports[k]; old == nil || !proto.Equal(old, e) {
 			exportsChanged = true
@@ -77,7 +78,7 @@ func (c *catalog) setSnapshot(s *controlplanev1.GatewaySnapshot) bool {
 		close(c.changed)
 		c.changed = make(chan struct{})
 	}
-	return linksChanged
+	return linksChanged, exportsChanged
 }
 
 // resubscribe returns a channel closed at the next change of exports.

@@ -17,15 +17,15 @@ func svc(name string, healthy uint32) *federationv1.ExportedService {
 func TestCatalogAnswers(t *testing.T) {
 	c := newCatalog()
 	changed := c.resubscribe()
-	linksChanged := c.setSnapshot(&controlplanev1.GatewaySnapshot{
+	linksChanged, exportsChanged := c.setSnapshot(&controlplanev1.GatewaySnapshot{
 		Links: []*controlplanev1.Link{{Peer: "west", PeerGatewayAddresses: []string{"127.0.0.1:1"}}, {Peer: "south"}},
 		Exports: []*controlplanev1.GatewayExport{
 			{Service: svc("backend", 2), Endpoints: []string{"127.0.0.1:7000", "127.0.0.1:7001"}},
 			{Service: svc("payments", 0), ToClusters: []string{"west"}},
 		},
 	})
-	if !linksChanged {
-		t.Fatal("first snapshot: links not reported changed")
+	if !linksChanged || !exportsChanged {
+		t.Fatalf("first snapshot: links changed %v, exports changed %v; want both", linksChanged, exportsChanged)
 	}
 	select {
 	case <-changed:
@@ -72,14 +72,24 @@ func TestCatalogAnswers(t *testing.T) {
 		t.Fatalf("exports for west: %v", got)
 	}
 	// The same snapshot again changes nothing.
-	if c.setSnapshot(&controlplanev1.GatewaySnapshot{
+	if l, e := c.setSnapshot(&controlplanev1.GatewaySnapshot{
 		Links: []*controlplanev1.Link{{Peer: "west", PeerGatewayAddresses: []string{"127.0.0.1:1"}}, {Peer: "south"}},
 		Exports: []*controlplanev1.GatewayExport{
 			{Service: svc("backend", 2), Endpoints: []string{"127.0.0.1:7000", "127.0.0.1:7001"}},
 			{Service: svc("payments", 0), ToClusters: []string{"west"}},
 		},
-	}) {
-		t.Fatal("an identical snapshot reported links changed")
+	}); l || e {
+		t.Fatalf("an identical snapshot reported links changed %v, exports changed %v", l, e)
+	}
+	// Another endpoint changes the exports only.
+	if l, e := c.setSnapshot(&controlplanev1.GatewaySnapshot{
+		Links: []*controlplanev1.Link{{Peer: "west", PeerGatewayAddresses: []string{"127.0.0.1:1"}}, {Peer: "south"}},
+		Exports: []*controlplanev1.GatewayExport{
+			{Service: svc("backend", 2), Endpoints: []string{"127.0.0.1:7000"}},
+			{Service: svc("payments", 0), ToClusters: []string{"west"}},
+		},
+	}); l || !e {
+		t.Fatalf("an endpoint fewer: links changed %v, exports changed %v; want exports only", l, e)
 	}
 }
 
