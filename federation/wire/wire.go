@@ -5,6 +5,7 @@
 package wire
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -14,6 +15,9 @@ import (
 
 // MaxMessage is the default bound on one message.
 const MaxMessage = 1 << 20
+
+// initialBuffer is what a frame's buffer starts at before its bytes arrive.
+const initialBuffer = 64 << 10
 
 // Write writes m as one frame, in one Write call.
 func Write(w io.Writer, m proto.Message, max int) error {
@@ -41,11 +45,17 @@ func Read(r io.Reader, m proto.Message, max int) error {
 	if uint64(size) > uint64(max) {
 		return fmt.Errorf("wire: message of %d bytes, more than %d", size, max)
 	}
-	b := make([]byte, size)
-	if _, err := io.ReadFull(r, b); err != nil {
+	// The buffer grows with what arrives, not with what the length
+	// claims: a peer that sends only a length holds no more than that.
+	var buf bytes.Buffer
+	buf.Grow(int(min(size, initialBuffer)))
+	if _, err := buf.ReadFrom(io.LimitReader(r, int64(size))); err != nil {
 		return fmt.Errorf("wire: read: %w", err)
 	}
-	if err := proto.Unmarshal(b, m); err != nil {
+	if buf.Len() < int(size) {
+		return fmt.Errorf("wire: read: %w", io.ErrUnexpectedEOF)
+	}
+	if err := proto.Unmarshal(buf.Bytes(), m); err != nil {
 		return fmt.Errorf("wire: malformed message: %w", err)
 	}
 	return nil
