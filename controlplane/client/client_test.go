@@ -152,6 +152,9 @@ func TestTokenThenRestoreThenRenew(t *testing.T) {
 	if fi, err := os.Stat(kp); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("saved key: %v, %v; want mode 0600", fi, err)
 	}
+	if _, err := os.Stat(cp + ".next"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a completed save left %s.next: %v", cp, err)
+	}
 
 	// A restart restores the saved SVID and renews over mTLS with it.
 	creds2 := newCreds(t, c.Bundle())
@@ -612,5 +615,65 @@ func TestFollowMovesStreamWithoutGap(t *testing.T) {
 	id.Close()
 	if st := old.GetState(); st != connectivity.Shutdown {
 		t.Errorf("replaced connection after Close: %v, want Shutdown", st)
+	}
+}
+
+// TestLoadSavedAfterACrashMidSave: save writes the new certificate's .next
+// copy, then the key, then the certificate. A crash at any point leaves a
+// pair LoadSaved restores: the old one, or the new key with the .next
+// certificate.
+func TestLoadSavedAfterACrashMidSave(t *testing.T) {
+	c := catest.New(t, testTD)
+	old := c.SVID(t, workloadID, time.Hour)
+	renewed := c.SVID(t, workloadID, time.Hour)
+	oldCert, oldKey, err := old.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCert, newKey, err := renewed.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []struct {
+		name            string
+		cert, key, next []byte // next nil: no .next file
+		want            *x509svid.SVID
+	}{
+		{"before the .next certificate", oldCert, oldKey, nil, old},
+		{"after the .next certificate", oldCert, oldKey, newCert, old},
+		{"after the key", oldCert, newKey, newCert, renewed},
+		{"after the certificate", newCert, newKey, newCert, renewed},
+		{"done", newCert, newKey, nil, renewed},
+	} {
+		t.Run(st.name, func(t *testing.T) {
+			dir := t.TempDir()
+			id := &client.Identity{Creds: newCreds(t, c.Bundle()), DataDir: dir}
+			cp, kp := id.Paths()
+			write := func(path string, b []byte) {
+				if err := os.WriteFile(path, b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			write(cp, st.cert)
+			write(kp, st.key)
+			if st.next != nil {
+				write(cp+".next", st.next)
+			}
+			if !id.LoadSaved() {
+				t.Fatal("LoadSaved restored nothing")
+			}
+			if got := id.Creds.SVID().Certificates[0]; !got.Equal(st.want.Certificates[0]) {
+				t.Errorf("LoadSaved restored the certificate with serial %v, want %v", got.SerialNumber, st.want.Certificates[0].SerialNumber)
+			}
+		})
+	}
+	// A key that matches neither certificate restores nothing.
+	dir := t.TempDir()
+	id := &client.Identity{Creds: newCreds(t, c.Bundle()), DataDir: dir}
+	cp, kp := id.Paths()
+	os.WriteFile(cp, oldCert, 0o600)
+	os.WriteFile(kp, newKey, 0o600)
+	if id.LoadSaved() {
+		t.Error("LoadSaved restored a certificate beside a key that is not its own")
 	}
 }
