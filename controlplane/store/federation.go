@@ -304,11 +304,20 @@ func (s *Store) Links() ([]Link, error) {
 	return out, err
 }
 
-// maxAudit bounds the audit log; the oldest entries go first.
-const maxAudit = 10000
+// maxAudit bounds the audit log; the oldest entries go first. Refused
+// redemptions are kept apart, under maxRefusals: anyone who reaches the
+// join port can make them, and they must not push the record of what did
+// happen (tokens, joins, links) out of the log.
+const (
+	maxAudit    = 10000
+	maxRefusals = 1000
+)
 
 func appendAudit(tx *bolt.Tx, e AuditEvent) error {
-	b := tx.Bucket(bucketAudit)
+	b, max := tx.Bucket(bucketAudit), uint64(maxAudit)
+	if e.Event == "join-refused" {
+		b, max = tx.Bucket(bucketRefusals), maxRefusals
+	}
 	seq, err := b.NextSequence()
 	if err != nil {
 		return err
@@ -316,8 +325,8 @@ func appendAudit(tx *bolt.Tx, e AuditEvent) error {
 	if err := putJSON(b, u64(seq), e); err != nil {
 		return err
 	}
-	if seq > maxAudit {
-		return b.Delete(u64(seq - maxAudit))
+	if seq > max {
+		return b.Delete(u64(seq - max))
 	}
 	return nil
 }
@@ -326,16 +335,22 @@ func appendAudit(tx *bolt.Tx, e AuditEvent) error {
 func (s *Store) AuditLog(limit int) ([]AuditEvent, error) {
 	var out []AuditEvent
 	err := s.db.View(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketAudit).Cursor()
-		for k, v := c.Last(); k != nil && len(out) < limit; k, v = c.Prev() {
-			var e AuditEvent
-			if err := json.Unmarshal(v, &e); err != nil {
-				return fmt.Errorf("%w: audit %d: %v", ErrCorrupt, binary.BigEndian.Uint64(k), err)
+		for _, name := range [][]byte{bucketAudit, bucketRefusals} {
+			var latest []AuditEvent
+			c := tx.Bucket(name).Cursor()
+			for k, v := c.Last(); k != nil && len(latest) < limit; k, v = c.Prev() {
+				var e AuditEvent
+				if err := json.Unmarshal(v, &e); err != nil {
+					return fmt.Errorf("%w: %s %d: %v", ErrCorrupt, name, binary.BigEndian.Uint64(k), err)
+				}
+				latest = append(latest, e)
 			}
-			out = append(out, e)
+			slices.Reverse(latest)
+			out = append(out, latest...)
 		}
 		return nil
 	})
-	slices.Reverse(out)
-	return out, err
+	// Merge the two by time (each is in order already), keep the latest.
+	slices.SortStableFunc(out, func(a, b AuditEvent) int { return a.Time.Compare(b.Time) })
+	return out[max(0, len(out)-limit):], err
 }

@@ -156,3 +156,57 @@ func TestLinksSurviveReopen(t *testing.T) {
 		t.Fatalf("after reopen: %v %v", links, err)
 	}
 }
+
+// TestAuditRefusalsKeptApart: a flood of refused redemptions (anyone who
+// reaches the join port can make them) keeps only the latest refusals and
+// never pushes the record of tokens and joins out of the log; AuditLog
+// merges the two in time order.
+func TestAuditRefusalsKeptApart(t *testing.T) {
+	s, clk := openTest(t)
+	if err := s.PutJoinToken(joinRec("a", "", clk.Now())); err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(time.Second)
+	if _, err := s.RedeemJoinToken(redemption("a", "west")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range maxRefusals + 50 {
+		clk.Advance(time.Millisecond)
+		if _, err := s.RedeemJoinToken(redemption(fmt.Sprintf("unknown-%d", i), "mallory")); !errors.Is(err, ErrJoinTokenUnknown) {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+	clk.Advance(time.Second)
+	if err := s.DeleteLink("west"); err != nil {
+		t.Fatal(err)
+	}
+	log, err := s.AuditLog(maxAudit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events []string
+	refused := 0
+	for i, e := range log {
+		if i > 0 && e.Time.Before(log[i-1].Time) {
+			t.Fatalf("audit event %d (%s at %v) is older than the one before (%v)", i, e.Event, e.Time, log[i-1].Time)
+		}
+		if e.Event == "join-refused" {
+			refused++
+			continue
+		}
+		events = append(events, e.Event)
+	}
+	if want := []string{"token-created", "join", "link-removed"}; fmt.Sprint(events) != fmt.Sprint(want) {
+		t.Errorf("audit events other than refusals: %v, want %v", events, want)
+	}
+	if refused != maxRefusals {
+		t.Errorf("%d refusals kept, want the latest %d", refused, maxRefusals)
+	}
+	if e := log[len(log)-2]; e.TokenID != fmt.Sprintf("unknown-%d", maxRefusals+49) {
+		t.Errorf("latest refusal kept is for %s", e.TokenID)
+	}
+	// A limit keeps the latest events of both.
+	if last, err := s.AuditLog(2); err != nil || len(last) != 2 || last[0].Event != "join-refused" || last[1].Event != "link-removed" {
+		t.Errorf("AuditLog(2) = %+v, %v", last, err)
+	}
+}

@@ -52,6 +52,7 @@ var (
 	bucketJoin      = []byte("jointokens")
 	bucketLinks     = []byte("links")
 	bucketAudit     = []byte("audit")
+	bucketRefusals  = []byte("audit-refused") // join-refused audit events (added without a schema change: created at open)
 	bucketRotation  = []byte("rotation")
 
 	keySchema   = []byte("schema")
@@ -193,7 +194,7 @@ func (s *Store) initSchema(tx *bolt.Tx) (uint64, error) {
 		return 0, fmt.Errorf("%w: %s has schema %d; this binary supports up to %d", ErrSchema, s.path, version, SchemaVersion)
 	}
 	// Migrations from older schemas go here, each in this transaction.
-	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances, bucketBindings, bucketJoin, bucketLinks, bucketAudit, bucketRotation} {
+	for _, name := range [][]byte{bucketResources, bucketTokens, bucketInstances, bucketBindings, bucketJoin, bucketLinks, bucketAudit, bucketRefusals, bucketRotation} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return 0, fmt.Errorf("store: create bucket %s: %w", name, err)
 		}
