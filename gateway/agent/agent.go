@@ -22,6 +22,7 @@ import (
 	"runtime/debug"
 	"runtime/metrics"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,6 +109,7 @@ type peerState struct {
 	sentVersion    uint64 // our latest catalog version for the peer
 	lastHeard      time.Time
 	lastErr        string
+	catalogErr     string             // why the peer's last catalog delta was refused, until one applies
 	outCtx         context.Context    // the outgoing control stream's life: the agent's, until unlinked
 	cancel         context.CancelFunc // ends outCtx
 	outgoingActive bool
@@ -558,10 +560,15 @@ func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteClo
 			d := m.GetCatalog()
 			if err := a.cat.applyDelta(peer, d); err != nil {
 				a.log.Warn("catalog delta refused; the peer resends in full", "peer", peer, "err", err)
+				a.mu.Lock()
+				a.peer(peer).catalogErr = "catalog refused: " + err.Error()
+				a.mu.Unlock()
+				a.poke()
 				return // the peer reopens its stream and starts over
 			}
 			a.mu.Lock()
-			a.peer(peer).peerVersion = d.GetVersion()
+			ps := a.peer(peer)
+			ps.peerVersion, ps.catalogErr = d.GetVersion(), ""
 			a.mu.Unlock()
 			a.poke()
 		case m.GetHeartbeat() != nil:
@@ -648,7 +655,12 @@ func (a *agent) reportLoop(ctx context.Context) error {
 			if resend {
 				a.resend.Store(true)
 			}
-			if ctx.Err() == nil {
+			switch size := proto.Size(req); {
+			case ctx.Err() != nil:
+			case size > maxReportBytes:
+				// Not a passing failure: it comes back with every report.
+				a.log.Warn("report to the control plane refused: it carries every linked peer's imports and is over the control plane's limit", "bytes", size, "limit", maxReportBytes, "err", err)
+			default:
 				a.log.Debug("report to the control plane failed", "err", err)
 			}
 			continue
@@ -677,7 +689,7 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 		inUp := ps.inUp && now.Sub(ps.lastHeard) <= quiet
 		r := &controlplanev1.PeerReport{
 			Peer: name, ControlStreamUp: outUp && inUp, PeerBundleDigest: ps.peerDigest,
-			CatalogVersion: ps.peerVersion, LastError: ps.lastErr,
+			CatalogVersion: ps.peerVersion, LastError: strings.Join(slices.DeleteFunc([]string{ps.catalogErr, ps.lastErr}, func(s string) bool { return s == "" }), "; "),
 			Imports: a.cat.importsOf(name), GatewayAddresses: a.cat.learned(name),
 		}
 		switch {

@@ -192,8 +192,19 @@ func (c *catalog) exportsFor(peer string) map[string]*federationv1.ExportedServi
 	return out
 }
 
+// What one peer's catalog may hold here. Every gateway report carries
+// every peer's imports and the control plane takes reports of at most 4
+// MiB: without a bound, one peer could make every report of this gateway
+// refused, for all peers.
+const (
+	maxImportedServices = 4096
+	maxImportBytes      = 512 << 10 // encoded
+)
+
 // applyDelta applies a peer's catalog delta; a delta that does not follow
-// the last applied version is refused (the peer then resends in full).
+// the last applied version is refused (the peer then resends in full), and
+// so is one that would take the peer's catalog over maxImportedServices or
+// maxImportBytes (the imports stay as they were).
 func (c *catalog) applyDelta(peer string, d *federationv1.CatalogDelta) error {
 	if len(d.GetUpserts()) > 4096 || len(d.GetRemovals()) > 4096 {
 		return fmt.Errorf("catalog delta too large")
@@ -223,6 +234,16 @@ func (c *catalog) applyDelta(peer string, d *federationv1.CatalogDelta) error {
 			return fmt.Errorf("from %s: %w", peer, err)
 		}
 		cur[key(es.GetNamespace(), es.GetName())] = es
+	}
+	if len(cur) > maxImportedServices {
+		return fmt.Errorf("from %s: %d services exported to this cluster, more than the %d a link carries", peer, len(cur), maxImportedServices)
+	}
+	size := 0
+	for _, es := range cur {
+		size += proto.Size(es)
+	}
+	if size > maxImportBytes {
+		return fmt.Errorf("from %s: the services exported to this cluster take %d bytes, more than the %d a link carries", peer, size, maxImportBytes)
 	}
 	c.imports[peer] = cur
 	c.versions[peer] = d.GetVersion()

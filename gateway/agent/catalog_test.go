@@ -2,7 +2,11 @@ package agent
 
 import (
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
+
+	"google.golang.org/protobuf/proto"
 
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
@@ -142,5 +146,59 @@ func TestCatalogDeltas(t *testing.T) {
 	}
 	if err := c.applyDelta("west", d1); err == nil {
 		t.Fatal("delta from an unlinked peer applied")
+	}
+}
+
+// TestCatalogBoundsImports: a peer's catalog may not grow past
+// maxImportedServices or maxImportBytes, delta by delta or in full; a
+// refused delta leaves the imports as they were, and the report stays
+// within the control plane's limit.
+func TestCatalogBoundsImports(t *testing.T) {
+	c := newCatalog()
+	c.setSnapshot(&controlplanev1.GatewaySnapshot{Links: []*controlplanev1.Link{{Peer: "west"}}})
+	big := func(round, n, ids int) []*federationv1.ExportedService {
+		var out []*federationv1.ExportedService
+		for i := range n {
+			es := svc(fmt.Sprintf("s%d-%d", round, i), 1)
+			for j := range ids {
+				es.SpiffeIds = append(es.SpiffeIds, fmt.Sprintf("spiffe://strait.example/ns/default/sa/s%d-%d-%d", round, i, j))
+			}
+			out = append(out, es)
+		}
+		return out
+	}
+	if err := c.applyDelta("west", &federationv1.CatalogDelta{Version: 1, Full: true, Upserts: big(0, 100, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	// Each delta within the per-message bounds, together over the bytes.
+	version := uint64(1)
+	var refused error
+	for round := 1; round < 40 && refused == nil; round++ {
+		refused = c.applyDelta("west", &federationv1.CatalogDelta{Version: version + 1, BaseVersion: version, Upserts: big(round, 250, 60)})
+		if refused == nil {
+			version++
+		}
+	}
+	if refused == nil || !strings.Contains(refused.Error(), "bytes") {
+		t.Fatalf("deltas growing west's catalog without end: last refusal %v", refused)
+	}
+	before := len(c.importsOf("west"))
+	size := 0
+	for _, es := range c.importsOf("west") {
+		size += proto.Size(es)
+	}
+	if size > maxImportBytes {
+		t.Errorf("west's imports take %d bytes, over %d", size, maxImportBytes)
+	}
+	// Over the count.
+	if err := c.applyDelta("west", &federationv1.CatalogDelta{Version: version + 1, Full: true, Upserts: big(100, 4000, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	err := c.applyDelta("west", &federationv1.CatalogDelta{Version: version + 2, BaseVersion: version + 1, Upserts: big(101, 97, 0)})
+	if err == nil || !strings.Contains(err.Error(), "4097 services") {
+		t.Fatalf("a catalog of 4097 services: %v", err)
+	}
+	if got := len(c.importsOf("west")); got != 4000 {
+		t.Errorf("a refused delta changed the imports: %d services, had 4000 (and %d before)", got, before)
 	}
 }

@@ -31,6 +31,8 @@ const (
 	// maxReportRelayBytes bounds the relayed messages one ReportPeers
 	// carries over all peers, well inside the control plane's 4 MiB limit.
 	maxReportRelayBytes = 2 << 20
+	// maxReportBytes is the control plane's limit on a ReportPeers.
+	maxReportBytes = 4 << 20
 )
 
 var errNotOurs = errors.New("for another cluster")
