@@ -971,3 +971,44 @@ func TestRecheckResetsStreamsNoLongerExported(t *testing.T) {
 		t.Errorf("west refusals{not_exported} = %v, want 1", got)
 	}
 }
+
+// TestJoinConnectionStreamLimit: a join connection that keeps opening
+// streams, one after another, is closed after maxJoinStreams: with no
+// credential needed, it would otherwise keep a join slot for good.
+func TestJoinConnectionStreamLimit(t *testing.T) {
+	join := func(ctx context.Context, s io.ReadWriteCloser, cs tls.ConnectionState) { s.Write([]byte("no")) }
+	p := newPair(t, gwOptions{}, gwOptions{join: join})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, p.west.peerAddr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{tunnel.ALPNJoin}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	for i := range maxJoinStreams {
+		str, err := conn.OpenStreamSync(ctx)
+		if err != nil {
+			t.Fatalf("stream %d: %v", i, err)
+		}
+		str.Write([]byte("token"))
+		str.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if b, err := io.ReadAll(str); string(b) != "no" {
+			t.Fatalf("stream %d answered %q (%v)", i, b, err)
+		}
+	}
+	if str, err := conn.OpenStreamSync(ctx); err == nil {
+		str.Write([]byte("token"))
+		str.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if b, err := io.ReadAll(str); err == nil {
+			t.Errorf("stream %d answered %q", maxJoinStreams+1, b)
+		}
+	}
+	select {
+	case <-conn.Context().Done():
+	case <-time.After(20 * time.Second):
+		t.Errorf("join connection still open after %d streams", maxJoinStreams+1)
+	}
+	if got := metricValue(p.west.m.refusals.WithLabelValues("join_limit")); got != 1 {
+		t.Errorf("refusals{join_limit} = %v, want 1", got)
+	}
+}

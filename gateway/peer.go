@@ -589,8 +589,16 @@ func (s *stream) Close() error {
 // SetDeadline sets read and write deadlines.
 func (s *stream) SetDeadline(t time.Time) error { return s.str.SetDeadline(t) }
 
+// A join connection carries at most maxJoinStreams streams and lives at
+// most maxJoinLife: it needs no credential, and one that kept opening
+// streams would otherwise hold one of the MaxJoinConns slots for good.
+const (
+	maxJoinStreams = 8
+	maxJoinLife    = 2 * time.Minute
+)
+
 // serveJoin serves a join connection: one stream at a time, closed after
-// JoinIdleTimeout without one.
+// JoinIdleTimeout without one, after maxJoinStreams or after maxJoinLife.
 func (g *Gateway) serveJoin(conn *quic.Conn) {
 	g.mu.Lock()
 	full := g.joins >= g.lim.MaxJoinConns
@@ -614,10 +622,20 @@ func (g *Gateway) serveJoin(conn *quic.Conn) {
 		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseNoError), "join connection idle")
 	})
 	defer idle.Stop()
+	life := time.AfterFunc(maxJoinLife, func() {
+		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseNoError), "join connection open too long")
+	})
+	defer life.Stop()
 	busy := make(chan struct{}, 1)
-	for {
+	for n := 0; ; n++ {
 		str, err := conn.AcceptStream(ctx)
 		if err != nil {
+			return
+		}
+		if n == maxJoinStreams {
+			resetStream(str, tunnel.StreamRefused)
+			g.m.refusals.WithLabelValues("join_limit").Inc()
+			conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseTooManyConns), "too many join streams on one connection")
 			return
 		}
 		select {
