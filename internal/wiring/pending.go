@@ -127,7 +127,9 @@ func (s *pendingServer) Join(ctx context.Context, req *controlplanev1.JoinReques
 	}
 	d, err := s.p.Complete(res.Intermediate, res.IssuerBundle)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "the join succeeded but installing the intermediate failed (create a new token and retry): %v", err)
+		// The issuer has stored the link already: a new token is refused
+		// as a conflict until it is removed there.
+		return nil, status.Errorf(codes.Internal, "the join succeeded but installing the intermediate failed: %v (on %s, run `strait federation unlink %s`, then create a new token and join again)", err, res.GetCluster(), s.p.Cluster)
 	}
 	peers := res.GetGatewayAddresses()
 	if len(peers) == 0 {
