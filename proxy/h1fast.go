@@ -68,19 +68,34 @@ func (h *h1Head) peekRequest(br *bufio.Reader) bool {
 
 // peekHead returns the buffered bytes of br up to and including the first
 // empty line, reading more as needed; false if the head does not fit in
-// the buffer or reading fails.
+// the buffer, has a line ending in a bare LF (net/http reads those: no
+// waiting for a CRLF that is not coming) or reading fails.
 func peekHead(br *bufio.Reader) ([]byte, bool) {
 	for {
 		b, _ := br.Peek(br.Buffered())
 		if i := bytes.Index(b, crlfcrlf); i >= 0 {
 			return b[:i+4], true
 		}
-		if len(b) >= br.Size() {
+		if len(b) >= br.Size() || bareLF(b) {
 			return nil, false
 		}
 		if _, err := br.Peek(len(b) + 1); err != nil {
 			return nil, false
 		}
+	}
+}
+
+// bareLF reports whether b has an LF not preceded by a CR.
+func bareLF(b []byte) bool {
+	for i := 0; ; {
+		j := bytes.IndexByte(b[i:], '\n')
+		if j < 0 {
+			return false
+		}
+		if i+j == 0 || b[i+j-1] != '\r' {
+			return true
+		}
+		i += j + 1
 	}
 }
 

@@ -178,7 +178,7 @@ func readResponseHead(hc *h1Conn, fc *fastConn, idempotent bool) (*http.Response
 	}
 	req := &http.Request{Method: string(fc.req.method)}
 	for interim := 0; ; interim++ {
-		r, err := http.ReadResponse(hc.br, req)
+		r, err := hc.readResponse(req)
 		if err != nil {
 			return nil, err
 		}

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -36,12 +38,29 @@ type h1Pool struct {
 
 type h1Conn struct {
 	c         net.Conn
+	lr        *h1Reader // under br: bounds a response head
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	idleSince time.Time
 	sem       chan struct{}
 	closeOnce sync.Once
 	deadline  time.Time // set on c by setDeadline (the fast path's)
+}
+
+func newH1Conn(c net.Conn, sem chan struct{}) *h1Conn {
+	lr := &h1Reader{c: c, n: math.MaxInt64, tooLarge: errResponseHeaderTooLarge}
+	return &h1Conn{c: c, lr: lr, br: bufio.NewReaderSize(lr, 4096), bw: bufio.NewWriterSize(c, 4096), sem: sem}
+}
+
+var errResponseHeaderTooLarge = fmt.Errorf("proxy: response header over %d bytes", h1MaxHeaderBytes)
+
+// readResponse reads a response with http.ReadResponse, its head (and any
+// interim one) bounded by h1MaxHeaderBytes as net/http's Transport bounds
+// it; the body is not.
+func (hc *h1Conn) readResponse(req *http.Request) (*http.Response, error) {
+	hc.lr.n = h1MaxHeaderBytes
+	defer func() { hc.lr.n = math.MaxInt64 }()
+	return http.ReadResponse(hc.br, req)
 }
 
 // setDeadline sets c's read and write deadline unless it is set already.
@@ -111,7 +130,7 @@ func (p *h1Pool) get(ctx context.Context, fresh bool) (*h1Conn, bool, error) {
 			}
 			return nil, false, err
 		}
-		return &h1Conn{c: c, br: bufio.NewReaderSize(c, 4096), bw: bufio.NewWriterSize(c, 4096), sem: p.sem}, false, nil
+		return newH1Conn(c, p.sem), false, nil
 	}
 }
 
@@ -127,17 +146,34 @@ func (p *h1Pool) takeIdle() *h1Conn {
 		p.idle = p.idle[:len(p.idle)-1]
 		p.mu.Unlock()
 		idle := now.Sub(hc.idleSince)
-		if idle < p.idleTimeout && (idle < probeAfter || hc.alive()) {
+		if idle < p.idleTimeout && hc.usable(idle) {
 			return hc
 		}
 		hc.close()
 	}
 }
 
-// probeAfter is how long a connection may sit idle before it is checked
-// for a close by the peer before reuse. Younger ones are reused blind: a
-// request lost to that race is retried only if it is idempotent.
-const probeAfter = time.Second
+// A connection idle for peekAfter is checked before reuse, for a close by
+// the peer or bytes it sent unsolicited (which the next caller would read
+// as its response), by a look at its socket that does not wait. Where that
+// is not possible, one idle for probeAfter is checked by a read that waits
+// a millisecond. Younger ones are reused blind: a request lost to a close
+// in that window is retried only if it is idempotent.
+const (
+	peekAfter  = time.Millisecond
+	probeAfter = time.Second
+)
+
+// usable reports whether a connection idle for idle may be reused.
+func (hc *h1Conn) usable(idle time.Duration) bool {
+	if idle < peekAfter {
+		return true
+	}
+	if alive, ok := peekIdle(hc.c); ok {
+		return alive
+	}
+	return idle < probeAfter || hc.alive()
+}
 
 // alive reports whether the peer has neither closed the idle connection
 // nor sent anything unsolicited on it.
@@ -248,7 +284,7 @@ func (p *h1Pool) roundTrip(hc *h1Conn, req *http.Request) (*http.Response, error
 			}
 			return fail(err)
 		}
-		r, err := http.ReadResponse(hc.br, req)
+		r, err := hc.readResponse(req)
 		if err != nil {
 			return fail(err)
 		}

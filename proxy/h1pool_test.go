@@ -65,8 +65,8 @@ func TestH1PoolRetriesStaleConnection(t *testing.T) {
 	p, dials := newTestPool(srv, 0)
 	doGet(t, p, srv.URL)
 	srv.CloseClientConnections() // the server drops the idle connection
-	time.Sleep(probeAfter + 100*time.Millisecond)
-	// A POST on a connection idle long enough to be probed: the dead
+	time.Sleep(peekAfter + 50*time.Millisecond)
+	// A POST on a connection idle long enough to be checked: the dead
 	// connection is noticed before the request is sent.
 	req, _ := http.NewRequest("POST", srv.URL, strings.NewReader("body"))
 	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("body")), nil }
@@ -280,6 +280,37 @@ func TestH1PoolDoesNotReuseAfterExtraBytes(t *testing.T) {
 	time.Sleep(20 * time.Millisecond)
 	if _, body := doGet(t, p, "http://"+addr+"/b"); body == "forged" {
 		t.Fatal("the second request got bytes left over from the first response")
+	}
+	if got := conns.Load(); got != 2 {
+		t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)
+	}
+}
+
+// Bytes an upstream sends after a complete response, once the connection
+// is idle, are found before reuse: the next caller does not read them as
+// its response.
+func TestH1PoolDoesNotReuseAfterLateExtraBytes(t *testing.T) {
+	addr, conns := rawServer(t, func(c net.Conn, n int) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for i := 0; ; i++ {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+			if i == 0 {
+				time.Sleep(5 * time.Millisecond)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+			}
+		}
+	})
+	p := rawPool(addr)
+	doGet(t, p, "http://"+addr+"/a")
+	time.Sleep(50 * time.Millisecond)
+	if _, body := doGet(t, p, "http://"+addr+"/b"); body != "a" {
+		t.Fatalf("the second request got %q, want a", body)
 	}
 	if got := conns.Load(); got != 2 {
 		t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)

@@ -57,18 +57,24 @@ var serverMarker = new(http.Server)
 
 // h1ServerConn is one connection being served.
 type h1ServerConn struct {
-	c    net.Conn
-	idle atomic.Bool // waiting for the next request
+	c      net.Conn
+	cancel context.CancelFunc // ends its requests' context
+	idle   atomic.Bool        // waiting for the next request
 }
 
-// h1Reader limits how much a request's header block may read.
+// h1Reader limits how much a request's (or a response's) header block may
+// read.
 type h1Reader struct {
-	c net.Conn
-	n int64
+	c        net.Conn
+	n        int64
+	tooLarge error // when n runs out; errHeaderTooLarge if nil
 }
 
 func (r *h1Reader) Read(p []byte) (int, error) {
 	if r.n <= 0 {
+		if r.tooLarge != nil {
+			return 0, r.tooLarge
+		}
 		return 0, errHeaderTooLarge
 	}
 	if int64(len(p)) > r.n {
@@ -90,7 +96,12 @@ func (s *h1Server) serveConn(c net.Conn) {
 // serveBuffered is serveConn for a connection whose first bytes may
 // already sit in br, a reader of lr (as sniffH2C leaves them).
 func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
-	sc := &h1ServerConn{c: c}
+	// Under http.ServerContextKey, httputil.ReverseProxy aborts a
+	// response whose body fails midway (serveOne then ends the
+	// connection) instead of letting it end as if complete.
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), http.ServerContextKey, serverMarker))
+	defer cancel()
+	sc := &h1ServerConn{c: c, cancel: cancel}
 	s.mu.Lock()
 	if s.shutdown.Load() {
 		s.mu.Unlock()
@@ -111,11 +122,6 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		s.wg.Done()
 	}()
 
-	// Under http.ServerContextKey, httputil.ReverseProxy aborts a
-	// response whose body fails midway (serveOne then ends the
-	// connection) instead of letting it end as if complete.
-	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), http.ServerContextKey, serverMarker))
-	defer cancel()
 	if s.connContext != nil {
 		ctx = s.connContext(ctx, c)
 	}
@@ -348,8 +354,14 @@ func checkRequest(req *http.Request) string {
 	return ""
 }
 
+// shutdownGrace is how long Shutdown waits for handlers once it has closed
+// their connections and ended their context: one stuck on its upstream
+// (an app that never answers) is left behind rather than waited for.
+const shutdownGrace = time.Second
+
 // Shutdown stops new requests: idle connections close now, busy ones after
-// their response; whatever is left when ctx ends is closed.
+// their response; whatever is left when ctx ends is closed, and handlers
+// still running shutdownGrace later are left behind.
 func (s *h1Server) Shutdown(ctx context.Context) {
 	s.shutdown.Store(true)
 	closeIdle := func() {
@@ -376,9 +388,15 @@ func (s *h1Server) Shutdown(ctx context.Context) {
 			s.mu.Lock()
 			for sc := range s.conns {
 				sc.c.Close()
+				sc.cancel()
 			}
+			n := len(s.conns)
 			s.mu.Unlock()
-			<-done
+			select {
+			case <-done:
+			case <-time.After(shutdownGrace):
+				s.log.Warn("shutdown: requests still waiting on their upstream are abandoned", "connections", n)
+			}
 			return
 		}
 	}
