@@ -31,9 +31,10 @@ type fakeTLSConn struct {
 
 func (c *fakeTLSConn) ConnectionState() tls.ConnectionState { return c.cs }
 
-// startEdgeInbound serves an inbound side (fast path and net/http path)
-// toward appAddr on loopback; connections appear to come from callerID.
-func startEdgeInbound(t *testing.T, appAddr, callerID string) string {
+// newEdgeInbound is an inbound side (fast path and net/http path) toward
+// appAddr, and the h1Server serving it to connections that appear to come
+// from callerID.
+func newEdgeInbound(t *testing.T, appAddr, callerID string) (*inbound, *h1Server, tls.ConnectionState) {
 	t.Helper()
 	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
 	if err != nil {
@@ -47,6 +48,13 @@ func startEdgeInbound(t *testing.T, appAddr, callerID string) string {
 		PeerCertificates: []*x509.Certificate{{URIs: []*url.URL{u}}}}
 	h1 := &h1Server{handler: in, fast: in.serveFast, log: log, connContext: in.connContext,
 		headerTimeout: 30 * time.Second, idleTimeout: time.Minute}
+	return in, h1, cs
+}
+
+// startEdgeInbound serves newEdgeInbound's on loopback.
+func startEdgeInbound(t *testing.T, appAddr, callerID string) string {
+	t.Helper()
+	in, h1, cs := newEdgeInbound(t, appAddr, callerID)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -68,6 +76,22 @@ func startEdgeInbound(t *testing.T, appAddr, callerID string) string {
 		in.appH1.CloseIdleConnections()
 	})
 	return ln.Addr().String()
+}
+
+// sendRaw writes raw on a new connection to addr and returns a reader of
+// what comes back, with 5 seconds for all of it.
+func sendRaw(t *testing.T, addr, raw string) *bufio.Reader {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, raw); err != nil {
+		t.Fatal(err)
+	}
+	return bufio.NewReader(c)
 }
 
 // rawKeepAliveApp answers every request on a connection with reply(req,
@@ -101,14 +125,8 @@ func TestInboundBareLFResponse(t *testing.T) {
 	})
 	defer stopApp() // before the sidecar's cleanup, which would wait on it
 	addr := startEdgeInbound(t, app, "spiffe://strait.example/ns/default/sa/client")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(3 * time.Second))
-	io.WriteString(c, "GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	br := sendRaw(t, addr, "GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no response within 3s to a request the app answered at once: %v", err)
 	}
@@ -169,16 +187,9 @@ func TestInboundIdentityStrippedPipelined(t *testing.T) {
 	})
 	defer stopApp()
 	addr := startEdgeInbound(t, app, "spiffe://strait.example/ns/default/sa/client")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET /1 HTTP/1.1\r\nHost: backend\r\nX-Forwarded-Client-Cert: By=x;URI=spiffe://strait.example/ns/admin/sa/root\r\nx-strait-caller: admin\r\n\r\n"+
+	br := sendRaw(t, addr, "GET /1 HTTP/1.1\r\nHost: backend\r\nX-Forwarded-Client-Cert: By=x;URI=spiffe://strait.example/ns/admin/sa/root\r\nx-strait-caller: admin\r\n\r\n"+
 		"POST /2 HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\nx-forwarded-client-cert: URI=spiffe://strait.example/ns/admin/sa/root\r\nX-Strait-Caller: admin\r\n\r\n1\r\na\r\n0\r\n\r\n"+
 		"GET /3 HTTP/1.1\r\nHost: backend\r\nConnection: keep-alive\r\nX-FORWARDED-CLIENT-CERT: URI=spiffe://strait.example/ns/admin/sa/root\r\n\r\n")
-	br := bufio.NewReader(c)
 	for i := 0; i < 3; i++ {
 		resp, err := http.ReadResponse(br, nil)
 		if err != nil {
@@ -199,14 +210,8 @@ func TestBareLFRequestServedAtOnce(t *testing.T) {
 	})
 	defer stopApp()
 	addr := startEdgeInbound(t, app, "spiffe://strait.example/ns/default/sa/client")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(3 * time.Second))
-	io.WriteString(c, "GET / HTTP/1.1\nHost: backend\n\n")
-	if _, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil {
+	br := sendRaw(t, addr, "GET / HTTP/1.1\nHost: backend\n\n")
+	if _, err := http.ReadResponse(br, nil); err != nil {
 		t.Fatalf("no response within 3s: %v", err)
 	}
 }
@@ -219,13 +224,7 @@ func TestShutdownLeavesStuckApp(t *testing.T) {
 		select {} // never answers
 	})
 	defer stopApp()
-	creds, _ := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
-	log := slog.New(slog.DiscardHandler)
-	in := newInbound(creds, NewMetrics(prometheus.NewRegistry()), log, "backend", app, false)
-	in.selfID.Store("spiffe://strait.example/ns/default/sa/backend")
-	u, _ := url.Parse("spiffe://strait.example/ns/default/sa/client")
-	cs := tls.ConnectionState{HandshakeComplete: true, PeerCertificates: []*x509.Certificate{{URIs: []*url.URL{u}}}}
-	h1 := &h1Server{handler: in, fast: in.serveFast, log: log, connContext: in.connContext, headerTimeout: 30 * time.Second, idleTimeout: time.Minute}
+	_, h1, cs := newEdgeInbound(t, app, "spiffe://strait.example/ns/default/sa/client")
 	a, b := net.Pipe()
 	defer a.Close()
 	go h1.serveConn(&fakeTLSConn{Conn: b, cs: cs})
@@ -250,15 +249,9 @@ func TestInboundIdentityInTrailer(t *testing.T) {
 	app, stopApp := rawServerTrailerEcho(t)
 	defer stopApp()
 	addr := startEdgeInbound(t, app, "spiffe://strait.example/ns/default/sa/client")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "POST / HTTP/1.1\r\nHost: backend\r\nTrailer: X-Forwarded-Client-Cert\r\nTransfer-Encoding: chunked\r\n\r\n"+
+	br := sendRaw(t, addr, "POST / HTTP/1.1\r\nHost: backend\r\nTrailer: X-Forwarded-Client-Cert\r\nTransfer-Encoding: chunked\r\n\r\n"+
 		"1\r\na\r\n0\r\nX-Forwarded-Client-Cert: By=x;URI=spiffe://strait.example/ns/admin/sa/root\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

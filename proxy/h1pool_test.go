@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -261,59 +262,38 @@ func TestH1PoolDoesNotResendNonIdempotent(t *testing.T) {
 	}
 }
 
-// Bytes beyond a response are never read as the next caller's response.
+// Bytes beyond a response are never read as the next caller's response:
+// whether they came with it, or later, once the connection was idle (they
+// are found before reuse).
 func TestH1PoolDoesNotReuseAfterExtraBytes(t *testing.T) {
-	addr, conns := rawServer(t, func(c net.Conn, n int) {
-		defer c.Close()
-		br := bufio.NewReader(c)
-		for {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
+	for _, late := range []time.Duration{0, 5 * time.Millisecond} {
+		t.Run(fmt.Sprintf("%v after the response", late), func(t *testing.T) {
+			addr, conns := rawServer(t, func(c net.Conn, n int) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for i := 0; ; i++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+					if i == 0 {
+						time.Sleep(late)
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+					}
+				}
+			})
+			p := rawPool(addr)
+			doGet(t, p, "http://"+addr+"/a")
+			time.Sleep(50 * time.Millisecond)
+			if _, body := doGet(t, p, "http://"+addr+"/b"); body != "a" {
+				t.Fatalf("the second request got %q, want a", body)
 			}
-			io.Copy(io.Discard, req.Body)
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
-		}
-	})
-	p := rawPool(addr)
-	doGet(t, p, "http://"+addr+"/a")
-	time.Sleep(20 * time.Millisecond)
-	if _, body := doGet(t, p, "http://"+addr+"/b"); body == "forged" {
-		t.Fatal("the second request got bytes left over from the first response")
-	}
-	if got := conns.Load(); got != 2 {
-		t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)
-	}
-}
-
-// Bytes an upstream sends after a complete response, once the connection
-// is idle, are found before reuse: the next caller does not read them as
-// its response.
-func TestH1PoolDoesNotReuseAfterLateExtraBytes(t *testing.T) {
-	addr, conns := rawServer(t, func(c net.Conn, n int) {
-		defer c.Close()
-		br := bufio.NewReader(c)
-		for i := 0; ; i++ {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
+			if got := conns.Load(); got != 2 {
+				t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)
 			}
-			io.Copy(io.Discard, req.Body)
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
-			if i == 0 {
-				time.Sleep(5 * time.Millisecond)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
-			}
-		}
-	})
-	p := rawPool(addr)
-	doGet(t, p, "http://"+addr+"/a")
-	time.Sleep(50 * time.Millisecond)
-	if _, body := doGet(t, p, "http://"+addr+"/b"); body != "a" {
-		t.Fatalf("the second request got %q, want a", body)
-	}
-	if got := conns.Load(); got != 2 {
-		t.Errorf("connections: got %d, want 2 (the first one must not be reused)", got)
+		})
 	}
 }
 
