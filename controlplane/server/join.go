@@ -169,12 +169,15 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 	now := s.cfg.Clock()
 	rec, err := s.cfg.Store.RedeemJoinToken(store.Redemption{
 		TokenID: jr.GetTokenId(), Joiner: jr.GetCluster(), Remote: req.GetRemote(),
-		Check: func(r store.JoinTokenRecord) error {
+		Proof: func(r store.JoinTokenRecord) error {
 			var hash [32]byte
 			copy(hash[:], r.SecretHash)
 			if !token.VerifyProof(hash, req.GetChannelBinding(), jr.GetCluster(), jr.GetProof()) {
 				return token.Errorf(token.ReasonBadProof, "the proof does not match this token on this channel")
 			}
+			return nil
+		},
+		Check: func(r store.JoinTokenRecord) error {
 			if r.ForCluster != "" && r.ForCluster != jr.GetCluster() {
 				return token.Errorf(token.ReasonWrongCluster, "the token is for cluster %s, not %s", r.ForCluster, jr.GetCluster())
 			}

@@ -201,9 +201,13 @@ type Redemption struct {
 	TokenID string
 	Joiner  string // the joining cluster's name
 	Remote  string // where the attempt came from, for the audit log
-	// Check verifies the proof and anything else about the token (for
-	// whom it is); it runs inside the transaction, after the state checks
-	// and the check that the joiner is not linked already.
+	// Proof verifies that the caller holds the token's secret; it runs
+	// inside the transaction, first, so that a token's state is told only
+	// to its holder.
+	Proof func(JoinTokenRecord) error
+	// Check verifies anything else about the token (for whom it is); it
+	// runs inside the transaction, after the state checks and the check
+	// that the joiner is not linked already.
 	Check func(JoinTokenRecord) error
 	// Link is stored if the redemption succeeds.
 	Link Link
@@ -222,7 +226,12 @@ func (s *Store) RedeemJoinToken(r Redemption) (JoinTokenRecord, error) {
 		if v == nil {
 			refused = ErrJoinTokenUnknown
 		} else if rec, refused = decodeJoin([]byte(r.TokenID), v); refused == nil {
-			refused = rec.stateErr(now)
+			if r.Proof != nil {
+				refused = r.Proof(rec)
+			}
+			if refused == nil {
+				refused = rec.stateErr(now)
+			}
 			// The link before Check: Check may sign an intermediate, which
 			// must not happen for a redemption refused anyway.
 			if refused == nil && tx.Bucket(bucketLinks).Get([]byte(r.Joiner)) != nil {

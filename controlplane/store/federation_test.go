@@ -210,3 +210,29 @@ func TestAuditRefusalsKeptApart(t *testing.T) {
 		t.Errorf("AuditLog(2) = %+v, %v", last, err)
 	}
 }
+
+// TestRedeemProofFirst: the proof is checked before the token's state, so
+// only a holder of the secret learns that a token is used, expired or
+// revoked; nothing changes either way.
+func TestRedeemProofFirst(t *testing.T) {
+	s, clk := openTest(t)
+	if err := s.PutJoinToken(joinRec("a", "", clk.Now())); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RedeemJoinToken(redemption("a", "west")); err != nil {
+		t.Fatal(err)
+	}
+	badProof := errors.New("the proof does not match")
+	r := redemption("a", "south")
+	r.Proof = func(JoinTokenRecord) error { return badProof }
+	if _, err := s.RedeemJoinToken(r); !errors.Is(err, badProof) {
+		t.Errorf("a used token without its secret: %v, want the proof refused", err)
+	}
+	r.Proof = func(JoinTokenRecord) error { return nil }
+	if _, err := s.RedeemJoinToken(r); !errors.Is(err, ErrJoinTokenUsed) {
+		t.Errorf("a used token with its secret: %v, want %v", err, ErrJoinTokenUsed)
+	}
+	if links, err := s.Links(); err != nil || len(links) != 1 {
+		t.Errorf("links after refused redemptions: %v, %v; want west's alone", links, err)
+	}
+}
