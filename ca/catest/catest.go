@@ -9,6 +9,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,13 +18,18 @@ import (
 
 	"github.com/straitmesh/strait/ca"
 	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/identity"
 )
 
-// CA is a test mesh root with one cluster intermediate.
+// CA is a test mesh root with one cluster intermediate, and others made
+// as SVIDs of other clusters' identities are minted.
 type CA struct {
 	Authority *ca.Authority
 	Issuer    *ca.Issuer
 	Cluster   string
+
+	mu      sync.Mutex
+	issuers map[string]*ca.Issuer // other clusters'
 }
 
 // Options tunes New.
@@ -61,14 +67,44 @@ func New(t testing.TB, td string, opts ...Options) *CA {
 // Bundle returns the CA's current trust bundle.
 func (c *CA) Bundle() *bundle.Bundle { return c.Authority.Bundle() }
 
-// SVID mints an SVID for id (a SPIFFE ID string) valid for ttl (0: default).
+// SVID mints an SVID for id (a SPIFFE ID string) valid for ttl (0:
+// default). An identity scoped to another cluster (its control plane,
+// gateway or admin) is minted by that cluster's intermediate, made on
+// first use, as verification requires.
 func (c *CA) SVID(t testing.TB, id string, ttl time.Duration) *x509svid.SVID {
 	t.Helper()
-	s, err := c.Issuer.MintSVID(spiffeid.RequireFromString(id), ttl)
+	sid := spiffeid.RequireFromString(id)
+	s, err := c.IssuerFor(t, identity.Classify(sid).Cluster).MintSVID(sid, ttl)
 	if err != nil {
 		t.Fatalf("catest: mint %s: %v", id, err)
 	}
 	return s
+}
+
+// IssuerFor returns the issuer of cluster's intermediate, making the
+// intermediate on first use; "" or the CA's own cluster is Issuer.
+func (c *CA) IssuerFor(t testing.TB, cluster string) *ca.Issuer {
+	t.Helper()
+	if cluster == "" || cluster == c.Cluster {
+		return c.Issuer
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if iss := c.issuers[cluster]; iss != nil {
+		return iss
+	}
+	if _, err := c.Authority.CreateIntermediate(context.Background(), cluster, 0, false); err != nil {
+		t.Fatalf("catest: create intermediate for %s: %v", cluster, err)
+	}
+	iss, err := c.Authority.Issuer(cluster)
+	if err != nil {
+		t.Fatalf("catest: issuer for %s: %v", cluster, err)
+	}
+	if c.issuers == nil {
+		c.issuers = map[string]*ca.Issuer{}
+	}
+	c.issuers[cluster] = iss
+	return iss
 }
 
 // CSR returns a fresh P-256 key and a DER CSR for it naming uris (none if

@@ -61,6 +61,7 @@ const (
 	ReasonNotYetValid      Reason = "not_yet_valid"
 	ReasonUntrusted        Reason = "untrusted"
 	ReasonNoCertificate    Reason = "no_certificate"
+	ReasonWrongIssuer      Reason = "wrong_issuer"
 )
 
 // Error is returned for every refused certificate.
@@ -243,7 +244,39 @@ func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, []
 		}
 		return id, nil, fail(ReasonUntrusted, "%s: %v", id, err)
 	}
+	if err := checkIssuer(id, chains); err != nil {
+		return id, nil, err
+	}
 	return id, chains, nil
+}
+
+// checkIssuer refuses an identity scoped to a cluster (its control plane,
+// gateway or admin) that was not issued by that cluster's intermediate:
+// every cluster's intermediate may sign any SPIFFE ID of the trust domain,
+// so the ID alone does not say that the cluster vouches for it. Workload
+// identities are the mesh's, whichever cluster issued them.
+func checkIssuer(id spiffeid.ID, chains [][]*x509.Certificate) error {
+	cluster := identity.Classify(id).Cluster
+	if cluster == "" {
+		return nil
+	}
+	for _, ch := range chains {
+		if len(ch) >= 2 && IntermediateCluster(ch[1]) == cluster {
+			return nil
+		}
+	}
+	return fail(ReasonWrongIssuer, "%s was not issued by cluster %s's intermediate", id, cluster)
+}
+
+// IntermediateCluster returns the cluster a Strait cluster intermediate
+// was issued to (its subject's organizational unit, set by the root
+// authority), or "" for any other certificate.
+func IntermediateCluster(c *x509.Certificate) string {
+	s := c.Subject
+	if !c.IsCA || len(s.Organization) != 1 || s.Organization[0] != "Strait" || len(s.OrganizationalUnit) != 1 {
+		return ""
+	}
+	return s.OrganizationalUnit[0]
 }
 
 // VerifyRaw parses DER certificates (as TLS hands them over) and verifies them.

@@ -693,3 +693,39 @@ func TestRenewAt(t *testing.T) {
 		})
 	}
 }
+
+// TestVerifyClusterScopedIssuer: a control plane, gateway or admin identity
+// of a cluster verifies only when that cluster's intermediate issued it;
+// any cluster's intermediate may issue a workload identity.
+func TestVerifyClusterScopedIssuer(t *testing.T) {
+	c := catest.New(t, tdName) // east's intermediate
+	v := newVerifier(t, td, c.Bundle(), nil)
+	west := c.IssuerFor(t, "west")
+	for _, id := range []string{"spiffe://strait.example/cluster/east/admin", "spiffe://strait.example/cluster/east/gateway", "spiffe://strait.example/cluster/east/controlplane"} {
+		own := c.SVID(t, id, 0)
+		if _, _, err := v.Verify(own.Certificates, svid.RoleAny); err != nil {
+			t.Errorf("%s from east's intermediate: %v", id, err)
+		}
+		forged, err := west.MintSVID(spiffeid.RequireFromString(id), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _, err = v.Verify(forged.Certificates, svid.RoleAny)
+		if svid.ReasonOf(err) != svid.ReasonWrongIssuer {
+			t.Errorf("%s from west's intermediate: %v, want %s", id, err, svid.ReasonWrongIssuer)
+		}
+	}
+	wl, err := west.MintSVID(spiffeid.RequireFromString("spiffe://strait.example/ns/a/sa/b"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := v.Verify(wl.Certificates, svid.RoleAny); err != nil {
+		t.Errorf("a workload SVID from west's intermediate: %v", err)
+	}
+	if got := svid.IntermediateCluster(wl.Certificates[1]); got != "west" {
+		t.Errorf("IntermediateCluster of west's intermediate = %q", got)
+	}
+	if got := svid.IntermediateCluster(wl.Certificates[0]); got != "" {
+		t.Errorf("IntermediateCluster of a leaf = %q", got)
+	}
+}

@@ -88,8 +88,10 @@ func InitPending(path, cluster string, td spiffeid.TrustDomain, force bool) (*Pe
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: "strait bootstrap CA for pending cluster " + cluster},
+		SerialNumber: serial(),
+		// Named as a cluster intermediate is (svid.IntermediateCluster):
+		// it stands in for the pending cluster's own.
+		Subject:               pkix.Name{Organization: []string{"Strait"}, OrganizationalUnit: []string{cluster}, CommonName: "strait bootstrap CA for pending cluster " + cluster},
 		NotBefore:             now.Add(-time.Minute),
 		NotAfter:              now.Add(bootstrapTTL),
 		IsCA:                  true,
