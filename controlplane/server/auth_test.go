@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,7 +12,9 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/registry"
 )
 
 // TestClusterScopedCallersNeedTheirClustersIntermediate: an admin or
@@ -23,7 +26,10 @@ func TestClusterScopedCallersNeedTheirClustersIntermediate(t *testing.T) {
 	west := e.ca.IssuerFor(t, "west")
 	info := &grpc.UnaryServerInfo{FullMethod: controlplanev1.AdminService_CreateRegistrationToken_FullMethodName}
 	served := 0
-	handler := func(context.Context, any) (any, error) { served++; return &controlplanev1.CreateRegistrationTokenResponse{}, nil }
+	handler := func(context.Context, any) (any, error) {
+		served++
+		return &controlplanev1.CreateRegistrationTokenResponse{}, nil
+	}
 	call := func(id string, forged bool) error {
 		s := e.ca.SVID(t, id, time.Hour)
 		if forged {
@@ -49,5 +55,59 @@ func TestClusterScopedCallersNeedTheirClustersIntermediate(t *testing.T) {
 	info.FullMethod = controlplanev1.FederationService_ReportPeers_FullMethodName
 	if err := call("spiffe://"+testTD+"/cluster/east/gateway", true); err == nil {
 		t.Error("east's federation API served a gateway SVID signed by west's intermediate")
+	}
+}
+
+// callerCtx is the context authenticate gives a call by id (an SVID of the
+// test CA).
+func callerCtx(t *testing.T, e *testEnv, id string) context.Context {
+	t.Helper()
+	sv := e.ca.SVID(t, id, time.Hour)
+	sid := spiffeid.RequireFromString(id)
+	return context.WithValue(context.Background(), callerKey{}, &caller{id: sid, info: identity.Classify(sid), leaf: sv.Certificates[0]})
+}
+
+// TestWatchUnderAnotherIdentityLeavesInstanceHealthy: a workload that
+// opens and closes a Watch under another identity's instance name does not
+// make that instance count as gone while its own stream stays open.
+func TestWatchUnderAnotherIdentityLeavesInstanceHealthy(t *testing.T) {
+	e := newTestEnv(t)
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	e.srv.cfg.Clock = func() time.Time { return time.Unix(0, now.Load()) }
+	ctx := context.Background()
+	victim := "spiffe://" + testTD + "/ns/default/sa/backend"
+	attacker := "spiffe://" + testTD + "/ns/evil/sa/mallory"
+	if err := e.reg.Register(ctx, registry.Instance{Name: "backend-0", Service: "backend", Namespace: "default", Address: "127.0.0.1:15006"}, spiffeid.RequireFromString(victim)); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.srv.rebuild(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The victim's sidecar is connected and stays connected.
+	vctx, vcancel := context.WithCancel(callerCtx(t, e, victim))
+	defer vcancel()
+	go e.srv.watch(vctx, &controlplanev1.WatchRequest{Node: "backend-0"}, func(*controlplanev1.WatchResponse) error { return nil })
+	// The attacker names the victim's instance as its node, then leaves.
+	actx, acancel := context.WithCancel(callerCtx(t, e, attacker))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		e.srv.watch(actx, &controlplanev1.WatchRequest{Node: "backend-0"}, func(*controlplanev1.WatchResponse) error { return nil })
+	}()
+	time.Sleep(100 * time.Millisecond)
+	acancel()
+	<-done
+	now.Add(int64(3 * time.Second))
+	if err := e.srv.rebuild(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.mu.Lock()
+	w := e.srv.world
+	e.srv.mu.Unlock()
+	for _, in := range w.instances {
+		if in.Name == "backend-0" && in.Health != controlplanev1.Health_HEALTH_HEALTHY {
+			t.Fatalf("victim's instance backend-0 (owned by %s, its stream still open) is %s after %s opened and closed a Watch naming it", victim, in.Health, attacker)
+		}
 	}
 }

@@ -106,7 +106,8 @@ type Server struct {
 	logged map[string]string
 	// started is when Run began (see federationWarmLocked).
 	started time.Time
-	// gone: when each node's last stream closed, until one reopens.
+	// gone: when each node's last stream closed, until one reopens; by
+	// nodeKey (name and identity).
 	gone map[string]time.Time
 	// autoMu serializes changes to the automatic rotation's record: the
 	// loop's step (read, step, write) and AutoRotate's start and cancel.

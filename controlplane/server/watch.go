@@ -310,7 +310,7 @@ func (s *Server) attach(name string, id spiffeid.ID) (*node, chan struct{}) {
 	}
 	wake := make(chan struct{}, 1)
 	n.streams[wake] = struct{}{}
-	delete(s.gone, name)
+	delete(s.gone, key)
 	return n, wake
 }
 
@@ -321,13 +321,19 @@ func (s *Server) attach(name string, id spiffeid.ID) (*node, chan struct{}) {
 const goneAfter = 2 * time.Second
 
 // markGone marks unhealthy the instances whose sidecar's streams all
-// closed more than goneAfter ago.
+// closed more than goneAfter ago. Streams count by node name and identity:
+// a stream another identity opens under an instance's name, then closes,
+// says nothing of that instance.
 func (s *Server) markGone(insts []registry.Instance) {
 	now := s.cfg.Clock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i := range insts {
-		if at, ok := s.gone[insts[i].Name]; ok && now.Sub(at) >= goneAfter && insts[i].Health == controlplanev1.Health_HEALTH_HEALTHY {
+		id, err := spiffeid.FromString(insts[i].SPIFFEID)
+		if err != nil {
+			continue
+		}
+		if at, ok := s.gone[nodeKey(insts[i].Name, id)]; ok && now.Sub(at) >= goneAfter && insts[i].Health == controlplanev1.Health_HEALTH_HEALTHY {
 			insts[i].Health = controlplanev1.Health_HEALTH_UNHEALTHY
 		}
 	}
@@ -343,7 +349,7 @@ func (s *Server) detach(n *node, wake chan struct{}) {
 			s.gone = map[string]time.Time{}
 		}
 		if len(s.gone) < maxGone {
-			s.gone[n.name] = s.cfg.Clock()
+			s.gone[nodeKey(n.name, n.id)] = s.cfg.Clock()
 		}
 	}
 }
