@@ -115,17 +115,33 @@ type SVIDRequest struct {
 // IssueSVID verifies req.CSR against the CSR policy and signs an SVID for
 // req.ID. It returns the leaf followed by the issuer chain.
 func (i *Issuer) IssueSVID(req SVIDRequest) ([]*x509.Certificate, error) {
-	csr, err := ParseCSR(req.CSR)
+	csr, err := i.checkRequest(req.CSR, req.ID)
 	if err != nil {
 		return nil, err
 	}
-	if err := i.checkID(req.ID); err != nil {
-		return nil, err
-	}
-	if err := checkLeafCSR(csr, req.ID); err != nil {
-		return nil, err
-	}
 	return i.sign(req.ID, csr.PublicKey, req.TTL)
+}
+
+// CheckRequest returns the error IssueSVID would refuse csr for id with, if
+// any, without signing: a caller spending a single-use credential checks
+// first.
+func (i *Issuer) CheckRequest(csr []byte, id spiffeid.ID) error {
+	_, err := i.checkRequest(csr, id)
+	return err
+}
+
+func (i *Issuer) checkRequest(der []byte, id spiffeid.ID) (*x509.CertificateRequest, error) {
+	csr, err := ParseCSR(der)
+	if err != nil {
+		return nil, err
+	}
+	if err := i.checkID(id); err != nil {
+		return nil, err
+	}
+	if err := checkLeafCSR(csr, id); err != nil {
+		return nil, err
+	}
+	return csr, nil
 }
 
 // MintSVID generates a key here and issues an SVID for id: the operator's

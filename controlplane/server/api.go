@@ -54,7 +54,13 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 			return nil, fmt.Errorf("%w: credential is empty: set registration_token or service_account_token", ErrBadRequest)
 		}
 		var err error
-		id, err = s.authenticateCredential(ctx, req.GetCredential())
+		// A CSR the CA would refuse does not spend a single-use credential.
+		id, err = s.authenticateCredential(ctx, req.GetCredential(), func(id spiffeid.ID) error {
+			if err := s.cfg.Issuer.CheckRequest(req.GetCsr(), id); err != nil {
+				return fmt.Errorf("%w: %w", ErrBadRequest, err)
+			}
+			return nil
+		})
 		if err != nil {
 			s.log.Info("certify refused", "err", err)
 			return nil, err
@@ -91,9 +97,15 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 	return resp, nil
 }
 
-func (s *Server) authenticateCredential(ctx context.Context, cred *controlplanev1.Credential) (spiffeid.ID, error) {
+func (s *Server) authenticateCredential(ctx context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
 	for _, a := range s.cfg.Authenticators {
-		id, err := a.Authenticate(ctx, cred)
+		var id spiffeid.ID
+		var err error
+		if ca, ok := a.(CheckingAuthenticator); ok {
+			id, err = ca.AuthenticateIf(ctx, cred, accept)
+		} else if id, err = a.Authenticate(ctx, cred); err == nil && accept != nil {
+			err = accept(id)
+		}
 		if errors.Is(err, ErrNotApplicable) {
 			continue
 		}

@@ -24,6 +24,9 @@ type Issuer interface {
 	// IssueSVID signs csr (DER) for id, the identity the caller proved.
 	// Errors wrapping ErrBadRequest are the caller's fault.
 	IssueSVID(csr []byte, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error)
+	// CheckRequest returns the error IssueSVID would return for csr and
+	// id, without signing.
+	CheckRequest(csr []byte, id spiffeid.ID) error
 	// MintSVID issues an SVID with a key generated here (the control
 	// plane's own serving identity).
 	MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error)
@@ -33,6 +36,14 @@ type Issuer interface {
 // proves. It returns ErrNotApplicable for credentials of another kind.
 type Authenticator interface {
 	Authenticate(ctx context.Context, cred *controlplanev1.Credential) (spiffeid.ID, error)
+}
+
+// CheckingAuthenticator is an Authenticator whose credential is spent by
+// use: it consumes it only if accept, given the identity it proves,
+// returns nil (and returns that error otherwise, the credential intact).
+type CheckingAuthenticator interface {
+	Authenticator
+	AuthenticateIf(ctx context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error)
 }
 
 // Errors the edge maps to status codes.
@@ -51,18 +62,39 @@ type TokenAuthenticator struct {
 }
 
 // Authenticate implements Authenticator.
-func (a *TokenAuthenticator) Authenticate(_ context.Context, cred *controlplanev1.Credential) (spiffeid.ID, error) {
+func (a *TokenAuthenticator) Authenticate(ctx context.Context, cred *controlplanev1.Credential) (spiffeid.ID, error) {
+	return a.AuthenticateIf(ctx, cred, nil)
+}
+
+// AuthenticateIf implements CheckingAuthenticator: the token is spent only
+// if accept (nil accepts) takes the identity it names.
+func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
 	tok := cred.GetRegistrationToken()
 	if tok == "" {
 		return spiffeid.ID{}, ErrNotApplicable
 	}
-	rec, err := a.Store.RedeemToken(tok)
-	if err != nil {
+	var id, refusedID spiffeid.ID
+	var refused error
+	_, err := a.Store.RedeemTokenIf(tok, func(rec store.TokenRecord) error {
+		var err error
+		if id, err = identity.Workload(a.TrustDomain, rec.Namespace, rec.ServiceAccount); err != nil {
+			return fmt.Errorf("%w: registration token names an invalid identity: %w", ErrUnauthenticated, err)
+		}
+		if accept != nil {
+			if refused = accept(id); refused != nil {
+				refusedID = id
+				return refused
+			}
+		}
+		return nil
+	})
+	switch {
+	case refused != nil:
+		return refusedID, refused
+	case errors.Is(err, ErrUnauthenticated):
+		return spiffeid.ID{}, err
+	case err != nil:
 		return spiffeid.ID{}, fmt.Errorf("%w: registration token: %w", ErrUnauthenticated, err)
-	}
-	id, err := identity.Workload(a.TrustDomain, rec.Namespace, rec.ServiceAccount)
-	if err != nil {
-		return spiffeid.ID{}, fmt.Errorf("%w: registration token names an invalid identity: %w", ErrUnauthenticated, err)
 	}
 	return id, nil
 }

@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,9 +14,11 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/straitmesh/strait/ca/catest"
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/registry"
+	"github.com/straitmesh/strait/controlplane/store"
 )
 
 // TestClusterScopedCallersNeedTheirClustersIntermediate: an admin or
@@ -109,5 +113,28 @@ func TestWatchUnderAnotherIdentityLeavesInstanceHealthy(t *testing.T) {
 		if in.Name == "backend-0" && in.Health != controlplanev1.Health_HEALTH_HEALTHY {
 			t.Fatalf("victim's instance backend-0 (owned by %s, its stream still open) is %s after %s opened and closed a Watch naming it", victim, in.Health, attacker)
 		}
+	}
+}
+
+// TestCertifyRefusedCSRKeepsToken: a CSR the CA refuses (here naming
+// another identity) does not spend the single-use registration token: a
+// retry with a good CSR succeeds.
+func TestCertifyRefusedCSRKeepsToken(t *testing.T) {
+	e := newTestEnv(t)
+	tok, _, err := e.store.MintToken(store.TokenRequest{Namespace: "default", ServiceAccount: "backend", Service: "backend"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred := &controlplanev1.Credential{Kind: &controlplanev1.Credential_RegistrationToken{RegistrationToken: tok}}
+	other, _ := url.Parse("spiffe://" + testTD + "/ns/default/sa/other")
+	_, bad := catest.CSR(t, &x509.CertificateRequest{URIs: []*url.URL{other}})
+	_, err = identityServer{s: e.srv}.Certify(context.Background(), &controlplanev1.CertifyRequest{Credential: cred, Csr: bad})
+	if err == nil {
+		t.Fatal("CSR naming another identity was signed")
+	}
+	t.Logf("first (refused) Certify: %v", err)
+	_, good := catest.CSR(t, &x509.CertificateRequest{})
+	if _, err := (identityServer{s: e.srv}).Certify(context.Background(), &controlplanev1.CertifyRequest{Credential: cred, Csr: good}); err != nil {
+		t.Fatalf("a refused CSR spent the single-use token: retry with a valid CSR: %v", err)
 	}
 }

@@ -47,6 +47,8 @@ func (t testIssuer) IssueSVID(csr []byte, id spiffeid.ID, ttl time.Duration) ([]
 	return chain, err
 }
 
+func (t testIssuer) CheckRequest(csr []byte, id spiffeid.ID) error { return t.i.CheckRequest(csr, id) }
+
 func (t testIssuer) MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {
 	return t.i.MintSVID(id, ttl)
 }

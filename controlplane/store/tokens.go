@@ -208,6 +208,14 @@ func (s *Store) MintToken(req TokenRequest) (string, TokenRecord, error) {
 // secret is checked first, so only its holder learns whether a token was
 // used or expired.
 func (s *Store) RedeemToken(token string) (TokenRecord, error) {
+	return s.RedeemTokenIf(token, nil)
+}
+
+// RedeemTokenIf is RedeemToken, but the token is spent only if check (nil
+// passes), run on its record inside the transaction once the token is
+// known good, returns nil; check's error is returned as it is and nothing
+// changes.
+func (s *Store) RedeemTokenIf(token string, check func(TokenRecord) error) (TokenRecord, error) {
 	id, secret, err := ParseToken(token)
 	if err != nil {
 		return TokenRecord{}, err
@@ -235,6 +243,11 @@ func (s *Store) RedeemToken(token string) (TokenRecord, error) {
 		}
 		if !now.Before(tv.Expires) {
 			return ErrTokenExpired
+		}
+		if check != nil {
+			if err := check(tv.record(id[:])); err != nil {
+				return err
+			}
 		}
 		tv.UsedAt = now
 		nv, err := json.Marshal(tv)

@@ -30,6 +30,10 @@ func (s *swapIssuer) IssueSVID(csr []byte, id spiffeid.ID, ttl time.Duration) ([
 	return s.cur.Load().IssueSVID(csr, id, ttl)
 }
 
+func (s *swapIssuer) CheckRequest(csr []byte, id spiffeid.ID) error {
+	return s.cur.Load().CheckRequest(csr, id)
+}
+
 func (s *swapIssuer) MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {
 	return s.cur.Load().MintSVID(id, ttl)
 }

@@ -51,6 +51,10 @@ func (i Issuer) IssueSVID(csr []byte, id spiffeid.ID, ttl time.Duration) ([]*x50
 	return chain, err
 }
 
+func (i Issuer) CheckRequest(csr []byte, id spiffeid.ID) error {
+	return i.I.CheckRequest(csr, id)
+}
+
 func (i Issuer) MintSVID(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {
 	return i.I.MintSVID(id, ttl)
 }
