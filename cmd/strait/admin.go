@@ -15,6 +15,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/resource"
+	"github.com/straitmesh/strait/controlplane/store"
 )
 
 // rpcError turns a gRPC status into the server's message.
@@ -79,11 +80,19 @@ nothing is applied.`,
 			}
 			req := &controlplanev1.ApplyRequest{DryRun: dryRun}
 			var problems []string
+			seen := map[string]int{} // kind/namespace/name -> document
 			for _, o := range objs {
 				if _, err := resource.Validate(o, td); err != nil {
 					problems = append(problems, err.Error())
 					continue
 				}
+				k := o.Kind + "/" + o.Metadata.Namespace + "/" + o.Metadata.Name
+				if prev, dup := seen[k]; dup {
+					problems = append(problems, (&resource.Error{Doc: o.Doc, Kind: o.Kind, Namespace: o.Metadata.Namespace, Name: o.Metadata.Name,
+						Fields: []resource.FieldError{{Message: fmt.Sprintf("names the same object as document %d", prev)}}}).Error())
+					continue
+				}
+				seen[k] = o.Doc
 				p, err := resource.ToProto(o)
 				if err != nil {
 					return err
@@ -271,6 +280,9 @@ it renews with that SVID afterwards. The token is printed once, on stdout.`,
 			}
 			if sa == "" {
 				sa = service
+			}
+			if ttl != 0 && (ttl < store.MinTokenTTL || ttl > store.MaxTokenTTL) {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--ttl %s: a registration token lives from %s to %s", ttl, store.MinTokenTTL, store.MaxTokenTTL)}
 			}
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {

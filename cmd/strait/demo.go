@@ -218,8 +218,9 @@ spec:
 	if err := d.eventually(url, http.StatusOK); err != nil {
 		return err
 	}
-	d.section("10. What the metrics saw (frontend's and backend-0's admin /metrics)")
-	for _, w := range df.Clusters[0].Workloads[:2] {
+	// Every backend instance: the calls are balanced over them.
+	d.section("10. What the metrics saw (the admin /metrics of frontend and of each backend)")
+	for _, w := range df.Clusters[0].Workloads {
 		if err := d.metrics(w); err != nil {
 			return err
 		}

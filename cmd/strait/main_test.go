@@ -52,6 +52,8 @@ func TestCLIErrors(t *testing.T) {
 		{"extra argument", []string{"ca", "status", "extra"}, 2, "unknown command"},
 		{"gateway: negative concurrency", append(gw, "--concurrency", "-1"), 2, "--concurrency must be 0 or more"},
 		{"gateway: profiles need an admin port", append(gw, "--profiling"), 2, "--profiling needs --admin"},
+		{"token: ttl under a second", []string{"workload", "token", "--service", "web", "--ttl", "900ms"}, 2, "a registration token lives from 10s to 1h0m0s"},
+		{"token: ttl over an hour", []string{"workload", "token", "--service", "web", "--ttl", "2h"}, 2, "--ttl 2h0m0s"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

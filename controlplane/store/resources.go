@@ -159,11 +159,11 @@ func validateBatch(rs []Resource) error {
 	seen := make(map[string]int, len(rs))
 	for i, r := range rs {
 		if err := ValidateResource(r); err != nil {
-			return fmt.Errorf("resource %d: %w", i, err)
+			return fmt.Errorf("resource %d (counting from 1): %w", i+1, err)
 		}
 		k := string(resourceKey(r.Kind, r.Namespace, r.Name))
 		if j, dup := seen[k]; dup {
-			return fmt.Errorf("%w: resources %d and %d are both %s", ErrInvalid, j, i, ref(r.Kind, r.Namespace, r.Name))
+			return fmt.Errorf("%w: resources %d and %d (counting from 1) are both %s", ErrInvalid, j+1, i+1, ref(r.Kind, r.Namespace, r.Name))
 		}
 		seen[k] = i
 	}
