@@ -125,12 +125,9 @@ func (s *pendingServer) Join(ctx context.Context, req *controlplanev1.JoinReques
 		}
 		return nil, status.Error(codes.Unavailable, err.Error())
 	}
-	d, err := s.p.Complete(res.Intermediate, res.IssuerBundle)
-	if err != nil {
-		// The issuer has stored the link already: a new token is refused
-		// as a conflict until it is removed there.
-		return nil, status.Errorf(codes.Internal, "the join succeeded but installing the intermediate failed: %v (on %s, run `strait federation unlink %s`, then create a new token and join again)", err, res.GetCluster(), s.p.Cluster)
-	}
+	// The link first: the issuer has stored its side already, and a crash
+	// after the intermediate is installed must not leave this side without
+	// it.
 	peers := res.GetGatewayAddresses()
 	if len(peers) == 0 {
 		peers = tok.GatewayAddrs()
@@ -138,6 +135,12 @@ func (s *pendingServer) Join(ctx context.Context, req *controlplanev1.JoinReques
 	l := store.Link{ID: res.GetLinkId(), Peer: res.GetCluster(), PeerGateways: peers, Role: "joiner", Created: s.clock()}
 	if err := s.st.PutLink(l); err != nil {
 		return nil, err
+	}
+	d, err := s.p.Complete(res.Intermediate, res.IssuerBundle)
+	if err != nil {
+		// The issuer has stored the link already: a new token is refused
+		// as a conflict until it is removed there.
+		return nil, status.Errorf(codes.Internal, "the join succeeded but installing the intermediate failed: %v (on %s, run `strait federation unlink %s`, then create a new token and join again)", err, res.GetCluster(), s.p.Cluster)
 	}
 	iss, err := NewIssuer(d, 0)
 	if err != nil {
