@@ -11,7 +11,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"sigs.k8s.io/yaml"
@@ -21,6 +20,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 const configEnv = "STRAIT_CONFIG"
@@ -140,7 +140,7 @@ func dialContext(cx *clientContext) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("context %s: trustBundle: %w", cx.Name, err)
 	}
-	admin, err := x509svid.Load(cx.ClientCertificate, cx.ClientKey)
+	admin, err := svidfile.Load(cx.ClientCertificate, cx.ClientKey)
 	if err != nil {
 		return nil, fmt.Errorf("context %s: admin credentials: %w", cx.Name, err)
 	}

@@ -35,8 +35,8 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
-	"github.com/straitmesh/strait/internal/atomicfile"
 	iclock "github.com/straitmesh/strait/internal/clock"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 // Credentials hold the current SVID and bundle (proxy.Credentials).
@@ -157,15 +157,7 @@ func (c *Identity) LoadSaved() bool {
 	if c.DataDir == "" {
 		return false
 	}
-	cp, kp := c.Paths()
-	s, err := x509svid.Load(cp, kp)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		// save was cut short between the key and the certificate: the
-		// new key is in place and its certificate waits beside.
-		if next, nerr := x509svid.Load(cp+nextSuffix, kp); nerr == nil {
-			s, err = next, nil
-		}
-	}
+	s, err := svidfile.Load(c.Paths())
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			c.log().Warn("ignoring saved SVID", "err", err)
@@ -179,32 +171,13 @@ func (c *Identity) LoadSaved() bool {
 	return c.Creds.SetSVID(s) == nil
 }
 
-// nextSuffix names the certificate save writes before it replaces the
-// key, so that a crash between the two writes leaves a usable pair.
-const nextSuffix = ".next"
-
-// save replaces the saved SVID. Each file is replaced atomically, and at
-// every point a crash leaves a matching pair for LoadSaved: the old one,
-// the new key beside the new certificate's .next copy, or the new one.
+// save replaces the saved SVID (crash-safe: see package svidfile).
 func (c *Identity) save(s *x509svid.SVID) error {
 	if c.DataDir == "" {
 		return nil
 	}
-	certPEM, keyPEM, err := s.Marshal()
-	if err != nil {
-		return err
-	}
 	cp, kp := c.Paths()
-	if err := atomicfile.WriteFile(cp+nextSuffix, certPEM, 0o644); err != nil {
-		return err
-	}
-	if err := atomicfile.WriteFile(kp, keyPEM, 0o600); err != nil {
-		return err
-	}
-	if err := atomicfile.WriteFile(cp, certPEM, 0o644); err != nil {
-		return err
-	}
-	return os.Remove(cp + nextSuffix)
+	return svidfile.Save(s, cp, kp)
 }
 
 // Certify obtains a new SVID on conn: with the registration token when

@@ -9,6 +9,7 @@
 package local
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -29,6 +30,7 @@ import (
 	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 // RootAuthority signs cluster intermediates and publishes the trust bundle.
@@ -209,6 +211,13 @@ func (d *Dir) ReadBundle() (*bundle.Bundle, error) {
 	if err != nil {
 		return nil, fmt.Errorf("local: %s: %w", fileBundle, err)
 	}
+	// WriteBundle writes the JWKS, then the PEM copy sidecars read on
+	// first contact: a crash between the two left the copy behind.
+	if pemBytes, err := os.ReadFile(d.BundlePEMPath()); err != nil || !bytes.Equal(pemBytes, b.MarshalPEM()) {
+		if err := atomicfile.WriteFile(d.BundlePEMPath(), b.MarshalPEM(), 0o644); err != nil {
+			return nil, fmt.Errorf("local: repair %s: %w", fileBundlePEM, err)
+		}
+	}
 	return b, nil
 }
 
@@ -246,14 +255,7 @@ func mintTo(m Minter, id spiffeid.ID, ttl time.Duration, certPath, keyPath strin
 	if err != nil {
 		return nil, fmt.Errorf("local: mint SVID for %s: %w", id, err)
 	}
-	certPEM, keyPEM, err := s.Marshal()
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteFile(certPath, certPEM, 0o644); err != nil {
+	if err := svidfile.Save(s, certPath, keyPath); err != nil {
 		return nil, err
 	}
 	return s, nil

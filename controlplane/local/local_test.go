@@ -477,3 +477,32 @@ func TestWriteReadBundle(t *testing.T) {
 		}
 	})
 }
+
+// TestReadBundleRepairsPEM: a crash between WriteBundle's JWKS and its PEM
+// copy leaves the copy on the old roots; ReadBundle rewrites it.
+func TestReadBundleRepairsPEM(t *testing.T) {
+	a := newCA(t)
+	d := initDir(t, a)
+	old := a.Bundle()
+	next, err := bundle.New(td, old.Sequence()+1, append(old.Roots(), newCA(t).Bundle().Roots()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := next.MarshalJWKS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(d.BundlePath(), js, 0o644); err != nil { // the JWKS written, then the crash
+		t.Fatal(err)
+	}
+	if _, err := d.ReadBundle(); err != nil {
+		t.Fatal(err)
+	}
+	pemData, err := os.ReadFile(d.BundlePEMPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fromPEM, err := bundle.ParsePEM(td, 0, pemData); err != nil || fromPEM.Digest() != next.Digest() {
+		t.Errorf("PEM copy after ReadBundle: %v, digest %v; want the JWKS's roots", err, fromPEM)
+	}
+}

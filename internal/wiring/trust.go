@@ -20,6 +20,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/controlplane/local"
 	"github.com/straitmesh/strait/controlplane/server"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 // swapIssuer is the cluster's issuer, replaced when a root rotation
@@ -154,7 +155,7 @@ func (t *trust) OfferIntermediate(chain [][]byte) (bool, error) {
 	t.log.Info("intermediate re-signed under another root installed", "fingerprint", svid.Fingerprint(cert), "expires", cert.NotAfter.UTC().Format(time.RFC3339))
 	// The admin credentials the CLI presents move to the new chain too.
 	ttl := 24 * time.Hour // as controlplane init, unless the current ones say otherwise
-	if s, err := x509svid.Load(t.dir.AdminPaths()); err == nil {
+	if s, err := svidfile.Load(t.dir.AdminPaths()); err == nil {
 		ttl = s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore)
 	}
 	if _, err := t.dir.MintAdmin(iss, ttl); err != nil {

@@ -1,0 +1,54 @@
+// Package svidfile keeps an X.509-SVID on disk as two PEM files, a
+// certificate chain and its private key, replaced so that a crash at any
+// point leaves a matching pair to load.
+//
+// Save writes the new chain beside the old one as CERT.next, then replaces
+// the key, then the chain, then removes CERT.next; each write is atomic.
+// Load reads CERT with KEY and, if they do not match, CERT.next with KEY:
+// the pair a crash between the key and the chain leaves.
+package svidfile
+
+import (
+	"errors"
+	"os"
+
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/straitmesh/strait/internal/atomicfile"
+)
+
+// NextSuffix names the chain Save writes before it replaces the key.
+const NextSuffix = ".next"
+
+// Save replaces the SVID kept at certPath and keyPath with s.
+func Save(s *x509svid.SVID, certPath, keyPath string) error {
+	certPEM, keyPEM, err := s.Marshal()
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(certPath+NextSuffix, certPEM, 0o644); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(certPath, certPEM, 0o644); err != nil {
+		return err
+	}
+	return os.Remove(certPath + NextSuffix)
+}
+
+// Load reads the SVID kept at certPath and keyPath. An error wraps
+// os.ErrNotExist when there is none.
+func Load(certPath, keyPath string) (*x509svid.SVID, error) {
+	s, err := x509svid.Load(certPath, keyPath)
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		return s, err
+	}
+	// Save was cut short between the key and the chain: the new key is
+	// in place and its chain waits beside.
+	if next, nerr := x509svid.Load(certPath+NextSuffix, keyPath); nerr == nil {
+		return next, nil
+	}
+	return nil, err
+}
