@@ -142,8 +142,8 @@ func TestApplyIsAtomic(t *testing.T) {
 			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("Apply: got error %v, want ErrInvalid mentioning %q", err, tc.wantErr)
 			}
-			if !strings.Contains(err.Error(), "resource 2") && tc.name != "duplicate" {
-				t.Errorf("Apply: got error %v, want it to name resource 2", err)
+			if !strings.Contains(err.Error(), "resource 3 (counting from 1)") && tc.name != "duplicate" {
+				t.Errorf("Apply: got error %v, want it to name resource 3 (counting from 1)", err)
 			}
 			if got, _ := s.List("", "", ""); len(got) != 0 {
 				t.Fatalf("after failed Apply: got %d stored resources, want 0", len(got))
