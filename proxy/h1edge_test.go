@@ -102,15 +102,10 @@ func rawKeepAliveApp(t *testing.T, reply func(req *http.Request, n int) string) 
 	addr, _ := rawServer(t, func(c net.Conn, _ int) {
 		defer c.Close()
 		go func() { <-done; c.Close() }()
-		br := bufio.NewReader(c)
-		for n := 0; ; n++ {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, req.Body)
+		eachRequest(c, func(req *http.Request, n int) bool {
 			io.WriteString(c, reply(req, n))
-		}
+			return true
+		})
 	})
 	var once sync.Once
 	return addr, func() { once.Do(func() { close(done) }) }

@@ -230,25 +230,37 @@ func readRequest(c net.Conn) {
 	}
 }
 
+// eachRequest reads requests from c, each with its body, and hands them to
+// serve with their number on c from 0, until reading fails or serve
+// returns false.
+func eachRequest(c net.Conn, serve func(req *http.Request, i int) bool) {
+	br := bufio.NewReader(c)
+	for i := 0; ; i++ {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		if !serve(req, i) {
+			return
+		}
+	}
+}
+
 // A POST that reached the server on a pooled connection, which then closed
 // without answering, is not sent again: the server may have acted on it.
 func TestH1PoolDoesNotResendNonIdempotent(t *testing.T) {
 	var posts atomic.Int32
 	addr, _ := rawServer(t, func(c net.Conn, n int) {
 		defer c.Close()
-		br := bufio.NewReader(c)
-		for i := 0; ; i++ {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, req.Body)
+		eachRequest(c, func(req *http.Request, _ int) bool {
 			if req.Method == "POST" {
 				posts.Add(1)
-				return // processed, then gone without an answer
+				return false // processed, then gone without an answer
 			}
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-		}
+			return true
+		})
 	})
 	p := rawPool(addr)
 	doGet(t, p, "http://"+addr+"/") // leaves a pooled connection
@@ -270,19 +282,14 @@ func TestH1PoolDoesNotReuseAfterExtraBytes(t *testing.T) {
 		t.Run(fmt.Sprintf("%v after the response", late), func(t *testing.T) {
 			addr, conns := rawServer(t, func(c net.Conn, n int) {
 				defer c.Close()
-				br := bufio.NewReader(c)
-				for i := 0; ; i++ {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
+				eachRequest(c, func(_ *http.Request, i int) bool {
 					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
 					if i == 0 {
 						time.Sleep(late)
 						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
 					}
-				}
+					return true
+				})
 			})
 			p := rawPool(addr)
 			doGet(t, p, "http://"+addr+"/a")
