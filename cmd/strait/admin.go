@@ -45,7 +45,7 @@ func newApplyCmd(g *globals) *cobra.Command {
 	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "apply -f FILE",
-		Short: "Create or update resources (TrafficPolicy, AuthorizationPolicy) from YAML or JSON",
+		Short: "Create or update resources (TrafficPolicy, AuthorizationPolicy, ServiceExport) from YAML or JSON",
 		Long: `Create or update resources from a file of Kubernetes-style documents
 (apiVersion, kind, metadata, spec), separated by "---". Use -f - for stdin.
 Every document is checked before anything is stored: one invalid field and
@@ -124,9 +124,13 @@ func newGetCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "get KIND [NAME]",
 		Short: "List stored resources of a kind",
+		Long:  "List stored resources of a kind: " + strings.Join(resource.Kinds(), ", ") + " (or tp, ap, se).",
 		Args:  cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			kind := resource.CanonicalKind(args[0])
+			kind, err := resource.KnownKind(args[0])
+			if err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
 			name := ""
 			if len(args) == 2 {
 				name = args[1]
@@ -190,7 +194,10 @@ func newDeleteCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer done()
-			kind := resource.CanonicalKind(args[0])
+			kind, err := resource.KnownKind(args[0])
+			if err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
 			if _, err := client.Delete(ctx, &controlplanev1.DeleteRequest{Kind: kind, Namespace: ns, Name: args[1]}); err != nil {
 				return rpcError(err)
 			}

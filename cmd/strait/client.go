@@ -86,7 +86,7 @@ type clientFlags struct {
 }
 
 func (f *clientFlags) register(cmd *cobra.Command) {
-	cmd.PersistentFlags().StringVar(&f.config, "config", os.Getenv(configEnv), "client config file, e.g. DIR/strait.config from `strait dev up` (default $"+configEnv+")")
+	cmd.PersistentFlags().StringVar(&f.config, "config", os.Getenv(configEnv), "client config file, e.g. DIR/strait.config from strait dev up (default $"+configEnv+")")
 	cmd.PersistentFlags().StringVar(&f.context, "context", "", "context (cluster) in the config (default: its currentContext)")
 }
 

@@ -185,7 +185,7 @@ func newCPRunCmd(g *globals) *cobra.Command {
 			return wiring.RunControlPlane(cmd.Context(), o)
 		},
 	}
-	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (from `strait controlplane init`)")
+	cmd.Flags().StringVar(&dir, "dir", "", "control-plane data directory (from strait controlplane init)")
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7400", "gRPC listen address")
 	cmd.Flags().Var(durationValue{&svidTTL}, "svid-ttl", "lifetime of the SVIDs issued (default 1h)")
 	cmd.Flags().Var(durationValue{&reissueWindow}, "reissue-window", "after a root rotation re-signs the intermediate, sidecars and gateways renew their SVIDs at random within this window (default 30s)")

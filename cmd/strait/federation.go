@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/federation/token"
 )
 
 // federation connects to the context's FederationService; the calls are
@@ -151,6 +152,15 @@ pins, proves the token on that TLS channel and stores the link. A cluster
 installed without an intermediate (pending) receives it through the join.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			// A malformed, tampered or expired token is refused here,
+			// before anything is dialed (the control plane checks again).
+			tok, err := token.Parse(strings.TrimSpace(args[0]))
+			if err != nil {
+				return err
+			}
+			if exp := tok.ExpiresAt(); !time.Now().Before(exp.Add(token.DefaultClockSkew)) {
+				return fmt.Errorf("federation: join token refused: it expired at %s: create a new one on cluster %q", exp.Format(time.RFC3339), tok.Issuer())
+			}
 			ctx, client, done, err := f.federation(cmd, 60*time.Second)
 			if err != nil {
 				return err
@@ -231,7 +241,8 @@ func newFederationStatusCmd(g *globals) *cobra.Command {
 func printFederationStatus(w io.Writer, st *controlplanev1.FederationStatusResponse) {
 	fmt.Fprintf(w, "cluster %s  bundle %s\n", st.GetCluster(), dash(st.GetBundleDigest()))
 	if st.GetPending() {
-		fmt.Fprintln(w, "  pending: waiting for its intermediate (strait federation join TOKEN)")
+		fmt.Fprintln(w, "  pending: waiting for its intermediate (join with a token from the root authority's cluster: strait federation join TOKEN)")
+		return
 	}
 	if len(st.GetLinks()) == 0 {
 		fmt.Fprintln(w, "  no links (create a token with `strait federation token create`)")

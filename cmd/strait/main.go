@@ -99,22 +99,42 @@ func strictTree(cmd *cobra.Command) {
 	}
 	if cmd.HasSubCommands() && cmd.Run == nil && cmd.RunE == nil {
 		cmd.Args = cobra.ArbitraryArgs
+		// A mistyped subcommand followed by its flags ("federation stauts
+		// --config C") is reported as the unknown command it is, not as
+		// an unknown flag of the group.
+		cmd.FParseErrWhitelist.UnknownFlags = true
 		cmd.RunE = func(c *cobra.Command, args []string) error {
 			if len(args) == 0 {
 				return c.Help()
 			}
-			return usageError{cmd: c.CommandPath(), err: fmt.Errorf("unknown command %q for %q", args[0], c.CommandPath())}
+			return usageError{cmd: c.CommandPath(), err: unknownCommand(c, args[0])}
 		}
 		return
 	}
 	if validate := cmd.Args; validate != nil {
 		cmd.Args = func(c *cobra.Command, args []string) error {
 			if err := validate(c, args); err != nil {
+				if !c.HasSubCommands() && len(args) > 0 && strings.HasPrefix(err.Error(), "unknown command") {
+					err = fmt.Errorf("%s takes no arguments, got %q", c.CommandPath(), args[0])
+				}
 				return usageError{cmd: c.CommandPath(), err: err}
 			}
 			return nil
 		}
 	}
+}
+
+// unknownCommand says that name is not a subcommand of c, with cobra's
+// suggestions of the nearest ones.
+func unknownCommand(c *cobra.Command, name string) error {
+	msg := fmt.Sprintf("unknown command %q for %q", name, c.CommandPath())
+	if c.SuggestionsMinimumDistance <= 0 {
+		c.SuggestionsMinimumDistance = 2 // as cobra's root has it
+	}
+	if s := c.SuggestionsFor(name); len(s) > 0 {
+		msg += "; did you mean " + strings.Join(s, " or ") + "?"
+	}
+	return errors.New(msg)
 }
 
 func newVersionCmd(g *globals) *cobra.Command {

@@ -108,7 +108,7 @@ func newCARotateCmd(f *caFlags) *cobra.Command {
 		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 0 {
-				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("unknown command %q for %q", args[0], cmd.CommandPath())}
+				return usageError{cmd: cmd.CommandPath(), err: unknownCommand(cmd, args[0])}
 			}
 			if auto.cancel && !auto.auto {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--cancel goes with --auto")}

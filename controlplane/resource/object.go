@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -210,8 +211,8 @@ func FromProto(r *controlplanev1.Resource) (Object, error) {
 }
 
 // CanonicalKind maps what a user types on the command line (trafficpolicy,
-// TrafficPolicies, tp, authz) to the kind's name; unknown input is
-// returned unchanged, for the server to refuse with the list of kinds.
+// TrafficPolicies, tp, authz, se) to the kind's name; unknown input is
+// returned unchanged (KnownKind tells).
 func CanonicalKind(s string) string {
 	l := strings.ToLower(s)
 	for _, k := range Kinds() {
@@ -225,6 +226,18 @@ func CanonicalKind(s string) string {
 		return KindTrafficPolicy
 	case "ap", "authz", "authorization":
 		return KindAuthorizationPolicy
+	case "se", "export", "exports":
+		return KindServiceExport
 	}
 	return s
+}
+
+// KnownKind returns the kind s names (as CanonicalKind reads it), or an
+// error listing the kinds there are.
+func KnownKind(s string) (string, error) {
+	k := CanonicalKind(s)
+	if !slices.Contains(Kinds(), k) {
+		return "", fmt.Errorf("unknown kind %q: one of %s", s, strings.Join(Kinds(), ", "))
+	}
+	return k, nil
 }
