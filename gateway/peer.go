@@ -363,6 +363,10 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 				}
 				g.m.handshakeFail.WithLabelValues(hopPeerOutbound, reason).Inc()
 			}
+			if errors.As(err, &te) && te.Remote {
+				// What a peer that removed its link answers.
+				err = fmt.Errorf("%w (the gateway of %s refused this one: if %s removed its link with %s, run `strait federation unlink %s` here too)", err, peer, peer, g.cfg.Cluster, peer)
+			}
 			errs = append(errs, fmt.Errorf("%s: %w", addr, err))
 			continue
 		}
