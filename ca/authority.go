@@ -540,6 +540,8 @@ func templateFor(text string, pub crypto.PublicKey, td spiffeid.TrustDomain, ext
 }
 
 // keyID names a root by the SHA-256 of its public key.
+// keyID names a root by its key; svid.RootID computes the same from the
+// root's certificate, for clusters that hold only the bundle.
 func keyID(pub crypto.PublicKey) (string, error) {
 	der, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {

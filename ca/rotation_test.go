@@ -333,3 +333,18 @@ func TestInitAndOpenErrors(t *testing.T) {
 		t.Fatalf("Open(corrupt state): got %v, want an error naming state.json", err)
 	}
 }
+
+// TestRootIDFromCertificate: a cluster that holds only the bundle names a
+// root as the CA does (svid.RootID of its certificate).
+func TestRootIDFromCertificate(t *testing.T) {
+	c := catest.New(t, "strait.example")
+	ids := map[string]bool{}
+	for _, r := range c.Authority.Status().Roots {
+		ids[r.ID] = true
+	}
+	for _, cert := range c.Bundle().Roots() {
+		if id := svid.RootID(cert); !ids[id] {
+			t.Errorf("svid.RootID of a bundle root = %s, not among the CA's root IDs %v", id, ids)
+		}
+	}
+}

@@ -349,6 +349,17 @@ func Fingerprint(c *x509.Certificate) string {
 	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
+// RootID is the short name of a mesh root the CA and every cluster use
+// (strait ca rotate taint ROOT_ID): the first 6 bytes, in hex, of the
+// SHA-256 of its public key (as the CA names a root it creates).
+func RootID(c *x509.Certificate) string {
+	if c == nil {
+		return ""
+	}
+	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return hex.EncodeToString(sum[:6])
+}
+
 // IssuerFingerprint is the Fingerprint of the certificate that signed an
 // SVID (the chain's second), or "" for a chain without one.
 func IssuerFingerprint(chain []*x509.Certificate) string {

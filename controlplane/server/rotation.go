@@ -213,7 +213,7 @@ func (s *Server) rotationStatus() *controlplanev1.RotationStatusResponse {
 		roots = s.cfg.RootCA.Roots()
 	} else if b != nil {
 		for _, r := range b.Roots() {
-			roots = append(roots, RootInfo{ID: svid.Fingerprint(r)[7:19], State: "trusted", InBundle: true, Fingerprint: svid.Fingerprint(r), NotAfter: r.NotAfter})
+			roots = append(roots, RootInfo{ID: svid.RootID(r), State: "trusted", InBundle: true, Fingerprint: svid.Fingerprint(r), NotAfter: r.NotAfter})
 		}
 	}
 	for _, r := range roots {
