@@ -354,6 +354,13 @@ func devUp(ctx context.Context, g *globals, dir string, o devUpOptions) error {
 		if anyAlive(dir, old) {
 			return fmt.Errorf("%s is already up; run `strait dev down --dir %s` first", dir, dir)
 		}
+		// The first cluster holds the mesh root: another first cluster
+		// would make a second root authority over the same CA.
+		for _, c := range old.Clusters {
+			if c.RootAuthority && len(o.clusters) > 0 && o.clusters[0] != c.Name {
+				return fmt.Errorf("%s was brought up with %s first, as the root authority; list it first again (--clusters %s,...) or use another --dir", dir, c.Name, c.Name)
+			}
+		}
 		for _, c := range old.Clusters {
 			if c.Gateway != nil {
 				peerAddrs[c.Name] = c.Gateway.Peer

@@ -337,7 +337,8 @@ func toStatus(err error) error {
 	}
 	// The code says what the sentinel would: the message keeps the rest.
 	msg := err.Error()
-	for _, sentinel := range []error{ErrUnauthenticated, ErrPermissionDenied, ErrBadRequest, ErrUnavailable, ErrFailedPrecondition} {
+	for _, sentinel := range []error{ErrUnauthenticated, ErrPermissionDenied, ErrBadRequest, ErrUnavailable, ErrFailedPrecondition,
+		store.ErrInvalid, store.ErrNotFound} {
 		msg = strings.TrimPrefix(msg, sentinel.Error()+": ")
 	}
 	return status.Error(code, msg)
