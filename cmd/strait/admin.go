@@ -235,6 +235,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 }
 
 func printCPStatus(w io.Writer, st *controlplanev1.StatusResponse) {
+	if st.GetBundleDigest() == "" {
+		// Only a pending control plane answers without a bundle.
+		fmt.Fprintf(w, "cluster %s  trust domain %s\n  pending: no intermediate or bundle yet; it serves only the join (strait federation join TOKEN)\n", st.GetCluster(), st.GetTrustDomain())
+		return
+	}
 	fmt.Fprintf(w, "cluster %s  trust domain %s\n  bundle %s\n  snapshot version %d\n", st.GetCluster(), st.GetTrustDomain(), st.GetBundleDigest(), st.GetSnapshotVersion())
 	if st.GetIntermediateExpiresAt() != nil {
 		fmt.Fprintf(w, "  intermediate expires %s\n", day(st.GetIntermediateExpiresAt().AsTime()))

@@ -17,6 +17,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
 // maxEjections bounds what one sidecar reports.
@@ -134,14 +135,16 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 	// Peers that export the service but are left out.
 	tiers := failoverTiers(f, &w.fed)
 	for _, l := range w.fed.links {
-		exports := false
+		var exported *federationv1.ExportedService
 		for _, es := range w.fed.imports[l.Peer] {
 			if es.GetNamespace() == ns && es.GetName() == req.GetService() {
-				exports = true
+				exported = es
 			}
 		}
 		switch {
-		case !exports:
+		case exported == nil:
+		case exported.GetTotal() == 0:
+			resp.Excluded = append(resp.Excluded, l.Peer+": exports it, but no instance of it runs there")
 		case w.fed.entry == "":
 			resp.Excluded = append(resp.Excluded, l.Peer+": no gateway of this cluster is connected")
 		case w.fed.conflicted(l.Peer, ns, req.GetService()):
@@ -183,6 +186,9 @@ func explainSummary(r *controlplanev1.ExplainResponse) string {
 		return fmt.Sprintf("traffic for %s goes %s%s", name, where, spill)
 	}
 	if len(r.GetTiers()) == 0 {
+		if len(r.GetExcluded()) > 0 {
+			return "no endpoint anywhere for " + name + ": nothing runs it here, and the peers that export it are left out (see below)"
+		}
 		return "no endpoint anywhere for " + name + ": nothing runs it here and no linked peer exports it to this cluster"
 	}
 	return "no healthy endpoint for " + name + " in any tier: sidecars fall back to unhealthy ones (panic mode)"

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -136,5 +137,19 @@ func TestCertifyRefusedCSRKeepsToken(t *testing.T) {
 	_, good := catest.CSR(t, &x509.CertificateRequest{})
 	if _, err := (identityServer{s: e.srv}).Certify(context.Background(), &controlplanev1.CertifyRequest{Credential: cred, Csr: good}); err != nil {
 		t.Fatalf("a refused CSR spent the single-use token: retry with a valid CSR: %v", err)
+	}
+}
+
+// TestExplainSummaryNamesExcludedExporters: with no endpoint anywhere, the
+// summary does not claim that no peer exports the service when some do
+// but are left out (e.g. with no instance running there).
+func TestExplainSummaryNamesExcludedExporters(t *testing.T) {
+	r := &controlplanev1.ExplainResponse{Namespace: "default", Service: "payments"}
+	if got := explainSummary(r); !strings.Contains(got, "no linked peer exports it") {
+		t.Errorf("nothing anywhere: %q", got)
+	}
+	r.Excluded = []string{"west: exports it, but no instance of it runs there"}
+	if got := explainSummary(r); strings.Contains(got, "no linked peer exports it") || !strings.Contains(got, "left out") {
+		t.Errorf("an exporter left out: %q", got)
 	}
 }
