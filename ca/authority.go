@@ -615,6 +615,11 @@ type IntermediateRequest struct {
 	// directory (its key is then deleted). Records of remote clusters are
 	// always replaced: that is how they renew.
 	Replace bool
+	// Join marks a request from a cluster joining with a token: it may not
+	// take over the name of a cluster whose intermediate is still valid
+	// under another key (a retry of the same cluster's join, with its key,
+	// is signed again).
+	Join bool
 }
 
 // SignIntermediate signs a cluster intermediate from a CSR (path length 0,
@@ -636,6 +641,9 @@ func (a *Authority) SignIntermediate(ctx context.Context, req IntermediateReques
 			return err
 		}
 		if old := st.intermediate(req.Cluster); old != nil {
+			if req.Join && now.Before(old.cert.NotAfter) && !samePublicKey(old.cert.PublicKey, csr.PublicKey) {
+				return fmt.Errorf("%w: cluster %s already holds an intermediate of this mesh (until %s) under another key; a cluster that joins for its intermediate needs a name of its own", ErrCSRRefused, req.Cluster, old.cert.NotAfter.UTC().Format(time.RFC3339))
+			}
 			if old.Key != "" && !req.Replace {
 				return fmt.Errorf("ca: the intermediate of cluster %s has its key held in this directory; pass --force to replace it with one signed from a CSR", req.Cluster)
 			}
@@ -651,6 +659,11 @@ func (a *Authority) SignIntermediate(ctx context.Context, req IntermediateReques
 	a.destroyKey(dropKey)
 	a.log.Info("signed cluster intermediate", "cluster", req.Cluster, "serial", out.SerialNumber.Text(16), "not_after", out.NotAfter)
 	return out, nil
+}
+
+func samePublicKey(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
 }
 
 // CreateIntermediate generates a key for cluster in this data directory and

@@ -1,6 +1,7 @@
 package ca_test
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -223,5 +224,29 @@ func TestSignIntermediate(t *testing.T) {
 	}
 	if got := len(c.Authority.Status().Intermediates); got != 2 {
 		t.Errorf("intermediates recorded: got %d, want 2 (east, west)", got)
+	}
+}
+
+// TestSignIntermediateForAJoin: a cluster joining with a token may not take
+// over the name of a cluster whose intermediate is still valid under
+// another key; the same cluster retrying with its key is signed again, and
+// a renewal outside a join replaces the record as before.
+func TestSignIntermediateForAJoin(t *testing.T) {
+	c := catest.New(t, "strait.example")
+	ctx := context.Background()
+	_, westCSR := catest.CSR(t, nil)
+	if _, err := c.Authority.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: westCSR, Join: true}); err != nil {
+		t.Fatalf("first join of west: %v", err)
+	}
+	if _, err := c.Authority.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: westCSR, Join: true}); err != nil {
+		t.Fatalf("west retrying its join with its key: %v", err)
+	}
+	_, impostor := catest.CSR(t, nil)
+	_, err := c.Authority.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: impostor, Join: true})
+	if !errors.Is(err, ca.ErrCSRRefused) || !strings.Contains(err.Error(), "already holds an intermediate") {
+		t.Fatalf("another key joining as west: %v", err)
+	}
+	if _, err := c.Authority.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: "west", CSR: impostor}); err != nil {
+		t.Fatalf("a renewal of west under a new key (not a join): %v", err)
 	}
 }

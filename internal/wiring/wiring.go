@@ -38,6 +38,13 @@ func (r RootAuthority) SignIntermediate(ctx context.Context, cluster string, csr
 	return r.CA.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: cluster, CSR: csr, TTL: ttl, Replace: r.Replace})
 }
 
+// joinSigner signs the intermediates of clusters joining with a token.
+type joinSigner struct{ ca *ca.Authority }
+
+func (j joinSigner) SignIntermediate(ctx context.Context, cluster string, csr []byte, ttl time.Duration) (*x509.Certificate, error) {
+	return j.ca.SignIntermediate(ctx, ca.IntermediateRequest{Cluster: cluster, CSR: csr, TTL: ttl, Join: true})
+}
+
 func (r RootAuthority) Bundle() *bundle.Bundle { return r.CA.Bundle() }
 
 // Issuer adapts ca.Issuer to what the control plane declares it needs.
@@ -151,7 +158,9 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 		return err
 	}
 	var root server.RootCA
+	joins := o.RootAuthority
 	if ra, ok := o.RootAuthority.(RootAuthority); ok && ra.CA != nil {
+		joins = joinSigner{ra.CA}
 		rc := &rootCA{ca: ra.CA, trust: tr}
 		// A step taken while this control plane was down (or a crash
 		// between the CA's commit and this directory's) is caught up.
@@ -163,7 +172,7 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 	srv, err := server.New(server.Config{
 		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: tr.issuer, Bundle: current.Load,
 		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
-		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock, RootAuthority: o.RootAuthority,
+		Logger: o.Logger, Registerer: o.Registerer, Clock: o.Clock, RootAuthority: joins,
 		Trust: tr, RootCA: root, ReissueWindow: o.ReissueWindow,
 	})
 	if err != nil {
