@@ -124,11 +124,21 @@ func Init(ctx context.Context, path, cluster string, root RootAuthority, ttl tim
 	if err != nil {
 		return nil, err
 	}
-	// The key first: an intermediate on disk always has its key beside it.
+	// The new certificate beside, then the key, then the certificate: a
+	// crash between the key and the certificate (init --force replacing
+	// them) leaves the pair Load takes from the .next copy.
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
+	next := filepath.Join(path, fileIntermediate) + svidfile.NextSuffix
+	if err := atomicfile.WriteFile(next, certPEM, 0o644); err != nil {
+		return nil, err
+	}
 	if err := atomicfile.WriteFile(filepath.Join(path, fileKey), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
 		return nil, err
 	}
-	if err := atomicfile.WriteFile(filepath.Join(path, fileIntermediate), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(path, fileIntermediate), certPEM, 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(next); err != nil {
 		return nil, err
 	}
 	if err := WriteBundle(path, b); err != nil {
@@ -167,10 +177,40 @@ func Load(path string) (*Dir, error) {
 		return nil, fmt.Errorf("local: %s: %w", fileCluster, err)
 	}
 	d := &Dir{Path: path, Cluster: cf.Cluster, TrustDomain: td}
-	certPEM, err := os.ReadFile(filepath.Join(path, fileIntermediate))
+	signer, err := readKey(filepath.Join(path, fileKey))
+	if err != nil {
+		return nil, err
+	}
+	if d.Chain, err = readChain(filepath.Join(path, fileIntermediate)); err != nil {
+		return nil, err
+	}
+	if !ownsKey(d.Chain[0], signer) {
+		// Init was cut short between the key and the certificate: the
+		// new certificate waits beside; put it in place.
+		next := filepath.Join(path, fileIntermediate) + svidfile.NextSuffix
+		chain, nerr := readChain(next)
+		if nerr != nil || !ownsKey(chain[0], signer) {
+			return nil, fmt.Errorf("local: %s does not belong to the certificate in %s", fileKey, fileIntermediate)
+		}
+		if err := os.Rename(next, filepath.Join(path, fileIntermediate)); err != nil {
+			return nil, fmt.Errorf("local: %w", err)
+		}
+		d.Chain = chain
+	}
+	d.Signer = signer
+	if d.Bundle, err = d.ReadBundle(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// readChain reads a PEM file of certificates, at least one.
+func readChain(path string) ([]*x509.Certificate, error) {
+	certPEM, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("local: %w", err)
 	}
+	var chain []*x509.Certificate
 	for rest := certPEM; ; {
 		var blk *pem.Block
 		blk, rest = pem.Decode(rest)
@@ -179,25 +219,19 @@ func Load(path string) (*Dir, error) {
 		}
 		c, err := x509.ParseCertificate(blk.Bytes)
 		if err != nil {
-			return nil, fmt.Errorf("local: %s: %w", fileIntermediate, err)
+			return nil, fmt.Errorf("local: %s: %w", filepath.Base(path), err)
 		}
-		d.Chain = append(d.Chain, c)
+		chain = append(chain, c)
 	}
-	if len(d.Chain) == 0 {
-		return nil, fmt.Errorf("local: %s holds no certificate", fileIntermediate)
+	if len(chain) == 0 {
+		return nil, fmt.Errorf("local: %s holds no certificate", filepath.Base(path))
 	}
-	signer, err := readKey(filepath.Join(path, fileKey))
-	if err != nil {
-		return nil, err
-	}
-	if pub, ok := d.Chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(signer.Public()) {
-		return nil, fmt.Errorf("local: %s does not belong to the certificate in %s", fileKey, fileIntermediate)
-	}
-	d.Signer = signer
-	if d.Bundle, err = d.ReadBundle(); err != nil {
-		return nil, err
-	}
-	return d, nil
+	return chain, nil
+}
+
+func ownsKey(c *x509.Certificate, signer crypto.Signer) bool {
+	pub, ok := c.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && pub.Equal(signer.Public())
 }
 
 // ReadBundle reads the trust bundle file again (it changes when the root

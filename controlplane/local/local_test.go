@@ -506,3 +506,40 @@ func TestReadBundleRepairsPEM(t *testing.T) {
 		t.Errorf("PEM copy after ReadBundle: %v, digest %v; want the JWKS's roots", err, fromPEM)
 	}
 }
+
+// TestLoadAfterACrashInInit: Init --force writes the new intermediate
+// beside as .next, then the key, then the certificate. A crash after the
+// key leaves the old certificate with the new key: Load puts the .next
+// copy in place.
+func TestLoadAfterACrashInInit(t *testing.T) {
+	a := newCA(t)
+	d := initDir(t, a)
+	renewed := initDir(t, a) // a second intermediate for the cluster, with its own key
+	key, err := os.ReadFile(filepath.Join(renewed.Path, fileKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := os.ReadFile(filepath.Join(renewed.Path, fileIntermediate))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(d.Path, fileIntermediate)+".next", cert, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(d.Path, fileKey), key, 0o600); err != nil { // then the crash
+		t.Fatal(err)
+	}
+	got, err := Load(d.Path)
+	if err != nil {
+		t.Fatalf("Load after a crash between the key and the certificate: %v", err)
+	}
+	if !got.Chain[0].Equal(renewed.Chain[0]) {
+		t.Error("Load did not take the new certificate")
+	}
+	if _, err := os.Stat(filepath.Join(d.Path, fileIntermediate) + ".next"); !os.IsNotExist(err) {
+		t.Errorf("the .next copy is still there: %v", err)
+	}
+	if _, err := Load(d.Path); err != nil {
+		t.Errorf("Load again: %v", err)
+	}
+}
