@@ -17,6 +17,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/catest"
 	"github.com/straitmesh/strait/ca/identity"
+	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/registry"
 	"github.com/straitmesh/strait/controlplane/store"
@@ -153,3 +154,34 @@ func TestExplainSummaryNamesExcludedExporters(t *testing.T) {
 		t.Errorf("an exporter left out: %q", got)
 	}
 }
+
+// TestActivateGateNeedsPreparedRootInForce: when the CA prepared a root but
+// this cluster failed to put the bundle announcing it in force, every
+// cluster still holds the old bundle; the activate gate stays shut (peers
+// would otherwise first see the new root in a bundle it signed, and refuse
+// it), and status asks Sync to catch up.
+func TestActivateGateNeedsPreparedRootInForce(t *testing.T) {
+	e := newTestEnv(t)
+	rca := &syncCountingCA{blockingCA: blockingCA{roots: []RootInfo{
+		{ID: "r1", State: "active", InBundle: true, Fingerprint: svid.Fingerprint(e.ca.Bundle().Roots()[0])},
+		{ID: "r2", State: "prepared", InBundle: true, Fingerprint: "sha256:r2"}, // not in the bundle in force
+	}}}
+	e.srv.cfg.RootCA = rca
+	if err := e.srv.rebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := e.srv.rotationStatus()
+	if st.GetReady() || !strings.Contains(st.GetNext(), "waiting for this cluster to put the bundle with root r2 in force") {
+		t.Errorf("next %q ready=%v, want the activate gate shut", st.GetNext(), st.GetReady())
+	}
+	if rca.syncs == 0 {
+		t.Error("status did not try to catch the bundle up")
+	}
+}
+
+type syncCountingCA struct {
+	blockingCA
+	syncs int
+}
+
+func (c *syncCountingCA) Sync() error { c.syncs++; return nil }

@@ -66,6 +66,9 @@ type RootCA interface {
 	Revoke(ctx context.Context, rootID string) error
 	// Intermediates are the current intermediates by cluster.
 	Intermediates() map[string]*x509.Certificate
+	// Sync puts the CA's bundle and this cluster's intermediate in force
+	// here if they are not yet (a step whose own attempt failed).
+	Sync() error
 }
 
 // ErrFailedPrecondition says a step cannot be taken now (a gate is closed).
@@ -204,6 +207,14 @@ func activeRoot(roots []RootInfo) string {
 // rotationStatus is every cluster's progress and what comes next.
 func (s *Server) rotationStatus() *controlplanev1.RotationStatusResponse {
 	resp := &controlplanev1.RotationStatusResponse{Cluster: s.cfg.Cluster, RootAuthority: s.cfg.RootCA != nil}
+	if s.cfg.RootCA != nil {
+		// A step the CA committed but whose bundle this cluster failed to
+		// put in force is caught up here; until it is, no gate opens on
+		// the old bundle.
+		if err := s.cfg.RootCA.Sync(); err != nil {
+			s.log.Warn("putting the CA's bundle in force failed; retrying", "err", err)
+		}
+	}
 	b := s.cfg.Bundle()
 	if b != nil {
 		resp.BundleSequence, resp.BundleDigest = b.Sequence(), b.Digest()
@@ -266,7 +277,13 @@ func (s *Server) rotationStatus() *controlplanev1.RotationStatusResponse {
 		}
 		resp.Clusters = append(resp.Clusters, cr)
 	}
-	resp.Next, resp.Ready = nextStep(roots, resp.Clusters, s.cfg.RootCA != nil)
+	var inForce []string
+	if b != nil {
+		for _, r := range b.Roots() {
+			inForce = append(inForce, svid.Fingerprint(r))
+		}
+	}
+	resp.Next, resp.Ready = nextStep(roots, inForce, resp.Clusters, s.cfg.RootCA != nil)
 	if a, err := s.cfg.Store.GetAutoRotation(); err == nil && !a.Started.IsZero() {
 		resp.Auto = autoProto(a)
 	}
@@ -299,7 +316,7 @@ func waitingText(r *federationv1.RotationReport, digest, active string, cr *cont
 // open: activate once every cluster holds the bundle with the prepared
 // root, retire once every node presents a chain to the active root, and
 // otherwise (idle) once every cluster holds the bundle in force.
-func nextStep(roots []RootInfo, clusters []*controlplanev1.ClusterRotation, rootAuthority bool) (string, bool) {
+func nextStep(roots []RootInfo, inForce []string, clusters []*controlplanev1.ClusterRotation, rootAuthority bool) (string, bool) {
 	has := func(state string) *RootInfo {
 		for i := range roots {
 			if roots[i].State == state {
@@ -330,6 +347,11 @@ func nextStep(roots []RootInfo, clusters []*controlplanev1.ClusterRotation, root
 	case has("tainted") != nil:
 		return fmt.Sprintf("revoke %s: ready (emergency: everything chained to it will be refused)", has("tainted").ID), true
 	case has("prepared") != nil:
+		if p := has("prepared"); !slices.Contains(inForce, p.Fingerprint) {
+			// Every cluster may hold the bundle in force, but that one
+			// does not announce the prepared root yet.
+			return fmt.Sprintf("%s: waiting for this cluster to put the bundle with root %s in force", stepActivate, p.ID), false
+		}
 		return wait(stepActivate, "every node holds the bundle with root "+has("prepared").ID, bundleBehind)
 	case has("old") != nil:
 		return wait(stepRetire, "every node presents an SVID chained to root "+has("active").ID, slices.Concat(bundleBehind, svidBehind))

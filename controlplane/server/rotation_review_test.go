@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/straitmesh/strait/ca/svid"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -56,6 +58,8 @@ func (c *blockingCA) Taint(context.Context, string) error         { return nil }
 func (c *blockingCA) Revoke(context.Context, string) error        { return nil }
 func (c *blockingCA) Intermediates() map[string]*x509.Certificate { return nil }
 
+func (c *blockingCA) Sync() error { return nil }
+
 // Cancelling an automatic rotation while the loop is taking a step must
 // stick: the loop must not write back the record it read before the
 // cancel (Running, with the step it took), which would carry the rotation
@@ -63,7 +67,7 @@ func (c *blockingCA) Intermediates() map[string]*x509.Certificate { return nil }
 func TestAutoRotateCancelDuringStep(t *testing.T) {
 	e := newTestEnv(t)
 	rca := &blockingCA{
-		roots:     []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: "sha256:r2"}},
+		roots:     []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: svid.Fingerprint(e.ca.Bundle().Roots()[0])} /* in the bundle in force */},
 		activated: make(chan struct{}),
 		release:   make(chan struct{}),
 	}

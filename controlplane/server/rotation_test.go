@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/straitmesh/strait/ca/svid"
+
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/store"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
@@ -25,7 +27,9 @@ func TestNextStepGates(t *testing.T) {
 		c.SvidsOnActiveRoot = false
 		return c
 	}
-	active := RootInfo{ID: "r1", State: "active"}
+	active := RootInfo{ID: "r1", State: "active", Fingerprint: "sha256:r1"}
+	prepared := RootInfo{ID: "r2", State: "prepared", Fingerprint: "sha256:r2"}
+	inForce := []string{"sha256:r1", "sha256:r2"}
 	cases := []struct {
 		name      string
 		roots     []RootInfo
@@ -35,19 +39,22 @@ func TestNextStepGates(t *testing.T) {
 	}{
 		{"idle", []RootInfo{active}, []*controlplanev1.ClusterRotation{inSync("east"), inSync("west")}, "prepare:", true},
 		{"idle, a cluster behind", []RootInfo{active}, []*controlplanev1.ClusterRotation{inSync("east"), bundleBehind("west")}, "idle: waiting for west", false},
-		{"prepared, west behind", []RootInfo{active, {ID: "r2", State: "prepared"}}, []*controlplanev1.ClusterRotation{inSync("east"), bundleBehind("west")}, "activate: waiting for west", false},
-		{"prepared, all hold it", []RootInfo{active, {ID: "r2", State: "prepared"}}, []*controlplanev1.ClusterRotation{inSync("east"), svidBehind("west")}, "activate: ready", true},
+		{"prepared, west behind", []RootInfo{active, prepared}, []*controlplanev1.ClusterRotation{inSync("east"), bundleBehind("west")}, "activate: waiting for west", false},
+		{"prepared, all hold it", []RootInfo{active, prepared}, []*controlplanev1.ClusterRotation{inSync("east"), svidBehind("west")}, "activate: ready", true},
+		// The CA prepared r2 but putting its bundle in force here failed:
+		// every cluster holds the old bundle, which lacks r2.
+		{"prepared, not in the bundle in force", []RootInfo{active, {ID: "r3", State: "prepared", Fingerprint: "sha256:r3"}}, []*controlplanev1.ClusterRotation{inSync("east"), inSync("west")}, "activate: waiting for this cluster to put the bundle with root r3 in force", false},
 		{"activated, SVIDs behind", []RootInfo{{ID: "r1", State: "old"}, {ID: "r2", State: "active"}}, []*controlplanev1.ClusterRotation{inSync("east"), svidBehind("west")}, "retire: waiting for west", false},
 		{"activated, all moved", []RootInfo{{ID: "r1", State: "old"}, {ID: "r2", State: "active"}}, []*controlplanev1.ClusterRotation{inSync("east"), inSync("west")}, "retire: ready", true},
 		{"tainted", []RootInfo{{ID: "r1", State: "tainted"}, {ID: "r2", State: "active"}}, []*controlplanev1.ClusterRotation{svidBehind("west")}, "revoke r1: ready", true},
 	}
 	for _, tc := range cases {
-		next, ready := nextStep(tc.roots, tc.clusters, true)
+		next, ready := nextStep(tc.roots, inForce, tc.clusters, true)
 		if !strings.HasPrefix(next, tc.wantNext) || ready != tc.wantReady {
 			t.Errorf("%s: got %q ready=%v, want %q… ready=%v", tc.name, next, ready, tc.wantNext, tc.wantReady)
 		}
 	}
-	if _, ready := nextStep([]RootInfo{active}, []*controlplanev1.ClusterRotation{svidBehind("west")}, false); ready {
+	if _, ready := nextStep([]RootInfo{active}, inForce, []*controlplanev1.ClusterRotation{svidBehind("west")}, false); ready {
 		t.Error("a cluster that is not the root authority is in sync with SVIDs behind")
 	}
 }
@@ -65,7 +72,7 @@ func (*unlinkedCA) Intermediates() map[string]*x509.Certificate {
 // and status says why.
 func TestRotationGatesClustersNotLinked(t *testing.T) {
 	e := newTestEnv(t)
-	e.srv.cfg.RootCA = &unlinkedCA{blockingCA{roots: []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: "sha256:r2"}}}}
+	e.srv.cfg.RootCA = &unlinkedCA{blockingCA{roots: []RootInfo{{ID: "r1", State: "active", InBundle: true, Fingerprint: "sha256:r1"}, {ID: "r2", State: "prepared", InBundle: true, Fingerprint: svid.Fingerprint(e.ca.Bundle().Roots()[0])} /* in the bundle in force */}}}
 	if err := e.srv.rebuild(context.Background()); err != nil {
 		t.Fatal(err)
 	}

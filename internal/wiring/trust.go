@@ -208,6 +208,9 @@ func (r *rootCA) after(err error) error {
 	return r.sync()
 }
 
+// Sync implements server.RootCA.
+func (r *rootCA) Sync() error { return r.sync() }
+
 // sync puts the CA's bundle and this cluster's intermediate in force here.
 func (r *rootCA) sync() error {
 	b := r.ca.Bundle()
