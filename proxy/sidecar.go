@@ -339,13 +339,17 @@ func (s *Sidecar) Run(ctx context.Context) error {
 // control plane is told soon (a rotation waits for every node to report).
 func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 	prev := s.creds.Bundle()
+	ch := s.creds.Changed()
 	for {
-		ch := s.creds.Changed()
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-ch:
 		}
+		// Re-armed before the state is read: a change that lands during
+		// the work below wakes the next round instead of waiting for
+		// another one.
+		ch = s.creds.Changed()
 		s.agent.kickReport()
 		s.syncWorkloadAPI()
 		s.in.recheck()
