@@ -487,7 +487,6 @@ func (g *Gateway) Recheck() {
 	g.mu.Lock()
 	pcs := slices.Collect(maps.Keys(g.conns))
 	ecs := slices.Collect(maps.Keys(g.entries))
-	ess := slices.Collect(maps.Keys(g.exported))
 	for peer, s := range g.slots {
 		if s.conn == nil && s.call == nil {
 			delete(g.slots, peer) // made again on the next dial
@@ -512,7 +511,7 @@ func (g *Gateway) Recheck() {
 		g.m.refusals.WithLabelValues(reason).Inc()
 		abort(ec.conn) // a reset, not an orderly end of data
 	}
-	g.recheckExports(ess)
+	g.RecheckExports()
 }
 
 // RecheckExports resets every stream relayed to a local service that is no
@@ -522,13 +521,9 @@ func (g *Gateway) RecheckExports() {
 	g.mu.Lock()
 	ess := slices.Collect(maps.Keys(g.exported))
 	g.mu.Unlock()
-	g.recheckExports(ess)
-}
-
-func (g *Gateway) recheckExports(ess []*exportedStream) {
 	for _, es := range ess {
-		_, err := g.cfg.Catalog.LocalEndpoints(es.peer, es.namespace, es.service, es.port)
-		if !errors.Is(err, ErrNotExported) {
+		err := g.notExported(es)
+		if err == nil {
 			continue // still exported (having no healthy endpoint left ends no stream)
 		}
 		g.log.Info("resetting stream", logPeer, es.peer, logService, es.namespace+"/"+es.service+":"+strconv.Itoa(int(es.port)), "reason", "not_exported", "error", err)
@@ -537,6 +532,15 @@ func (g *Gateway) recheckExports(ess []*exportedStream) {
 		es.str.CancelWrite(quic.StreamErrorCode(tunnel.StreamRefused))
 		abort(es.conn)
 	}
+}
+
+// notExported returns the catalog's ErrNotExported if es's service is no
+// longer exported to its peer, and nil otherwise.
+func (g *Gateway) notExported(es *exportedStream) error {
+	if _, err := g.cfg.Catalog.LocalEndpoints(es.peer, es.namespace, es.service, es.port); errors.Is(err, ErrNotExported) {
+		return err
+	}
+	return nil
 }
 
 // relayExported answers a peer's stream and relays it to a local
@@ -552,9 +556,9 @@ func (g *Gateway) relayExported(es *exportedStream) tunnel.Code {
 		g.mu.Unlock()
 	}()
 	// An export removed before the registration was not seen by Recheck.
-	if _, err := g.cfg.Catalog.LocalEndpoints(es.peer, es.namespace, es.service, es.port); errors.Is(err, ErrNotExported) {
+	if err := g.notExported(es); err != nil {
 		es.conn.Close()
-		g.refuse(es.str, tunnel.Reply{Code: tunnel.CodeNotExported, Message: catalogReply(err).Message})
+		g.refuse(es.str, catalogReply(err))
 		return tunnel.CodeNotExported
 	}
 	if err := tunnel.WriteReply(es.str, tunnel.Reply{Code: tunnel.CodeOK}); err != nil {

@@ -124,21 +124,10 @@ func Init(ctx context.Context, path, cluster string, root RootAuthority, ttl tim
 	if err != nil {
 		return nil, err
 	}
-	// The new certificate beside, then the key, then the certificate: a
-	// crash between the key and the certificate (init --force replacing
+	// A crash between the key and the certificate (init --force replacing
 	// them) leaves the pair Load takes from the .next copy.
-	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
-	next := filepath.Join(path, fileIntermediate) + svidfile.NextSuffix
-	if err := atomicfile.WriteFile(next, certPEM, 0o644); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteFile(filepath.Join(path, fileKey), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.WriteFile(filepath.Join(path, fileIntermediate), certPEM, 0o644); err != nil {
-		return nil, err
-	}
-	if err := os.Remove(next); err != nil {
+	if err := svidfile.WritePair(filepath.Join(path, fileIntermediate), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}),
+		filepath.Join(path, fileKey), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})); err != nil {
 		return nil, err
 	}
 	if err := WriteBundle(path, b); err != nil {

@@ -101,8 +101,8 @@ func (s *Server) authenticateCredential(ctx context.Context, cred *controlplanev
 	for _, a := range s.cfg.Authenticators {
 		var id spiffeid.ID
 		var err error
-		if ca, ok := a.(CheckingAuthenticator); ok {
-			id, err = ca.AuthenticateIf(ctx, cred, accept)
+		if checking, ok := a.(CheckingAuthenticator); ok {
+			id, err = checking.AuthenticateIf(ctx, cred, accept)
 		} else if id, err = a.Authenticate(ctx, cred); err == nil && accept != nil {
 			err = accept(id)
 		}

@@ -73,7 +73,7 @@ func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplan
 	if tok == "" {
 		return spiffeid.ID{}, ErrNotApplicable
 	}
-	var id, refusedID spiffeid.ID
+	var id spiffeid.ID
 	var refused error
 	_, err := a.Store.RedeemTokenIf(tok, func(rec store.TokenRecord) error {
 		var err error
@@ -82,7 +82,6 @@ func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplan
 		}
 		if accept != nil {
 			if refused = accept(id); refused != nil {
-				refusedID = id
 				return refused
 			}
 		}
@@ -90,7 +89,7 @@ func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplan
 	})
 	switch {
 	case refused != nil:
-		return refusedID, refused
+		return id, refused
 	case errors.Is(err, ErrUnauthenticated):
 		return spiffeid.ID{}, err
 	case err != nil:

@@ -26,6 +26,13 @@ func Save(s *x509svid.SVID, certPath, keyPath string) error {
 	if err != nil {
 		return err
 	}
+	return WritePair(certPath, certPEM, keyPath, keyPEM)
+}
+
+// WritePair replaces a certificate (chain) file and its key file, PEM
+// both, in Save's order: any key and certificate pair, an SVID's or an
+// intermediate's.
+func WritePair(certPath string, certPEM []byte, keyPath string, keyPEM []byte) error {
 	if err := atomicfile.WriteFile(certPath+NextSuffix, certPEM, 0o644); err != nil {
 		return err
 	}
