@@ -220,8 +220,8 @@ func (p *benchPath) profile(t *testing.T, wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
-// saveIdle saves each strait sidecar's heap and goroutine profiles and
-// its /proc smaps at the idle point into the directory
+// saveIdle saves each strait sidecar's heap and goroutine profiles, its
+// metrics (with the Go runtime's memory statistics) and its /proc smaps at the idle point into the directory
 // STRAIT_BENCH_PROFILE names, to see what the idle RSS is made of.
 func (p *benchPath) saveIdle(t *testing.T) {
 	dir := os.Getenv("STRAIT_BENCH_PROFILE")
@@ -233,6 +233,9 @@ func (p *benchPath) saveIdle(t *testing.T) {
 			if err := saveURL(fmt.Sprintf("http://%s/debug/pprof/%s", p.admins[i], prof), filepath.Join(dir, side+"-idle-"+prof+".pprof")); err != nil {
 				t.Logf("idle %s profile of the %s sidecar: %v", prof, side, err)
 			}
+		}
+		if err := saveURL(fmt.Sprintf("http://%s/metrics", p.admins[i]), filepath.Join(dir, side+"-idle-metrics.txt")); err != nil {
+			t.Logf("idle metrics of the %s sidecar: %v", side, err)
 		}
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", p.procs[i].cmd.Process.Pid)); err == nil {
 			_ = os.WriteFile(filepath.Join(dir, side+"-idle-smaps.txt"), b, 0o644)
