@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
@@ -16,29 +17,80 @@ import (
 
 // Relay buffers. An idle stream blocks in Read holding its buffer, and a
 // gateway may hold tens of thousands of streams, so each direction starts
-// with a small buffer and borrows a large one only while reads fill it.
+// with a small buffer and steps up while reads fill it: to a large one, then
+// to a bulk one while fewer than maxBulkBuffers are lent. A bulk transfer
+// then moves a quarter MiB per read and write, which saves the gateway and
+// the endpoint behind it about a sixth of their CPU per byte against 32 KiB
+// (make bench, federation). A read that returns less than the small buffer
+// steps straight back down.
 const (
-	smallBuffer = 2 << 10
-	largeBuffer = 32 << 10
+	smallBuffer    = 2 << 10
+	largeBuffer    = 32 << 10
+	bulkBuffer     = 256 << 10
+	maxBulkBuffers = 64 // 16 MiB
 )
 
-var largeBuffers = sync.Pool{New: func() any { b := make([]byte, largeBuffer); return &b }}
+var (
+	largeBuffers = sync.Pool{New: func() any { b := make([]byte, largeBuffer); return &b }}
+	bulkBuffers  = sync.Pool{New: func() any { b := make([]byte, bulkBuffer); return &b }}
+	bulkLent     atomic.Int64
+)
+
+// relayBuffer is the buffer one direction of a relay reads into.
+type relayBuffer struct {
+	small []byte
+	lent  *[]byte // from largeBuffers or bulkBuffers, or nil
+	buf   []byte
+}
+
+func newRelayBuffer() *relayBuffer {
+	small := make([]byte, smallBuffer)
+	return &relayBuffer{small: small, buf: small}
+}
+
+// adapt steps the buffer up after a read of n bytes filled it, and back to
+// the small one after a read of less than the small buffer.
+func (b *relayBuffer) adapt(n int) {
+	switch {
+	case n == len(b.buf) && b.lent == nil:
+		b.lent = largeBuffers.Get().(*[]byte)
+		b.buf = *b.lent
+	case n == len(b.buf) && len(b.buf) == largeBuffer:
+		if bulkLent.Add(1) > maxBulkBuffers {
+			bulkLent.Add(-1)
+			return
+		}
+		largeBuffers.Put(b.lent)
+		b.lent = bulkBuffers.Get().(*[]byte)
+		b.buf = *b.lent
+	case n < smallBuffer && b.lent != nil:
+		b.release()
+	}
+}
+
+// release gives back a lent buffer.
+func (b *relayBuffer) release() {
+	if b.lent == nil {
+		return
+	}
+	if len(*b.lent) == bulkBuffer {
+		bulkBuffers.Put(b.lent)
+		bulkLent.Add(-1)
+	} else {
+		largeBuffers.Put(b.lent)
+	}
+	b.lent, b.buf = nil, b.small
+}
 
 // pump copies src to dst until src ends (rerr is nil at io.EOF) or a read
 // or write fails, counting what it writes.
 func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr error) {
-	small := make([]byte, smallBuffer)
-	buf := small
-	var large *[]byte
-	defer func() {
-		if large != nil {
-			largeBuffers.Put(large)
-		}
-	}()
+	b := newRelayBuffer()
+	defer b.release()
 	for {
-		nr, err := src.Read(buf)
+		nr, err := src.Read(b.buf)
 		if nr > 0 {
-			nw, ew := dst.Write(buf[:nr])
+			nw, ew := dst.Write(b.buf[:nr])
 			if nw > 0 {
 				count.Add(float64(nw))
 			}
@@ -55,14 +107,7 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 		if err != nil {
 			return err, nil
 		}
-		switch {
-		case nr == len(buf) && large == nil:
-			large = largeBuffers.Get().(*[]byte)
-			buf = *large
-		case nr < smallBuffer && large != nil:
-			largeBuffers.Put(large)
-			large, buf = nil, small
-		}
+		b.adapt(nr)
 	}
 }
 
