@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -17,6 +18,7 @@ import (
 
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/controlplane/resource"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
@@ -46,6 +48,7 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 			return nil, fmt.Errorf("%w: %s: %w", ErrBadRequest, what, err)
 		}
 	}
+	now := s.cfg.Clock()
 	s.mu.Lock()
 	w := s.world
 	var from *controlplanev1.ExplainFrom
@@ -65,6 +68,9 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 				from.Reported = timestamppb.New(n.reported)
 			}
 			for _, e := range n.ejections {
+				if e.GetUntil() != nil && !e.GetUntil().AsTime().After(now) {
+					continue // over: the sidecar sends to it again
+				}
 				if e.GetService() == req.GetService() || e.GetService() == req.GetService()+"."+ns {
 					from.Ejected = append(from.Ejected, e)
 					ejected[e.GetEndpoint()] = true
@@ -134,6 +140,7 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 	}
 	// Peers that export the service but are left out.
 	tiers := failoverTiers(f, &w.fed)
+	haveLocal := slices.ContainsFunc(svc.GetEndpoints(), func(ep *controlplanev1.Endpoint) bool { return ep.GetTunnel() == nil })
 	for _, l := range w.fed.links {
 		var exported *federationv1.ExportedService
 		for _, es := range w.fed.imports[l.Peer] {
@@ -149,6 +156,10 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 			resp.Excluded = append(resp.Excluded, l.Peer+": no gateway of this cluster is connected")
 		case w.fed.conflicted(l.Peer, ns, req.GetService()):
 			resp.Excluded = append(resp.Excluded, l.Peer+": its export conflicts with an earlier link's (see federation status)")
+		case w.fed.stale[l.Peer+"\x00"+ns+"/"+req.GetService()]:
+			resp.Excluded = append(resp.Excluded, fmt.Sprintf("%s: not heard from for longer than the service's staleness (%s): its endpoints expired", l.Peer, staleness(svc.GetPolicy())))
+		case haveLocal && protocolOf(exported.GetProtocol()) != svc.GetProtocol():
+			resp.Excluded = append(resp.Excluded, fmt.Sprintf("%s: exports it as %s, but it runs here as %s", l.Peer, exported.GetProtocol(), protocolName(svc.GetProtocol())))
 		default:
 			if _, ok := tiers[l.Peer]; !ok {
 				resp.Excluded = append(resp.Excluded, l.Peer+": not in the policy's failover peers")
@@ -166,9 +177,18 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 	return resp, nil
 }
 
+// staleness is how long a peer's endpoints of a service outlive its last
+// heartbeat (as markStale applies it).
+func staleness(p *controlplanev1.TrafficPolicy) time.Duration {
+	if d := p.GetFailover().GetStaleness(); d != nil {
+		return d.AsDuration()
+	}
+	return resource.DefaultStaleness
+}
+
 func explainSummary(r *controlplanev1.ExplainResponse) string {
 	name := r.GetNamespace() + "/" + r.GetService()
-	for _, t := range r.GetTiers() {
+	for i, t := range r.GetTiers() {
 		if t.GetHealthy() == 0 {
 			continue
 		}
@@ -180,7 +200,9 @@ func explainSummary(r *controlplanev1.ExplainResponse) string {
 			}
 		}
 		spill := ""
-		if th := r.GetPolicy().GetFailover().GetSpillThresholdPercent(); th > 0 && t.GetHealthy()*100 < t.GetTotal()*th {
+		// The balancer spills only to a later tier with a healthy endpoint.
+		next := slices.ContainsFunc(r.GetTiers()[i+1:], func(n *controlplanev1.ExplainTier) bool { return n.GetHealthy() > 0 })
+		if th := r.GetPolicy().GetFailover().GetSpillThresholdPercent(); th > 0 && next && t.GetHealthy()*100 < t.GetTotal()*th {
 			spill = fmt.Sprintf("; %d of %d healthy is below the %d%% spill threshold, so part of it moves to the next tier", t.GetHealthy(), t.GetTotal(), th)
 		}
 		return fmt.Sprintf("traffic for %s goes %s%s", name, where, spill)

@@ -112,8 +112,14 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 					f.heard[peer] = r.GetLastHeard().AsTime()
 				}
 				// RTT orders failover tiers: kept to 1ms steps so that
-				// jitter does not rebuild every snapshot.
-				f.rtt[peer] = r.GetRtt().AsDuration().Round(time.Millisecond)
+				// jitter does not rebuild every snapshot. A measured RTT
+				// under half a millisecond is 1ms, not 0 (unmeasured,
+				// which would put the nearest peer last).
+				if d := r.GetRtt().AsDuration(); d > 0 {
+					f.rtt[peer] = max(d.Round(time.Millisecond), time.Millisecond)
+				} else {
+					f.rtt[peer] = 0
+				}
 			}
 		}
 		// Rotation reports: from the gateway that heard from the peer
