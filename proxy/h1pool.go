@@ -34,6 +34,10 @@ type h1Pool struct {
 
 	mu   sync.Mutex
 	idle []*h1Conn
+	// retired: the pool was dropped (its endpoint left, or trust
+	// changed); connections coming back from requests are closed, as
+	// nothing would take or sweep them any more.
+	retired bool
 }
 
 type h1Conn struct {
@@ -195,7 +199,7 @@ func (p *h1Pool) put(hc *h1Conn) {
 	}
 	hc.idleSince = time.Now()
 	p.mu.Lock()
-	if len(p.idle) < p.maxIdle {
+	if len(p.idle) < p.maxIdle && !p.retired {
 		p.idle = append(p.idle, hc)
 		hc = nil
 	}
@@ -210,6 +214,14 @@ func (p *h1Pool) put(hc *h1Conn) {
 		default:
 		}
 	}
+}
+
+// retire closes the idle connections, and those in use as they come back.
+func (p *h1Pool) retire() {
+	p.mu.Lock()
+	p.retired = true
+	p.mu.Unlock()
+	p.CloseIdleConnections()
 }
 
 // CloseIdleConnections closes the pooled connections not in use.

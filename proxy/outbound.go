@@ -184,7 +184,7 @@ func (o *outbound) apply(services []*controlplanev1.Service) {
 			// cap: new ones are made on demand, idle old ones closed.
 			for k, t := range o.transports {
 				if k.service == u.name {
-					t.CloseIdleConnections()
+					dropPool(t)
 					delete(o.transports, k)
 				}
 			}
@@ -199,10 +199,21 @@ func (o *outbound) apply(services []*controlplanev1.Service) {
 	}
 	for k, t := range o.transports {
 		if !live[k] {
-			t.CloseIdleConnections()
+			dropPool(t)
 			delete(o.transports, k)
 		}
 	}
+}
+
+// dropPool closes a pool taken out of the transports: its idle
+// connections now, those in use when their request ends (an HTTP/2
+// transport's after its idle timeout).
+func dropPool(t pool) {
+	if p, ok := t.(*h1Pool); ok {
+		p.retire()
+		return
+	}
+	t.CloseIdleConnections()
 }
 
 func (u *upstream) apply(svc *controlplanev1.Service) {

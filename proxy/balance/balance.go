@@ -285,13 +285,20 @@ func (b *Balancer) SetConfig(cfg Config) error {
 
 // Update replaces the endpoint set. Stats are kept for endpoints whose Key
 // was already present; the other fields (Address, Healthy...) are taken from
-// eps. An empty Key is replaced by the Address; a Key seen twice keeps its
+// eps. An endpoint that goes from unhealthy to healthy is no longer
+// ejected. An empty Key is replaced by the Address; a Key seen twice keeps its
 // first occurrence. eps is copied. Picks outstanding on a removed endpoint
 // may still call Done; it has no effect on the new set.
 func (b *Balancer) Update(eps []Endpoint) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	old := b.set.Load()
+	wasDown := map[string]bool{}
+	for i := range old.eps {
+		if !old.eps[i].ep.Healthy {
+			wasDown[old.eps[i].ep.Key] = true
+		}
+	}
 	ns := &endpointSet{eps: make([]entry, 0, len(eps)), byKey: make(map[string]*endpointState, len(eps))}
 	for _, ep := range eps {
 		if ep.Key == "" {
@@ -303,6 +310,13 @@ func (b *Balancer) Update(eps []Endpoint) {
 		st := old.byKey[ep.Key]
 		if st == nil {
 			st = &endpointState{key: ep.Key}
+		} else if ep.Healthy && wasDown[ep.Key] {
+			// Health says it recovered (as Envoy's successful active
+			// health check does): its ejection, about what failed before,
+			// ends now. The multiplier stays, so one that keeps failing
+			// is still ejected for longer each time.
+			st.ejectedUntil.Store(0)
+			st.consecErrs.Store(0)
 		}
 		ns.byKey[ep.Key] = st
 		ns.eps = append(ns.eps, entry{ep: ep, st: st})
