@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -135,11 +136,6 @@ type upstreamState struct {
 	conns     *balance.Limiter
 	retryOn   map[string]bool
 	namespace string
-	// tunnels holds, by endpoint key, how to reach endpoints in peer
-	// clusters (through this cluster's gateway); tunnelAddrs names each
-	// such route (a pool's key).
-	tunnels     map[string]*controlplanev1.Tunnel
-	tunnelAddrs map[string]string
 }
 
 func (o *outbound) addUpstream(name string) (*upstream, error) {
@@ -192,7 +188,7 @@ func (o *outbound) apply(services []*controlplanev1.Service) {
 		u.apply(svc)
 		st := u.state.Load()
 		for _, ep := range svc.GetEndpoints() {
-			addr := st.dialAddr(ep.GetInstance(), ep.GetAddress())
+			addr := dialAddr(ep.GetTunnel(), st.namespace, ep.GetAddress())
 			live[transportKey{u.name, addr, ep.GetSpiffeId(), false}] = true
 			live[transportKey{u.name, addr, ep.GetSpiffeId(), true}] = true
 		}
@@ -256,22 +252,12 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 		u.o.log.Warn("load balancer config refused; keeping the previous one", "service", u.name, "err", err)
 	}
 	eps := make([]balance.Endpoint, 0, len(svc.GetEndpoints()))
+	rank := failoverRanks(svc.GetEndpoints())
 	for _, ep := range svc.GetEndpoints() {
-		if t := ep.GetTunnel(); t != nil {
-			if st.tunnels == nil {
-				st.tunnels, st.tunnelAddrs = map[string]*controlplanev1.Tunnel{}, map[string]string{}
-			}
-			st.tunnels[ep.GetInstance()] = t
-			// Everything the tunnel dialer uses, so that a pool is not kept
-			// across a change of any of it (the gateway's identity, say).
-			st.tunnelAddrs[ep.GetInstance()] = "tunnel:" + t.GetGatewayAddress() + "/" + t.GetGatewaySpiffeId() + "/" + t.GetCluster() + "/" + st.namespace + "/" + strconv.Itoa(int(t.GetPort()))
-		}
-		// Failover tier from the control plane; a peer's endpoint is never
-		// in the local tier.
-		prio := int(ep.GetPriority())
-		if ep.GetTunnel() != nil && prio == 0 {
-			prio = 1
-		}
+		// Failover tier from the control plane, by rank among the tiers
+		// this snapshot has (the balancer tells apart MaxPriority+1 of
+		// them: a policy's ninth peer must not share the eighth's tier).
+		prio := rank[endpointPriority(ep)]
 		eps = append(eps, balance.Endpoint{
 			Key:      ep.GetInstance(),
 			Address:  ep.GetAddress(),
@@ -279,10 +265,53 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 			Cluster:  ep.GetCluster(),
 			Healthy:  ep.GetHealth() == controlplanev1.Health_HEALTH_HEALTHY,
 			Priority: prio,
+			Weight:   int(min(ep.GetWeight(), 1<<20)),
 		})
+		if t := ep.GetTunnel(); t != nil {
+			// The route travels with the endpoint: a request that read
+			// the previous state and picks from this set still tunnels.
+			eps[len(eps)-1].Route = t
+		}
 	}
 	u.lb.Update(eps)
 	u.state.Store(st)
+}
+
+// endpointPriority is an endpoint's failover priority as the control
+// plane gave it; a peer's endpoint is never in the local tier.
+func endpointPriority(ep *controlplanev1.Endpoint) uint32 {
+	if ep.GetTunnel() != nil && ep.GetPriority() == 0 {
+		return 1
+	}
+	return ep.GetPriority()
+}
+
+// failoverRanks maps the priorities of eps to the balancer's: as they are
+// while they fit under balance.MaxPriority (a tier keeps its number when
+// another comes or goes, which slow start follows), else to dense ones in
+// order, the local tier staying 0 and peers' tiers starting at 1.
+func failoverRanks(eps []*controlplanev1.Endpoint) map[uint32]int {
+	var prios []uint32
+	for _, ep := range eps {
+		prios = append(prios, endpointPriority(ep))
+	}
+	slices.Sort(prios)
+	prios = slices.Compact(prios)
+	rank := make(map[uint32]int, len(prios))
+	if len(prios) == 0 || prios[len(prios)-1] <= balance.MaxPriority {
+		for _, p := range prios {
+			rank[p] = int(p)
+		}
+		return rank
+	}
+	off := 0
+	if prios[0] > 0 {
+		off = 1
+	}
+	for i, p := range prios {
+		rank[p] = i + off
+	}
+	return rank
 }
 
 func transportSettingsChanged(a, b *controlplanev1.TrafficPolicy) bool {
@@ -308,13 +337,21 @@ type transportKey struct {
 	h2                bool
 }
 
-// dialAddr is what an endpoint is dialled by: its address, or for one in
-// a peer cluster its tunnel through this cluster's gateway.
-func (st *upstreamState) dialAddr(instance, address string) string {
-	if a, ok := st.tunnelAddrs[instance]; ok {
-		return a
+// dialAddr is what an endpoint is dialled by (a pool's key): its address,
+// or for one in a peer cluster its tunnel through this cluster's gateway,
+// named by everything the tunnel dialer uses, so that a pool is not kept
+// across a change of any of it (the gateway's identity, say).
+func dialAddr(t *controlplanev1.Tunnel, namespace, address string) string {
+	if t == nil {
+		return address
 	}
-	return address
+	return "tunnel:" + t.GetGatewayAddress() + "/" + t.GetGatewaySpiffeId() + "/" + t.GetCluster() + "/" + namespace + "/" + strconv.Itoa(int(t.GetPort()))
+}
+
+// tunnelOf is the tunnel an endpoint is reached through, nil if none.
+func tunnelOf(ep balance.Endpoint) *controlplanev1.Tunnel {
+	t, _ := ep.Route.(*controlplanev1.Tunnel)
+	return t
 }
 
 // transport returns the mTLS connection pool toward one endpoint; it
@@ -322,8 +359,8 @@ func (st *upstreamState) dialAddr(instance, address string) string {
 // plane says it has. HTTP/1.1 requests use an h1Pool of HTTP/1.1
 // connections (cheapest per request); HTTP/2 requests (gRPC) use HTTP/2.
 func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (pool, error) {
-	tun := st.tunnels[ep.Key]
-	key := transportKey{st.svc.GetName(), st.dialAddr(ep.Key, ep.Address), ep.SPIFFEID, h2}
+	tun := tunnelOf(ep)
+	key := transportKey{st.svc.GetName(), dialAddr(tun, st.namespace, ep.Address), ep.SPIFFEID, h2}
 	o.tmu.RLock()
 	t := o.transports[key]
 	o.tmu.RUnlock()
@@ -767,7 +804,7 @@ func (u *upstream) serveTCP(app net.Conn) {
 			continue
 		}
 		start := time.Now()
-		raw := u.o.rawDialer(st, pick.Endpoint, st.tunnels[pick.Endpoint.Key], timeout)
+		raw := u.o.rawDialer(st, pick.Endpoint, tunnelOf(pick.Endpoint), timeout)
 		c, err := dialTLS(context.Background(), raw, u.o.creds.ClientTLS([]string{alpnTCP}, u.o.serverVerifier(want)), timeout)
 		if err != nil {
 			pick.Done(time.Since(start), balance.Failure)

@@ -146,6 +146,19 @@ func newBackendOutbound(t *testing.T) (*outbound, *upstream) {
 	return o, u
 }
 
+// balancerEndpoint is the endpoint key as the upstream's balancer holds it
+// (what a pick returns).
+func balancerEndpoint(t *testing.T, u *upstream, key string) balance.Endpoint {
+	t.Helper()
+	for _, st := range u.lb.Stats() {
+		if st.Key == key {
+			return st.Endpoint
+		}
+	}
+	t.Fatalf("no endpoint %s in the balancer", key)
+	return balance.Endpoint{}
+}
+
 // A snapshot that changes nothing keeps the pools toward endpoints in peer
 // clusters (reached through a tunnel) as it keeps those toward local ones:
 // their keys once differed between the pools and the check of which are
@@ -163,12 +176,7 @@ func TestSnapshotKeepsTunnelPools(t *testing.T) {
 	pools := map[string]pool{}
 	for _, key := range []string{"backend-0", "backend-w0"} {
 		st := u.state.Load()
-		var ep balance.Endpoint
-		for _, e := range svcs[0].Endpoints {
-			if e.Instance == key {
-				ep = balance.Endpoint{Key: key, Address: e.Address, SPIFFEID: e.SpiffeId}
-			}
-		}
+		ep := balancerEndpoint(t, u, key)
 		p, err := o.transport(ep, st, false)
 		if err != nil {
 			t.Fatal(err)
@@ -202,14 +210,13 @@ func TestSnapshotReplacesTunnelPoolOnNewGatewayID(t *testing.T) {
 				Tunnel: &controlplanev1.Tunnel{GatewayAddress: "127.0.0.1:2", GatewaySpiffeId: "spiffe://" + td + "/gateway/" + gw, Cluster: "west", Port: 8080}},
 		}}}
 	}
-	ep := balance.Endpoint{Key: "backend-w0", Address: "198.18.0.1:1", SPIFFEID: id}
 	o.apply(snapshot("east"))
-	before, err := o.transport(ep, u.state.Load(), false)
+	before, err := o.transport(balancerEndpoint(t, u, "backend-w0"), u.state.Load(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	o.apply(snapshot("east-2"))
-	after, err := o.transport(ep, u.state.Load(), false)
+	after, err := o.transport(balancerEndpoint(t, u, "backend-w0"), u.state.Load(), false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -86,6 +86,10 @@ type Endpoint struct {
 	// Cluster is the cluster the endpoint runs in. Not used here; carried
 	// for the caller.
 	Cluster string
+	// Route is how the caller reaches the endpoint (nil: at Address).
+	// Not used here; carried for the caller, so that a pick holds its
+	// route even when the set changed since the caller read its own state.
+	Route any
 	// Healthy is the control plane's view; false means unhealthy or unknown.
 	Healthy bool
 	// Priority orders endpoints into failover tiers: a pick is made among
@@ -93,7 +97,15 @@ type Endpoint struct {
 	// (0 = the local cluster, then peers). Values above MaxPriority count
 	// as MaxPriority.
 	Priority int
+	// Weight is the endpoint's share among the candidates of its
+	// priority, relative to the others'; zero or less counts as 1. An
+	// endpoint that stands for several instances (a peer cluster's,
+	// through its gateway) weighs their count.
+	Weight int
 }
+
+// weight is e's weight, at least 1.
+func (e *Endpoint) weight() int { return max(e.Weight, 1) }
 
 // MaxPriority is the highest distinct Endpoint.Priority.
 const MaxPriority = 7
@@ -459,22 +471,26 @@ find:
 	}
 	bit := uint8(1) << tier
 	cnt := counts[tier][prio]
-	pick := func(k int) int { return nth(s.eps, masks, bit, prio, k) }
+	// Candidates are drawn by weight: with every weight 1 this is the
+	// k-th candidate.
+	wsum := 0
+	for i, m := range masks {
+		if m&bit != 0 && s.eps[i].prio() == prio {
+			wsum += s.eps[i].ep.weight()
+		}
+	}
+	pick := func(r, skip int) int { return nth(s.eps, masks, bit, prio, r, skip) }
 
 	var chosen int
 	switch {
 	case cnt == 1:
-		chosen = pick(0)
+		chosen = pick(0, -1)
 	case c.policy == RoundRobin:
-		chosen = pick(int((b.rr.Add(1) - 1) % uint64(cnt)))
+		chosen = pick(int((b.rr.Add(1)-1)%uint64(wsum)), -1)
 	default:
-		i := c.rand(cnt)
-		j := c.rand(cnt - 1)
-		if j >= i {
-			j++
-		}
-		chosen = pick(i)
-		if other := pick(j); better(s.eps[other].st, s.eps[chosen].st, c, now) {
+		chosen = pick(c.rand(wsum), -1)
+		other := pick(c.rand(wsum-s.eps[chosen].ep.weight()), chosen)
+		if better(&s.eps[other], &s.eps[chosen], c, now) {
 			chosen = other
 		}
 	}
@@ -573,23 +589,27 @@ func (b *Balancer) spillPriority(c *config, counts *[numTiers][MaxPriority + 1]i
 // prio is the endpoint's failover priority, clamped.
 func (e *entry) prio() int { return min(max(e.ep.Priority, 0), MaxPriority) }
 
-// nth returns the index of the k-th (from 0) endpoint of priority prio
-// whose mask has bit set.
-func nth(eps []entry, masks []uint8, bit uint8, prio, k int) int {
+// nth returns the index of the endpoint of priority prio whose mask has
+// bit set where r, a point in the candidates' weights laid end to end
+// (skip's left out), falls.
+func nth(eps []entry, masks []uint8, bit uint8, prio, r, skip int) int {
 	for i, m := range masks {
-		if m&bit != 0 && eps[i].prio() == prio {
-			if k == 0 {
+		if m&bit != 0 && eps[i].prio() == prio && i != skip {
+			w := eps[i].ep.weight()
+			if r < w {
 				return i
 			}
-			k--
+			r -= w
 		}
 	}
 	panic("balance: candidate index out of range")
 }
 
-// better reports whether a is strictly cheaper than b under c's policy.
-func better(a, b *endpointState, c *config, now int64) bool {
-	oa, ob := float64(a.outstanding.Load()+1), float64(b.outstanding.Load()+1)
+// better reports whether a is strictly cheaper than b under c's policy;
+// outstanding requests count per unit of weight.
+func better(ea, eb *entry, c *config, now int64) bool {
+	a, b := ea.st, eb.st
+	oa, ob := float64(a.outstanding.Load()+1)/float64(ea.ep.weight()), float64(b.outstanding.Load()+1)/float64(eb.ep.weight())
 	if c.policy == LeastRequest {
 		return oa < ob
 	}
