@@ -386,6 +386,12 @@ func (s *Server) rotate(ctx context.Context, req *controlplanev1.RotateRequest) 
 	if a, err := s.cfg.Store.GetAutoRotation(); err == nil && a.Running && (step == stepPrepare || step == stepActivate || step == stepRetire) {
 		return fmt.Errorf("%w: an automatic rotation is in progress (step %s); cancel it first (strait ca rotate --auto --cancel)", ErrFailedPrecondition, autoProto(a).GetStep())
 	}
+	// The gate judges the nodes connected now and what they last reported
+	// (and the peers' latest reports), not the world of the last rebuild,
+	// which may be a debounce or a tick old.
+	if err := s.rebuild(ctx); err != nil {
+		return err
+	}
 	st := s.rotationStatus()
 	gate := func(want string) error {
 		if req.GetForce() || (st.GetReady() && strings.HasPrefix(st.GetNext(), want+":")) {
@@ -500,6 +506,11 @@ func (s *Server) autoStep(ctx context.Context, a store.AutoRotation) store.AutoR
 		if err := s.rebuild(ctx); err != nil {
 			s.log.Warn("rebuild after a rotation step failed", "err", err)
 		}
+	}
+	// Judged on what nodes and peers report now (see rotate).
+	if err := s.rebuild(ctx); err != nil {
+		a.LastError = err.Error()
+		return a
 	}
 	st := s.rotationStatus()
 	ready := st.GetReady()
