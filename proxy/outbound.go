@@ -483,6 +483,32 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 	}
 }
 
+// svidMoved replaces every pool after the sidecar's SVID moved to another
+// issuer (a root rotation re-signed the intermediate): pooled connections
+// present the chain it had when they were opened, and the upstream
+// sidecars close those at once when the old root is retired, with the
+// requests in flight on them. New requests open connections presenting
+// the current chain; idle ones are closed now, busy ones once they are
+// idle (within the grace given to busy connections).
+func (o *outbound) svidMoved() {
+	o.tmu.Lock()
+	old := o.transports
+	o.transports = map[transportKey]pool{}
+	o.tmu.Unlock()
+	grace := o.busyGrace
+	if grace <= 0 {
+		grace = defaultBusyGrace
+	}
+	for _, t := range old {
+		dropPool(t) // an HTTP/1.1 pool closes busy connections as they come back
+		if _, h1 := t.(*h1Pool); !h1 {
+			for _, d := range []time.Duration{grace / 30, grace / 3, grace} {
+				time.AfterFunc(d, t.CloseIdleConnections)
+			}
+		}
+	}
+}
+
 // trustShrank reacts to a root leaving the bundle: every pooled upstream
 // connection was verified against the old trust, so the pools are dropped
 // (idle connections closed now, busy ones when their request ends, and
@@ -499,7 +525,7 @@ func (o *outbound) trustShrank() {
 		grace = defaultBusyGrace
 	}
 	for _, t := range old {
-		t.CloseIdleConnections()
+		dropPool(t)
 		// Busy connections go idle once their response is read; close
 		// those too, a little later, and cut those that never go idle
 		// (a stream, or an endpoint under a revoked root keeping its

@@ -339,6 +339,10 @@ func (s *Sidecar) Run(ctx context.Context) error {
 // control plane is told soon (a rotation waits for every node to report).
 func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 	prev := s.creds.Bundle()
+	issuer := ""
+	if sv := s.creds.SVID(); sv != nil {
+		issuer = svid.IssuerFingerprint(sv.Certificates)
+	}
 	ch := s.creds.Changed()
 	for {
 		select {
@@ -353,6 +357,16 @@ func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 		s.agent.kickReport()
 		s.syncWorkloadAPI()
 		s.in.recheck()
+		if sv := s.creds.SVID(); sv != nil {
+			if cur := svid.IssuerFingerprint(sv.Certificates); cur != issuer {
+				// Re-issued from another intermediate (a root rotation):
+				// pooled connections move to the new chain before retire.
+				if issuer != "" {
+					s.out.svidMoved()
+				}
+				issuer = cur
+			}
+		}
 		if cur := s.creds.Bundle(); rootRemoved(prev, cur) {
 			// Upstream connections were verified against a root that is
 			// gone: pooled ones are replaced, opaque relays re-checked.
