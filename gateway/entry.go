@@ -126,7 +126,10 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 	ec.target.Store(&target)
 	tc.SetDeadline(time.Time{})
 
-	str, reply, err := g.openStream(ctx, h.Cluster, h)
+	str, reply, done, err := g.openStream(ctx, h.Cluster, h)
+	if err == nil {
+		defer done()
+	}
 	if err != nil {
 		code := tunnel.CodeUnavailable
 		var oe *openError

@@ -73,6 +73,8 @@ type Gateway struct {
 	handlers sync.WaitGroup
 
 	rr atomic.Uint64 // round robin over endpoints
+	// ownCache is what the gateway presents (see own).
+	ownCache atomic.Pointer[ownState]
 }
 
 // peerConn is a QUIC connection with a peer gateway, either direction.
@@ -82,6 +84,14 @@ type peerConn struct {
 	chain    []*x509.Certificate
 	outbound bool // dialed by this gateway
 	since    time.Time
+	// ownIssuer is the issuer of the SVID this gateway presented on a
+	// dialed connection, and peerRoot the root the peer's chain verified
+	// to (see supersededBy).
+	ownIssuer, peerRoot string
+	// streams opened on a dialed connection and not yet ended, and
+	// whether it is superseded (closed when they all end); under g.mu.
+	streams  int
+	draining bool
 }
 
 func (pc *peerConn) dead() bool { return pc.conn.Context().Err() != nil }

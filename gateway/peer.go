@@ -9,11 +9,14 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/gateway/tunnel"
 )
 
@@ -233,6 +236,10 @@ type dialSlot struct {
 	// restart: a dial in progress was cancelled because the peer connected
 	// to us (it is back); dial again as soon as it ends.
 	restart bool
+	// draining are superseded connections still carrying streams, and
+	// replaced when one was last superseded (see retireLocked).
+	draining []*peerConn
+	replaced time.Time
 }
 
 type dialCall struct {
@@ -249,6 +256,7 @@ var errPeerDown = errors.New("its gateway went away or could not be reached; dia
 // avoid (one found dead), dialing one if there is none (concurrent callers
 // share one dial). fresh says it was dialed for this call.
 func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn) (pc *peerConn, fresh bool, err error) {
+	own := g.own()
 	g.mu.Lock()
 	if !g.running {
 		g.mu.Unlock()
@@ -259,8 +267,12 @@ func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn)
 		s = &dialSlot{}
 		g.slots[peer] = s
 	}
+	if idle := g.retireLocked(s, own); idle != nil {
+		defer closeSuperseded(idle)
+	}
 	if s.conn != nil && s.conn != avoid && !s.conn.dead() {
 		pc := s.conn
+		pc.streams++
 		g.mu.Unlock()
 		return pc, false, nil
 	}
@@ -280,6 +292,11 @@ func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn)
 	}
 	select {
 	case <-call.done:
+		if call.err == nil {
+			g.mu.Lock()
+			call.pc.streams++
+			g.mu.Unlock()
+		}
 		return call.pc, true, call.err
 	case <-ctx.Done():
 		return nil, false, ctx.Err()
@@ -349,6 +366,14 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 	tr := g.tr
 	g.mu.Unlock()
 	tlsConf := g.cfg.Credentials.ClientTLS([]string{tunnel.ALPNPeer}, g.verifyPeerServer(peer))
+	var presented atomic.Pointer[tls.Certificate]
+	if get := tlsConf.GetClientCertificate; get != nil {
+		tlsConf.GetClientCertificate = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			c, err := get(cri)
+			presented.Store(c)
+			return c, err
+		}
+	}
 	var errs []error
 	for _, addr := range p.Addrs {
 		ctx, cancel := context.WithTimeout(runCtx, g.lim.DialTimeout)
@@ -371,6 +396,10 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 			continue
 		}
 		pc := &peerConn{conn: conn, peer: peer, chain: conn.ConnectionState().TLS.PeerCertificates, outbound: true, since: g.now()}
+		if c := presented.Load(); c != nil {
+			pc.ownIssuer = rawIssuer(c.Certificate)
+		}
+		pc.peerRoot = g.rootOf(pc.chain, svid.RoleServer)
 		if err := g.track(pc); err != nil {
 			conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseShutdown), "gateway shutting down")
 			return nil, err
@@ -455,12 +484,27 @@ func (e *openError) Unwrap() error { return e.err }
 // openStream opens a stream to peer, writes h and reads the peer's reply.
 // A connection that turns out to be dead (its peer restarted) is replaced
 // and the stream opened again once: nothing but the header was sent.
-func (g *Gateway) openStream(ctx context.Context, peer string, h tunnel.Header) (*quic.Stream, tunnel.Reply, error) {
+//
+// done must be called once the stream ended (a superseded connection is
+// closed when its last stream ends); on an error there is nothing to call.
+func (g *Gateway) openStream(ctx context.Context, peer string, h tunnel.Header) (_ *quic.Stream, _ tunnel.Reply, done func(), _ error) {
+	str, reply, pc, err := g.openStreamOn(ctx, peer, h)
+	if err != nil {
+		if pc != nil {
+			g.releaseStream(pc)
+		}
+		return nil, tunnel.Reply{}, nil, err
+	}
+	var once sync.Once
+	return str, reply, func() { once.Do(func() { g.releaseStream(pc) }) }, nil
+}
+
+func (g *Gateway) openStreamOn(ctx context.Context, peer string, h tunnel.Header) (*quic.Stream, tunnel.Reply, *peerConn, error) {
 	var gone *peerConn
 	for attempt := 0; ; attempt++ {
 		pc, fresh, err := g.peerConnFor(ctx, peer, gone)
 		if err != nil {
-			return nil, tunnel.Reply{}, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
+			return nil, tunnel.Reply{}, nil, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
 		}
 		retry := !fresh && attempt == 0
 		octx, cancel := context.WithTimeout(ctx, g.lim.DialTimeout)
@@ -469,30 +513,32 @@ func (g *Gateway) openStream(ctx context.Context, peer string, h tunnel.Header) 
 		if err != nil {
 			switch {
 			case connGone(pc, err) && retry:
+				g.releaseStream(pc)
 				gone = pc
 				continue
 			case !pc.dead() && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded):
-				return nil, tunnel.Reply{}, &openError{tunnel.CodeLimit, fmt.Errorf("peer %s: no stream free within %s", peer, g.lim.DialTimeout)}
+				return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeLimit, fmt.Errorf("peer %s: no stream free within %s", peer, g.lim.DialTimeout)}
 			}
-			return nil, tunnel.Reply{}, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
+			return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
 		}
 		reply, err := g.exchange(ctx, pc, str, h)
 		if err == nil {
-			return str, reply, nil
+			return str, reply, pc, nil
 		}
 		resetStream(str, tunnel.StreamAborted)
 		if connGone(pc, err) {
 			if retry {
 				g.log.Info("peer connection was dead; dialing again", logPeer, peer, "error", err)
+				g.releaseStream(pc)
 				gone = pc
 				continue
 			}
 			if pc.dead() {
 				err = context.Cause(pc.conn.Context())
 			}
-			return nil, tunnel.Reply{}, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
+			return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
 		}
-		return nil, tunnel.Reply{}, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s: %w", peer, err)}
+		return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s: %w", peer, err)}
 	}
 }
 
@@ -550,16 +596,17 @@ func (g *Gateway) OpenControl(ctx context.Context, peer string) (io.ReadWriteClo
 	if _, ok := g.cfg.Catalog.Peer(peer); !ok {
 		return nil, fmt.Errorf("gateway: open control stream: cluster %s is not linked", peer)
 	}
-	str, reply, err := g.openStream(ctx, peer, tunnel.Header{Kind: tunnel.KindControl})
+	str, reply, done, err := g.openStream(ctx, peer, tunnel.Header{Kind: tunnel.KindControl})
 	g.m.streams.WithLabelValues(dirOutbound, resultOf(reply, err)).Inc()
 	if err != nil {
 		return nil, fmt.Errorf("gateway: open control stream: %w", err)
 	}
 	if err := reply.Err(); err != nil {
 		resetStream(str, tunnel.StreamNoError)
+		done()
 		return nil, fmt.Errorf("gateway: open control stream to %s: %w", peer, err)
 	}
-	return &stream{str: str}, nil
+	return &stream{str: str, done: done}, nil
 }
 
 func resultOf(reply tunnel.Reply, err error) string {
@@ -575,7 +622,8 @@ func resultOf(reply tunnel.Reply, err error) string {
 
 // stream is a QUIC stream handed to a handler: Close ends both directions.
 type stream struct {
-	str *quic.Stream
+	str  *quic.Stream
+	done func() // the stream ended (nil for streams a peer opened)
 }
 
 func (s *stream) Read(p []byte) (int, error)  { return s.str.Read(p) }
@@ -587,7 +635,11 @@ func (s *stream) CloseWrite() error { return s.str.Close() }
 // Close ends both directions.
 func (s *stream) Close() error {
 	s.str.CancelRead(quic.StreamErrorCode(tunnel.StreamNoError))
-	return s.str.Close()
+	err := s.str.Close()
+	if s.done != nil {
+		s.done()
+	}
+	return err
 }
 
 // SetDeadline sets read and write deadlines.
