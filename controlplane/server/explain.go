@@ -19,6 +19,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/resource"
+	"github.com/straitmesh/strait/controlplane/store"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 )
 
@@ -164,6 +165,13 @@ func (a adminServer) Explain(ctx context.Context, req *controlplanev1.ExplainReq
 			if _, ok := tiers[l.Peer]; !ok {
 				resp.Excluded = append(resp.Excluded, l.Peer+": not in the policy's failover peers")
 			}
+		}
+	}
+	// Peers the policy names that are not linked (a typo, or a link not
+	// made yet) get no traffic either.
+	for _, peer := range f.GetPeers() {
+		if !slices.ContainsFunc(w.fed.links, func(l store.Link) bool { return l.Peer == peer }) {
+			resp.Excluded = append(resp.Excluded, peer+": named in the policy's failover peers, but not linked to this cluster")
 		}
 	}
 	resp.Summary = explainSummary(resp)

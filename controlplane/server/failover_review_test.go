@@ -1,6 +1,7 @@
 package server
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -135,6 +136,35 @@ func TestExplainSpillNeedsNextTier(t *testing.T) {
 		got := strings.Contains(explainSummary(r), "moves to the next tier")
 		if got != tc.spill {
 			t.Errorf("%s: %q, want a spill said: %v", tc.name, explainSummary(r), tc.spill)
+		}
+	}
+}
+
+// A peer named in the policy's failover peers but not linked (a typo, or
+// a link not made yet) is named among those left out.
+func TestExplainNamesUnlinkedPolicyPeer(t *testing.T) {
+	e := newTestEnv(t)
+	s := e.srv
+	ctx := t.Context()
+	if err := e.store.PutLink(store.Link{ID: "l-west", Peer: "west", PeerGateways: []string{"127.0.0.1:1"}, Role: "issuer", Created: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	applyYAML(t, e.store, "apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: default}\nspec:\n  service: payments\n  failover: {peers: [wset, west]}\n")
+	report(s, "127.0.0.1:15443", &controlplanev1.PeerReport{Peer: "west", ControlStreamUp: true, LastHeard: timestamppb.Now(), Imports: []*federationv1.ExportedService{exported("payments", "http", 2)}})
+	if err := s.rebuild(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r, err := adminServer{s: s}.Explain(ctx, &controlplanev1.ExplainRequest{Service: "payments"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "wset: named in the policy's failover peers, but not linked to this cluster"
+	if !slices.Contains(r.GetExcluded(), want) {
+		t.Fatalf("left out %q, want %q among them", r.GetExcluded(), want)
+	}
+	for _, x := range r.GetExcluded() {
+		if strings.HasPrefix(x, "west:") {
+			t.Fatalf("west, linked and named, is left out: %q", x)
 		}
 	}
 }
