@@ -31,6 +31,9 @@ type Credentials interface {
 	// ClientTLS returns a TLS 1.3 client config presenting the current SVID
 	// and calling verify (instead of WebPKI checks) on every handshake.
 	ClientTLS(nextProtos []string, verify func(tls.ConnectionState) error) *tls.Config
+	// Certificate returns the current SVID as TLS presents it, the same
+	// pointer until the SVID changes.
+	Certificate() (*tls.Certificate, error)
 	// Verifier verifies chains against the current bundle.
 	Verifier() *svid.Verifier
 	// StillTrusted re-verifies an open session's chain against the current

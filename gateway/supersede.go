@@ -41,7 +41,7 @@ type ownState struct {
 
 // own returns the gateway's ownState, computed again when its SVID changed.
 func (g *Gateway) own() *ownState {
-	cert, err := g.cfg.Credentials.ClientTLS(nil, nil).GetClientCertificate(nil)
+	cert, err := g.cfg.Credentials.Certificate()
 	if err != nil || cert == nil {
 		return &ownState{}
 	}

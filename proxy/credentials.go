@@ -134,6 +134,10 @@ func (c *Credentials) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x50
 }
 
 // certificate returns the current TLS certificate or an error.
+// Certificate returns the current SVID as TLS presents it; the same
+// pointer until the SVID changes.
+func (c *Credentials) Certificate() (*tls.Certificate, error) { return c.certificate() }
+
 func (c *Credentials) certificate() (*tls.Certificate, error) {
 	cert := c.cert.Load()
 	if cert == nil {
