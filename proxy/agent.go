@@ -63,6 +63,7 @@ func newAgent(cfg *Config, creds *Credentials, metrics *Metrics, apply func(*con
 func (a *agent) bootstrap(ctx context.Context) error {
 	if a.id.LoadSaved() {
 		a.log.Info("restored saved SVID", "spiffe_id", a.creds.SVID().ID.String())
+		a.metrics.svidExpiry.Set(float64(a.creds.Expiry().Unix()))
 	} else {
 		token, err := a.cfg.token()
 		if err != nil {

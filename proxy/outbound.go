@@ -212,6 +212,26 @@ func dropPool(t pool) {
 	t.CloseIdleConnections()
 }
 
+// lbConfig is the balancer configuration of a traffic policy.
+func lbConfig(pol *controlplanev1.TrafficPolicy, clock func() time.Time) balance.Config {
+	od := pol.GetOutlierDetection()
+	consecutive := int(od.GetConsecutiveErrors())
+	if od.GetMaxEjectionPercent() == 0 {
+		consecutive = 0 // the policy's "0% may be ejected": ejection off
+	}
+	return balance.Config{
+		Policy: lbPolicy(pol.GetLoadBalancer()),
+		Outlier: balance.OutlierConfig{
+			ConsecutiveErrors:  consecutive,
+			BaseEjectionTime:   od.GetBaseEjectionTime().AsDuration(),
+			MaxEjectionPercent: int(od.GetMaxEjectionPercent()),
+		},
+		Clock:          clock,
+		SpillThreshold: int(min(pol.GetFailover().GetSpillThresholdPercent(), 100)),
+		SlowStart:      pol.GetFailover().GetSlowStart().AsDuration(),
+	}
+}
+
 func (u *upstream) apply(svc *controlplanev1.Service) {
 	pol := svc.GetPolicy()
 	prev := u.state.Load()
@@ -232,23 +252,7 @@ func (u *upstream) apply(svc *controlplanev1.Service) {
 		st.requests = balance.NewLimiter(int(lim.GetMaxRequests()))
 		st.conns = balance.NewLimiter(int(lim.GetMaxConnections()))
 	}
-	od := pol.GetOutlierDetection()
-	consecutive := int(od.GetConsecutiveErrors())
-	if od.GetMaxEjectionPercent() == 0 {
-		consecutive = 0 // the policy's "0% may be ejected": ejection off
-	}
-	cfg := balance.Config{
-		Policy: lbPolicy(pol.GetLoadBalancer()),
-		Outlier: balance.OutlierConfig{
-			ConsecutiveErrors:  consecutive,
-			BaseEjectionTime:   od.GetBaseEjectionTime().AsDuration(),
-			MaxEjectionPercent: int(od.GetMaxEjectionPercent()),
-		},
-		Clock:          u.o.clock,
-		SpillThreshold: int(min(pol.GetFailover().GetSpillThresholdPercent(), 100)),
-		SlowStart:      pol.GetFailover().GetSlowStart().AsDuration(),
-	}
-	if err := u.lb.SetConfig(cfg); err != nil {
+	if err := u.lb.SetConfig(lbConfig(pol, u.o.clock)); err != nil {
 		u.o.log.Warn("load balancer config refused; keeping the previous one", "service", u.name, "err", err)
 	}
 	eps := make([]balance.Endpoint, 0, len(svc.GetEndpoints()))

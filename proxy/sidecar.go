@@ -231,6 +231,9 @@ func (s *Sidecar) applySnapshot(snap *controlplanev1.Snapshot) error {
 		}
 	}
 	for _, svc := range snap.GetServices() {
+		if err := lbConfig(svc.GetPolicy(), nil).Validate(); err != nil {
+			return fmt.Errorf("service %s: traffic policy: %w", svc.GetName(), err)
+		}
 		for _, ep := range svc.GetEndpoints() {
 			if _, err := spiffeid.FromString(ep.GetSpiffeId()); err != nil {
 				return fmt.Errorf("service %s endpoint %s: SPIFFE ID %q: %w", svc.GetName(), ep.GetInstance(), ep.GetSpiffeId(), err)

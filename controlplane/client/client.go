@@ -35,6 +35,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/internal/atomicfile"
 	iclock "github.com/straitmesh/strait/internal/clock"
 	"github.com/straitmesh/strait/internal/svidfile"
 )
@@ -85,6 +86,9 @@ type Identity struct {
 // connGrace is how long a connection replaced by Connect stays open: the
 // streams on it move to the new one (Follow) and calls in flight end.
 const connGrace = 30 * time.Second
+
+// minRenewRetry is the shortest wait between renewal attempts.
+const minRenewRetry = 100 * time.Millisecond
 
 // MaxReissueWindow caps the window a reissue hint may spread renewals over.
 const MaxReissueWindow = 10 * time.Minute
@@ -152,10 +156,26 @@ func (c *Identity) Paths() (cert, key string) {
 	return filepath.Join(c.DataDir, "svid.pem"), filepath.Join(c.DataDir, "svid-key.pem")
 }
 
-// LoadSaved restores a saved SVID that still verifies.
+// BundlePath is where the trust bundle last received with an SVID is kept
+// (SPIFFE bundle format, with its sequence number).
+func (c *Identity) BundlePath() string { return filepath.Join(c.DataDir, "bundle.json") }
+
+// LoadSaved restores a saved SVID that still verifies. The bundle saved
+// with it is installed first (unless the one held is newer): after a root
+// rotation the SVID chains to a root the bundle the sidecar was started
+// with may not hold.
 func (c *Identity) LoadSaved() bool {
 	if c.DataDir == "" {
 		return false
+	}
+	if data, err := os.ReadFile(c.BundlePath()); err == nil {
+		if b, err := bundle.ParseJWKS(c.Creds.TrustDomain(), data); err != nil {
+			c.log().Warn("ignoring saved trust bundle", "err", err)
+		} else if _, err := c.Creds.SetBundle(b); err != nil {
+			c.log().Warn("ignoring saved trust bundle", "err", err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		c.log().Warn("ignoring saved trust bundle", "err", err)
 	}
 	s, err := svidfile.Load(c.Paths())
 	if err != nil {
@@ -171,10 +191,18 @@ func (c *Identity) LoadSaved() bool {
 	return c.Creds.SetSVID(s) == nil
 }
 
-// save replaces the saved SVID (crash-safe: see package svidfile).
-func (c *Identity) save(s *x509svid.SVID) error {
+// save replaces the saved SVID (crash-safe: see package svidfile) and,
+// first, the bundle it came with.
+func (c *Identity) save(s *x509svid.SVID, b *bundle.Bundle) error {
 	if c.DataDir == "" {
 		return nil
+	}
+	data, err := b.MarshalJWKS()
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(c.BundlePath(), data, 0o644); err != nil {
+		return err
 	}
 	cp, kp := c.Paths()
 	return svidfile.Save(s, cp, kp)
@@ -233,7 +261,7 @@ func (c *Identity) Certify(ctx context.Context, conn *grpc.ClientConn, token str
 	if c.Issued != nil {
 		c.Issued(s)
 	}
-	if err := c.save(s); err != nil {
+	if err := c.save(s, b); err != nil {
 		c.log().Warn("could not save SVID", "err", err)
 	}
 	c.log().Info("SVID issued", "spiffe_id", id.String(), "expires", chain[0].NotAfter.UTC().Format(time.RFC3339))
@@ -423,7 +451,14 @@ func (c *Identity) RenewLoop(ctx context.Context) error {
 				break
 			}
 			c.log().Warn("SVID renewal failed; retrying", "err", err, "expires", leaf.NotAfter)
-			if !backoff.Wait(ctx) {
+			// Before expiry, a retry never waits more than a quarter of
+			// what is left: a control plane back shortly before the SVID
+			// expires is tried again in time (an expired SVID cannot renew).
+			var limit time.Duration
+			if left := leaf.NotAfter.Sub(c.clock()); left > 0 {
+				limit = max(left/4, minRenewRetry)
+			}
+			if !backoff.WaitAtMost(ctx, limit) {
 				return nil
 			}
 		}
@@ -587,14 +622,26 @@ func NewBackoff(min, max time.Duration) *Backoff { return &Backoff{min: min, max
 // Reset goes back to the minimum.
 func (b *Backoff) Reset() { b.cur = b.min }
 
+// WaitAtMost is Wait, but sleeps no longer than limit when limit > 0.
+func (b *Backoff) WaitAtMost(ctx context.Context, limit time.Duration) bool {
+	return b.wait(ctx, nil, limit)
+}
+
 // Wait sleeps for the next delay; false if ctx ended first.
 func (b *Backoff) Wait(ctx context.Context) bool { return b.WaitOr(ctx, nil) }
 
 // WaitOr is Wait, cut short (with the backoff reset) when wake receives:
 // a sign that trying again now will work.
 func (b *Backoff) WaitOr(ctx context.Context, wake <-chan struct{}) bool {
+	return b.wait(ctx, wake, 0)
+}
+
+func (b *Backoff) wait(ctx context.Context, wake <-chan struct{}, limit time.Duration) bool {
 	d := b.cur/2 + time.Duration(mrand.Int64N(int64(b.cur/2)+1))
 	b.cur = min(b.cur*2, b.max)
+	if limit > 0 {
+		d = min(d, limit)
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {

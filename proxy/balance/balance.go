@@ -176,6 +176,9 @@ type config struct {
 	slowStart          int64   // nanoseconds
 }
 
+// Validate reports whether SetConfig would take c.
+func (c Config) Validate() error { return c.validate() }
+
 func (c Config) validate() error {
 	switch {
 	case c.Policy < P2CEWMA || c.Policy > RoundRobin:
