@@ -39,6 +39,22 @@ func codeWords(name string) string {
 	return strings.ToLower(b.String())
 }
 
+// maxApplyInput bounds what `strait apply -f -` reads from stdin.
+const maxApplyInput = 8 << 20
+
+// readLimited reads all of r, refusing more than max bytes: input cut off
+// at the limit could still decode, and apply only part of what was given.
+func readLimited(r io.Reader, max int64) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(r, max+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(data)) > max {
+		return nil, fmt.Errorf("more than %d MiB; nothing applied", max>>20)
+	}
+	return data, nil
+}
+
 func newApplyCmd(g *globals) *cobra.Command {
 	f := &clientFlags{g: g}
 	var file string
@@ -58,7 +74,9 @@ nothing is applied.`,
 			var data []byte
 			var err error
 			if file == "-" {
-				data, err = io.ReadAll(io.LimitReader(os.Stdin, 8<<20))
+				if data, err = readLimited(os.Stdin, maxApplyInput); err != nil {
+					err = fmt.Errorf("stdin: %w", err)
+				}
 			} else {
 				data, err = os.ReadFile(file)
 			}

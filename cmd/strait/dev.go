@@ -350,7 +350,14 @@ func (u *devUpper) stopStarted() {
 
 func devUp(ctx context.Context, g *globals, dir string, o devUpOptions) error {
 	peerAddrs := map[string]string{}
-	if old, err := readDevFile(dir); err == nil {
+	old, err := readDevFile(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		// It records what runs and which cluster is the root authority:
+		// without it, neither check below can be made.
+		return fmt.Errorf("%w (it records what runs in %s and which cluster is the root authority: repair it, or stop what runs and remove it)", err, dir)
+	default:
 		if anyAlive(dir, old) {
 			return fmt.Errorf("%s is already up; run `strait dev down --dir %s` first", dir, dir)
 		}

@@ -134,10 +134,7 @@ func Open(path string, opts Options) (*Store, error) {
 	_, statErr := os.Stat(path)
 	created := errors.Is(statErr, fs.ErrNotExist)
 
-	db, err := bolt.Open(path, 0o600, &bolt.Options{
-		Timeout:      timeout,
-		FreelistType: bolt.FreelistMapType,
-	})
+	db, err := openBolt(path, timeout)
 	if err != nil {
 		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, &inUseError{path: path}
@@ -147,10 +144,12 @@ func Open(path string, opts Options) (*Store, error) {
 	s := &Store{db: db, path: path, clock: clock, log: logger, subs: map[uint64]chan struct{}{}}
 
 	var rev uint64
-	if err := db.Update(func(tx *bolt.Tx) error {
-		var err error
-		rev, err = s.initSchema(tx)
-		return err
+	if err := corruptOnPanic(path, func() error {
+		return db.Update(func(tx *bolt.Tx) error {
+			var err error
+			rev, err = s.initSchema(tx)
+			return err
+		})
 	}); err != nil {
 		db.Close()
 		return nil, err
@@ -164,6 +163,32 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	s.rev.Store(rev)
 	return s, nil
+}
+
+// openBolt opens the bbolt file at path. bbolt panics on some damaged
+// pages (a freelist or bucket page that is not what the meta page says):
+// that is reported as a corrupt file, not a crash.
+func openBolt(path string, timeout time.Duration) (db *bolt.DB, err error) {
+	err = corruptOnPanic(path, func() error {
+		var openErr error
+		db, openErr = bolt.Open(path, 0o600, &bolt.Options{
+			Timeout:      timeout,
+			FreelistType: bolt.FreelistMapType,
+		})
+		return openErr
+	})
+	return db, err
+}
+
+// corruptOnPanic runs f and turns a panic in it (bbolt's reaction to a
+// damaged page) into an error wrapping ErrCorrupt.
+func corruptOnPanic(path string, f func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %s is damaged (%v); restore it from a backup or move it aside", ErrCorrupt, path, r)
+		}
+	}()
+	return f()
 }
 
 // initSchema creates the buckets of a new file, checks the schema version of
