@@ -22,8 +22,12 @@ import (
 
 // Defaults and caps for leaf SVIDs.
 const (
-	DefaultSVIDTTL  = time.Hour
-	MaxSVIDTTL      = 24 * time.Hour
+	DefaultSVIDTTL = time.Hour
+	MaxSVIDTTL     = 24 * time.Hour
+	// MinSVIDTTL is the shortest lifetime an SVID may be asked for: below
+	// a second the certificate's NotAfter (kept to the second) can fall
+	// before the moment it is issued.
+	MinSVIDTTL      = time.Second
 	DefaultBackdate = 10 * time.Second
 )
 
@@ -173,8 +177,11 @@ func (i *Issuer) checkID(id spiffeid.ID) error {
 }
 
 func (i *Issuer) sign(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) ([]*x509.Certificate, error) {
-	if ttl <= 0 {
+	switch {
+	case ttl <= 0:
 		ttl = i.defaultTTL
+	case ttl < MinSVIDTTL:
+		return nil, fmt.Errorf("ca: an SVID lifetime of %s is below the minimum of %s", ttl, MinSVIDTTL)
 	}
 	ttl = min(ttl, i.maxTTL)
 	now := i.now()
