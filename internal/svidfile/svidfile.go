@@ -9,7 +9,6 @@
 package svidfile
 
 import (
-	"errors"
 	"os"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -49,11 +48,12 @@ func WritePair(certPath string, certPEM []byte, keyPath string, keyPEM []byte) e
 // os.ErrNotExist when there is none.
 func Load(certPath, keyPath string) (*x509svid.SVID, error) {
 	s, err := x509svid.Load(certPath, keyPath)
-	if err == nil || errors.Is(err, os.ErrNotExist) {
-		return s, err
+	if err == nil {
+		return s, nil
 	}
-	// Save was cut short between the key and the chain: the new key is
-	// in place and its chain waits beside.
+	// Save was cut short between the key and the chain (the first Save
+	// leaves no chain at all then): the new key is in place and its chain
+	// waits beside.
 	if next, nerr := x509svid.Load(certPath+NextSuffix, keyPath); nerr == nil {
 		return next, nil
 	}

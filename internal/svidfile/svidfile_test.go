@@ -45,3 +45,27 @@ func TestSaveThenLoad(t *testing.T) {
 		t.Fatalf("Load after a crash between the key and the chain: %v", err)
 	}
 }
+
+// TestLoadFirstSaveCutShort: the first Save, cut short after the key and
+// before the chain, leaves no CERT, only CERT.next and KEY: Load takes
+// that pair (a sidecar would otherwise start over with its spent token).
+func TestLoadFirstSaveCutShort(t *testing.T) {
+	c := catest.New(t, "strait.example")
+	dir := t.TempDir()
+	cp, kp := filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem")
+	s := c.SVID(t, "spiffe://strait.example/ns/a/sa/b", 0)
+	certPEM, keyPEM, err := s.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(cp+NextSuffix, certPEM, 0o644)
+	os.WriteFile(kp, keyPEM, 0o600)
+	if got, err := Load(cp, kp); err != nil || !got.Certificates[0].Equal(s.Certificates[0]) {
+		t.Fatalf("Load after the first Save was cut short: %v", err)
+	}
+	// CERT.next alone, without its key, is still nothing to load.
+	os.Remove(kp)
+	if _, err := Load(cp, kp); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Load of a chain without its key: %v, want os.ErrNotExist", err)
+	}
+}
