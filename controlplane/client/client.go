@@ -434,14 +434,28 @@ func (c *Identity) renewed(gen uint64) {
 	}
 }
 
-// RenewLoop renews the SVID at half its life, or earlier when Reissue
+// renewAt is when RenewLoop renews leaf: at half its life (svid.RenewAt),
+// less up to a tenth of its life at random, so that sidecars started
+// together do not renew in step; never within a second from now.
+func renewAt(leaf *x509.Certificate, now time.Time) time.Time {
+	at := svid.RenewAt(leaf, now)
+	if spread := leaf.NotAfter.Sub(leaf.NotBefore) / 10; spread > 0 {
+		at = at.Add(-time.Duration(mrand.Int64N(int64(spread))))
+	}
+	if soonest := now.Add(time.Second); at.Before(soonest) {
+		at = soonest
+	}
+	return at
+}
+
+// RenewLoop renews the SVID at half its life (less a random tenth), or earlier when Reissue
 // asks, until ctx ends; on failure it retries with backoff (past expiry
 // too). Each renewal moves Conn to a connection presenting the new SVID.
 func (c *Identity) RenewLoop(ctx context.Context) error {
 	backoff := NewBackoff(time.Second, 30*time.Second)
 	for {
 		leaf := c.Creds.SVID().Certificates[0]
-		gen, ok := c.sleepUntilRenewal(ctx, svid.RenewAt(leaf, c.clock()))
+		gen, ok := c.sleepUntilRenewal(ctx, renewAt(leaf, c.clock()))
 		if !ok {
 			return nil
 		}
