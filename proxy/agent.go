@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,10 +16,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/straitmesh/strait/ca/svid"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/controlplane/client"
+	"github.com/straitmesh/strait/internal/atomicfile"
 )
 
 // agent is the sidecar's side of the control-plane API: it proves the
@@ -64,6 +68,7 @@ func (a *agent) bootstrap(ctx context.Context) error {
 	if a.id.LoadSaved() {
 		a.log.Info("restored saved SVID", "spiffe_id", a.creds.SVID().ID.String())
 		a.metrics.svidExpiry.Set(float64(a.creds.Expiry().Unix()))
+		a.restoreSnapshot()
 	} else {
 		token, err := a.cfg.token()
 		if err != nil {
@@ -244,9 +249,60 @@ func (a *agent) watchOnce(ctx context.Context, backoff *client.Backoff) error {
 			a.log.Error("snapshot refused; keeping the last good one", "version", snap.GetVersion(), "err", err)
 			return
 		}
-		a.lastSnap.Store(snap)
-		a.firstOnce.Do(func() { close(a.firstSnapshot) })
-		a.metrics.snapshot.Set(float64(snap.GetVersion()))
+		a.installed(snap)
+		a.saveSnapshot(snap)
 		a.id.Reissue(snap.GetReissue())
 	})
+}
+
+// installed records snap as the snapshot in force.
+func (a *agent) installed(snap *controlplanev1.Snapshot) {
+	a.lastSnap.Store(snap)
+	a.firstOnce.Do(func() { close(a.firstSnapshot) })
+	a.metrics.snapshot.Set(float64(snap.GetVersion()))
+}
+
+// snapshotPath is where the snapshot in force is kept, so that a sidecar
+// restarted while its control plane is away serves with it.
+func (a *agent) snapshotPath() string { return filepath.Join(a.cfg.DataDir, "snapshot.pb") }
+
+// saveSnapshot keeps snap in the data directory (if there is one).
+func (a *agent) saveSnapshot(snap *controlplanev1.Snapshot) {
+	if a.cfg.DataDir == "" {
+		return
+	}
+	data, err := proto.Marshal(snap)
+	if err == nil {
+		err = atomicfile.WriteFile(a.snapshotPath(), data, 0o600)
+	}
+	if err != nil {
+		a.log.Warn("could not save the snapshot; a restart while the control plane is away would start without routes", "err", err)
+	}
+}
+
+// restoreSnapshot applies the snapshot saved before a restart: the last
+// good configuration stands until the control plane sends a new one, as
+// it would have had the sidecar not restarted. A saved snapshot that does
+// not decode or is refused is left aside.
+func (a *agent) restoreSnapshot() {
+	if a.cfg.DataDir == "" {
+		return
+	}
+	data, err := os.ReadFile(a.snapshotPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	snap := &controlplanev1.Snapshot{}
+	if err == nil {
+		err = proto.Unmarshal(data, snap)
+	}
+	if err == nil {
+		err = a.apply(snap)
+	}
+	if err != nil {
+		a.log.Warn("not using the snapshot saved before the restart", "path", a.snapshotPath(), "err", err)
+		return
+	}
+	a.installed(snap)
+	a.log.Info("serving with the snapshot saved before the restart until the control plane sends one", "version", snap.GetVersion())
 }
