@@ -212,13 +212,13 @@ func (s *slowTrust) Intermediate() *x509.Certificate {
 // once it renewed: it outlives the wait it was started for.
 func TestOwnSVIDLoopWatcherDoesNotRace(t *testing.T) {
 	e := newTestEnv(t)
-	e.srv.cfg.SVIDTTL = 200 * time.Millisecond
+	e.srv.cfg.SVIDTTL = time.Second // the CA's minimum
 	sv, err := e.srv.renewOwnSVID()
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.srv.cfg.Trust = &slowTrust{inter: sv.Certificates[1]}
-	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
 	defer cancel()
 	e.srv.ownSVIDLoop(ctx, sv)
 }
