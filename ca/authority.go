@@ -745,7 +745,7 @@ func (a *Authority) Issuer(cluster string) (*Issuer, error) {
 	case len(held) == 0:
 		return nil, fmt.Errorf("%w in %s: create one with 'strait ca intermediate create --cluster NAME'", ErrNoIntermediate, a.cfg.Dir)
 	case cluster == "" && len(held) > 1:
-		return nil, fmt.Errorf("%w: several clusters held here (%v); name one", ErrNoIntermediate, held)
+		return nil, fmt.Errorf("%w: several clusters held here (%v); name one with --cluster", ErrNoIntermediate, held)
 	case rec == nil:
 		return nil, fmt.Errorf("%w for cluster %q (held here: %v)", ErrNoIntermediate, cluster, held)
 	}

@@ -389,8 +389,7 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 				g.m.handshakeFail.WithLabelValues(hopPeerOutbound, reason).Inc()
 			}
 			if errors.As(err, &te) && te.Remote {
-				// What a peer that removed its link answers.
-				err = fmt.Errorf("%w (the gateway of %s refused this one: if %s removed its link with %s, run `strait federation unlink %s` here too)", err, peer, peer, g.cfg.Cluster, peer)
+				err = g.refusedHint(peer, err)
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", addr, err))
 			continue
@@ -431,6 +430,22 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 		return pc, nil
 	}
 	return nil, errors.Join(errs...)
+}
+
+// refusedHint adds to err, a refusal by peer's gateway, what a peer that
+// removed its link answers and what to do then.
+func (g *Gateway) refusedHint(peer string, err error) error {
+	return fmt.Errorf("%w (the gateway of %s refused this one: if %s removed its link with %s, run `strait federation unlink %s` here too)", err, peer, peer, g.cfg.Cluster, peer)
+}
+
+// refusedByPeer reports whether err carries a TLS alert from the peer. In
+// TLS 1.3 the client finishes its handshake before the server has judged
+// the client's certificate, so a peer that removed its link refuses a
+// connection already dialed: the refusal arrives as the connection's close,
+// under the first stream.
+func refusedByPeer(err error) bool {
+	var te *quic.TransportError
+	return errors.As(err, &te) && te.Remote && te.ErrorCode.IsCryptoError()
 }
 
 func (g *Gateway) dialAddr(ctx context.Context, tr *quic.Transport, addr string, tlsConf *tls.Config) (*quic.Conn, error) {
@@ -519,7 +534,7 @@ func (g *Gateway) openStreamOn(ctx context.Context, peer string, h tunnel.Header
 			case !pc.dead() && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded):
 				return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeLimit, fmt.Errorf("peer %s: no stream free within %s", peer, g.lim.DialTimeout)}
 			}
-			return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
+			return nil, tunnel.Reply{}, pc, g.unreachable(peer, err)
 		}
 		reply, err := g.exchange(ctx, pc, str, h)
 		if err == nil {
@@ -536,10 +551,20 @@ func (g *Gateway) openStreamOn(ctx context.Context, peer string, h tunnel.Header
 			if pc.dead() {
 				err = context.Cause(pc.conn.Context())
 			}
-			return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
+			return nil, tunnel.Reply{}, pc, g.unreachable(peer, err)
 		}
 		return nil, tunnel.Reply{}, pc, &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s: %w", peer, err)}
 	}
+}
+
+// unreachable is the error of a stream that could not be had on a
+// connection to peer: err, with advice when peer's gateway refused this
+// one after the handshake.
+func (g *Gateway) unreachable(peer string, err error) *openError {
+	if refusedByPeer(err) {
+		err = g.refusedHint(peer, err)
+	}
+	return &openError{tunnel.CodeUnavailable, fmt.Errorf("peer %s unreachable: %w", peer, err)}
 }
 
 // connGone reports whether err (from a stream of pc) means pc is closed.

@@ -110,7 +110,8 @@ With --cluster, also create that cluster's intermediate (the root authority's ow
 				}
 				fmt.Fprintf(out, "Created intermediate for cluster %s, valid until %s\n", cluster, c.NotAfter.UTC().Format(time.RFC3339))
 			} else {
-				fmt.Fprintf(out, "Next: strait ca intermediate create --data-dir %s --cluster NAME\n", dir)
+				fmt.Fprintf(out, "Next: per cluster, strait controlplane init --dir DIR --cluster NAME --ca-dir %s\n", dir)
+				fmt.Fprintf(out, "  (or, to mint SVIDs here without a control plane: strait ca intermediate create --data-dir %s --cluster NAME)\n", dir)
 			}
 			return nil
 		},
@@ -163,6 +164,11 @@ func printStatus(w io.Writer, st ca.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\n", r.ID, r.State, yesNo(r.InBundle), day(r.NotAfter), r.Fingerprint)
 	}
 	tw.Flush()
+	for _, r := range st.Roots {
+		if r.RetireAfter != nil {
+			fmt.Fprintf(w, "Root %s can be retired after %s (every SVID issued with a chain to it has expired then)\n", r.ID, r.RetireAfter.UTC().Format(time.RFC3339))
+		}
+	}
 	fmt.Fprintln(w)
 	if len(st.Intermediates) == 0 {
 		fmt.Fprintln(w, "No cluster intermediates yet.")

@@ -129,7 +129,11 @@ func (u *devUpper) link(ctx context.Context, df *devFile, i int) error {
 	if err != nil {
 		return err
 	}
-	if slices.Contains(peers, first) {
+	linked, err := u.linkedBothWays(ctx, first, dc.Name, peers)
+	if err != nil {
+		return err
+	}
+	if linked {
 		u.say("cluster %-6s linked to %s already", dc.Name, first)
 	} else {
 		var tok string
@@ -178,6 +182,49 @@ func (u *devUpper) link(ctx context.Context, df *devFile, i int) error {
 		return err
 	}
 	return u.linkUp(ctx, dc.Name, first)
+}
+
+// linkedBothWays reports whether first and cluster (whose peers are given)
+// both hold their link. A link held by one side only (the other removed it
+// with `strait federation unlink`) is an error saying what to run: a join
+// cannot mend it, and waiting for it to connect would be in vain. A side's
+// view may lag a removal for a moment, so a one-sided answer is asked again
+// for a few seconds first.
+func (u *devUpper) linkedBothWays(ctx context.Context, first, cluster string, peers []string) (bool, error) {
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		firstPeers, err := u.linkedPeers(ctx, first)
+		if err != nil {
+			return false, err
+		}
+		linked, err := linkSides(u.config, first, cluster, peers, firstPeers)
+		if err == nil || time.Now().After(deadline) {
+			return linked, err
+		}
+		select {
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+		if peers, err = u.linkedPeers(ctx, cluster); err != nil {
+			return false, err
+		}
+	}
+}
+
+// linkSides judges the link between the first cluster and cluster from each
+// side's peers: held by both (linked), by neither (not linked), or by one
+// only, an error naming the `strait federation unlink` to run on that side.
+func linkSides(config, first, cluster string, clusterPeers, firstPeers []string) (bool, error) {
+	atCluster, atFirst := slices.Contains(clusterPeers, first), slices.Contains(firstPeers, cluster)
+	if atCluster == atFirst {
+		return atCluster, nil
+	}
+	holder, other := cluster, first
+	if atFirst {
+		holder, other = first, cluster
+	}
+	return false, fmt.Errorf("cluster %s holds a link with %s, but %s has none with it (removed there with `strait federation unlink`): run `strait federation unlink %s --config %s --context %s`, then link again", holder, other, other, other, config, holder)
 }
 
 // joined waits until a pending cluster's control plane has installed its

@@ -11,6 +11,10 @@
 //	metadata: {name: <DNS-1123 label>, namespace: <DNS-1123 label, default "default">, labels: {...}}
 //	spec: {...}
 //
+// or, for a ServiceExport (the Multi-Cluster Services API's kind),
+// apiVersion multicluster.x-k8s.io/v1alpha1 with an optional spec
+// ({toClusters: [...]}).
+//
 // Validation is strict, in the manner of Kubernetes' field.ErrorList: unknown
 // fields, wrong types, values out of range, missing required fields, bad
 // enumerations and SPIFFE IDs outside the mesh's trust domain are all refused,
@@ -33,10 +37,15 @@
 //	connectionLimits.maxConnections      1024
 //	connectionLimits.maxPendingRequests  1024
 //	connectionLimits.maxRequests         1024
+//	failover.peers                       every linked peer that exports the service, in one tier
+//	failover.order                       listed (rtt: nearest first, only with peers empty)
+//	failover.spillThreshold              0     (traffic leaves a tier only when none of it is healthy)
+//	failover.slowStart                   10s   (0 disables the failback ramp)
+//	failover.staleness                   30s
 //
 // An AuthorizationPolicy's action defaults to ALLOW.
 //
 // The package knows nothing of storage, gRPC or the proxies: it converts
-// between text and messages. New kinds (MCS ServiceExport, ServiceImport) are
+// between text and messages. New kinds (MCS ServiceImport, for instance) are
 // added to the kinds table in validate.go.
 package resource
