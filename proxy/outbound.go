@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -487,6 +488,23 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 	}
 }
 
+// dropPools starts every upstream on new pools and drops the old ones
+// (dropPool), which it returns with the grace busy connections get.
+func (o *outbound) dropPools() ([]pool, time.Duration) {
+	o.tmu.Lock()
+	old := slices.Collect(maps.Values(o.transports))
+	o.transports = map[transportKey]pool{}
+	o.tmu.Unlock()
+	for _, t := range old {
+		dropPool(t)
+	}
+	grace := o.busyGrace
+	if grace <= 0 {
+		grace = defaultBusyGrace
+	}
+	return old, grace
+}
+
 // svidMoved replaces every pool after the sidecar's SVID moved to another
 // issuer (a root rotation re-signed the intermediate): pooled connections
 // present the chain it had when they were opened, and the upstream
@@ -495,17 +513,9 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 // the current chain; idle ones are closed now, busy ones once they are
 // idle (within the grace given to busy connections).
 func (o *outbound) svidMoved() {
-	o.tmu.Lock()
-	old := o.transports
-	o.transports = map[transportKey]pool{}
-	o.tmu.Unlock()
-	grace := o.busyGrace
-	if grace <= 0 {
-		grace = defaultBusyGrace
-	}
+	old, grace := o.dropPools()
 	for _, t := range old {
-		dropPool(t) // an HTTP/1.1 pool closes busy connections as they come back
-		if _, h1 := t.(*h1Pool); !h1 {
+		if _, h1 := t.(*h1Pool); !h1 { // an HTTP/1.1 pool closes busy connections as they come back
 			for _, d := range []time.Duration{grace / 30, grace / 3, grace} {
 				time.AfterFunc(d, t.CloseIdleConnections)
 			}
@@ -520,16 +530,8 @@ func (o *outbound) svidMoved() {
 // request has not ended), and opaque TCP relays whose endpoint no longer
 // verifies are cut.
 func (o *outbound) trustShrank() {
-	o.tmu.Lock()
-	old := o.transports
-	o.transports = map[transportKey]pool{}
-	o.tmu.Unlock()
-	grace := o.busyGrace
-	if grace <= 0 {
-		grace = defaultBusyGrace
-	}
+	old, grace := o.dropPools()
 	for _, t := range old {
-		dropPool(t)
 		// Busy connections go idle once their response is read; close
 		// those too, a little later, and cut those that never go idle
 		// (a stream, or an endpoint under a revoked root keeping its
