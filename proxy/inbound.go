@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -173,19 +174,46 @@ func (in *inbound) setPolicy(z *authorizer) {
 func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
 	if !in.tcp && cs.NegotiatedProtocol == alpnTCP || in.tcp && cs.NegotiatedProtocol != alpnTCP {
 		in.metrics.handshakeFails.WithLabelValues("inbound", "wrong_protocol").Inc()
-		return fmt.Errorf("ALPN %q does not match the service's protocol", cs.NegotiatedProtocol)
+		return countedRefusal{fmt.Errorf("ALPN %q does not match the service's protocol", cs.NegotiatedProtocol)}
 	}
 	id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
 	if err != nil {
 		in.metrics.handshakeFails.WithLabelValues("inbound", string(svid.ReasonOf(err))).Inc()
-		return err
+		return countedRefusal{err}
 	}
 	if err := in.policy.Load().check(id); err != nil {
 		in.metrics.handshakeFails.WithLabelValues("inbound", "unauthorized").Inc()
 		in.log.Info("caller refused", "spiffe_id", id.String(), "service", in.service, "reason", err)
-		return err
+		return countedRefusal{err}
 	}
 	return nil
+}
+
+// countedRefusal is a refusal by verifyConnection, counted there.
+type countedRefusal struct{ err error }
+
+func (e countedRefusal) Error() string { return e.err.Error() }
+func (e countedRefusal) Unwrap() error { return e.err }
+
+// handshakeFailure is the metric reason of a failed inbound handshake that
+// verifyConnection did not refuse (and count), or "" for a connection
+// closed before it sent anything (a port probe).
+func handshakeFailure(err error) string {
+	var rh tls.RecordHeaderError
+	var ne net.Error
+	switch {
+	case errors.As(err, new(countedRefusal)):
+		return ""
+	case errors.Is(err, io.EOF):
+		return ""
+	case errors.As(err, &rh):
+		return "not_tls"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case strings.Contains(err.Error(), "didn't provide a certificate"):
+		return string(svid.ReasonNoCertificate)
+	}
+	return "tls_error"
 }
 
 // recheck closes open inbound connections whose caller is no longer
@@ -256,15 +284,17 @@ func (in *inbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no verified caller", http.StatusForbidden)
 		return
 	}
+	rec := &statusRecorder{ResponseWriter: w}
+	defer func() {
+		in.metrics.observeRequest("inbound", pc.idStr, in.service, rec.code(), time.Since(start))
+	}()
 	if r.Header.Get("Upgrade") != "" {
 		// A hijacked connection would escape revocation on policy and
 		// trust changes; upgrades are refused until they can be tracked.
-		sidecarError(w, http.StatusNotImplemented, "connection upgrades are not supported by the sidecar")
+		sidecarError(rec, http.StatusNotImplemented, "connection upgrades are not supported by the sidecar")
 		return
 	}
-	rec := &statusRecorder{ResponseWriter: w}
 	in.proxy.ServeHTTP(rec, r)
-	in.metrics.observeRequest("inbound", pc.idStr, in.service, rec.code(), time.Since(start))
 }
 
 // serveTCP relays an opaque TCP connection to the application.
@@ -280,9 +310,7 @@ func (in *inbound) serveTCP(c *tls.Conn) {
 		c.Close()
 		return
 	}
-	sent, recv := relay(c, app)
-	m.tcpBytes.WithLabelValues("inbound", in.service, "sent").Add(float64(sent))
-	m.tcpBytes.WithLabelValues("inbound", in.service, "received").Add(float64(recv))
+	relay(c, app, m.tcpBytes.WithLabelValues("inbound", in.service, "sent"), m.tcpBytes.WithLabelValues("inbound", in.service, "received"))
 }
 
 // run serves inbound connections on ln until ctx ends. The TLS handshake
@@ -347,6 +375,9 @@ func (in *inbound) serveConn(ctx context.Context, c net.Conn, h1 *h1Server, h2 *
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
+		if reason := handshakeFailure(err); reason != "" {
+			in.metrics.handshakeFails.WithLabelValues("inbound", reason).Inc()
+		}
 		in.log.Debug("inbound handshake failed", "remote", c.RemoteAddr().String(), "err", err)
 		c.Close()
 		return
@@ -400,22 +431,36 @@ func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	return nil
 }
 
-// relay copies both ways until both sides are done and returns the bytes
-// written to a (sent) and read from a (received).
-func relay(a, b net.Conn) (sent, received int64) {
+// relay copies both ways until both sides are done, counting the bytes
+// written to a (sent) and read from a (received) as they go, so that a
+// long-lived connection shows in the metrics while it is open.
+func relay(a, b net.Conn, sent, received prometheus.Counter) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		received, _ = io.Copy(b, a)
+		io.Copy(countingWriter{b, received}, a)
 		closeWrite(b)
 	}()
-	sent, _ = io.Copy(a, b)
+	io.Copy(countingWriter{a, sent}, b)
 	closeWrite(a)
 	wg.Wait()
 	a.Close()
 	b.Close()
-	return sent, received
+}
+
+// countingWriter adds what it writes to a counter.
+type countingWriter struct {
+	w io.Writer
+	c prometheus.Counter
+}
+
+func (cw countingWriter) Write(p []byte) (int, error) {
+	n, err := cw.w.Write(p)
+	if n > 0 {
+		cw.c.Add(float64(n))
+	}
+	return n, err
 }
 
 func closeWrite(c net.Conn) {

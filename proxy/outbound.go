@@ -845,10 +845,8 @@ func (u *upstream) serveTCP(app net.Conn) {
 		}
 		pick.Done(time.Since(start), balance.Success)
 		u.tcpUp.Store(c, struct{}{})
-		sent, recv := relay(c, app)
+		relay(c, app, m.tcpBytes.WithLabelValues("outbound", u.name, "sent"), m.tcpBytes.WithLabelValues("outbound", u.name, "received"))
 		u.tcpUp.Delete(c)
-		m.tcpBytes.WithLabelValues("outbound", u.name, "sent").Add(float64(sent))
-		m.tcpBytes.WithLabelValues("outbound", u.name, "received").Add(float64(recv))
 		return
 	}
 }

@@ -700,7 +700,9 @@ func (a *agent) report() *controlplanev1.ReportPeersRequest {
 		default:
 			r.State = "down"
 		}
-		if ps.rtt > 0 {
+		if ps.rtt > 0 && outUp {
+			// Measured on our control stream: only while it is up is it
+			// the data path's RTT now, not that of a link gone down.
 			r.Rtt = durationpb.New(ps.rtt)
 		}
 		if ps.sentVersion > ps.peerHave {
