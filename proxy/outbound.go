@@ -531,16 +531,18 @@ func (o *outbound) svidMoved() {
 // verifies are cut.
 func (o *outbound) trustShrank() {
 	old, grace := o.dropPools()
-	for _, t := range old {
-		// Busy connections go idle once their response is read; close
-		// those too, a little later, and cut those that never go idle
-		// (a stream, or an endpoint under a revoked root keeping its
-		// session open) if their endpoint no longer verifies.
-		time.AfterFunc(grace, func() {
+	// Busy connections go idle once their response is read; close those
+	// too, a little later, and cut those that never go idle (a stream, or
+	// an endpoint under a revoked root keeping its session open) if their
+	// endpoint no longer verifies. The cut covers every pooled
+	// connection, also those of pools dropped before (an SVID re-issue, a
+	// snapshot without the endpoint): there may be no pool left now.
+	time.AfterFunc(grace, func() {
+		for _, t := range old {
 			t.CloseIdleConnections()
-			o.cutUntrustedPooled()
-		})
-	}
+		}
+		o.cutUntrustedPooled()
+	})
 	o.mu.Lock()
 	ups := make([]*upstream, 0, len(o.upstreams))
 	for _, u := range o.upstreams {
