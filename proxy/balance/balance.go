@@ -330,7 +330,12 @@ func (b *Balancer) Update(eps []Endpoint) {
 			// health check does): its ejection, about what failed before,
 			// ends now. The multiplier stays, so one that keeps failing
 			// is still ejected for longer each time.
-			st.ejectedUntil.Store(0)
+			// It ends at now, not 0: the multiplier restarts once the
+			// endpoint stays in rotation for a maximum ejection time
+			// from the end of its last ejection (see eject).
+			if now := b.cfg.Load().now().UnixNano(); st.ejectedUntil.Load() > now {
+				st.ejectedUntil.Store(now)
+			}
 			st.consecErrs.Store(0)
 		}
 		ns.byKey[ep.Key] = st
