@@ -205,6 +205,21 @@ func activeRoot(roots []RootInfo) string {
 }
 
 // rotationStatus is every cluster's progress and what comes next.
+// gateStatus is the rotation status a gate is judged by. The last
+// rebuild's world may be a debounce or a tick old: when it says the next
+// gate is open, the world is rebuilt and judged again, so that a node
+// that reconnected since with old credentials holds the gate shut. One
+// that caught up since opens it at the next rebuild.
+func (s *Server) gateStatus(ctx context.Context) (*controlplanev1.RotationStatusResponse, error) {
+	if st := s.rotationStatus(); !st.GetReady() {
+		return st, nil
+	}
+	if err := s.rebuild(ctx); err != nil {
+		return nil, err
+	}
+	return s.rotationStatus(), nil
+}
+
 func (s *Server) rotationStatus() *controlplanev1.RotationStatusResponse {
 	resp := &controlplanev1.RotationStatusResponse{Cluster: s.cfg.Cluster, RootAuthority: s.cfg.RootCA != nil}
 	if s.cfg.RootCA != nil {
@@ -386,13 +401,10 @@ func (s *Server) rotate(ctx context.Context, req *controlplanev1.RotateRequest) 
 	if a, err := s.cfg.Store.GetAutoRotation(); err == nil && a.Running && (step == stepPrepare || step == stepActivate || step == stepRetire) {
 		return fmt.Errorf("%w: an automatic rotation is in progress (step %s); cancel it first (strait ca rotate --auto --cancel)", ErrFailedPrecondition, autoProto(a).GetStep())
 	}
-	// The gate judges the nodes connected now and what they last reported
-	// (and the peers' latest reports), not the world of the last rebuild,
-	// which may be a debounce or a tick old.
-	if err := s.rebuild(ctx); err != nil {
+	st, err := s.gateStatus(ctx)
+	if err != nil {
 		return err
 	}
-	st := s.rotationStatus()
 	gate := func(want string) error {
 		if req.GetForce() || (st.GetReady() && strings.HasPrefix(st.GetNext(), want+":")) {
 			return nil
@@ -409,7 +421,6 @@ func (s *Server) rotate(ctx context.Context, req *controlplanev1.RotateRequest) 
 		}
 		return fmt.Errorf("%w: %s cannot run now: %s (see strait ca rotate status, or pass --force)", ErrFailedPrecondition, want, msg)
 	}
-	var err error
 	switch step {
 	case stepPrepare:
 		err = ca.Prepare(ctx, req.GetRootTtl().AsDuration())
@@ -507,12 +518,11 @@ func (s *Server) autoStep(ctx context.Context, a store.AutoRotation) store.AutoR
 			s.log.Warn("rebuild after a rotation step failed", "err", err)
 		}
 	}
-	// Judged on what nodes and peers report now (see rotate).
-	if err := s.rebuild(ctx); err != nil {
+	st, err := s.gateStatus(ctx)
+	if err != nil {
 		a.LastError = err.Error()
 		return a
 	}
-	st := s.rotationStatus()
 	ready := st.GetReady()
 	var phase string // what the CA's roots say was taken last
 	for _, r := range s.cfg.RootCA.Roots() {
