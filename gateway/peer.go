@@ -396,7 +396,7 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 		}
 		pc := &peerConn{conn: conn, peer: peer, chain: conn.ConnectionState().TLS.PeerCertificates, outbound: true, since: g.now()}
 		if c := presented.Load(); c != nil {
-			pc.ownIssuer = rawIssuer(c.Certificate)
+			pc.ownIssuer = g.stateOf(c).issuer
 		}
 		pc.peerRoot = g.rootOf(pc.chain, svid.RoleServer)
 		if err := g.track(pc); err != nil {

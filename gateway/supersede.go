@@ -1,10 +1,8 @@
 package gateway
 
 import (
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -45,10 +43,16 @@ func (g *Gateway) own() *ownState {
 	if err != nil || cert == nil {
 		return &ownState{}
 	}
+	return g.stateOf(cert)
+}
+
+// stateOf is the ownState of cert, an SVID this gateway holds or held
+// (kept for the last one asked).
+func (g *Gateway) stateOf(cert *tls.Certificate) *ownState {
 	if cur := g.ownCache.Load(); cur != nil && cur.cert == cert {
 		return cur
 	}
-	st := &ownState{cert: cert, issuer: rawIssuer(cert.Certificate)}
+	st := &ownState{cert: cert}
 	chain := make([]*x509.Certificate, 0, len(cert.Certificate))
 	for _, der := range cert.Certificate {
 		c, err := x509.ParseCertificate(der)
@@ -57,6 +61,7 @@ func (g *Gateway) own() *ownState {
 		}
 		chain = append(chain, c)
 	}
+	st.issuer = svid.IssuerFingerprint(chain)
 	st.root = g.rootOf(chain, svid.RoleClient)
 	g.ownCache.Store(st)
 	return st
@@ -70,14 +75,6 @@ func (g *Gateway) rootOf(chain []*x509.Certificate, role svid.Role) string {
 		return ""
 	}
 	return svid.Fingerprint(chains[0][len(chains[0])-1])
-}
-
-func rawIssuer(chain [][]byte) string {
-	if len(chain) < 2 {
-		return ""
-	}
-	sum := sha256.Sum256(chain[1])
-	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
 // supersededBy says whether new streams to pc's peer should go to a
