@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -488,21 +487,29 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 	}
 }
 
-// dropPools starts every upstream on new pools and drops the old ones
-// (dropPool), which it returns with the grace busy connections get.
-func (o *outbound) dropPools() ([]pool, time.Duration) {
+// dropPools starts every upstream on new pools and drops the old ones:
+// idle connections close now, busy ones once they are idle. An HTTP/1.1
+// pool closes them as they come back (dropPool); an HTTP/2 transport is
+// swept for idle ones over the grace busy connections get, which it
+// returns.
+func (o *outbound) dropPools() time.Duration {
 	o.tmu.Lock()
-	old := slices.Collect(maps.Values(o.transports))
+	old := o.transports
 	o.transports = map[transportKey]pool{}
 	o.tmu.Unlock()
-	for _, t := range old {
-		dropPool(t)
-	}
 	grace := o.busyGrace
 	if grace <= 0 {
 		grace = defaultBusyGrace
 	}
-	return old, grace
+	for _, t := range old {
+		dropPool(t)
+		if _, h1 := t.(*h1Pool); !h1 {
+			for _, d := range []time.Duration{grace / 30, grace / 3, grace} {
+				time.AfterFunc(d, t.CloseIdleConnections)
+			}
+		}
+	}
+	return grace
 }
 
 // svidMoved replaces every pool after the sidecar's SVID moved to another
@@ -510,39 +517,21 @@ func (o *outbound) dropPools() ([]pool, time.Duration) {
 // present the chain it had when they were opened, and the upstream
 // sidecars close those at once when the old root is retired, with the
 // requests in flight on them. New requests open connections presenting
-// the current chain; idle ones are closed now, busy ones once they are
-// idle (within the grace given to busy connections).
-func (o *outbound) svidMoved() {
-	old, grace := o.dropPools()
-	for _, t := range old {
-		if _, h1 := t.(*h1Pool); !h1 { // an HTTP/1.1 pool closes busy connections as they come back
-			for _, d := range []time.Duration{grace / 30, grace / 3, grace} {
-				time.AfterFunc(d, t.CloseIdleConnections)
-			}
-		}
-	}
-}
+// the current chain (dropPools).
+func (o *outbound) svidMoved() { o.dropPools() }
 
 // trustShrank reacts to a root leaving the bundle: every pooled upstream
 // connection was verified against the old trust, so the pools are dropped
-// (idle connections closed now, busy ones when their request ends, and
-// those whose endpoint no longer verifies after busyGrace even if their
-// request has not ended), and opaque TCP relays whose endpoint no longer
-// verifies are cut.
+// (dropPools), those whose endpoint no longer verifies are cut after
+// busyGrace even if their request has not ended, and opaque TCP relays
+// whose endpoint no longer verifies are cut.
 func (o *outbound) trustShrank() {
-	old, grace := o.dropPools()
-	// Busy connections go idle once their response is read; close those
-	// too, a little later, and cut those that never go idle (a stream, or
-	// an endpoint under a revoked root keeping its session open) if their
-	// endpoint no longer verifies. The cut covers every pooled
-	// connection, also those of pools dropped before (an SVID re-issue, a
-	// snapshot without the endpoint): there may be no pool left now.
-	time.AfterFunc(grace, func() {
-		for _, t := range old {
-			t.CloseIdleConnections()
-		}
-		o.cutUntrustedPooled()
-	})
+	// The cut catches connections that never go idle (a stream, or an
+	// endpoint under a revoked root keeping its session open). It covers
+	// every pooled connection, also those of pools dropped before (an
+	// SVID re-issue, a snapshot without the endpoint): there may be no
+	// pool left now.
+	time.AfterFunc(o.dropPools(), o.cutUntrustedPooled)
 	o.mu.Lock()
 	ups := make([]*upstream, 0, len(o.upstreams))
 	for _, u := range o.upstreams {
