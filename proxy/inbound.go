@@ -171,39 +171,41 @@ func (in *inbound) setPolicy(z *authorizer) {
 	in.recheck()
 }
 
+// verifyConnection judges a caller at the handshake; its refusals are
+// counted with the other handshake failures (handshakeFailure).
 func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
 	if !in.tcp && cs.NegotiatedProtocol == alpnTCP || in.tcp && cs.NegotiatedProtocol != alpnTCP {
-		in.metrics.handshakeFails.WithLabelValues("inbound", "wrong_protocol").Inc()
-		return countedRefusal{fmt.Errorf("ALPN %q does not match the service's protocol", cs.NegotiatedProtocol)}
+		return refusal{"wrong_protocol", fmt.Errorf("ALPN %q does not match the service's protocol", cs.NegotiatedProtocol)}
 	}
 	id, _, err := in.creds.Verifier().Verify(cs.PeerCertificates, svid.RoleClient)
 	if err != nil {
-		in.metrics.handshakeFails.WithLabelValues("inbound", string(svid.ReasonOf(err))).Inc()
-		return countedRefusal{err}
+		return refusal{string(svid.ReasonOf(err)), err}
 	}
 	if err := in.policy.Load().check(id); err != nil {
-		in.metrics.handshakeFails.WithLabelValues("inbound", "unauthorized").Inc()
 		in.log.Info("caller refused", "spiffe_id", id.String(), "service", in.service, "reason", err)
-		return countedRefusal{err}
+		return refusal{"unauthorized", err}
 	}
 	return nil
 }
 
-// countedRefusal is a refusal by verifyConnection, counted there.
-type countedRefusal struct{ err error }
+// refusal is a refusal by verifyConnection, with its metric reason.
+type refusal struct {
+	reason string
+	err    error
+}
 
-func (e countedRefusal) Error() string { return e.err.Error() }
-func (e countedRefusal) Unwrap() error { return e.err }
+func (e refusal) Error() string { return e.err.Error() }
+func (e refusal) Unwrap() error { return e.err }
 
-// handshakeFailure is the metric reason of a failed inbound handshake that
-// verifyConnection did not refuse (and count), or "" for a connection
-// closed before it sent anything (a port probe).
+// handshakeFailure is the metric reason of a failed inbound handshake, or
+// "" for a connection closed before it sent anything (a port probe).
 func handshakeFailure(err error) string {
+	var r refusal
 	var rh tls.RecordHeaderError
 	var ne net.Error
 	switch {
-	case errors.As(err, new(countedRefusal)):
-		return ""
+	case errors.As(err, &r):
+		return r.reason
 	case errors.Is(err, io.EOF):
 		return ""
 	case errors.As(err, &rh):
