@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
 	strca "github.com/straitmesh/strait/ca"
 	"github.com/straitmesh/strait/ca/catest"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
@@ -41,33 +39,18 @@ func TestTrustShrankCutsBusyConnOfDroppedPool(t *testing.T) {
 	go app.Serve(appLn)
 	defer app.Close()
 
-	newSidecar := func(name string) *Sidecar {
-		s, err := New(Config{ControlPlane: "127.0.0.1:1", TrustDomain: spiffeid.RequireTrustDomainFromString(td), TrustBundle: c.Bundle(),
-			Instance: name + "-0", Service: name, Namespace: "default", Inbound: "127.0.0.1:0", App: appLn.Addr().String()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.creds.SetSVID(c.SVID(t, "spiffe://"+td+"/ns/default/sa/"+name, time.Hour)); err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
 	// The upstream keeps the old root (as an impostor would): it never
 	// cuts the connection itself.
-	backend, frontend := newSidecar("backend"), newSidecar("frontend")
+	backend, frontend := newCPlessSidecar(t, c, "backend", appLn.Addr().String()), newCPlessSidecar(t, c, "frontend", appLn.Addr().String())
 	backend.in.setPolicy(compileAuthorization(&controlplanev1.Authorization{}))
-	inLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go backend.in.run(ctx, inLn)
+	inAddr := serveInbound(ctx, t, backend)
 	frontend.out.busyGrace = 200 * time.Millisecond
 	go frontend.credentialsLoop(ctx)
 
 	for _, h2 := range []bool{false, true} {
 		o := frontend.out
 		st := &upstreamState{svc: &controlplanev1.Service{Name: "backend"}, policy: &controlplanev1.TrafficPolicy{}}
-		ep := balance.Endpoint{Key: "backend-0", Address: inLn.Addr().String(), SPIFFEID: "spiffe://" + td + "/ns/default/sa/backend"}
+		ep := balance.Endpoint{Key: "backend-0", Address: inAddr, SPIFFEID: "spiffe://" + td + "/ns/default/sa/backend"}
 		p, err := o.transport(ep, st, h2)
 		if err != nil {
 			t.Fatal(err)
