@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -419,17 +420,19 @@ func rootRemoved(prev, next *bundle.Bundle) bool {
 	return false
 }
 
+// syncWorkloadAPI puts the SVID and bundle held into the Workload API store
+// in one update: a new SVID and a new bundle seen together (a re-issue under
+// a new root) never reach the app as the new SVID with the old bundle.
 func (s *Sidecar) syncWorkloadAPI() {
-	if sv := s.creds.SVID(); sv != nil {
+	sv := s.creds.SVID()
+	if sv != nil {
 		s.in.selfID.Store(sv.ID.String())
-		s.wl.SetSVID(sv)
 	}
+	var xb *x509bundle.Bundle
 	if b := s.creds.Bundle(); b != nil {
-		xb, err := b.GetX509BundleForTrustDomain(s.cfg.TrustDomain)
-		if err == nil {
-			s.wl.SetBundle(xb)
-		}
+		xb, _ = b.GetX509BundleForTrustDomain(s.cfg.TrustDomain)
 	}
+	s.wl.Set(sv, xb)
 }
 
 func (s *Sidecar) adminHandler() http.Handler {

@@ -85,6 +85,14 @@ func serveStream[T any, PT interface {
 		// Take the channel before reading, so a change in between is seen.
 		changed := s.src.Changed()
 		resp, err := build()
+		select {
+		case <-changed:
+			// The Source changed while it was read (the SVID and the
+			// bundles are read one after the other): what was built may
+			// mix the two states. Read it again, whole.
+			continue
+		default:
+		}
 		switch {
 		case errors.Is(err, errNotReady):
 			s.log.DebugContext(ctx, "workload API: waiting for identity", "error", err)

@@ -23,7 +23,9 @@ type Source interface {
 	GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error)
 	// Changed returns a channel closed at the next change of SVID or bundle.
 	// Callers take the channel before reading the state, so no change is
-	// missed.
+	// missed; a read the channel closed during is read again. An SVID and a
+	// bundle that change together must be one change (see Store.Set), or
+	// the state in between is served.
 	Changed() <-chan struct{}
 }
 
@@ -91,6 +93,28 @@ func (st *Store) SetBundle(b *x509bundle.Bundle) {
 	}
 	st.bundles[b.TrustDomain()] = b.Clone()
 	st.notifyLocked()
+}
+
+// Set installs s as the current SVID and a copy of b as the bundle of its
+// trust domain together, under one lock and with one change signalled (if
+// either differs from what is held): a stream never serves the new SVID with
+// the old bundle, or the old SVID with the new bundle, in between. A nil s
+// or b leaves that one as it is.
+func (st *Store) Set(s *x509svid.SVID, b *x509bundle.Bundle) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	changed := false
+	if s != nil && s != st.svid {
+		st.svid, changed = s, true
+	}
+	if b != nil {
+		if cur, ok := st.bundles[b.TrustDomain()]; !ok || !cur.Equal(b) {
+			st.bundles[b.TrustDomain()], changed = b.Clone(), true
+		}
+	}
+	if changed {
+		st.notifyLocked()
+	}
 }
 
 // RemoveBundle forgets the bundle of td (a federated trust domain that went
