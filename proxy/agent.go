@@ -246,6 +246,14 @@ func (a *agent) watchOnce(ctx context.Context, backoff *client.Backoff) error {
 			a.log.Warn("snapshot version went backwards (control plane state replaced?); applying it", "version", snap.GetVersion(), "previous", last.GetVersion())
 		}
 		if err := a.apply(snap); err != nil {
+			var rr *routingRefused
+			if errors.As(err, &rr) {
+				// Its trust bundle was taken: so is a re-issue, which a
+				// root rotation waits for.
+				a.log.Error("snapshot refused; keeping the last good routing and authorization (its trust bundle was applied)", "version", snap.GetVersion(), "err", err)
+				a.id.Reissue(snap.GetReissue())
+				return
+			}
 			a.log.Error("snapshot refused; keeping the last good one", "version", snap.GetVersion(), "err", err)
 			return
 		}

@@ -230,31 +230,41 @@ func (s *Sidecar) applySnapshot(snap *controlplanev1.Snapshot) error {
 		if b, err = client.BundleFromProto(s.cfg.TrustDomain, snap.GetBundle()); err != nil {
 			return err
 		}
-	}
-	for _, svc := range snap.GetServices() {
-		if err := lbConfig(svc.GetPolicy(), nil).Validate(); err != nil {
-			return fmt.Errorf("service %s: traffic policy: %w", svc.GetName(), err)
-		}
-		for _, ep := range svc.GetEndpoints() {
-			if _, err := spiffeid.FromString(ep.GetSpiffeId()); err != nil {
-				return fmt.Errorf("service %s endpoint %s: SPIFFE ID %q: %w", svc.GetName(), ep.GetInstance(), ep.GetSpiffeId(), err)
-			}
-			if _, _, err := net.SplitHostPort(ep.GetAddress()); err != nil {
-				return fmt.Errorf("service %s endpoint %s: address %q: %w", svc.GetName(), ep.GetInstance(), ep.GetAddress(), err)
-			}
-		}
-	}
-	z := compileAuthorization(snap.GetAuthorization())
-	if b != nil {
+		// Trust is taken even if the routing below is refused: a root
+		// removed from the mesh must stop being trusted here, and one
+		// added must be trusted before SVIDs under it arrive, whatever
+		// a policy this sidecar cannot take says.
 		if _, err := s.creds.SetBundle(b); err != nil {
 			return err
 		}
 	}
+	for _, svc := range snap.GetServices() {
+		if err := lbConfig(svc.GetPolicy(), nil).Validate(); err != nil {
+			return &routingRefused{fmt.Errorf("service %s: traffic policy: %w", svc.GetName(), err)}
+		}
+		for _, ep := range svc.GetEndpoints() {
+			if _, err := spiffeid.FromString(ep.GetSpiffeId()); err != nil {
+				return &routingRefused{fmt.Errorf("service %s endpoint %s: SPIFFE ID %q: %w", svc.GetName(), ep.GetInstance(), ep.GetSpiffeId(), err)}
+			}
+			if _, _, err := net.SplitHostPort(ep.GetAddress()); err != nil {
+				return &routingRefused{fmt.Errorf("service %s endpoint %s: address %q: %w", svc.GetName(), ep.GetInstance(), ep.GetAddress(), err)}
+			}
+		}
+	}
+	z := compileAuthorization(snap.GetAuthorization())
 	s.out.apply(snap.GetServices())
 	s.in.setPolicy(z)
 	s.ready.Store(true)
 	return nil
 }
+
+// routingRefused is a snapshot refused for its services (a policy or an
+// endpoint this sidecar cannot take) after its trust bundle was taken: the
+// last good routing and authorization stay in force.
+type routingRefused struct{ err error }
+
+func (e *routingRefused) Error() string { return e.err.Error() }
+func (e *routingRefused) Unwrap() error { return e.err }
 
 // Run binds the listeners, obtains the SVID, and serves until ctx ends.
 func (s *Sidecar) Run(ctx context.Context) error {
