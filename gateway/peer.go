@@ -247,6 +247,12 @@ type dialCall struct {
 	cancel context.CancelFunc
 	pc     *peerConn
 	err    error
+	// waiters are the callers waiting on the dial. A dial that succeeds
+	// counts a stream on pc for each before pc is anyone else's to judge
+	// (a superseded connection with no stream is closed), and sets ended.
+	// Both under g.mu.
+	waiters int
+	ended   bool
 }
 
 // errPeerDown answers callers while a peer is known to be down.
@@ -280,6 +286,7 @@ func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn)
 	if call == nil {
 		call = g.startDialLocked(peer, s)
 	}
+	call.waiters++
 	down := s.down
 	g.mu.Unlock()
 	var short <-chan time.Time
@@ -292,16 +299,27 @@ func (g *Gateway) peerConnFor(ctx context.Context, peer string, avoid *peerConn)
 	}
 	select {
 	case <-call.done:
-		if call.err == nil {
-			g.mu.Lock()
-			call.pc.streams++
-			g.mu.Unlock()
-		}
-		return call.pc, true, call.err
+		return call.pc, true, call.err // the dial counted this caller's stream
 	case <-ctx.Done():
+		g.leaveDial(call)
 		return nil, false, ctx.Err()
 	case <-short:
+		g.leaveDial(call)
 		return nil, false, errPeerDown
+	}
+}
+
+// leaveDial takes a caller that stopped waiting off call, releasing the
+// stream the dial counted for it if it already succeeded.
+func (g *Gateway) leaveDial(call *dialCall) {
+	g.mu.Lock()
+	counted := call.ended && call.err == nil
+	if !call.ended {
+		call.waiters--
+	}
+	g.mu.Unlock()
+	if counted {
+		g.releaseStream(call.pc)
 	}
 }
 
@@ -320,7 +338,10 @@ func (g *Gateway) startDialLocked(peer string, s *dialSlot) *dialCall {
 		defer cancel()
 		pc, err := g.dial(ctx, peer)
 		g.mu.Lock()
-		call.pc, call.err = pc, err
+		call.pc, call.err, call.ended = pc, err, true
+		if err == nil {
+			pc.streams += call.waiters
+		}
 		if s.call == call {
 			s.call = nil
 		}
