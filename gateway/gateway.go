@@ -498,7 +498,9 @@ func (g *Gateway) Recheck() {
 	pcs := slices.Collect(maps.Keys(g.conns))
 	ecs := slices.Collect(maps.Keys(g.entries))
 	for peer, s := range g.slots {
-		if s.conn == nil && s.call == nil {
+		// A slot still holding superseded connections with streams keeps
+		// them: they count against maxDraining and replaceEvery.
+		if s.conn == nil && s.call == nil && !slices.ContainsFunc(s.draining, func(d *peerConn) bool { return !d.dead() }) {
 			delete(g.slots, peer) // made again on the next dial
 		}
 	}
