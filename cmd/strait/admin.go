@@ -18,8 +18,13 @@ import (
 	"github.com/straitmesh/strait/controlplane/store"
 )
 
-// rpcError turns a gRPC status into the server's message.
+// rpcError turns a gRPC status into the server's message, or into the
+// client's own account of a call that did not reach the API (callError).
 func rpcError(err error) error {
+	var ce *callError
+	if errors.As(err, &ce) {
+		return ce
+	}
 	if s, ok := status.FromError(err); ok {
 		return fmt.Errorf("%s: %s", codeWords(s.Code().String()), s.Message())
 	}
@@ -65,7 +70,12 @@ func newApplyCmd(g *globals) *cobra.Command {
 		Long: `Create or update resources from a file of Kubernetes-style documents
 (apiVersion, kind, metadata, spec), separated by "---". Use -f - for stdin.
 Every document is checked before anything is stored: one invalid field and
-nothing is applied.`,
+nothing is applied. The kinds and their fields are described in
+docs/local-mode.md; unset fields take the defaults listed in
+controlplane/resource/doc.go.`,
+		Example: `  strait apply -f policy.yaml --config dev/strait.config
+  strait apply -f export.yaml --config mesh/strait.config --context west
+  strait get trafficpolicy -o yaml --config dev/strait.config | strait apply -f - --config dev/strait.config`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if file == "" {
@@ -143,7 +153,9 @@ func newGetCmd(g *globals) *cobra.Command {
 		Use:   "get KIND [NAME]",
 		Short: "List stored resources of a kind",
 		Long:  "List stored resources of a kind: " + strings.Join(resource.Kinds(), ", ") + " (or tp, ap, se).",
-		Args:  cobra.RangeArgs(1, 2),
+		Example: `  strait get ap --config dev/strait.config
+  strait get trafficpolicy backend -n default -o yaml --config dev/strait.config`,
+		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			kind, err := resource.KnownKind(args[0])
 			if err != nil {
@@ -205,17 +217,20 @@ func newDeleteCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "delete KIND NAME",
 		Short: "Delete a stored resource",
-		Args:  cobra.ExactArgs(2),
+		Long:  "Delete a stored resource of a kind: " + strings.Join(resource.Kinds(), ", ") + " (or tp, ap, se), by name, in the namespace -n.",
+		Example: `  strait delete authorizationpolicy backend-callers --config dev/strait.config
+  strait delete se payments -n default --config mesh/strait.config --context west`,
+		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			kind, err := resource.KnownKind(args[0])
+			if err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			kind, err := resource.KnownKind(args[0])
-			if err != nil {
-				return usageError{cmd: cmd.CommandPath(), err: err}
-			}
 			if _, err := client.Delete(ctx, &controlplanev1.DeleteRequest{Kind: kind, Namespace: ns, Name: args[1]}); err != nil {
 				return rpcError(err)
 			}
@@ -233,7 +248,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show a control plane's state: trust, instances and connected sidecars",
-		Args:  cobra.NoArgs,
+		Example: `  strait status --config dev/strait.config
+  strait status --config mesh/strait.config --context west`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
@@ -302,7 +319,10 @@ func newWorkloadTokenCmd(g *globals) *cobra.Command {
 		Short: "Mint a short-lived, single-use registration token for a sidecar",
 		Long: `Mint a short-lived, single-use registration token. A sidecar presents it on
 its first Certify and receives the SVID spiffe://<trust domain>/ns/N/sa/A;
-it renews with that SVID afterwards. The token is printed once, on stdout.`,
+it renews with that SVID afterwards. The token is printed once, on stdout
+(give it to strait-proxy with --token-file); its identity and expiry on stderr.`,
+		Example: `  strait workload token --service payments --config dev/strait.config > payments.token
+  strait workload token --service web --namespace shop --service-account web --ttl 30m --config dev/strait.config`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if service == "" {

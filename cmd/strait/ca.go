@@ -41,6 +41,14 @@ func (f *caFlags) dir(cmd *cobra.Command) (string, error) {
 }
 
 func (f *caFlags) open(cmd *cobra.Command, readOnly bool) (*ca.Authority, error) {
+	a, err := f.openDir(cmd, readOnly)
+	if errors.Is(err, ca.ErrBusy) {
+		return nil, fmt.Errorf("%w; the root authority's control plane (controlplane run --root-authority) holds it while it runs: stop it first (`strait dev down --dir DIR` for a dev mesh)", err)
+	}
+	return a, err
+}
+
+func (f *caFlags) openDir(cmd *cobra.Command, readOnly bool) (*ca.Authority, error) {
 	dir, err := f.dir(cmd)
 	if err != nil {
 		return nil, err

@@ -5,14 +5,19 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 	"sigs.k8s.io/yaml"
 
 	"github.com/straitmesh/strait/ca/bundle"
@@ -44,17 +49,35 @@ type clientContext struct {
 	ClientKey         string `json:"clientKey"`
 }
 
+// configHint says where a client config comes from, for errors about one.
+const configHint = "`strait dev up --dir DIR` writes one to DIR/strait.config"
+
 func loadClientConfig(path string) (*clientConfig, error) {
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		if _, err := os.Stat(filepath.Join(path, "strait.config")); err == nil {
+			return nil, fmt.Errorf("config %s is a directory; did you mean --config %s?", path, filepath.Join(path, "strait.config"))
+		}
+		return nil, fmt.Errorf("config %s is a directory, not a client config file (%s)", path, configHint)
+	}
 	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("config %s: no such file (%s)", path, configHint)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
+	}
+	// Another file given by mistake (dev.json, a resource) is named as
+	// such, before its fields are checked one by one.
+	var head struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+	}
+	if err := yaml.Unmarshal(data, &head); err != nil || head.Kind != "Config" || head.APIVersion != "strait.dev/v1alpha1" {
+		return nil, fmt.Errorf("config %s is not a strait client config (apiVersion strait.dev/v1alpha1, kind Config; %s)", path, configHint)
 	}
 	var c clientConfig
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
-	}
-	if c.Kind != "Config" || c.APIVersion != "strait.dev/v1alpha1" {
-		return nil, fmt.Errorf("config %s: want apiVersion strait.dev/v1alpha1 and kind Config", path)
 	}
 	dir := filepath.Dir(path)
 	for i := range c.Contexts {
@@ -170,11 +193,78 @@ func dialContext(cx *clientContext) (*grpc.ClientConn, error) {
 			return nil
 		}),
 	}
-	conn, err := grpc.NewClient(cx.Server, grpc.WithTransportCredentials(credentials.NewTLS(tc)))
+	conn, err := grpc.NewClient(cx.Server, grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			return explainCallError(cx, method, invoker(ctx, method, req, reply, cc, opts...))
+		}))
 	if err != nil {
 		return nil, err
 	}
 	return conn, nil
+}
+
+// callError is a failed call to a control plane that the client, not the
+// control plane, explains: it could not be reached, it is not the control
+// plane the context names, or it does not serve the method. It keeps the
+// gRPC code (callers test it), with a message short enough to quote, and
+// says on Error what to check.
+type callError struct {
+	st   *status.Status
+	hint string
+}
+
+func (e *callError) Error() string              { return e.st.Message() + "; " + e.hint }
+func (e *callError) GRPCStatus() *status.Status { return e.st }
+
+// explainCallError turns gRPC's own account of a call that never reached
+// the control plane's API ("connection error: desc = \"transport: Error
+// while dialing: ...\"", "method X not implemented") into a callError that
+// names the context and its address.
+func explainCallError(cx *clientContext, method string, err error) error {
+	s, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	where := fmt.Sprintf("the control plane of context %q at %s", cx.Name, cx.Server)
+	switch s.Code() {
+	case codes.Unavailable:
+		msg := s.Message()
+		desc, isConn := strings.CutPrefix(msg, "connection error: desc = ")
+		switch {
+		case isConn:
+			if d, err := strconv.Unquote(desc); err == nil {
+				desc = d
+			}
+			desc = strings.TrimPrefix(desc, "transport: ")
+		case strings.HasPrefix(msg, "name resolver error"):
+			desc = "cannot resolve its host name"
+		case strings.Contains(msg, "server preface"):
+			desc = msg
+		default:
+			return err // the control plane's own answer
+		}
+		if tlsErr, ok := strings.CutPrefix(desc, "authentication handshake failed: "); ok {
+			return &callError{st: status.New(codes.Unavailable, fmt.Sprintf("TLS handshake with %s (the server of context %q) failed: %s", cx.Server, cx.Name, tlsErr)),
+				hint: fmt.Sprintf("is %s the address of cluster %s's control plane, and are the context's trustBundle and credentials that cluster's?", cx.Server, cx.Cluster)}
+		}
+		// "Error while dialing: dial tcp ADDR: connect: connection refused":
+		// the last part says why.
+		if i := strings.LastIndex(desc, ": "); i >= 0 {
+			desc = desc[i+2:]
+		}
+		return &callError{st: status.New(codes.Unavailable, fmt.Sprintf("cannot reach %s: %s", where, desc)),
+			hint: "is it running, and is that its address? (clusters that `strait dev down --dir DIR` stopped start again with `strait dev up --dir DIR`)"}
+	case codes.DeadlineExceeded:
+		if s.Message() != context.DeadlineExceeded.Error() {
+			return err
+		}
+		return &callError{st: status.New(codes.DeadlineExceeded, fmt.Sprintf("no answer from %s in time", where)),
+			hint: "is that its address, and is it running and not overloaded? (its log says more)"}
+	case codes.Unimplemented:
+		return &callError{st: status.New(codes.Unimplemented, fmt.Sprintf("%s does not serve %s", where, method[strings.LastIndex(method, "/")+1:])),
+			hint: fmt.Sprintf("a cluster installed pending serves only the join, `strait status` and `strait federation status` until it joins (`strait federation join TOKEN --context %s`); otherwise it runs another version of strait", cx.Name)}
+	}
+	return err
 }
 
 // admin connects to the context's admin API and returns a context for the

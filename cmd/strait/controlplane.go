@@ -59,9 +59,12 @@ bootstrap CA that exists only in this directory.`,
 				return nil
 			}
 			if dir == "" || cluster == "" || caDir == "" {
-				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir, --cluster and --ca-dir are required")}
+				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir, --cluster and --ca-dir are required (or --pending and --trust-domain instead of --ca-dir, for a cluster that receives its intermediate through a join)")}
 			}
 			auth, err := ca.Open(cmd.Context(), ca.Config{Dir: caDir, Logger: g.logger()})
+			if errors.Is(err, ca.ErrBusy) {
+				return fmt.Errorf("%w; the root authority's control plane holds it while it runs: initialize every cluster before starting it, or init this one with --pending --trust-domain TD and join it with a token (`strait federation join`)", err)
+			}
 			if err != nil {
 				return err
 			}

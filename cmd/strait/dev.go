@@ -147,7 +147,12 @@ gateway and workloads start once it joined (by --link or dev link).
 
 Returns once everything started is ready, and writes DIR/dev.json (what runs
 where) and DIR/strait.config (one context per cluster, for --config). Stop
-everything with strait dev down --dir DIR.`,
+everything with strait dev down --dir DIR; the state is kept, and dev up on the
+same DIR starts the same clusters again.`,
+		Example: `  strait dev up --dir ./dev
+  strait status --config dev/strait.config
+  strait dev up --dir ./mesh --clusters east,west,south --link
+  strait dev up --dir ./mesh --clusters east,west,south --pending south`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
@@ -191,7 +196,13 @@ everything with strait dev down --dir DIR.`,
 
 func findProxyBinary(flag string) (string, error) {
 	if flag != "" {
-		return flag, nil
+		// Checked now, not when the first sidecar starts (after the
+		// control planes and gateways have).
+		p, err := exec.LookPath(flag)
+		if err != nil {
+			return "", fmt.Errorf("--proxy-bin %s: not an executable file (%w); `make build` builds bin/strait-proxy", flag, errors.Unwrap(err))
+		}
+		return p, nil
 	}
 	if self, err := os.Executable(); err == nil {
 		p := filepath.Join(filepath.Dir(self), "strait-proxy")
@@ -848,7 +859,12 @@ func newDevDownCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "down --dir DIR",
 		Short: "Stop everything `strait dev up` started in DIR (state is kept)",
-		Args:  cobra.NoArgs,
+		Long: `Stop everything ` + "`strait dev up`" + ` (and dev link, dev run) started in DIR, as
+dev.json records it: workloads first, then gateways, then control planes. The
+state is kept: ` + "`strait dev up --dir DIR`" + ` starts the same clusters again, with
+their links and resources. To start afresh, remove DIR after dev down.`,
+		Example: `  strait dev down --dir ./dev`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir is required")}

@@ -370,7 +370,8 @@ link exists (for instance, made by hand with those commands).
 A pending cluster receives its intermediate through the join; then its gateway
 and the sample application start, and dev.json records them. Returns once the
 link is connected on both sides.`,
-		Args: cobra.NoArgs,
+		Example: `  strait dev link --dir ./mesh --cluster west`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" || cluster == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--dir and --cluster are required")}
@@ -426,6 +427,8 @@ of a running ` + "`strait dev up`" + `, wait until they are ready and record the
 dev.json (so ` + "`strait dev down`" + ` stops them). The sample frontend has a listener for
 payments: ` + "`strait dev run payments --cluster west`" + ` gives it something to call,
 in west only (export it to linked clusters with a ServiceExport).`,
+		Example: `  strait dev run payments --dir ./mesh --cluster west
+  strait dev run checkout --dir ./dev --cluster east --instances 2 --upstream payments`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			service := args[0]

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -54,7 +56,13 @@ func newTokenCreateCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "create [--ttl 15m] [--for-cluster NAME]",
 		Short: "Print a one-time join token for another cluster",
-		Args:  cobra.NoArgs,
+		Long: `Print a one-time join token for another cluster on stdout, and its ID and
+expiry on stderr. Run it on the inviting cluster, then redeem the token on the
+joining cluster with ` + "`strait federation join TOKEN`" + `. The token names this
+cluster's gateway addresses, so the gateway must be connected. A new token
+--for-cluster NAME supersedes an unused older one for the same cluster.`,
+		Example: `  strait federation token create --for-cluster west --config mesh/strait.config --context east`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, client, done, err := f.federation(cmd, 15*time.Second)
 			if err != nil {
@@ -75,8 +83,8 @@ func newTokenCreateCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime of the token (at most 24h)")
 	ttl = 15 * time.Minute
+	cmd.Flags().Var(durationValue{&ttl}, "ttl", "lifetime of the token, 1s to 24h")
 	cmd.Flags().StringVar(&forCluster, "for-cluster", "", "only this cluster may redeem the token")
 	f.register(cmd)
 	return cmd
@@ -123,14 +131,27 @@ func newTokenRevokeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "revoke ID",
 		Short: "Revoke an unused join token",
-		Args:  cobra.ExactArgs(1),
+		Long: `Revoke an unused join token by its ID (the 26 characters that
+` + "`strait federation token create`" + ` prints on stderr and ` + "`strait federation token list`" + `
+shows), on the cluster that created it. A revoked token is refused when
+redeemed. Revoking twice is harmless; a used token cannot be revoked (remove
+the link with ` + "`strait federation unlink PEER`" + ` instead).`,
+		Example: `  strait federation token list --config mesh/strait.config --context east
+  strait federation token revoke mdev62bg52rqwj4cjlgdjnq6xq --config mesh/strait.config --context east`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkTokenID(args[0]); err != nil {
+				return usageError{cmd: cmd.CommandPath(), err: err}
+			}
 			ctx, client, done, err := f.federation(cmd, 15*time.Second)
 			if err != nil {
 				return err
 			}
 			defer done()
 			if _, err := client.RevokeJoinToken(ctx, &controlplanev1.RevokeJoinTokenRequest{Id: args[0]}); err != nil {
+				if status.Code(err) == codes.NotFound {
+					return fmt.Errorf("no join token %s on this cluster: `strait federation token list` shows its tokens (a token is revoked on the cluster that created it)", args[0])
+				}
 				return rpcError(err)
 			}
 			fmt.Fprintf(g.stdout, "token %s revoked\n", args[0])
@@ -141,6 +162,21 @@ func newTokenRevokeCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
+// checkTokenID refuses what is not a join token's ID before anything is
+// dialed, the token itself (a likely mix-up) with the ID to give instead.
+func checkTokenID(s string) error {
+	if strings.HasPrefix(strings.TrimSpace(s), token.Prefix) {
+		if tok, err := token.Parse(s); err == nil {
+			return fmt.Errorf("that is a join token, not its ID: revoke it with `strait federation token revoke %s`", tok.ID())
+		}
+		return fmt.Errorf("that looks like a join token, not its ID: give the token's ID (%d characters, as `strait federation token list` shows)", token.IDStringLength)
+	}
+	if _, err := token.ParseID(s); err != nil {
+		return fmt.Errorf("%q is not a join token ID: an ID is %d characters of a-z and 2-7, as `strait federation token create` prints on stderr and `strait federation token list` shows", s, token.IDStringLength)
+	}
+	return nil
+}
+
 func newJoinCmd(g *globals) *cobra.Command {
 	f := &clientFlags{g: g}
 	cmd := &cobra.Command{
@@ -149,7 +185,12 @@ func newJoinCmd(g *globals) *cobra.Command {
 		Long: `Join the mesh of the cluster that created TOKEN: this cluster's control plane
 dials that cluster's gateway, checks it against the trust bundle the token
 pins, proves the token on that TLS channel and stores the link. A cluster
-installed without an intermediate (pending) receives it through the join.`,
+installed without an intermediate (pending) receives it through the join.
+
+A refused token says why: malformed, truncated, tampered with, expired, not
+yet valid, for another cluster, revoked, superseded, already used or unknown.`,
+		Example: `  TOKEN=$(strait federation token create --for-cluster west --config mesh/strait.config --context east)
+  strait federation join "$TOKEN" --config mesh/strait.config --context west`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			// A malformed, tampered or expired token is refused here,
@@ -320,8 +361,13 @@ control plane's view (endpoints, health, failover policy, links).
 caller's own view instead: the snapshot version it holds, and the endpoints
 its passive outlier detection ejects (counted as unhealthy), as it last
 reported them with its health.`,
+		Example: `  strait explain backend --config dev/strait.config
+  strait explain payments --from frontend-0 --config mesh/strait.config --context east`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if output != "" && output != "text" && output != "json" {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("-o %q: want text or json", output)}
+			}
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
@@ -365,7 +411,7 @@ reported them with its health.`,
 		},
 	}
 	cmd.Flags().StringVarP(&ns, "namespace", "n", "default", "the service's namespace")
-	cmd.Flags().StringVarP(&output, "output", "o", "", "json for the whole answer")
+	cmd.Flags().StringVarP(&output, "output", "o", "", "output format: text (default) or json (the whole answer)")
 	cmd.Flags().StringVar(&from, "from", "", "explain one sidecar's own view (its instance name): its snapshot and the endpoints it ejects")
 	f.register(cmd)
 	return cmd

@@ -73,9 +73,13 @@ func (g *globals) logger() *slog.Logger {
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	g := &globals{stdout: stdout, stderr: stderr}
 	root := &cobra.Command{
-		Use:           "strait",
-		Short:         "Strait links clusters into one SPIFFE service mesh",
-		Long:          "Strait links Kubernetes clusters (or plain hosts) into one service mesh under one SPIFFE trust domain.",
+		Use:   "strait",
+		Short: "Strait links clusters into one SPIFFE service mesh",
+		Long:  "Strait links Kubernetes clusters (or plain hosts) into one service mesh under one SPIFFE trust domain.",
+		Example: `  strait dev up --dir ./dev             # a cluster on this machine: control plane, gateway, sample app
+  strait status --config dev/strait.config
+  strait apply -f policy.yaml --config dev/strait.config
+  strait dev down --dir ./dev`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

@@ -272,7 +272,7 @@ func newRotator(cmd *cobra.Command, f *caFlags, cf *clientFlags) (*rotator, erro
 }
 
 func openForRotation(cmd *cobra.Command, f *caFlags) (*ca.Authority, error) {
-	a, err := f.open(cmd, cmd.Name() == "status")
+	a, err := f.openDir(cmd, cmd.Name() == "status")
 	if errors.Is(err, ca.ErrBusy) {
 		return nil, fmt.Errorf("%w; a running control plane holds it: rotate through it with --config/--context (the root authority's context)", err)
 	}
