@@ -152,6 +152,7 @@ func TestUsageCheckedBeforeDialing(t *testing.T) {
 	}{
 		{"explain -o yaml", []string{"explain", "backend", "-o", "yaml"}, `-o "yaml": want text or json`},
 		{"delete an unknown kind", []string{"delete", "bogus", "x"}, `unknown kind "bogus"`},
+		{"dev up with SVIDs too short to renew", []string{"dev", "up", "--dir", "unused", "--svid-ttl", "1s"}, "--svid-ttl 1s: at least 10s"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := cli(t, tc.args...)

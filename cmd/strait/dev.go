@@ -175,6 +175,9 @@ same DIR starts the same clusters again.`,
 					return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--pending %s: the first cluster is the root authority and holds an intermediate", p)}
 				}
 			}
+			if o.svidTTL != 0 && o.svidTTL < minDevSVIDTTL {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--svid-ttl %s: at least %s (sidecars and gateways renew at half life, and an SVID shorter than that expires while it is renewed)", o.svidTTL, minDevSVIDTTL)}
+			}
 			abs, err := filepath.Abs(dir)
 			if err != nil {
 				return err
@@ -188,11 +191,14 @@ same DIR starts the same clusters again.`,
 	cmd.Flags().StringSliceVar(&o.pending, "pending", nil, "start this cluster without an intermediate, waiting to join (repeatable)")
 	cmd.Flags().StringVar(&o.trustDomain, "trust-domain", "strait.example", "trust domain of a new mesh")
 	cmd.Flags().StringVar(&o.proxyBin, "proxy-bin", "", "strait-proxy binary (default: next to strait, then $PATH)")
-	cmd.Flags().Var(durationValue{&o.svidTTL}, "svid-ttl", "lifetime of workload SVIDs (default 1h)")
+	cmd.Flags().Var(durationValue{&o.svidTTL}, "svid-ttl", "lifetime of workload SVIDs, at least 10s (default 1h)")
 	o.reissue = 3 * time.Second
 	cmd.Flags().Var(durationValue{&o.reissue}, "reissue-window", "after a root rotation re-signs an intermediate, nodes renew their SVIDs at random within this window")
 	return cmd
 }
+
+// minDevSVIDTTL is the shortest SVID lifetime dev up takes.
+const minDevSVIDTTL = 10 * time.Second
 
 func findProxyBinary(flag string) (string, error) {
 	if flag != "" {
