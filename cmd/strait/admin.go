@@ -165,6 +165,9 @@ func newGetCmd(g *globals) *cobra.Command {
 			if len(args) == 2 {
 				name = args[1]
 			}
+			if output != "" && output != "table" && output != "yaml" {
+				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("-o: want table or yaml, got %q", output)}
+			}
 			ctx, client, _, done, err := f.admin(cmd)
 			if err != nil {
 				return err
@@ -193,6 +196,14 @@ func newGetCmd(g *globals) *cobra.Command {
 				}
 				g.stdout.Write(out)
 			case "", "table":
+				if len(resp.GetResources()) == 0 {
+					where := "in any namespace"
+					if ns != "" {
+						where = "in namespace " + ns
+					}
+					fmt.Fprintf(g.stderr, "no %s found %s\n", kind, where)
+					return nil
+				}
 				tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "KIND\tNAMESPACE\tNAME\tGENERATION")
 				for _, r := range resp.GetResources() {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"net"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/straitmesh/strait/ca"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/federation/token"
 )
 
@@ -197,5 +199,25 @@ func TestLockedCADirSaysWhoHoldsIt(t *testing.T) {
 	code, _, errOut = cli(t, "controlplane", "init", "--dir", filepath.Join(t.TempDir(), "west"), "--cluster", "west", "--ca-dir", dir)
 	if code != 1 || !strings.Contains(errOut, "initialize every cluster before starting it, or init this one with --pending") {
 		t.Fatalf("controlplane init: exit %d, stderr %q; want what to do instead", code, errOut)
+	}
+}
+
+// emptyAdmin lists no resources.
+type emptyAdmin struct {
+	controlplanev1.UnimplementedAdminServiceServer
+}
+
+func (emptyAdmin) List(context.Context, *controlplanev1.ListRequest) (*controlplanev1.ListResponse, error) {
+	return &controlplanev1.ListResponse{}, nil
+}
+
+func TestGetNothingSaysSo(t *testing.T) {
+	fx := newRotationFixture(t, &fakeRotation{})
+	fx.stop()
+	fx.admin = emptyAdmin{}
+	fx.start(t)
+	code, out, errOut := fx.strait(t.Context(), "get", "tp", "-n", "shop")
+	if code != 0 || out != "" || !strings.Contains(errOut, "no TrafficPolicy found in namespace shop") {
+		t.Fatalf("exit %d, stdout %q, stderr %q; want exit 0, nothing on stdout and a line saying nothing was found", code, out, errOut)
 	}
 }

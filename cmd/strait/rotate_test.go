@@ -74,8 +74,9 @@ type rotationFixture struct {
 	addr   string
 	creds  credentials.TransportCredentials
 
-	mu  sync.Mutex
-	srv *grpc.Server
+	mu    sync.Mutex
+	srv   *grpc.Server
+	admin controlplanev1.AdminServiceServer // also served, if set before start
 }
 
 func newRotationFixture(t *testing.T, fake *fakeRotation) *rotationFixture {
@@ -144,6 +145,9 @@ func (fx *rotationFixture) start(t *testing.T) {
 	}
 	srv := grpc.NewServer(grpc.Creds(fx.creds))
 	controlplanev1.RegisterRotationServiceServer(srv, fx.fake)
+	if fx.admin != nil {
+		controlplanev1.RegisterAdminServiceServer(srv, fx.admin)
+	}
 	go srv.Serve(lis)
 	fx.mu.Lock()
 	fx.addr, fx.srv = lis.Addr().String(), srv
