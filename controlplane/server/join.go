@@ -145,21 +145,31 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 		s.log.Warn("join refused", "token", jr.GetTokenId(), "joiner", jr.GetCluster(), "remote", req.GetRemote(), "err", err)
 		return &controlplanev1.RedeemJoinResponse{Result: &federationv1.JoinResult{Error: err.Error(), Reason: refusal(err)}}, nil
 	}
-	if err := identity.ValidateClusterName(jr.GetCluster()); err != nil {
-		return refuse(token.Errorf(token.ReasonMalformed, "joiner cluster: %v", err))
-	}
-	if jr.GetCluster() == s.cfg.Cluster {
-		return refuse(token.Errorf(token.ReasonWrongCluster, "a cluster cannot join itself"))
-	}
-	if _, err := token.ParseID(jr.GetTokenId()); err != nil {
+	// Refusals before the store is asked are audited here; the store
+	// audits its own.
+	refuseEarly := func(err error) (*controlplanev1.RedeemJoinResponse, error) {
+		if aerr := s.cfg.Store.AuditJoinRefusal(store.Redemption{TokenID: jr.GetTokenId(), Joiner: jr.GetCluster(), Remote: req.GetRemote()}, err); aerr != nil {
+			s.log.Error("audit a refused join", "err", aerr)
+		}
 		return refuse(err)
 	}
+	if err := identity.ValidateClusterName(jr.GetCluster()); err != nil {
+		return refuseEarly(token.Errorf(token.ReasonMalformed, "joiner cluster: %v", err))
+	}
+	if jr.GetCluster() == s.cfg.Cluster {
+		return refuseEarly(token.Errorf(token.ReasonWrongCluster, "a cluster cannot join itself"))
+	}
+	id, err := token.ParseID(jr.GetTokenId())
+	if err != nil {
+		return refuseEarly(err)
+	}
+	tokenID := id.String() // canonical: the caller's form may be padded or upper case
 	if len(jr.GetGatewayAddresses()) > token.MaxGatewayAddrs {
-		return refuse(token.Errorf(token.ReasonMalformed, "%d gateway addresses, more than %d", len(jr.GetGatewayAddresses()), token.MaxGatewayAddrs))
+		return refuseEarly(token.Errorf(token.ReasonMalformed, "%d gateway addresses, more than %d", len(jr.GetGatewayAddresses()), token.MaxGatewayAddrs))
 	}
 	for _, a := range jr.GetGatewayAddresses() {
 		if err := checkHostPort("gateway address", a); err != nil {
-			return refuse(token.Errorf(token.ReasonMalformed, "%v", err))
+			return refuseEarly(token.Errorf(token.ReasonMalformed, "%v", err))
 		}
 	}
 	b := s.cfg.Bundle()
@@ -168,7 +178,7 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 	var chain []*x509.Certificate
 	now := s.cfg.Clock()
 	rec, err := s.cfg.Store.RedeemJoinToken(store.Redemption{
-		TokenID: jr.GetTokenId(), Joiner: jr.GetCluster(), Remote: req.GetRemote(),
+		TokenID: tokenID, Joiner: jr.GetCluster(), Remote: req.GetRemote(),
 		Proof: func(r store.JoinTokenRecord) error {
 			var hash [32]byte
 			copy(hash[:], r.SecretHash)
@@ -178,6 +188,13 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 			return nil
 		},
 		Check: func(r store.JoinTokenRecord) error {
+			// The gateway gives up on the joiner's behalf when its
+			// connection goes away or the exchange takes too long, and
+			// tells it the join failed: nothing may change then. (The
+			// write lock held here may have been waited for.)
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("the joiner's request was abandoned before it was redeemed (its connection closed or the issuer's gateway gave up): %w", err)
+			}
 			if r.ForCluster != "" && r.ForCluster != jr.GetCluster() {
 				return token.Errorf(token.ReasonWrongCluster, "the token is for cluster %s, not %s", r.ForCluster, jr.GetCluster())
 			}

@@ -262,6 +262,24 @@ func (s *Store) RedeemJoinToken(r Redemption) (JoinTokenRecord, error) {
 	return rec, nil
 }
 
+// AuditJoinRefusal records a redemption attempt refused before
+// RedeemJoinToken was asked (a request that is not well-formed): every
+// attempt, refused or not, is in the audit log. The fields come from an
+// unauthenticated caller and are cut short.
+func (s *Store) AuditJoinRefusal(r Redemption, refused error) error {
+	now := s.clock().UTC()
+	detail := refused.Error()
+	if len(detail) > maxAuditDetail {
+		detail = detail[:maxAuditDetail] + "..."
+	}
+	return s.mutate(func(tx *bolt.Tx) (bool, error) {
+		return false, appendAudit(tx, AuditEvent{Time: now, Event: "join-refused", TokenID: trunc(r.TokenID), Peer: trunc(r.Joiner), Remote: trunc(r.Remote), Detail: detail})
+	})
+}
+
+// maxAuditDetail bounds the detail of an audited refusal.
+const maxAuditDetail = 512
+
 func putLink(tx *bolt.Tx, l Link) error {
 	if l.Peer == "" || l.ID == "" {
 		return fmt.Errorf("%w: link needs a peer and an id", ErrInvalid)
