@@ -92,6 +92,9 @@ type peerConn struct {
 	// whether it is superseded (closed when they all end); under g.mu.
 	streams  int
 	draining bool
+	// trustedUntil is closed at the first change of credentials after
+	// chain was last found trusted (see judgePeer); nil before.
+	trustedUntil atomic.Pointer[<-chan struct{}]
 }
 
 func (pc *peerConn) dead() bool { return pc.conn.Context().Err() != nil }
@@ -586,6 +589,14 @@ func (g *Gateway) judgePeer(pc *peerConn) (tunnel.CloseCode, string, error) {
 	if _, ok := g.cfg.Catalog.Peer(pc.peer); !ok {
 		return tunnel.CloseUnlinked, "unlinked", fmt.Errorf("cluster %s is no longer linked", pc.peer)
 	}
+	if ch := pc.trustedUntil.Load(); ch != nil {
+		select {
+		case <-*ch:
+		default:
+			return 0, "", nil // trusted, and the bundle has not changed since
+		}
+	}
+	changed := g.cfg.Credentials.Changed() // before the verdict, so no change is missed
 	role := svid.RoleClient
 	if pc.outbound {
 		role = svid.RoleServer
@@ -597,6 +608,7 @@ func (g *Gateway) judgePeer(pc *peerConn) (tunnel.CloseCode, string, error) {
 	if want, err := identity.Gateway(g.cfg.TrustDomain, pc.peer); err != nil || id != want {
 		return tunnel.CloseUntrusted, "untrusted", fmt.Errorf("%s is not the gateway of %s", id, pc.peer)
 	}
+	pc.trustedUntil.Store(&changed)
 	return 0, "", nil
 }
 

@@ -140,8 +140,12 @@ func (g *Gateway) serveStream(ctx context.Context, pc *peerConn, str *quic.Strea
 		return
 	}
 	str.SetReadDeadline(time.Time{})
-	if _, ok := g.cfg.Catalog.Peer(pc.peer); !ok {
-		refuse(tunnel.CodeUnauthorized, "cluster %s is not linked to %s", pc.peer, g.cfg.Cluster)
+	// Judged on every stream against the current links and bundle: a
+	// stream may come before Recheck has closed a connection that lost
+	// either (the trust verdict is kept until the bundle changes).
+	if _, reason, err := g.judgePeer(pc); err != nil {
+		g.m.refusals.WithLabelValues(reason).Inc()
+		refuse(tunnel.CodeUnauthorized, "%v", err)
 		return
 	}
 	if h.Kind == tunnel.KindControl {

@@ -244,30 +244,3 @@ func TestWaiterGivingUpLeavesNoStreamCounted(t *testing.T) {
 		t.Errorf("connection carries %d streams, want 0: the waiter gave up before the dial ended", streams)
 	}
 }
-
-// TestRecheckKeepsSlotWithDrainingConns: a peer's slot with no current
-// connection and no dial, but superseded connections still carrying
-// streams (a replacement dial failed), outlives Recheck: dropping it would
-// lift the bound on superseded connections and the pace of replacements.
-func TestRecheckKeepsSlotWithDrainingConns(t *testing.T) {
-	p := newPair(t, gwOptions{}, gwOptions{})
-	c := mustTunnel(t, p.east, p.sidecar, echoHeader())
-	defer c.Close()
-	p.east.mu.Lock()
-	s := p.east.slots["west"]
-	if s == nil || s.conn == nil {
-		p.east.mu.Unlock()
-		t.Fatal("no connection to west after a tunnel")
-	}
-	pc := s.conn // as retireLocked leaves a superseded connection with a stream
-	s.conn, pc.draining, s.draining = nil, true, append(s.draining, pc)
-	p.east.mu.Unlock()
-
-	p.east.Recheck()
-	p.east.mu.Lock()
-	kept := p.east.slots["west"] == s
-	p.east.mu.Unlock()
-	if !kept {
-		t.Error("Recheck dropped the slot of west while a superseded connection still carried a stream")
-	}
-}

@@ -1,0 +1,69 @@
+package gateway
+
+import (
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/straitmesh/strait/ca/bundle"
+	"github.com/straitmesh/strait/ca/catest"
+)
+
+// TestRecheckKeepsSlotWithDrainingConns: a peer's slot with no current
+// connection and no dial, but superseded connections still carrying
+// streams (a replacement dial failed), outlives Recheck: dropping it would
+// lift the bound on superseded connections and the pace of replacements.
+func TestRecheckKeepsSlotWithDrainingConns(t *testing.T) {
+	p := newPair(t, gwOptions{}, gwOptions{})
+	c := mustTunnel(t, p.east, p.sidecar, echoHeader())
+	defer c.Close()
+	p.east.mu.Lock()
+	s := p.east.slots["west"]
+	if s == nil || s.conn == nil {
+		p.east.mu.Unlock()
+		t.Fatal("no connection to west after a tunnel")
+	}
+	pc := s.conn // as retireLocked leaves a superseded connection with a stream
+	s.conn, pc.draining, s.draining = nil, true, append(s.draining, pc)
+	p.east.mu.Unlock()
+
+	p.east.Recheck()
+	p.east.mu.Lock()
+	kept := p.east.slots["west"] == s
+	p.east.mu.Unlock()
+	if !kept {
+		t.Error("Recheck dropped the slot of west while a superseded connection still carried a stream")
+	}
+}
+
+// TestStreamJudgedAgainstCurrentBundle: the verdict a stream is judged by
+// follows the bundle at once, before Recheck has closed the connection: a
+// peer whose root was removed cannot open a stream in between.
+func TestStreamJudgedAgainstCurrentBundle(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString(testTD)
+	caA := catest.New(t, testTD)
+	caB := catest.New(t, testTD, catest.Options{Cluster: "west"})
+	both, err := bundle.New(td, 10, append(caA.Bundle().Roots(), caB.Bundle().Roots()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	onlyA, err := bundle.New(td, 11, caA.Bundle().Roots())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPair(t, gwOptions{ca: caA, bundle: both}, gwOptions{ca: caB, bundle: both})
+	c := mustTunnel(t, p.east, newCreds(t, caA, workloadID("default", "a"), both), echoHeader())
+	defer c.Close()
+	p.east.mu.Lock()
+	pc := p.east.slots["west"].conn
+	p.east.mu.Unlock()
+	if _, _, err := p.east.judgePeer(pc); err != nil {
+		t.Fatalf("west's connection judged untrusted under both roots: %v", err)
+	}
+	if _, err := p.east.creds.SetBundle(onlyA); err != nil {
+		t.Fatal(err)
+	}
+	if _, reason, err := p.east.judgePeer(pc); err == nil || reason != "untrusted" {
+		t.Errorf("after west's root was removed: judgePeer = %q, %v; want it untrusted", reason, err)
+	}
+}
