@@ -77,7 +77,9 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 	}
 	cs := tc.ConnectionState()
 	id, _ := x509svid.IDFromCert(cs.PeerCertificates[0]) // verified by verifyEntry
-	ec := &entryConn{conn: c, chain: cs.PeerCertificates, id: id}
+	chain, release := g.chains.acquire(cs.PeerCertificates)
+	defer release()
+	ec := &entryConn{conn: c, chain: chain, id: id}
 	if !g.trackEntry(ec) {
 		c.Close()
 		return

@@ -68,6 +68,7 @@ type Gateway struct {
 	conns    map[*peerConn]struct{}
 	perPeer  map[connKey]int
 	entries  map[*entryConn]struct{}
+	chains   chainTable                   // the entry connections' chains, shared
 	exported map[*exportedStream]struct{} // inbound streams relayed to a local endpoint
 	joins    int
 	handlers sync.WaitGroup
