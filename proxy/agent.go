@@ -291,7 +291,8 @@ func (a *agent) saveSnapshot(snap *controlplanev1.Snapshot) {
 // restoreSnapshot applies the snapshot saved before a restart: the last
 // good configuration stands until the control plane sends a new one, as
 // it would have had the sidecar not restarted. A saved snapshot that does
-// not decode or is refused is left aside.
+// not decode, names no version (an empty file decodes) or is refused is
+// left aside.
 func (a *agent) restoreSnapshot() {
 	if a.cfg.DataDir == "" {
 		return
@@ -303,6 +304,10 @@ func (a *agent) restoreSnapshot() {
 	snap := &controlplanev1.Snapshot{}
 	if err == nil {
 		err = proto.Unmarshal(data, snap)
+	}
+	if err == nil && snap.GetVersion() == 0 {
+		// An empty file decodes too; no control plane sends version 0.
+		err = fmt.Errorf("it names no version (%d bytes: empty or cut short)", len(data))
 	}
 	if err == nil {
 		err = a.apply(snap)
