@@ -297,6 +297,31 @@ func (p *Pending) Complete(chain []*x509.Certificate, b *bundle.Bundle) (*Dir, e
 	return Load(p.Path)
 }
 
+// Resume finishes a Complete that a crash cut short: the intermediate for
+// this directory's key and the bundle received are on disk, but the
+// cluster file still says pending (the issuer has spent the token and
+// stored its link: the join cannot be made again). It returns nil and no
+// error when there is nothing to finish (no intermediate for this key, or
+// the crash came before the bundle was written).
+func (p *Pending) Resume() (*Dir, error) {
+	chain, err := readChain(filepath.Join(p.Path, fileIntermediate))
+	if err != nil || !ownsKey(chain[0], p.Key) {
+		return nil, nil
+	}
+	raw, err := os.ReadFile(filepath.Join(p.Path, fileBundle))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("local: %w", err)
+	}
+	b, err := bundle.ParseJWKS(p.TrustDomain, raw)
+	if err != nil {
+		return nil, fmt.Errorf("local: %s: %w", fileBundle, err)
+	}
+	return p.Complete(chain, b)
+}
+
 func readClusterFile(path string) (clusterFile, error) {
 	var cf clusterFile
 	raw, err := os.ReadFile(filepath.Join(path, fileCluster))

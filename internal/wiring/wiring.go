@@ -5,6 +5,7 @@
 package wiring
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -25,6 +26,7 @@ import (
 	"github.com/straitmesh/strait/controlplane/registry"
 	"github.com/straitmesh/strait/controlplane/server"
 	"github.com/straitmesh/strait/controlplane/store"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 // RootAuthority lets a local control plane get its intermediate from the
@@ -127,14 +129,29 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 		if perr != nil {
 			return perr
 		}
-		// The pending server and then the full control plane serve views
-		// of one listener: clients are never refused during the switch.
-		h := newHandoff(ln)
-		if err := runPending(ctx, p, h.view(), o.Logger, o.Clock); err != nil {
-			return err
+		// A join cut short while it installed what it received: the
+		// issuer spent the token and stored its link, so it is finished
+		// here rather than waited for again.
+		rd, rerr := p.Resume()
+		switch {
+		case rerr != nil:
+			o.Logger.Warn("the intermediate received through a join that a restart interrupted could not be installed; waiting for a join", "err", rerr)
+		case rd != nil:
+			o.Logger.Info("finished installing the intermediate received through a join that a restart interrupted", "cluster", rd.Cluster)
 		}
-		ln = h.view()
-		d, err = local.Load(o.Dir)
+		if rd != nil {
+			d, err = rd, nil
+		} else {
+			// The pending server and then the full control plane serve
+			// views of one listener: clients are never refused during the
+			// switch.
+			h := newHandoff(ln)
+			if err := runPending(ctx, p, h.view(), o.Logger, o.Clock); err != nil {
+				return err
+			}
+			ln = h.view()
+			d, err = local.Load(o.Dir)
+		}
 	}
 	if err != nil {
 		return err
@@ -169,6 +186,7 @@ func RunControlPlane(ctx context.Context, o ControlPlaneOptions) error {
 		}
 		root = rc
 	}
+	healAdmin(d, tr.issuer, o.Logger)
 	srv, err := server.New(server.Config{
 		Cluster: d.Cluster, TrustDomain: d.TrustDomain, Issuer: tr.issuer, Bundle: current.Load,
 		Store: st, Registry: reg, IntermediateExpiry: d.Chain[0].NotAfter, SVIDTTL: o.SVIDTTL,
@@ -223,4 +241,30 @@ func watchBundle(ctx context.Context, d *local.Dir, current *atomic.Pointer[bund
 			log.Info("trust bundle updated", "sequence", b.Sequence(), "digest", b.Digest(), "roots", len(b.Roots()))
 		}
 	}
+}
+
+// healAdmin re-issues the admin credentials kept in the data directory
+// when they do not chain to the intermediate in force: a crash between a
+// change of intermediate (a join completing, a rotation installing the
+// re-signed one) and their re-issue left them on the previous chain,
+// which this control plane refuses (a bootstrap CA's at once, an old
+// root's after retire). Credentials absent are left so.
+func healAdmin(d *local.Dir, m local.Minter, log *slog.Logger) {
+	s, err := svidfile.Load(d.AdminPaths())
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	ttl, why := 24*time.Hour, fmt.Sprintf("unreadable (%v)", err)
+	if err == nil {
+		if len(s.Certificates) > 1 && bytes.Equal(s.Certificates[1].Raw, d.Chain[0].Raw) {
+			return
+		}
+		ttl, why = min(ttl, s.Certificates[0].NotAfter.Sub(s.Certificates[0].NotBefore)), "issued under another intermediate"
+	}
+	cert, _ := d.AdminPaths()
+	if _, err := d.MintAdmin(m, ttl); err != nil {
+		log.Warn("the admin credentials do not chain to the intermediate in force and could not be re-issued; run `strait controlplane admin-credentials`", "path", cert, "err", err)
+		return
+	}
+	log.Info("admin credentials re-issued under the intermediate in force", "path", cert, "were", why)
 }
