@@ -152,7 +152,8 @@ func (s *Server) authorize(ctx context.Context, method string) error {
 		return nil
 	case controlplanev1.FederationService_WatchGateway_FullMethodName,
 		controlplanev1.FederationService_ReportPeers_FullMethodName,
-		controlplanev1.FederationService_RedeemJoin_FullMethodName:
+		controlplanev1.FederationService_RedeemJoin_FullMethodName,
+		controlplanev1.FederationService_AuditJoinRefusal_FullMethodName:
 		if !ok {
 			return fmt.Errorf("%w: %s requires mTLS with this cluster's gateway SVID", ErrUnauthenticated, method)
 		}

@@ -486,11 +486,13 @@ func (f federationServer) ReportPeers(ctx context.Context, req *controlplanev1.R
 	}
 	for _, l := range links {
 		if r := reports[l.Peer]; r != nil && len(r.GetGatewayAddresses()) > 0 && !slices.Equal(l.PeerGateways, r.GetGatewayAddresses()) {
-			l.PeerGateways = slices.Clone(r.GetGatewayAddresses())
-			if err := s.cfg.Store.PutLink(l); err != nil {
+			changed, err := s.cfg.Store.UpdateLinkGateways(l.Peer, r.GetGatewayAddresses())
+			if err != nil {
 				return nil, err
 			}
-			s.log.Info("peer gateway addresses updated", "peer", l.Peer, "addresses", l.PeerGateways)
+			if changed {
+				s.log.Info("peer gateway addresses updated", "peer", l.Peer, "addresses", r.GetGatewayAddresses())
+			}
 		}
 	}
 	s.mu.Lock()

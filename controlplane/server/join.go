@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -116,6 +117,47 @@ func (f federationServer) RevokeJoinToken(ctx context.Context, req *controlplane
 	return &controlplanev1.RevokeJoinTokenResponse{}, nil
 }
 
+// publicRefusal marks a refusal whose text is written for the joiner (it
+// names nothing the joiner may not know): it is sent as it is, where any
+// other refusal is told by its reason only (join.PublicMessage).
+type publicRefusal struct{ err error }
+
+func (p *publicRefusal) Error() string { return p.err.Error() }
+func (p *publicRefusal) Unwrap() error { return p.err }
+
+// clipClaim bounds what an unauthenticated caller claimed, for the log.
+func clipClaim(s string) string {
+	if len(s) <= join.MaxClaim {
+		return s
+	}
+	return strings.ToValidUTF8(s[:join.MaxClaim], "") + "..."
+}
+
+// AuditJoinRefusal records a join the gateway refused inside the exchange,
+// before RedeemJoin was asked: every attempt is in the audit log. The
+// joiner's claims are unauthenticated and cut short (the store cuts them
+// again, and the detail).
+func (f federationServer) AuditJoinRefusal(ctx context.Context, req *controlplanev1.AuditJoinRefusalRequest) (*controlplanev1.AuditJoinRefusalResponse, error) {
+	s := f.s
+	reason := clipClaim(req.GetReason())
+	if reason == "" {
+		reason = "internal"
+	}
+	detail := req.GetDetail()
+	if len(detail) > maxRefusalDetail {
+		detail = strings.ToValidUTF8(detail[:maxRefusalDetail], "") + "..."
+	}
+	r := store.Redemption{TokenID: clipClaim(req.GetTokenId()), Joiner: clipClaim(req.GetCluster()), Remote: clipClaim(req.GetRemote())}
+	s.log.Warn("join refused by the gateway", "token", r.TokenID, "joiner", r.Joiner, "remote", r.Remote, "reason", reason, "err", detail)
+	if err := s.cfg.Store.AuditJoinRefusal(r, fmt.Errorf("refused by the gateway (%s): %s", reason, detail)); err != nil {
+		return nil, err
+	}
+	return &controlplanev1.AuditJoinRefusalResponse{}, nil
+}
+
+// maxRefusalDetail bounds the detail of a refusal a gateway reports.
+const maxRefusalDetail = 512
+
 // refusal maps a redemption error to the reason the joiner is told.
 func refusal(err error) string {
 	switch {
@@ -141,9 +183,18 @@ func refusal(err error) string {
 func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.RedeemJoinRequest) (*controlplanev1.RedeemJoinResponse, error) {
 	s := f.s
 	jr := req.GetJoin()
+	// The joiner is unauthenticated: it is told the reason in public
+	// terms; err (store errors, the signer's, who used a token when) goes
+	// to the log and the audit log only.
 	refuse := func(err error) (*controlplanev1.RedeemJoinResponse, error) {
-		s.log.Warn("join refused", "token", jr.GetTokenId(), "joiner", jr.GetCluster(), "remote", req.GetRemote(), "err", err)
-		return &controlplanev1.RedeemJoinResponse{Result: &federationv1.JoinResult{Error: err.Error(), Reason: refusal(err)}}, nil
+		s.log.Warn("join refused", "token", clipClaim(jr.GetTokenId()), "joiner", clipClaim(jr.GetCluster()), "remote", clipClaim(req.GetRemote()), "err", err)
+		reason := refusal(err)
+		msg := join.PublicMessage(reason)
+		var pe *publicRefusal
+		if errors.As(err, &pe) {
+			msg = pe.Error()
+		}
+		return &controlplanev1.RedeemJoinResponse{Result: &federationv1.JoinResult{Error: msg, Reason: reason}}, nil
 	}
 	// Refusals before the store is asked are audited here; the store
 	// audits its own.
@@ -157,7 +208,7 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 		return refuseEarly(token.Errorf(token.ReasonMalformed, "joiner cluster: %v", err))
 	}
 	if jr.GetCluster() == s.cfg.Cluster {
-		return refuseEarly(token.Errorf(token.ReasonWrongCluster, "a cluster cannot join itself"))
+		return refuseEarly(&publicRefusal{token.Errorf(token.ReasonWrongCluster, "a cluster cannot join itself")})
 	}
 	id, err := token.ParseID(jr.GetTokenId())
 	if err != nil {
@@ -196,16 +247,17 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 				return fmt.Errorf("the joiner's request was abandoned before it was redeemed (its connection closed or the issuer's gateway gave up): %w", err)
 			}
 			if r.ForCluster != "" && r.ForCluster != jr.GetCluster() {
-				return token.Errorf(token.ReasonWrongCluster, "the token is for cluster %s, not %s", r.ForCluster, jr.GetCluster())
+				// Told after the proof only: to the token's holder.
+				return &publicRefusal{token.Errorf(token.ReasonWrongCluster, "the token is for cluster %s, not %s", r.ForCluster, jr.GetCluster())}
 			}
 			if r.BundleDigest != "" && r.BundleDigest != b.Digest() {
-				return token.Errorf(token.ReasonSuperseded, "this cluster's trust bundle changed since the token was made; create a new token")
+				return &publicRefusal{token.Errorf(token.ReasonSuperseded, "the issuer's trust bundle changed since the token was made; create a new token")}
 			}
 			if len(jr.GetIntermediateCsr()) == 0 {
 				return nil
 			}
 			if s.cfg.RootAuthority == nil {
-				return fmt.Errorf("cluster %s is not the root authority and cannot issue an intermediate; join through the root authority's cluster", s.cfg.Cluster)
+				return &publicRefusal{token.Errorf(token.ReasonWrongCluster, "cluster %s is not the root authority and cannot issue an intermediate; join with a token of the root authority's cluster", s.cfg.Cluster)}
 			}
 			c, err := s.cfg.RootAuthority.SignIntermediate(ctx, jr.GetCluster(), jr.GetIntermediateCsr(), 0)
 			if err != nil {

@@ -52,7 +52,7 @@ func TestJoinOtherMeshRefusedBeforeRedemption(t *testing.T) {
 			func(context.Context, *federationv1.JoinRequest, []byte) (*federationv1.JoinResult, error) {
 				redeemed.Store(true)
 				return &federationv1.JoinResult{LinkId: "01", Cluster: "north", BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence()}, nil
-			})
+			}, nil)
 	}()
 	digest, _ := token.ParseBundleDigest(b.Digest())
 	tok, err := token.New(token.Params{Issuer: "north", TrustDomain: td, GatewayAddrs: []string{ln.Addr().String()}, BundleDigest: digest})

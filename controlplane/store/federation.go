@@ -299,6 +299,90 @@ func (s *Store) PutLink(l Link) error {
 	return err
 }
 
+// UpdateLinkGateways stores the gateway addresses peer announced in its
+// link, if there is one (reporting whether it changed anything). The
+// addresses come from the peer: an announcement of the addresses stored
+// (in any order) is not audited, and the changes one peer announces
+// within linkAddrsWindow of its last audited one update that entry
+// instead of adding another, so that a peer announcing changes over and
+// over cannot push the record of tokens, joins and links out of the log.
+func (s *Store) UpdateLinkGateways(peer string, addrs []string) (bool, error) {
+	now := s.clock().UTC()
+	changed := false
+	err := s.mutate(func(tx *bolt.Tx) (bool, error) {
+		changed = false
+		v := tx.Bucket(bucketLinks).Get([]byte(peer))
+		if v == nil {
+			return false, nil // unlinked meanwhile
+		}
+		var l Link
+		if err := json.Unmarshal(v, &l); err != nil {
+			return false, fmt.Errorf("%w: link %s: %v", ErrCorrupt, trunc(peer), err)
+		}
+		if slices.Equal(l.PeerGateways, addrs) {
+			return false, nil
+		}
+		same := sameSet(l.PeerGateways, addrs)
+		l.PeerGateways = slices.Clone(addrs)
+		if err := putLink(tx, l); err != nil {
+			return false, err
+		}
+		changed = true
+		if same {
+			return true, nil // reordered only: nothing worth a record
+		}
+		return true, auditLinkAddrs(tx, now, peer, addrs)
+	})
+	return changed, err
+}
+
+// sameSet reports whether a and b hold the same strings, in any order.
+func sameSet(a, b []string) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.Sort(a)
+	slices.Sort(b)
+	return slices.Equal(slices.Compact(a), slices.Compact(b))
+}
+
+// A peer's address changes are audited at most once per linkAddrsWindow:
+// later ones within it update that entry, if it is among the latest
+// linkAddrsLookback entries (else others have been recorded since, and a
+// new entry is added).
+const (
+	linkAddrsWindow   = time.Hour
+	linkAddrsLookback = 64
+	linkAddrsEvent    = "link-addresses"
+)
+
+func auditLinkAddrs(tx *bolt.Tx, now time.Time, peer string, addrs []string) error {
+	list := strings.Join(addrs, ",")
+	if len(list) > maxAuditDetail/2 {
+		list = list[:maxAuditDetail/2] + "..."
+	}
+	b := tx.Bucket(bucketAudit)
+	c := b.Cursor()
+	n := 0
+	for k, v := c.Last(); k != nil && n < linkAddrsLookback; k, v = c.Prev() {
+		n++
+		var e AuditEvent
+		if json.Unmarshal(v, &e) != nil || e.Event != linkAddrsEvent || e.Peer != peer {
+			continue
+		}
+		if now.Sub(e.Time) >= linkAddrsWindow || now.Before(e.Time) {
+			break
+		}
+		// Coalesce: the entry keeps its time (the first change of the
+		// window) and says how many followed and what the addresses are now.
+		count := 1
+		if i := strings.Index(e.Detail, " changes since "); i > 0 {
+			fmt.Sscanf(e.Detail, "%d", &count)
+		}
+		e.Detail = fmt.Sprintf("%d changes since %s, the last at %s: %s", count+1, e.Time.Format(time.RFC3339), now.Format(time.RFC3339), list)
+		return putJSON(b, k, e)
+	}
+	return appendAudit(tx, AuditEvent{Time: now, Event: linkAddrsEvent, Peer: peer, Detail: list})
+}
+
 // DeleteLink removes the link to peer.
 func (s *Store) DeleteLink(peer string) error {
 	now := s.clock().UTC()

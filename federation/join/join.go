@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"time"
+	"unicode/utf8"
 
 	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
@@ -136,7 +137,8 @@ func Dial(ctx context.Context, req Request) (*Result, error) {
 	}
 	var errs []error
 	for _, addr := range tok.GatewayAddrs() {
-		res, err := dialOne(ctx, addr, tc, req)
+		var presented bool
+		res, err := dialOne(ctx, addr, tc, req, &presented)
 		if err == nil {
 			return res, nil
 		}
@@ -144,17 +146,42 @@ func Dial(ctx context.Context, req Request) (*Result, error) {
 		if errors.As(err, &refused) || errors.Is(err, errPinMismatch) || errors.Is(err, errOfferRefused) {
 			return nil, err // the issuer answered: another address will say the same
 		}
+		if presented {
+			// The issuer may have redeemed the token (or refused it for
+			// a reason this side never learned): on another address it
+			// would only say "already used".
+			return nil, &PresentedError{Addr: addr, Issuer: tok.Issuer(), Joiner: req.Cluster, Err: err}
+		}
 		errs = append(errs, fmt.Errorf("%s: %w", addr, err))
 	}
 	return nil, fmt.Errorf("join: no gateway of %s could be reached: %w", tok.Issuer(), errors.Join(errs...))
 }
+
+// PresentedError is a join that failed after the token's proof was sent
+// to the issuer's gateway at Addr: whether the issuer redeemed it is not
+// known, and the token is not tried on another address.
+type PresentedError struct {
+	Addr, Issuer, Joiner string
+	Err                  error
+}
+
+func (e *PresentedError) Error() string {
+	return fmt.Sprintf("join: the exchange with %s's gateway at %s failed after the token was presented (%v); "+
+		"the issuer may have redeemed it, so it was not tried on another address: if `strait federation status` on %s lists a link to %s, "+
+		"the join went through there only (remove that link with `strait federation unlink %s` on %s); either way create a new token and join again",
+		e.Issuer, e.Addr, e.Err, e.Issuer, e.Joiner, e.Joiner, e.Issuer)
+}
+
+func (e *PresentedError) Unwrap() error { return e.Err }
 
 var (
 	errPinMismatch  = errors.New("the issuer's trust bundle does not match the digest the token pins")
 	errOfferRefused = errors.New("join: the issuer's offer was refused")
 )
 
-func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Result, error) {
+// dialOne runs the exchange with one gateway address; presented is set
+// once the proof has been handed to the connection.
+func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request, presented *bool) (*Result, error) {
 	tok := req.Token
 	conn, err := quic.DialAddr(ctx, addr, tc, &quic.Config{HandshakeIdleTimeout: 10 * time.Second, MaxIdleTimeout: Timeout})
 	if err != nil {
@@ -212,6 +239,7 @@ func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Re
 		TokenId: tok.ID().String(), Proof: tok.Proof(binding, req.Cluster), Cluster: req.Cluster,
 		GatewayAddresses: req.GatewayAddrs, IntermediateCsr: req.CSR, BundleDigest: req.BundleDigest,
 	}
+	*presented = true
 	if err := WriteMsg(s, jr); err != nil {
 		return nil, err
 	}
@@ -251,16 +279,77 @@ func dialOne(ctx context.Context, addr string, tc *tls.Config, req Request) (*Re
 }
 
 // Redeemer checks a join request received on a channel whose exporter
-// value is binding, and answers it (the issuer's control plane).
+// value is binding, and answers it (the issuer's control plane). The
+// result's error, if any, is sent to the joiner as it is: it must say
+// nothing of the issuer's internals (see PublicMessage). An error the
+// Redeemer returns is not sent: the joiner is told the issuer could not
+// process the join.
 type Redeemer func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error)
 
+// Refusal is a join Serve refused itself, inside the exchange, before the
+// Redeemer was asked (or because it failed).
+type Refusal struct {
+	// TokenID and Cluster are what the joiner claimed, as far as it could
+	// be read: unauthenticated, and cut to MaxClaim bytes.
+	TokenID, Cluster string
+	// Reason is what the joiner was told: a federation/token reason or
+	// "internal".
+	Reason string
+	// Err says why, for the issuer's log and audit log; the joiner was
+	// not told it.
+	Err error
+}
+
+// Refuser records a Refusal: every join attempt, refused or not, is
+// audited.
+type Refuser func(ctx context.Context, r Refusal)
+
+// MaxClaim bounds each unauthenticated claim in a Refusal.
+const MaxClaim = 64
+
+// clip cuts s to MaxClaim bytes on a character boundary.
+func clip(s string) string {
+	if len(s) <= MaxClaim {
+		return s
+	}
+	s = s[:MaxClaim]
+	for len(s) > 0 && !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s + "..."
+}
+
+// PublicMessage is what a joiner is told of a join refused for reason (a
+// federation/token reason, "conflict" or "internal"): the reason in words
+// and what to do, nothing of why in the issuer's terms (store or gRPC
+// errors, who used a token when): that goes to the issuer's log and audit
+// log.
+func PublicMessage(reason string) string {
+	switch r := token.Reason(reason); r {
+	case token.ReasonMalformed:
+		return "federation: the join request is malformed"
+	case token.ReasonExpired, token.ReasonRevoked, token.ReasonSuperseded, token.ReasonAlreadyUsed, token.ReasonUnknown, token.ReasonWrongCluster:
+		return token.Errorf(r, "create a new token on the issuing cluster").Error()
+	case token.ReasonTruncated, token.ReasonTampered, token.ReasonUnsupportedVersion, token.ReasonNotYetValid, token.ReasonBadProof:
+		return token.Errorf(r, "%s", "").Error()
+	case "conflict":
+		return "federation: the joining cluster is already linked with the issuer: remove that link there (strait federation unlink) before joining again"
+	}
+	return "federation: the issuer could not process the join (its control plane's log says why); try again later"
+}
+
 // Serve runs the issuer's side of one join stream: offer sends the
-// issuer's bundle; the request is then passed to redeem.
+// issuer's bundle; the request is then passed to redeem. What Serve
+// refuses itself (a malformed message, a request naming another cluster
+// than its hello, a token sent in the hello before the joiner could check
+// the offer, a redeem that failed) is told to the joiner with a public
+// reason and passed to refused, if not nil; Serve then returns the
+// refusal's detail.
 //
 // The exchange is bounded by Timeout and ctx: if s has SetDeadline (a
 // QUIC stream, a net.Conn), a joiner that goes silent does not hold it
 // longer.
-func Serve(ctx context.Context, s io.ReadWriter, cs tls.ConnectionState, offer *federationv1.JoinOffer, redeem Redeemer) error {
+func Serve(ctx context.Context, s io.ReadWriter, cs tls.ConnectionState, offer *federationv1.JoinOffer, redeem Redeemer, refused Refuser) error {
 	ctx, cancel := context.WithTimeout(ctx, Timeout)
 	defer cancel()
 	if d, ok := s.(interface{ SetDeadline(time.Time) error }); ok {
@@ -269,27 +358,59 @@ func Serve(ctx context.Context, s io.ReadWriter, cs tls.ConnectionState, offer *
 		stop := context.AfterFunc(ctx, func() { d.SetDeadline(time.Unix(1, 0)) })
 		defer stop()
 	}
+	var claim *federationv1.JoinRequest // what is known of the joiner's claims
+	refuse := func(reason token.Reason, public string, detail error) error {
+		if public == "" {
+			public = PublicMessage(string(reason))
+		}
+		werr := WriteMsg(s, &federationv1.JoinResult{Error: public, Reason: string(reason)})
+		if refused != nil {
+			refused(ctx, Refusal{TokenID: clip(claim.GetTokenId()), Cluster: clip(claim.GetCluster()), Reason: string(reason), Err: detail})
+		}
+		if werr != nil {
+			return fmt.Errorf("join refused (%w); telling the joiner failed: %w", detail, werr)
+		}
+		return fmt.Errorf("join refused: %w", detail)
+	}
 	var hello federationv1.JoinRequest
 	if err := ReadMsg(s, &hello); err != nil {
+		if errors.Is(err, wire.ErrMalformed) {
+			return refuse(token.ReasonMalformed, "federation: the join hello is malformed", fmt.Errorf("hello: %w", err))
+		}
 		return err
+	}
+	claim = &hello
+	if hello.GetTokenId() != "" || len(hello.GetProof()) > 0 {
+		// A joiner sends its proof only after it checked the offer (the
+		// issuer's bundle and certificate): not before.
+		return refuse(token.ReasonMalformed, "federation: the join hello carries a token: the proof goes in the request that follows the offer, once the joiner has checked it",
+			fmt.Errorf("the hello carries a token ID or a proof, sent before the joiner could check the offer"))
 	}
 	if err := WriteMsg(s, offer); err != nil {
 		return err
 	}
 	var req federationv1.JoinRequest
 	if err := ReadMsg(s, &req); err != nil {
+		if errors.Is(err, wire.ErrMalformed) {
+			return refuse(token.ReasonMalformed, "federation: the join request is malformed", fmt.Errorf("request of %q: %w", clip(hello.GetCluster()), err))
+		}
 		return err
 	}
+	claim = &federationv1.JoinRequest{TokenId: req.GetTokenId(), Cluster: req.GetCluster()}
 	if req.GetCluster() != hello.GetCluster() {
-		return WriteMsg(s, &federationv1.JoinResult{Error: "the request names another cluster than its hello", Reason: string(token.ReasonMalformed)})
+		return refuse(token.ReasonMalformed, "federation: the join request names another cluster than its hello",
+			fmt.Errorf("the request names cluster %q, its hello %q", clip(req.GetCluster()), clip(hello.GetCluster())))
 	}
 	binding, err := token.ChannelBinding(&cs)
 	if err != nil {
-		return err
+		return refuse("internal", "", fmt.Errorf("channel binding: %w", err))
 	}
 	res, err := redeem(ctx, &req, binding)
+	if err == nil && res == nil {
+		err = errors.New("no result")
+	}
 	if err != nil {
-		res = &federationv1.JoinResult{Error: "the issuer could not process the join: " + err.Error(), Reason: "internal"}
+		return refuse("internal", "", fmt.Errorf("redeem: %w", err))
 	}
 	return WriteMsg(s, res)
 }

@@ -52,7 +52,7 @@ func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
 					return
 				}
 				defer s.Close()
-				Serve(conn.Context(), s, conn.ConnectionState().TLS, &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: "east"}, redeem)
+				Serve(conn.Context(), s, conn.ConnectionState().TLS, &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: "east"}, redeem, nil)
 			}()
 		}
 	}()
@@ -70,11 +70,12 @@ func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
 // An authenticated issuer still only speaks for itself: a result naming
 // another cluster must not become the joiner's link to that cluster.
 func TestDialRefusesResultForAnotherCluster(t *testing.T) {
-	var b *bundle.Bundle
+	var bp atomic.Pointer[bundle.Bundle] // set after the issuer started: UDP gives the race detector no order
 	c, tok := issuer(t, func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error) {
+		b := bp.Load()
 		return &federationv1.JoinResult{LinkId: "0102", Cluster: "south", BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence()}, nil
 	})
-	b = c.Bundle()
+	bp.Store(c.Bundle())
 	_, err := Dial(context.Background(), Request{Token: tok, Cluster: "west"})
 	if err == nil {
 		t.Fatal("a join result naming south accepted from east's gateway")
@@ -113,7 +114,7 @@ func TestServeBoundedByContext(t *testing.T) {
 	go func() {
 		done <- Serve(ctx, b, tls.ConnectionState{}, &federationv1.JoinOffer{}, func(context.Context, *federationv1.JoinRequest, []byte) (*federationv1.JoinResult, error) {
 			return nil, errors.New("unreachable")
-		})
+		}, nil)
 	}()
 	select {
 	case err := <-done:

@@ -7,6 +7,7 @@ package wire
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 
@@ -15,6 +16,11 @@ import (
 
 // MaxMessage is the default bound on one message.
 const MaxMessage = 1 << 20
+
+// ErrMalformed is wrapped by Read's error when what arrived is not a
+// message within the limit (a length over it, a body that does not
+// decode), as opposed to a stream that ended or failed.
+var ErrMalformed = errors.New("wire: malformed message")
 
 // initialBuffer is what a frame's buffer starts at before its bytes arrive.
 const initialBuffer = 64 << 10
@@ -43,7 +49,7 @@ func Read(r io.Reader, m proto.Message, max int) error {
 	}
 	size := binary.BigEndian.Uint32(n[:])
 	if uint64(size) > uint64(max) {
-		return fmt.Errorf("wire: message of %d bytes, more than %d", size, max)
+		return fmt.Errorf("%w: %d bytes, more than %d", ErrMalformed, size, max)
 	}
 	// The buffer grows with what arrives, not with what the length
 	// claims: a peer that sends only a length holds no more than that.
@@ -56,7 +62,7 @@ func Read(r io.Reader, m proto.Message, max int) error {
 		return fmt.Errorf("wire: read: %w", io.ErrUnexpectedEOF)
 	}
 	if err := proto.Unmarshal(buf.Bytes(), m); err != nil {
-		return fmt.Errorf("wire: malformed message: %w", err)
+		return fmt.Errorf("%w: %w", ErrMalformed, err)
 	}
 	return nil
 }

@@ -597,21 +597,33 @@ func (a *agent) serveJoin(ctx context.Context, s io.ReadWriteCloser, cs tls.Conn
 		return
 	}
 	offer := &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: a.cfg.Cluster}
-	err := join.Serve(ctx, s, cs, offer, func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error) {
+	remote := ""
+	if ra := gateway.RemoteAddr(ctx); ra != nil {
+		remote = ra.String()
+	}
+	redeem := func(ctx context.Context, req *federationv1.JoinRequest, binding []byte) (*federationv1.JoinResult, error) {
 		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 		defer cancel()
-		remote := ""
-		if ra := gateway.RemoteAddr(ctx); ra != nil {
-			remote = ra.String()
-		}
 		resp, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).RedeemJoin(ctx, &controlplanev1.RedeemJoinRequest{Join: req, ChannelBinding: binding, Remote: remote})
 		if err != nil {
 			return nil, err
 		}
 		return resp.GetResult(), nil
-	})
-	if err != nil {
-		a.log.Info("join exchange failed", "err", err)
+	}
+	// What the exchange refuses before the control plane is asked is
+	// audited there all the same: every attempt is in the audit log.
+	refused := func(ctx context.Context, r join.Refusal) {
+		a.log.Warn("join refused", "token", r.TokenID, "joiner", r.Cluster, "remote", remote, "reason", r.Reason, "err", r.Err)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_, err := controlplanev1.NewFederationServiceClient(a.id.Conn()).AuditJoinRefusal(ctx, &controlplanev1.AuditJoinRefusalRequest{
+			TokenId: r.TokenID, Cluster: r.Cluster, Remote: remote, Reason: r.Reason, Detail: r.Err.Error()})
+		if err != nil {
+			a.log.Error("audit a refused join", "err", err)
+		}
+	}
+	if err := join.Serve(ctx, s, cs, offer, redeem, refused); err != nil {
+		a.log.Info("join exchange ended", "remote", remote, "err", err)
 	}
 }
 

@@ -76,7 +76,7 @@ func TestPendingConcurrentJoins(t *testing.T) {
 					return
 				}
 				defer s.Close()
-				join.Serve(conn.Context(), s, conn.ConnectionState().TLS, &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: "east"}, redeem)
+				join.Serve(conn.Context(), s, conn.ConnectionState().TLS, &federationv1.JoinOffer{BundlePem: b.MarshalPEM(), BundleSequence: b.Sequence(), Cluster: "east"}, redeem, nil)
 			}()
 		}
 	}()

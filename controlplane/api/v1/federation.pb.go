@@ -1711,6 +1711,127 @@ func (x *RedeemJoinResponse) GetResult() *v1.JoinResult {
 	return nil
 }
 
+// AuditJoinRefusalRequest is a join the gateway refused inside the
+// exchange: a malformed message, a request naming another cluster than its
+// hello, a token sent in the hello, a control plane it could not ask.
+type AuditJoinRefusalRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the joiner claimed, as far as it could be read (unauthenticated:
+	// the control plane bounds them).
+	TokenId string `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
+	// Remote address the join came from.
+	Remote string `protobuf:"bytes,3,opt,name=remote,proto3" json:"remote,omitempty"`
+	// A federation/token reason, or "internal".
+	Reason string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	// What the gateway saw, for the audit log and the control plane's log;
+	// never sent to the joiner.
+	Detail        string `protobuf:"bytes,5,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditJoinRefusalRequest) Reset() {
+	*x = AuditJoinRefusalRequest{}
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditJoinRefusalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditJoinRefusalRequest) ProtoMessage() {}
+
+func (x *AuditJoinRefusalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditJoinRefusalRequest.ProtoReflect.Descriptor instead.
+func (*AuditJoinRefusalRequest) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *AuditJoinRefusalRequest) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
+func (x *AuditJoinRefusalRequest) GetCluster() string {
+	if x != nil {
+		return x.Cluster
+	}
+	return ""
+}
+
+func (x *AuditJoinRefusalRequest) GetRemote() string {
+	if x != nil {
+		return x.Remote
+	}
+	return ""
+}
+
+func (x *AuditJoinRefusalRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *AuditJoinRefusalRequest) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type AuditJoinRefusalResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditJoinRefusalResponse) Reset() {
+	*x = AuditJoinRefusalResponse{}
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditJoinRefusalResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditJoinRefusalResponse) ProtoMessage() {}
+
+func (x *AuditJoinRefusalResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_controlplane_api_v1_federation_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditJoinRefusalResponse.ProtoReflect.Descriptor instead.
+func (*AuditJoinRefusalResponse) Descriptor() ([]byte, []int) {
+	return file_controlplane_api_v1_federation_proto_rawDescGZIP(), []int{28}
+}
+
 var File_controlplane_api_v1_federation_proto protoreflect.FileDescriptor
 
 const file_controlplane_api_v1_federation_proto_rawDesc = "" +
@@ -1841,7 +1962,14 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\x0fchannel_binding\x18\x02 \x01(\fR\x0echannelBinding\x12\x16\n" +
 	"\x06remote\x18\x03 \x01(\tR\x06remote\"N\n" +
 	"\x12RedeemJoinResponse\x128\n" +
-	"\x06result\x18\x01 \x01(\v2 .strait.federation.v1.JoinResultR\x06result2\xb4\b\n" +
+	"\x06result\x18\x01 \x01(\v2 .strait.federation.v1.JoinResultR\x06result\"\x96\x01\n" +
+	"\x17AuditJoinRefusalRequest\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12\x18\n" +
+	"\acluster\x18\x02 \x01(\tR\acluster\x12\x16\n" +
+	"\x06remote\x18\x03 \x01(\tR\x06remote\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x16\n" +
+	"\x06detail\x18\x05 \x01(\tR\x06detail\"\x1a\n" +
+	"\x18AuditJoinRefusalResponse2\xab\t\n" +
 	"\x11FederationService\x12r\n" +
 	"\x0fCreateJoinToken\x12..strait.controlplane.v1.CreateJoinTokenRequest\x1a/.strait.controlplane.v1.CreateJoinTokenResponse\x12o\n" +
 	"\x0eListJoinTokens\x12-.strait.controlplane.v1.ListJoinTokensRequest\x1a..strait.controlplane.v1.ListJoinTokensResponse\x12r\n" +
@@ -1854,7 +1982,8 @@ const file_controlplane_api_v1_federation_proto_rawDesc = "" +
 	"\fWatchGateway\x12+.strait.controlplane.v1.WatchGatewayRequest\x1a,.strait.controlplane.v1.WatchGatewayResponse0\x01\x12f\n" +
 	"\vReportPeers\x12*.strait.controlplane.v1.ReportPeersRequest\x1a+.strait.controlplane.v1.ReportPeersResponse\x12c\n" +
 	"\n" +
-	"RedeemJoin\x12).strait.controlplane.v1.RedeemJoinRequest\x1a*.strait.controlplane.v1.RedeemJoinResponseBAZ?github.com/straitmesh/strait/controlplane/api/v1;controlplanev1b\x06proto3"
+	"RedeemJoin\x12).strait.controlplane.v1.RedeemJoinRequest\x1a*.strait.controlplane.v1.RedeemJoinResponse\x12u\n" +
+	"\x10AuditJoinRefusal\x12/.strait.controlplane.v1.AuditJoinRefusalRequest\x1a0.strait.controlplane.v1.AuditJoinRefusalResponseBAZ?github.com/straitmesh/strait/controlplane/api/v1;controlplanev1b\x06proto3"
 
 var (
 	file_controlplane_api_v1_federation_proto_rawDescOnce sync.Once
@@ -1868,7 +1997,7 @@ func file_controlplane_api_v1_federation_proto_rawDescGZIP() []byte {
 	return file_controlplane_api_v1_federation_proto_rawDescData
 }
 
-var file_controlplane_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_controlplane_api_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_controlplane_api_v1_federation_proto_goTypes = []any{
 	(*CreateJoinTokenRequest)(nil),   // 0: strait.controlplane.v1.CreateJoinTokenRequest
 	(*CreateJoinTokenResponse)(nil),  // 1: strait.controlplane.v1.CreateJoinTokenResponse
@@ -1897,50 +2026,52 @@ var file_controlplane_api_v1_federation_proto_goTypes = []any{
 	(*ReportPeersResponse)(nil),      // 24: strait.controlplane.v1.ReportPeersResponse
 	(*RedeemJoinRequest)(nil),        // 25: strait.controlplane.v1.RedeemJoinRequest
 	(*RedeemJoinResponse)(nil),       // 26: strait.controlplane.v1.RedeemJoinResponse
-	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
-	(*TrustBundle)(nil),              // 29: strait.controlplane.v1.TrustBundle
-	(*v1.SignedBundle)(nil),          // 30: strait.federation.v1.SignedBundle
-	(*v1.IntermediateUpdate)(nil),    // 31: strait.federation.v1.IntermediateUpdate
-	(*v1.RotationReport)(nil),        // 32: strait.federation.v1.RotationReport
-	(*Reissue)(nil),                  // 33: strait.controlplane.v1.Reissue
-	(*v1.ExportedService)(nil),       // 34: strait.federation.v1.ExportedService
-	(*v1.JoinRequest)(nil),           // 35: strait.federation.v1.JoinRequest
-	(*v1.JoinResult)(nil),            // 36: strait.federation.v1.JoinResult
+	(*AuditJoinRefusalRequest)(nil),  // 27: strait.controlplane.v1.AuditJoinRefusalRequest
+	(*AuditJoinRefusalResponse)(nil), // 28: strait.controlplane.v1.AuditJoinRefusalResponse
+	(*durationpb.Duration)(nil),      // 29: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 30: google.protobuf.Timestamp
+	(*TrustBundle)(nil),              // 31: strait.controlplane.v1.TrustBundle
+	(*v1.SignedBundle)(nil),          // 32: strait.federation.v1.SignedBundle
+	(*v1.IntermediateUpdate)(nil),    // 33: strait.federation.v1.IntermediateUpdate
+	(*v1.RotationReport)(nil),        // 34: strait.federation.v1.RotationReport
+	(*Reissue)(nil),                  // 35: strait.controlplane.v1.Reissue
+	(*v1.ExportedService)(nil),       // 36: strait.federation.v1.ExportedService
+	(*v1.JoinRequest)(nil),           // 37: strait.federation.v1.JoinRequest
+	(*v1.JoinResult)(nil),            // 38: strait.federation.v1.JoinResult
 }
 var file_controlplane_api_v1_federation_proto_depIdxs = []int32{
-	27, // 0: strait.controlplane.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	29, // 0: strait.controlplane.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
 	2,  // 1: strait.controlplane.v1.CreateJoinTokenResponse.info:type_name -> strait.controlplane.v1.JoinTokenInfo
-	28, // 2: strait.controlplane.v1.JoinTokenInfo.created:type_name -> google.protobuf.Timestamp
-	28, // 3: strait.controlplane.v1.JoinTokenInfo.expires:type_name -> google.protobuf.Timestamp
-	28, // 4: strait.controlplane.v1.JoinTokenInfo.used_at:type_name -> google.protobuf.Timestamp
+	30, // 2: strait.controlplane.v1.JoinTokenInfo.created:type_name -> google.protobuf.Timestamp
+	30, // 3: strait.controlplane.v1.JoinTokenInfo.expires:type_name -> google.protobuf.Timestamp
+	30, // 4: strait.controlplane.v1.JoinTokenInfo.used_at:type_name -> google.protobuf.Timestamp
 	2,  // 5: strait.controlplane.v1.ListJoinTokensResponse.tokens:type_name -> strait.controlplane.v1.JoinTokenInfo
 	11, // 6: strait.controlplane.v1.JoinResponse.link:type_name -> strait.controlplane.v1.Link
-	28, // 7: strait.controlplane.v1.Link.created:type_name -> google.protobuf.Timestamp
+	30, // 7: strait.controlplane.v1.Link.created:type_name -> google.protobuf.Timestamp
 	14, // 8: strait.controlplane.v1.FederationStatusResponse.links:type_name -> strait.controlplane.v1.LinkStatus
 	11, // 9: strait.controlplane.v1.LinkStatus.link:type_name -> strait.controlplane.v1.Link
-	27, // 10: strait.controlplane.v1.LinkStatus.rtt:type_name -> google.protobuf.Duration
-	28, // 11: strait.controlplane.v1.LinkStatus.last_heard:type_name -> google.protobuf.Timestamp
+	29, // 10: strait.controlplane.v1.LinkStatus.rtt:type_name -> google.protobuf.Duration
+	30, // 11: strait.controlplane.v1.LinkStatus.last_heard:type_name -> google.protobuf.Timestamp
 	17, // 12: strait.controlplane.v1.AuditLogResponse.events:type_name -> strait.controlplane.v1.AuditEvent
-	28, // 13: strait.controlplane.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	30, // 13: strait.controlplane.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
 	20, // 14: strait.controlplane.v1.WatchGatewayResponse.snapshot:type_name -> strait.controlplane.v1.GatewaySnapshot
-	29, // 15: strait.controlplane.v1.GatewaySnapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
+	31, // 15: strait.controlplane.v1.GatewaySnapshot.bundle:type_name -> strait.controlplane.v1.TrustBundle
 	11, // 16: strait.controlplane.v1.GatewaySnapshot.links:type_name -> strait.controlplane.v1.Link
 	21, // 17: strait.controlplane.v1.GatewaySnapshot.exports:type_name -> strait.controlplane.v1.GatewayExport
-	30, // 18: strait.controlplane.v1.GatewaySnapshot.signed_bundle:type_name -> strait.federation.v1.SignedBundle
-	31, // 19: strait.controlplane.v1.GatewaySnapshot.intermediates:type_name -> strait.federation.v1.IntermediateUpdate
-	32, // 20: strait.controlplane.v1.GatewaySnapshot.rotation:type_name -> strait.federation.v1.RotationReport
-	33, // 21: strait.controlplane.v1.GatewaySnapshot.reissue:type_name -> strait.controlplane.v1.Reissue
-	34, // 22: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
+	32, // 18: strait.controlplane.v1.GatewaySnapshot.signed_bundle:type_name -> strait.federation.v1.SignedBundle
+	33, // 19: strait.controlplane.v1.GatewaySnapshot.intermediates:type_name -> strait.federation.v1.IntermediateUpdate
+	34, // 20: strait.controlplane.v1.GatewaySnapshot.rotation:type_name -> strait.federation.v1.RotationReport
+	35, // 21: strait.controlplane.v1.GatewaySnapshot.reissue:type_name -> strait.controlplane.v1.Reissue
+	36, // 22: strait.controlplane.v1.GatewayExport.service:type_name -> strait.federation.v1.ExportedService
 	23, // 23: strait.controlplane.v1.ReportPeersRequest.peers:type_name -> strait.controlplane.v1.PeerReport
-	27, // 24: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
-	28, // 25: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
-	34, // 26: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
-	30, // 27: strait.controlplane.v1.PeerReport.signed_bundle:type_name -> strait.federation.v1.SignedBundle
-	31, // 28: strait.controlplane.v1.PeerReport.intermediate:type_name -> strait.federation.v1.IntermediateUpdate
-	32, // 29: strait.controlplane.v1.PeerReport.rotation:type_name -> strait.federation.v1.RotationReport
-	35, // 30: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
-	36, // 31: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
+	29, // 24: strait.controlplane.v1.PeerReport.rtt:type_name -> google.protobuf.Duration
+	30, // 25: strait.controlplane.v1.PeerReport.last_heard:type_name -> google.protobuf.Timestamp
+	36, // 26: strait.controlplane.v1.PeerReport.imports:type_name -> strait.federation.v1.ExportedService
+	32, // 27: strait.controlplane.v1.PeerReport.signed_bundle:type_name -> strait.federation.v1.SignedBundle
+	33, // 28: strait.controlplane.v1.PeerReport.intermediate:type_name -> strait.federation.v1.IntermediateUpdate
+	34, // 29: strait.controlplane.v1.PeerReport.rotation:type_name -> strait.federation.v1.RotationReport
+	37, // 30: strait.controlplane.v1.RedeemJoinRequest.join:type_name -> strait.federation.v1.JoinRequest
+	38, // 31: strait.controlplane.v1.RedeemJoinResponse.result:type_name -> strait.federation.v1.JoinResult
 	0,  // 32: strait.controlplane.v1.FederationService.CreateJoinToken:input_type -> strait.controlplane.v1.CreateJoinTokenRequest
 	3,  // 33: strait.controlplane.v1.FederationService.ListJoinTokens:input_type -> strait.controlplane.v1.ListJoinTokensRequest
 	5,  // 34: strait.controlplane.v1.FederationService.RevokeJoinToken:input_type -> strait.controlplane.v1.RevokeJoinTokenRequest
@@ -1951,18 +2082,20 @@ var file_controlplane_api_v1_federation_proto_depIdxs = []int32{
 	18, // 39: strait.controlplane.v1.FederationService.WatchGateway:input_type -> strait.controlplane.v1.WatchGatewayRequest
 	22, // 40: strait.controlplane.v1.FederationService.ReportPeers:input_type -> strait.controlplane.v1.ReportPeersRequest
 	25, // 41: strait.controlplane.v1.FederationService.RedeemJoin:input_type -> strait.controlplane.v1.RedeemJoinRequest
-	1,  // 42: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
-	4,  // 43: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
-	6,  // 44: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
-	8,  // 45: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
-	10, // 46: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
-	13, // 47: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
-	16, // 48: strait.controlplane.v1.FederationService.AuditLog:output_type -> strait.controlplane.v1.AuditLogResponse
-	19, // 49: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
-	24, // 50: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
-	26, // 51: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
-	42, // [42:52] is the sub-list for method output_type
-	32, // [32:42] is the sub-list for method input_type
+	27, // 42: strait.controlplane.v1.FederationService.AuditJoinRefusal:input_type -> strait.controlplane.v1.AuditJoinRefusalRequest
+	1,  // 43: strait.controlplane.v1.FederationService.CreateJoinToken:output_type -> strait.controlplane.v1.CreateJoinTokenResponse
+	4,  // 44: strait.controlplane.v1.FederationService.ListJoinTokens:output_type -> strait.controlplane.v1.ListJoinTokensResponse
+	6,  // 45: strait.controlplane.v1.FederationService.RevokeJoinToken:output_type -> strait.controlplane.v1.RevokeJoinTokenResponse
+	8,  // 46: strait.controlplane.v1.FederationService.Join:output_type -> strait.controlplane.v1.JoinResponse
+	10, // 47: strait.controlplane.v1.FederationService.RemoveLink:output_type -> strait.controlplane.v1.RemoveLinkResponse
+	13, // 48: strait.controlplane.v1.FederationService.FederationStatus:output_type -> strait.controlplane.v1.FederationStatusResponse
+	16, // 49: strait.controlplane.v1.FederationService.AuditLog:output_type -> strait.controlplane.v1.AuditLogResponse
+	19, // 50: strait.controlplane.v1.FederationService.WatchGateway:output_type -> strait.controlplane.v1.WatchGatewayResponse
+	24, // 51: strait.controlplane.v1.FederationService.ReportPeers:output_type -> strait.controlplane.v1.ReportPeersResponse
+	26, // 52: strait.controlplane.v1.FederationService.RedeemJoin:output_type -> strait.controlplane.v1.RedeemJoinResponse
+	28, // 53: strait.controlplane.v1.FederationService.AuditJoinRefusal:output_type -> strait.controlplane.v1.AuditJoinRefusalResponse
+	43, // [43:54] is the sub-list for method output_type
+	32, // [32:43] is the sub-list for method input_type
 	32, // [32:32] is the sub-list for extension type_name
 	32, // [32:32] is the sub-list for extension extendee
 	0,  // [0:32] is the sub-list for field type_name
@@ -1981,7 +2114,7 @@ func file_controlplane_api_v1_federation_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_controlplane_api_v1_federation_proto_rawDesc), len(file_controlplane_api_v1_federation_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

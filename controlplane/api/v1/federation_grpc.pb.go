@@ -35,6 +35,7 @@ const (
 	FederationService_WatchGateway_FullMethodName     = "/strait.controlplane.v1.FederationService/WatchGateway"
 	FederationService_ReportPeers_FullMethodName      = "/strait.controlplane.v1.FederationService/ReportPeers"
 	FederationService_RedeemJoin_FullMethodName       = "/strait.controlplane.v1.FederationService/RedeemJoin"
+	FederationService_AuditJoinRefusal_FullMethodName = "/strait.controlplane.v1.FederationService/AuditJoinRefusal"
 )
 
 // FederationServiceClient is the client API for FederationService service.
@@ -73,6 +74,9 @@ type FederationServiceClient interface {
 	// RedeemJoin checks a join the gateway received on its join ALPN and,
 	// if valid, consumes the token and stores the link (gateway).
 	RedeemJoin(ctx context.Context, in *RedeemJoinRequest, opts ...grpc.CallOption) (*RedeemJoinResponse, error)
+	// AuditJoinRefusal records in the audit log a join the gateway refused
+	// inside the exchange, before RedeemJoin could be asked (gateway).
+	AuditJoinRefusal(ctx context.Context, in *AuditJoinRefusalRequest, opts ...grpc.CallOption) (*AuditJoinRefusalResponse, error)
 }
 
 type federationServiceClient struct {
@@ -192,6 +196,16 @@ func (c *federationServiceClient) RedeemJoin(ctx context.Context, in *RedeemJoin
 	return out, nil
 }
 
+func (c *federationServiceClient) AuditJoinRefusal(ctx context.Context, in *AuditJoinRefusalRequest, opts ...grpc.CallOption) (*AuditJoinRefusalResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditJoinRefusalResponse)
+	err := c.cc.Invoke(ctx, FederationService_AuditJoinRefusal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FederationServiceServer is the server API for FederationService service.
 // All implementations must embed UnimplementedFederationServiceServer
 // for forward compatibility.
@@ -228,6 +242,9 @@ type FederationServiceServer interface {
 	// RedeemJoin checks a join the gateway received on its join ALPN and,
 	// if valid, consumes the token and stores the link (gateway).
 	RedeemJoin(context.Context, *RedeemJoinRequest) (*RedeemJoinResponse, error)
+	// AuditJoinRefusal records in the audit log a join the gateway refused
+	// inside the exchange, before RedeemJoin could be asked (gateway).
+	AuditJoinRefusal(context.Context, *AuditJoinRefusalRequest) (*AuditJoinRefusalResponse, error)
 	mustEmbedUnimplementedFederationServiceServer()
 }
 
@@ -267,6 +284,9 @@ func (UnimplementedFederationServiceServer) ReportPeers(context.Context, *Report
 }
 func (UnimplementedFederationServiceServer) RedeemJoin(context.Context, *RedeemJoinRequest) (*RedeemJoinResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RedeemJoin not implemented")
+}
+func (UnimplementedFederationServiceServer) AuditJoinRefusal(context.Context, *AuditJoinRefusalRequest) (*AuditJoinRefusalResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AuditJoinRefusal not implemented")
 }
 func (UnimplementedFederationServiceServer) mustEmbedUnimplementedFederationServiceServer() {}
 func (UnimplementedFederationServiceServer) testEmbeddedByValue()                           {}
@@ -462,6 +482,24 @@ func _FederationService_RedeemJoin_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _FederationService_AuditJoinRefusal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuditJoinRefusalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FederationServiceServer).AuditJoinRefusal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FederationService_AuditJoinRefusal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FederationServiceServer).AuditJoinRefusal(ctx, req.(*AuditJoinRefusalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // FederationService_ServiceDesc is the grpc.ServiceDesc for FederationService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -504,6 +542,10 @@ var FederationService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RedeemJoin",
 			Handler:    _FederationService_RedeemJoin_Handler,
+		},
+		{
+			MethodName: "AuditJoinRefusal",
+			Handler:    _FederationService_AuditJoinRefusal_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
