@@ -290,7 +290,7 @@ func printFederationStatus(w io.Writer, st *controlplanev1.FederationStatusRespo
 		return
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nPEER\tROLE\tSTATE\tCONTROL\tRTT\tBUNDLE\tLAG\tIMPORTED\tEXPORTED\tLAST ERROR")
+	fmt.Fprintln(tw, "\nPEER\tROLE HERE\tSTATE\tCONTROL\tRTT\tBUNDLE\tLAG\tIMPORTED\tEXPORTED\tLAST ERROR")
 	for _, l := range st.GetLinks() {
 		rtt := "-"
 		if l.GetRtt() != nil && l.GetRtt().AsDuration() > 0 {
