@@ -305,19 +305,32 @@ func TestRecheckClosesUnlinkedPeers(t *testing.T) {
 // TestRootRemovedClosesSessions: west's gateway and one sidecar hold SVIDs
 // under a second root; removing that root from the bundle closes every
 // session that depends on it, at once, while the rest carry on.
-func TestRootRemovedClosesSessions(t *testing.T) {
+// twoRootPair is a pair whose east is under root A and west under root B,
+// both trusting both (bundle both); onlyA is the next bundle, without B.
+type twoRootPair struct {
+	*pair
+	caA, caB    *catest.CA
+	both, onlyA *bundle.Bundle
+}
+
+func newTwoRootPair(t *testing.T) *twoRootPair {
+	t.Helper()
 	td := spiffeid.RequireTrustDomainFromString(testTD)
-	caA := catest.New(t, testTD)
-	caB := catest.New(t, testTD, catest.Options{Cluster: "west"})
-	both, err := bundle.New(td, 10, append(caA.Bundle().Roots(), caB.Bundle().Roots()...))
-	if err != nil {
+	r := &twoRootPair{caA: catest.New(t, testTD), caB: catest.New(t, testTD, catest.Options{Cluster: "west"})}
+	var err error
+	if r.both, err = bundle.New(td, 10, append(r.caA.Bundle().Roots(), r.caB.Bundle().Roots()...)); err != nil {
 		t.Fatal(err)
 	}
-	onlyA, err := bundle.New(td, 11, caA.Bundle().Roots())
-	if err != nil {
+	if r.onlyA, err = bundle.New(td, 11, r.caA.Bundle().Roots()); err != nil {
 		t.Fatal(err)
 	}
-	p := newPair(t, gwOptions{ca: caA, bundle: both}, gwOptions{ca: caB, bundle: both})
+	r.pair = newPair(t, gwOptions{ca: r.caA, bundle: r.both}, gwOptions{ca: r.caB, bundle: r.both})
+	return r
+}
+
+func TestRootRemovedClosesSessions(t *testing.T) {
+	r := newTwoRootPair(t)
+	p, caA, caB, both, onlyA := r.pair, r.caA, r.caB, r.both, r.onlyA
 	sidecarA := newCreds(t, caA, workloadID("default", "a"), both)
 	sidecarB := newCreds(t, caB, workloadID("default", "b"), both)
 

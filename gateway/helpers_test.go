@@ -158,6 +158,7 @@ type gwOptions struct {
 	bundle     *bundle.Bundle
 	creds      *proxy.Credentials
 	cat        *fakeCatalog
+	catalog    Catalog // what the gateway is given, if not cat (a wrapper of cat)
 	limits     Limits
 	peerListen string
 	resetKey   *quic.StatelessResetKey
@@ -187,6 +188,10 @@ func startGateway(t *testing.T, cluster string, o gwOptions) *testGateway {
 	if o.limits.HeaderTimeout == 0 {
 		o.limits.HeaderTimeout = 20 * time.Second
 	}
+	var catalog Catalog = o.cat
+	if o.catalog != nil {
+		catalog = o.catalog
+	}
 	reg := prometheus.NewRegistry()
 	g, err := New(Config{
 		Cluster:           cluster,
@@ -194,7 +199,7 @@ func startGateway(t *testing.T, cluster string, o gwOptions) *testGateway {
 		Credentials:       o.creds,
 		PeerListen:        o.peerListen,
 		EntryListen:       "127.0.0.1:0",
-		Catalog:           o.cat,
+		Catalog:           catalog,
 		Limits:            o.limits,
 		Logger:            testLogger(t).With("gateway", cluster),
 		Registerer:        reg,

@@ -2,12 +2,10 @@ package gateway
 
 import (
 	"context"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/straitmesh/strait/ca/catest"
@@ -29,53 +27,7 @@ func (c *hookCatalog) Peer(cluster string) (Peer, bool) {
 // startHookedGateway is startGateway with cat as the catalog.
 func startHookedGateway(t *testing.T, cluster string, ca *catest.CA, cat *hookCatalog) *testGateway {
 	t.Helper()
-	creds := newCreds(t, ca, gatewayID(cluster), nil)
-	reg := prometheus.NewRegistry()
-	g, err := New(Config{
-		Cluster:     cluster,
-		TrustDomain: spiffeid.RequireTrustDomainFromString(testTD),
-		Credentials: creds,
-		PeerListen:  "127.0.0.1:0",
-		EntryListen: "127.0.0.1:0",
-		Catalog:     cat,
-		Limits:      Limits{HandshakeTimeout: 30 * time.Second, DialTimeout: 20 * time.Second, HeaderTimeout: 20 * time.Second},
-		Logger:      testLogger(t).With("gateway", cluster),
-		Registerer:  reg,
-	})
-	if err != nil {
-		t.Fatalf("New: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- g.Run(ctx) }()
-	select {
-	case <-g.Ready():
-	case err := <-done:
-		cancel()
-		t.Fatalf("Run: %v", err)
-	case <-time.After(5 * time.Second):
-		cancel()
-		t.Fatal("gateway not ready after 5s")
-	}
-	var once sync.Once
-	tg := &testGateway{Gateway: g, cluster: cluster, creds: creds, cat: cat.fakeCatalog, reg: reg}
-	tg.stop = func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("Run returned %v, want nil", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Errorf("gateway %s did not stop within 10s", cluster)
-			}
-		})
-	}
-	t.Cleanup(tg.stop)
-	peer, entry := g.Addrs()
-	tg.peerAddr, tg.entryAddr = peer.String(), entry.String()
-	return tg
+	return startGateway(t, cluster, gwOptions{ca: ca, cat: cat.fakeCatalog, catalog: cat})
 }
 
 type connResult struct {

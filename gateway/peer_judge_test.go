@@ -2,11 +2,6 @@ package gateway
 
 import (
 	"testing"
-
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/straitmesh/strait/ca/bundle"
-	"github.com/straitmesh/strait/ca/catest"
 )
 
 // TestRecheckKeepsSlotWithDrainingConns: a peer's slot with no current
@@ -40,19 +35,9 @@ func TestRecheckKeepsSlotWithDrainingConns(t *testing.T) {
 // follows the bundle at once, before Recheck has closed the connection: a
 // peer whose root was removed cannot open a stream in between.
 func TestStreamJudgedAgainstCurrentBundle(t *testing.T) {
-	td := spiffeid.RequireTrustDomainFromString(testTD)
-	caA := catest.New(t, testTD)
-	caB := catest.New(t, testTD, catest.Options{Cluster: "west"})
-	both, err := bundle.New(td, 10, append(caA.Bundle().Roots(), caB.Bundle().Roots()...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	onlyA, err := bundle.New(td, 11, caA.Bundle().Roots())
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := newPair(t, gwOptions{ca: caA, bundle: both}, gwOptions{ca: caB, bundle: both})
-	c := mustTunnel(t, p.east, newCreds(t, caA, workloadID("default", "a"), both), echoHeader())
+	r := newTwoRootPair(t)
+	p := r.pair
+	c := mustTunnel(t, p.east, newCreds(t, r.caA, workloadID("default", "a"), r.both), echoHeader())
 	defer c.Close()
 	p.east.mu.Lock()
 	pc := p.east.slots["west"].conn
@@ -60,7 +45,7 @@ func TestStreamJudgedAgainstCurrentBundle(t *testing.T) {
 	if _, _, err := p.east.judgePeer(pc); err != nil {
 		t.Fatalf("west's connection judged untrusted under both roots: %v", err)
 	}
-	if _, err := p.east.creds.SetBundle(onlyA); err != nil {
+	if _, err := p.east.creds.SetBundle(r.onlyA); err != nil {
 		t.Fatal(err)
 	}
 	if _, reason, err := p.east.judgePeer(pc); err == nil || reason != "untrusted" {
