@@ -2,7 +2,6 @@ package join
 
 import (
 	"context"
-	"crypto/tls"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -12,10 +11,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/straitmesh/strait/ca/catest"
-	"github.com/straitmesh/strait/ca/identity"
 	federationv1 "github.com/straitmesh/strait/federation/api/v1"
 	"github.com/straitmesh/strait/federation/token"
-	"github.com/straitmesh/strait/gateway/tunnel"
 )
 
 // gatewayListener listens for joins as east's gateway; each stream gets
@@ -24,18 +21,7 @@ import (
 // the offer.
 func gatewayListener(t *testing.T, c *catest.CA, answer func(conn *quic.Conn, s *quic.Stream, req *federationv1.JoinRequest)) string {
 	t.Helper()
-	td := spiffeid.RequireTrustDomainFromString(testTD)
-	gwID, _ := identity.Gateway(td, "east")
-	sv := c.SVID(t, gwID.String(), time.Hour)
-	cert := tls.Certificate{PrivateKey: sv.PrivateKey, Leaf: sv.Certificates[0]}
-	for _, x := range sv.Certificates {
-		cert.Certificate = append(cert.Certificate, x.Raw)
-	}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, NextProtos: []string{tunnel.ALPNJoin}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
+	ln := listenAsEastGateway(t, c)
 	b := c.Bundle()
 	go func() {
 		for {

@@ -22,13 +22,11 @@ import (
 
 const testTD = "strait.example"
 
-// issuer is a minimal issuer gateway: the join ALPN on QUIC with east's
-// gateway SVID, each stream served by Serve with redeem.
-func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
+// listenAsEastGateway listens on the join ALPN over QUIC, presenting
+// east's gateway SVID from c.
+func listenAsEastGateway(t *testing.T, c *catest.CA) *quic.Listener {
 	t.Helper()
-	c := catest.New(t, testTD)
-	td := spiffeid.RequireTrustDomainFromString(testTD)
-	gwID, _ := identity.Gateway(td, "east")
+	gwID, _ := identity.Gateway(spiffeid.RequireTrustDomainFromString(testTD), "east")
 	sv := c.SVID(t, gwID.String(), time.Hour)
 	cert := tls.Certificate{PrivateKey: sv.PrivateKey, Leaf: sv.Certificates[0]}
 	for _, x := range sv.Certificates {
@@ -39,6 +37,15 @@ func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// issuer is a minimal issuer gateway: the join ALPN on QUIC with east's
+// gateway SVID, each stream served by Serve with redeem.
+func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
+	t.Helper()
+	c := catest.New(t, testTD)
+	ln := listenAsEastGateway(t, c)
 	b := c.Bundle()
 	go func() {
 		for {
@@ -60,7 +67,7 @@ func issuer(t *testing.T, redeem Redeemer) (*catest.CA, *token.Token) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := token.New(token.Params{Issuer: "east", TrustDomain: td, GatewayAddrs: []string{ln.Addr().String()}, BundleDigest: digest})
+	tok, err := token.New(token.Params{Issuer: "east", TrustDomain: spiffeid.RequireTrustDomainFromString(testTD), GatewayAddrs: []string{ln.Addr().String()}, BundleDigest: digest})
 	if err != nil {
 		t.Fatal(err)
 	}
