@@ -27,8 +27,10 @@ type sharedChain struct {
 // function to call once the connection no longer needs it.
 func (t *chainTable) acquire(chain []*x509.Certificate) ([]*x509.Certificate, func()) {
 	h := sha256.New()
+	var n [4]byte
 	for _, c := range chain {
-		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(c.Raw))))
+		binary.BigEndian.PutUint32(n[:], uint32(len(c.Raw)))
+		h.Write(n[:])
 		h.Write(c.Raw)
 	}
 	var k [sha256.Size]byte

@@ -133,12 +133,9 @@ func (c *Credentials) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x50
 	return b.GetX509BundleForTrustDomain(td)
 }
 
-// certificate returns the current TLS certificate or an error.
-// Certificate returns the current SVID as TLS presents it; the same
-// pointer until the SVID changes.
-func (c *Credentials) Certificate() (*tls.Certificate, error) { return c.certificate() }
-
-func (c *Credentials) certificate() (*tls.Certificate, error) {
+// Certificate returns the current SVID as TLS presents it (the same
+// pointer until the SVID changes), or an error if there is none yet.
+func (c *Credentials) Certificate() (*tls.Certificate, error) {
 	cert := c.cert.Load()
 	if cert == nil {
 		return nil, errors.New("proxy: no SVID yet")
@@ -161,7 +158,7 @@ func (c *Credentials) ServerTLS(nextProtos []string, verify func(tls.ConnectionS
 		MinVersion:       tls.VersionTLS13,
 		ClientAuth:       tls.RequireAnyClientCert,
 		NextProtos:       nextProtos,
-		GetCertificate:   func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.certificate() },
+		GetCertificate:   func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.Certificate() },
 		VerifyConnection: verify,
 	}
 }
@@ -173,7 +170,7 @@ func (c *Credentials) ClientTLS(nextProtos []string, verify func(tls.ConnectionS
 		MinVersion:           tls.VersionTLS13,
 		InsecureSkipVerify:   true, // verify (SPIFFE rules, current bundle) replaces WebPKI checks
 		NextProtos:           nextProtos,
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.certificate() },
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.Certificate() },
 		VerifyConnection:     verify,
 	}
 }

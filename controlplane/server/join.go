@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -125,29 +124,18 @@ type publicRefusal struct{ err error }
 func (p *publicRefusal) Error() string { return p.err.Error() }
 func (p *publicRefusal) Unwrap() error { return p.err }
 
-// clipClaim bounds what an unauthenticated caller claimed, for the log.
-func clipClaim(s string) string {
-	if len(s) <= join.MaxClaim {
-		return s
-	}
-	return strings.ToValidUTF8(s[:join.MaxClaim], "") + "..."
-}
-
 // AuditJoinRefusal records a join the gateway refused inside the exchange,
 // before RedeemJoin was asked: every attempt is in the audit log. The
 // joiner's claims are unauthenticated and cut short (the store cuts them
 // again, and the detail).
 func (f federationServer) AuditJoinRefusal(ctx context.Context, req *controlplanev1.AuditJoinRefusalRequest) (*controlplanev1.AuditJoinRefusalResponse, error) {
 	s := f.s
-	reason := clipClaim(req.GetReason())
+	reason := join.Clip(req.GetReason(), join.MaxClaim)
 	if reason == "" {
 		reason = "internal"
 	}
-	detail := req.GetDetail()
-	if len(detail) > maxRefusalDetail {
-		detail = strings.ToValidUTF8(detail[:maxRefusalDetail], "") + "..."
-	}
-	r := store.Redemption{TokenID: clipClaim(req.GetTokenId()), Joiner: clipClaim(req.GetCluster()), Remote: clipClaim(req.GetRemote())}
+	detail := join.Clip(req.GetDetail(), maxRefusalDetail)
+	r := store.Redemption{TokenID: join.Clip(req.GetTokenId(), join.MaxClaim), Joiner: join.Clip(req.GetCluster(), join.MaxClaim), Remote: join.Clip(req.GetRemote(), join.MaxClaim)}
 	s.log.Warn("join refused by the gateway", "token", r.TokenID, "joiner", r.Joiner, "remote", r.Remote, "reason", reason, "err", detail)
 	if err := s.cfg.Store.AuditJoinRefusal(r, fmt.Errorf("refused by the gateway (%s): %s", reason, detail)); err != nil {
 		return nil, err
@@ -187,7 +175,7 @@ func (f federationServer) RedeemJoin(ctx context.Context, req *controlplanev1.Re
 	// terms; err (store errors, the signer's, who used a token when) goes
 	// to the log and the audit log only.
 	refuse := func(err error) (*controlplanev1.RedeemJoinResponse, error) {
-		s.log.Warn("join refused", "token", clipClaim(jr.GetTokenId()), "joiner", clipClaim(jr.GetCluster()), "remote", clipClaim(req.GetRemote()), "err", err)
+		s.log.Warn("join refused", "token", join.Clip(jr.GetTokenId(), join.MaxClaim), "joiner", join.Clip(jr.GetCluster(), join.MaxClaim), "remote", join.Clip(req.GetRemote(), join.MaxClaim), "err", err)
 		reason := refusal(err)
 		msg := join.PublicMessage(reason)
 		var pe *publicRefusal

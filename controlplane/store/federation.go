@@ -93,6 +93,8 @@ type AuditEvent struct {
 	Peer    string    `json:"peer,omitempty"`
 	Remote  string    `json:"remote,omitempty"`
 	Detail  string    `json:"detail,omitempty"`
+	// Changes counts the address changes a link-addresses entry stands for.
+	Changes int `json:"changes,omitempty"`
 }
 
 // PutJoinToken stores a newly minted token. An unused token for the same
@@ -268,10 +270,7 @@ func (s *Store) RedeemJoinToken(r Redemption) (JoinTokenRecord, error) {
 // unauthenticated caller and are cut short.
 func (s *Store) AuditJoinRefusal(r Redemption, refused error) error {
 	now := s.clock().UTC()
-	detail := refused.Error()
-	if len(detail) > maxAuditDetail {
-		detail = detail[:maxAuditDetail] + "..."
-	}
+	detail := truncTo(refused.Error(), maxAuditDetail)
 	return s.mutate(func(tx *bolt.Tx) (bool, error) {
 		return false, appendAudit(tx, AuditEvent{Time: now, Event: "join-refused", TokenID: trunc(r.TokenID), Peer: trunc(r.Joiner), Remote: trunc(r.Remote), Detail: detail})
 	})
@@ -355,10 +354,7 @@ const (
 )
 
 func auditLinkAddrs(tx *bolt.Tx, now time.Time, peer string, addrs []string) error {
-	list := strings.Join(addrs, ",")
-	if len(list) > maxAuditDetail/2 {
-		list = list[:maxAuditDetail/2] + "..."
-	}
+	list := truncTo(strings.Join(addrs, ","), maxAuditDetail/2)
 	b := tx.Bucket(bucketAudit)
 	c := b.Cursor()
 	n := 0
@@ -373,14 +369,11 @@ func auditLinkAddrs(tx *bolt.Tx, now time.Time, peer string, addrs []string) err
 		}
 		// Coalesce: the entry keeps its time (the first change of the
 		// window) and says how many followed and what the addresses are now.
-		count := 1
-		if i := strings.Index(e.Detail, " changes since "); i > 0 {
-			fmt.Sscanf(e.Detail, "%d", &count)
-		}
-		e.Detail = fmt.Sprintf("%d changes since %s, the last at %s: %s", count+1, e.Time.Format(time.RFC3339), now.Format(time.RFC3339), list)
+		e.Changes++
+		e.Detail = fmt.Sprintf("%d changes since %s, the last at %s: %s", e.Changes, e.Time.Format(time.RFC3339), now.Format(time.RFC3339), list)
 		return putJSON(b, k, e)
 	}
-	return appendAudit(tx, AuditEvent{Time: now, Event: linkAddrsEvent, Peer: peer, Detail: list})
+	return appendAudit(tx, AuditEvent{Time: now, Event: linkAddrsEvent, Peer: peer, Detail: list, Changes: 1})
 }
 
 // DeleteLink removes the link to peer.

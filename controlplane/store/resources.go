@@ -302,8 +302,10 @@ func validKeyPart(parts ...string) bool {
 	return !slices.ContainsFunc(parts, func(p string) bool { return strings.IndexByte(p, 0) >= 0 })
 }
 
-func trunc(s string) string {
-	const limit = 64
+func trunc(s string) string { return truncTo(s, 64) }
+
+// truncTo cuts s to limit bytes, marking the cut with "...".
+func truncTo(s string, limit int) string {
 	if len(s) <= limit {
 		return s
 	}

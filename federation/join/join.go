@@ -28,8 +28,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
@@ -307,17 +307,17 @@ type Refuser func(ctx context.Context, r Refusal)
 // MaxClaim bounds each unauthenticated claim in a Refusal.
 const MaxClaim = 64
 
-// clip cuts s to MaxClaim bytes on a character boundary.
-func clip(s string) string {
-	if len(s) <= MaxClaim {
+// Clip cuts s to at most n bytes on a character boundary, marking a cut
+// with "...": for what an unauthenticated joiner claimed.
+func Clip(s string, n int) string {
+	if len(s) <= n {
 		return s
 	}
-	s = s[:MaxClaim]
-	for len(s) > 0 && !utf8.ValidString(s) {
-		s = s[:len(s)-1]
-	}
-	return s + "..."
+	return strings.ToValidUTF8(s[:n], "") + "..."
 }
+
+// clip is Clip to MaxClaim.
+func clip(s string) string { return Clip(s, MaxClaim) }
 
 // PublicMessage is what a joiner is told of a join refused for reason (a
 // federation/token reason, "conflict" or "internal"): the reason in words

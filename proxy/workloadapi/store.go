@@ -72,28 +72,16 @@ func NewStore() *Store {
 func (st *Store) SetSVID(s *x509svid.SVID) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if s == st.svid {
-		return
+	if s != st.svid {
+		st.svid = s
+		st.notifyLocked()
 	}
-	st.svid = s
-	st.notifyLocked()
 }
 
 // SetBundle installs a copy of b as the bundle of its trust domain and
 // signals a change unless it equals the bundle already held. A nil b is
 // ignored.
-func (st *Store) SetBundle(b *x509bundle.Bundle) {
-	if b == nil {
-		return
-	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if cur, ok := st.bundles[b.TrustDomain()]; ok && cur.Equal(b) {
-		return
-	}
-	st.bundles[b.TrustDomain()] = b.Clone()
-	st.notifyLocked()
-}
+func (st *Store) SetBundle(b *x509bundle.Bundle) { st.Set(nil, b) }
 
 // Set installs s as the current SVID and a copy of b as the bundle of its
 // trust domain together, under one lock and with one change signalled (if
