@@ -274,14 +274,16 @@ type phase struct {
 	lat, lag []time.Duration // open loop only
 	rps      []float64       // per round
 	ticks    [2]int64        // CPU of each proxy
+	sysc     [2]int64        // read and write system calls of each proxy
+	csw      [2]int64        // context switches of each proxy
 	rssPeak  [2]rssSample
 }
 
 func (p *benchPath) measure(ph *phase, run func() phaseStats) {
-	var t0 [2]int64
+	var t0, s0, c0 [2]int64
 	for i, pr := range p.procs {
 		if pr != nil {
-			t0[i] = pr.ticks()
+			t0[i], s0[i], c0[i] = pr.ticks(), pr.syscalls(), pr.contextSwitches()
 		}
 	}
 	stop := p.sampleRSS()
@@ -290,6 +292,8 @@ func (p *benchPath) measure(ph *phase, run func() phaseStats) {
 	for i, pr := range p.procs {
 		if pr != nil {
 			ph.ticks[i] += pr.ticks() - t0[i]
+			ph.sysc[i] += pr.syscalls() - s0[i]
+			ph.csw[i] += pr.contextSwitches() - c0[i]
 			ph.rssPeak[i] = ph.rssPeak[i].max(peak[i])
 		}
 	}
@@ -668,6 +672,65 @@ func (p *benchProc) ticks() int64 {
 	for _, c := range p.childPIDs() {
 		m, _ := procTicks(c)
 		n += m
+	}
+	return n
+}
+
+// syscalls is the read and write system calls (syscr + syscw of
+// /proc/PID/io) of the process and its children so far.
+func (p *benchProc) syscalls() int64 {
+	n := procSyscalls(p.cmd.Process.Pid)
+	for _, c := range p.childPIDs() {
+		n += procSyscalls(c)
+	}
+	return n
+}
+
+// contextSwitches is the voluntary and involuntary context switches of
+// every thread of the process and its children so far.
+func (p *benchProc) contextSwitches() int64 {
+	n := procContextSwitches(p.cmd.Process.Pid)
+	for _, c := range p.childPIDs() {
+		n += procContextSwitches(c)
+	}
+	return n
+}
+
+func procContextSwitches(pid int) int64 {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, task := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, task.Name(), "status"))
+		if err != nil {
+			continue // the thread is gone
+		}
+		for line := range strings.SplitSeq(string(b), "\n") {
+			k, v, _ := strings.Cut(line, ":")
+			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
+				c, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				n += c
+			}
+		}
+	}
+	return n
+}
+
+func procSyscalls(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for line := range strings.SplitSeq(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ": ")
+		if k == "syscr" || k == "syscw" {
+			c, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			n += c
+		}
 	}
 	return n
 }
@@ -1133,6 +1196,14 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 			}
 			line += fmt.Sprintf("; cpu per request at max %s µs, at 1000 rps %s µs",
 				pair(perReq(&p.max, 0), perReq(&p.max, 1)), pair(perReq(&p.fixed, 0), perReq(&p.fixed, 1)))
+			perMaxReq := func(n [2]int64, i int) string {
+				if p.max.ok == 0 {
+					return "-"
+				}
+				return fmt.Sprintf("%.1f", float64(n[i])/float64(p.max.ok))
+			}
+			line += fmt.Sprintf("; per request at max: read+write syscalls %s, context switches %s",
+				pair(perMaxReq(p.max.sysc, 0), perMaxReq(p.max.sysc, 1)), pair(perMaxReq(p.max.csw, 0), perMaxReq(p.max.csw, 1)))
 			line += fmt.Sprintf("; rss at start %s, peak at max %s MiB",
 				pair(mb(p.rssStart[0].total), mb(p.rssStart[1].total)), pair(mb(p.max.rssPeak[0].total), mb(p.max.rssPeak[1].total)))
 			if p.procs[0].children {
@@ -1145,6 +1216,7 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 			t.Logf("report:   %s: %s", p.name, p.note)
 		}
 	}
+	t.Log("report:   syscalls and context switches: /proc/PID/io syscr+syscw and every thread's voluntary+involuntary switches; a Go read that finds nothing before it waits counts as a syscall")
 
 	strait, nginx := paths[1], paths[2]
 	if strait.skip != "" {
