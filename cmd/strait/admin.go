@@ -339,8 +339,16 @@ it renews with that SVID afterwards. The token is printed once, on stdout
 			if service == "" {
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--service is required")}
 			}
-			if sa == "" {
+			saDefaulted := sa == ""
+			if saDefaulted {
 				sa = service
+			}
+			if err := store.CheckTokenRequest(store.TokenRequest{Namespace: ns, ServiceAccount: sa, Service: service}); err != nil {
+				msg := strings.TrimPrefix(err.Error(), store.ErrInvalid.Error()+": ")
+				if saDefaulted && strings.HasPrefix(msg, `service "`) {
+					msg += " (it is also the service account unless --service-account is given)"
+				}
+				return usageError{cmd: cmd.CommandPath(), err: errors.New(msg)}
 			}
 			if ttl != 0 && (ttl < store.MinTokenTTL || ttl > store.MaxTokenTTL) {
 				return usageError{cmd: cmd.CommandPath(), err: fmt.Errorf("--ttl %s: a registration token lives from %s to %s", ttl, store.MinTokenTTL, store.MaxTokenTTL)}

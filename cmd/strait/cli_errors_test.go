@@ -155,6 +155,13 @@ func TestUsageCheckedBeforeDialing(t *testing.T) {
 		{"explain -o yaml", []string{"explain", "backend", "-o", "yaml"}, `-o "yaml": want text or json`},
 		{"delete an unknown kind", []string{"delete", "bogus", "x"}, `unknown kind "bogus"`},
 		{"dev up with SVIDs too short to renew", []string{"dev", "up", "--dir", "unused", "--svid-ttl", "1s"}, "--svid-ttl 1s: at least 10s"},
+		// The service account defaults to the service: the service is named.
+		{"workload token for a service that is no DNS label", []string{"workload", "token", "--service", "Payments", "--config", "unused"},
+			`service "Payments" must be a DNS label: lower-case letters, digits and '-' (it is also the service account unless --service-account is given)`},
+		{"workload token for a bad service account", []string{"workload", "token", "--service", "pay", "--service-account", "Web_1", "--config", "unused"},
+			`service account "Web_1" must be a DNS label`},
+		{"workload token in a bad namespace", []string{"workload", "token", "--service", "pay", "--namespace", "Shop", "--config", "unused"},
+			`namespace "Shop" must be a DNS label`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := cli(t, tc.args...)
@@ -162,6 +169,14 @@ func TestUsageCheckedBeforeDialing(t *testing.T) {
 				t.Fatalf("exit %d, stderr %q; want exit 2 saying %q", code, errOut, tc.want)
 			}
 		})
+	}
+}
+
+func TestDevDownWithNothingRunningSucceeds(t *testing.T) {
+	dir := t.TempDir()
+	code, _, errOut := cli(t, "dev", "down", "--dir", dir)
+	if code != 0 || !strings.Contains(errOut, "nothing to stop: "+dir+" has no dev.json") {
+		t.Fatalf("exit %d, stderr %q; want exit 0 saying there is nothing to stop in %s", code, errOut, dir)
 	}
 }
 

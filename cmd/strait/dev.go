@@ -881,7 +881,11 @@ their links and resources. To start afresh, remove DIR after dev down.`,
 			}
 			df, err := readDevFile(abs)
 			if errors.Is(err, os.ErrNotExist) {
-				return fmt.Errorf("nothing to stop: %s has no dev.json", abs)
+				// Stopping what is not running succeeds, as cleanup scripts
+				// expect; the message still names the directory, should it
+				// be the wrong one.
+				fmt.Fprintf(g.stderr, "nothing to stop: %s has no dev.json\n", abs)
+				return nil
 			}
 			if err != nil {
 				return err

@@ -147,19 +147,26 @@ func isB64URL(c byte) bool {
 	return 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_'
 }
 
+// CheckTokenRequest checks the names in req as MintToken does: each a DNS
+// label. The service comes first, as clients default the service account
+// to it.
+func CheckTokenRequest(req TokenRequest) error {
+	if req.Service != "" {
+		if err := checkLabel("service", req.Service); err != nil {
+			return err
+		}
+	}
+	if err := checkLabel("namespace", req.Namespace); err != nil {
+		return err
+	}
+	return checkLabel("service account", req.ServiceAccount)
+}
+
 // MintToken creates a single-use token for req's identity. The token text is
 // returned once and never stored.
 func (s *Store) MintToken(req TokenRequest) (string, TokenRecord, error) {
-	if err := checkLabel("namespace", req.Namespace); err != nil {
+	if err := CheckTokenRequest(req); err != nil {
 		return "", TokenRecord{}, err
-	}
-	if err := checkLabel("service account", req.ServiceAccount); err != nil {
-		return "", TokenRecord{}, err
-	}
-	if req.Service != "" {
-		if err := checkLabel("service", req.Service); err != nil {
-			return "", TokenRecord{}, err
-		}
 	}
 	ttl := req.TTL
 	switch {
