@@ -6,8 +6,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
@@ -31,21 +33,43 @@ const (
 )
 
 var (
+	smallBuffers = sync.Pool{New: func() any { b := make([]byte, smallBuffer); return &b }}
 	largeBuffers = sync.Pool{New: func() any { b := make([]byte, largeBuffer); return &b }}
 	bulkBuffers  = sync.Pool{New: func() any { b := make([]byte, bulkBuffer); return &b }}
 	bulkLent     atomic.Int64
+	smallHeld    atomic.Int64 // small buffers taken and not handed back
 )
 
-// relayBuffer is the buffer one direction of a relay reads into.
+// relayBuffer is the buffer one direction of a relay reads into. It holds
+// none until the first get; a small buffer can be handed back while the
+// direction waits for data (idle), which a direction reading a TCP
+// connection does.
 type relayBuffer struct {
-	small []byte
+	small *[]byte // from smallBuffers, or nil
 	lent  *[]byte // from largeBuffers or bulkBuffers, or nil
 	buf   []byte
 }
 
-func newRelayBuffer() *relayBuffer {
-	small := make([]byte, smallBuffer)
-	return &relayBuffer{small: small, buf: small}
+func newRelayBuffer() *relayBuffer { return &relayBuffer{} }
+
+// get returns the buffer to read into, taking a small one if none is held.
+func (b *relayBuffer) get() []byte {
+	if b.buf == nil {
+		b.small = smallBuffers.Get().(*[]byte)
+		b.buf = *b.small
+		smallHeld.Add(1)
+	}
+	return b.buf
+}
+
+// idle hands back a small buffer while the direction waits; a large or
+// bulk one is kept, as the transfer it serves is under way.
+func (b *relayBuffer) idle() {
+	if b.small != nil {
+		smallBuffers.Put(b.small)
+		b.small, b.buf = nil, nil
+		smallHeld.Add(-1)
+	}
 }
 
 // adapt steps the buffer up after a read of n bytes filled it, and back to
@@ -53,6 +77,7 @@ func newRelayBuffer() *relayBuffer {
 func (b *relayBuffer) adapt(n int) {
 	switch {
 	case n == len(b.buf) && b.lent == nil:
+		b.idle()
 		b.lent = largeBuffers.Get().(*[]byte)
 		b.buf = *b.lent
 	case n == len(b.buf) && len(b.buf) == largeBuffer:
@@ -64,12 +89,12 @@ func (b *relayBuffer) adapt(n int) {
 		b.lent = bulkBuffers.Get().(*[]byte)
 		b.buf = *b.lent
 	case n < smallBuffer && b.lent != nil:
-		b.release()
+		b.releaseLent()
 	}
 }
 
-// release gives back a lent buffer.
-func (b *relayBuffer) release() {
+// releaseLent gives back a large or bulk buffer.
+func (b *relayBuffer) releaseLent() {
 	if b.lent == nil {
 		return
 	}
@@ -79,16 +104,30 @@ func (b *relayBuffer) release() {
 	} else {
 		largeBuffers.Put(b.lent)
 	}
-	b.lent, b.buf = nil, b.small
+	b.lent, b.buf = nil, nil
+}
+
+// release gives back whatever buffer is held.
+func (b *relayBuffer) release() {
+	b.releaseLent()
+	b.idle()
 }
 
 // pump copies src to dst until src ends (rerr is nil at io.EOF) or a read
-// or write fails, counting what it writes.
+// or write fails, counting what it writes. A TCP source is read through
+// its RawConn, so that a direction waiting for data holds no buffer: a
+// gateway may hold tens of thousands of quiet streams.
 func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr error) {
 	b := newRelayBuffer()
 	defer b.release()
+	read := func() (int, error) { return src.Read(b.get()) }
+	if tc, ok := src.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
+			read = func() (int, error) { return readRaw(rc, b) }
+		}
+	}
 	for {
-		nr, err := src.Read(b.buf)
+		nr, err := read()
 		if nr > 0 {
 			nw, ew := dst.Write(b.buf[:nr])
 			if nw > 0 {
@@ -109,6 +148,37 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 		}
 		b.adapt(nr)
 	}
+}
+
+// readRaw reads from a socket into b, taking b's buffer only once the
+// socket has data and handing a small one back while it waits.
+func readRaw(rc syscall.RawConn, b *relayBuffer) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		for {
+			n, errno = syscall.Read(int(fd), b.get())
+			if errno != syscall.EINTR {
+				break
+			}
+		}
+		if errno == syscall.EAGAIN {
+			b.idle()
+			return false // wait until readable
+		}
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno != nil:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // relay copies between a tunnel stream and a TCP (or TLS) connection until

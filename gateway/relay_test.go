@@ -1,6 +1,14 @@
 package gateway
 
-import "testing"
+import (
+	"bytes"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // TestRelayBufferSteps: a direction steps up while reads fill its buffer,
 // lends at most maxBulkBuffers bulk buffers at once, and steps back to
@@ -11,7 +19,7 @@ func TestRelayBufferSteps(t *testing.T) {
 	}
 	b := newRelayBuffer()
 	for _, want := range []int{smallBuffer, largeBuffer, bulkBuffer, bulkBuffer} {
-		if len(b.buf) != want {
+		if len(b.get()) != want {
 			t.Fatalf("buffer of %d bytes, want %d", len(b.buf), want)
 		}
 		b.adapt(len(b.buf))
@@ -20,7 +28,7 @@ func TestRelayBufferSteps(t *testing.T) {
 		t.Fatalf("bulk buffers lent: %d, want 1", got)
 	}
 	b.adapt(smallBuffer - 1)
-	if len(b.buf) != smallBuffer || b.lent != nil || bulkLent.Load() != 0 {
+	if len(b.get()) != smallBuffer || b.lent != nil || bulkLent.Load() != 0 {
 		t.Fatalf("after a short read: buffer of %d bytes, lent %v, bulk lent %d; want the small buffer and nothing lent", len(b.buf), b.lent != nil, bulkLent.Load())
 	}
 
@@ -37,8 +45,8 @@ func TestRelayBufferSteps(t *testing.T) {
 	for i := 0; i <= maxBulkBuffers; i++ {
 		b := newRelayBuffer()
 		all = append(all, b)
-		b.adapt(len(b.buf))
-		b.adapt(len(b.buf))
+		b.adapt(len(b.get()))
+		b.adapt(len(b.get()))
 		want := bulkBuffer
 		if i == maxBulkBuffers {
 			want = largeBuffer
@@ -49,5 +57,80 @@ func TestRelayBufferSteps(t *testing.T) {
 	}
 	if got := bulkLent.Load(); got != maxBulkBuffers {
 		t.Fatalf("bulk buffers lent: %d, want the limit %d", got, maxBulkBuffers)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a pump and the test.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *lockedBuffer) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *lockedBuffer) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
+}
+
+// TestQuietTCPDirectionHoldsNoBuffer: a direction reading a TCP
+// connection hands its buffer back while it waits for data, relays what
+// comes, and ends at the connection's end.
+func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+
+	base := smallHeld.Load()
+	var dst lockedBuffer
+	done := make(chan [2]error, 1)
+	go func() {
+		rerr, werr := pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
+		done <- [2]error{rerr, werr}
+	}()
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 5s: %s", what)
+			}
+		}
+	}
+	for i, msg := range []string{"hello", " quiet", " world"} {
+		if _, err := client.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		want := []string{"hello", "hello quiet", "hello quiet world"}[i]
+		waitFor("relayed "+want, func() bool { return dst.String() == want })
+		waitFor("no small buffer held while waiting", func() bool { return smallHeld.Load() == base })
+	}
+	client.Close()
+	select {
+	case errs := <-done:
+		if errs[0] != nil || errs[1] != nil {
+			t.Fatalf("pump ended with %v, %v; want an orderly end", errs[0], errs[1])
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("pump did not end at the connection's end")
+	}
+	if got := smallHeld.Load(); got != base {
+		t.Fatalf("small buffers held after the end: %d, want %d", got, base)
 	}
 }
