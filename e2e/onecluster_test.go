@@ -281,7 +281,15 @@ func TestInboundRefusesBadClientCertificates(t *testing.T) {
 			if err == nil {
 				t.Fatal("handshake succeeded, want refused")
 			}
-			after := metric(t, b0.registry, "strait_proxy_tls_handshake_failures_total", map[string]string{"direction": "inbound", "reason": tc.reason})
+			// The sidecar counts the failure once its handshake returns,
+			// which may be just after the client read the refusal.
+			var after float64
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				after = metric(t, b0.registry, "strait_proxy_tls_handshake_failures_total", map[string]string{"direction": "inbound", "reason": tc.reason})
+				if after != before || time.Now().After(deadline) {
+					break
+				}
+			}
 			if after != before+1 {
 				t.Errorf("handshake failures with reason %s: got %v, want %v", tc.reason, after, before+1)
 			}
