@@ -667,67 +667,50 @@ func (p *benchProc) childPIDs() []int {
 	return childPIDs(p.cmd.Process.Pid)
 }
 
-func (p *benchProc) ticks() int64 {
-	n, _ := procTicks(p.cmd.Process.Pid)
+// sum adds f over the process and its children.
+func (p *benchProc) sum(f func(pid int) int64) int64 {
+	n := f(p.cmd.Process.Pid)
 	for _, c := range p.childPIDs() {
-		m, _ := procTicks(c)
-		n += m
+		n += f(c)
 	}
 	return n
+}
+
+func (p *benchProc) ticks() int64 {
+	return p.sum(func(pid int) int64 { n, _ := procTicks(pid); return n })
 }
 
 // syscalls is the read and write system calls (syscr + syscw of
 // /proc/PID/io) of the process and its children so far.
 func (p *benchProc) syscalls() int64 {
-	n := procSyscalls(p.cmd.Process.Pid)
-	for _, c := range p.childPIDs() {
-		n += procSyscalls(c)
-	}
-	return n
+	return p.sum(func(pid int) int64 { return procFields("/proc/"+strconv.Itoa(pid)+"/io", "syscr", "syscw") })
 }
 
 // contextSwitches is the voluntary and involuntary context switches of
 // every thread of the process and its children so far.
 func (p *benchProc) contextSwitches() int64 {
-	n := procContextSwitches(p.cmd.Process.Pid)
-	for _, c := range p.childPIDs() {
-		n += procContextSwitches(c)
-	}
-	return n
+	return p.sum(func(pid int) int64 {
+		dir := "/proc/" + strconv.Itoa(pid) + "/task"
+		tasks, _ := os.ReadDir(dir)
+		var n int64
+		for _, task := range tasks {
+			n += procFields(filepath.Join(dir, task.Name(), "status"), "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+		}
+		return n
+	})
 }
 
-func procContextSwitches(pid int) int64 {
-	dir := "/proc/" + strconv.Itoa(pid) + "/task"
-	tasks, err := os.ReadDir(dir)
-	if err != nil {
-		return 0
-	}
-	var n int64
-	for _, task := range tasks {
-		b, err := os.ReadFile(filepath.Join(dir, task.Name(), "status"))
-		if err != nil {
-			continue // the thread is gone
-		}
-		for line := range strings.SplitSeq(string(b), "\n") {
-			k, v, _ := strings.Cut(line, ":")
-			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
-				c, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-				n += c
-			}
-		}
-	}
-	return n
-}
-
-func procSyscalls(pid int) int64 {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+// procFields adds the values of the "key: value" lines of a /proc file
+// named by keys (0 if the file is gone).
+func procFields(path string, keys ...string) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
 	var n int64
 	for line := range strings.SplitSeq(string(b), "\n") {
-		k, v, _ := strings.Cut(line, ": ")
-		if k == "syscr" || k == "syscw" {
+		k, v, _ := strings.Cut(line, ":")
+		if slices.Contains(keys, k) {
 			c, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 			n += c
 		}
