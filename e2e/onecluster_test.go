@@ -284,12 +284,10 @@ func TestInboundRefusesBadClientCertificates(t *testing.T) {
 			// The sidecar counts the failure once its handshake returns,
 			// which may be just after the client read the refusal.
 			var after float64
-			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			waitUntil(t, 5*time.Second, "the sidecar to count the handshake failure", func() bool {
 				after = metric(t, b0.registry, "strait_proxy_tls_handshake_failures_total", map[string]string{"direction": "inbound", "reason": tc.reason})
-				if after != before || time.Now().After(deadline) {
-					break
-				}
-			}
+				return after != before
+			})
 			if after != before+1 {
 				t.Errorf("handshake failures with reason %s: got %v, want %v", tc.reason, after, before+1)
 			}

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"sync"
 	"testing"
@@ -105,21 +106,23 @@ func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
 		rerr, werr := pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
 		done <- [2]error{rerr, werr}
 	}()
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("after 5s: %s", what)
-			}
-		}
-	}
 	for i, msg := range []string{"hello", " quiet", " world"} {
 		if _, err := client.Write([]byte(msg)); err != nil {
 			t.Fatal(err)
 		}
 		want := []string{"hello", "hello quiet", "hello quiet world"}[i]
-		waitFor("relayed "+want, func() bool { return dst.String() == want })
-		waitFor("no small buffer held while waiting", func() bool { return smallHeld.Load() == base })
+		eventually(t, "relay "+want, func() error {
+			if got := dst.String(); got != want {
+				return fmt.Errorf("relayed %q", got)
+			}
+			return nil
+		})
+		eventually(t, "hand the small buffer back while waiting", func() error {
+			if got := smallHeld.Load(); got != base {
+				return fmt.Errorf("%d small buffers held, want %d", got, base)
+			}
+			return nil
+		})
 	}
 	client.Close()
 	select {
