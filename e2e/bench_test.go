@@ -274,16 +274,17 @@ type phase struct {
 	lat, lag []time.Duration // open loop only
 	rps      []float64       // per round
 	ticks    [2]int64        // CPU of each proxy
+	user     [2]int64        // its user-mode part
 	sysc     [2]int64        // read and write system calls of each proxy
 	csw      [2]int64        // context switches of each proxy
 	rssPeak  [2]rssSample
 }
 
 func (p *benchPath) measure(ph *phase, run func() phaseStats) {
-	var t0, s0, c0 [2]int64
+	var t0, u0, s0, c0 [2]int64
 	for i, pr := range p.procs {
 		if pr != nil {
-			t0[i], s0[i], c0[i] = pr.ticks(), pr.syscalls(), pr.contextSwitches()
+			t0[i], u0[i], s0[i], c0[i] = pr.ticks(), pr.userTicks(), pr.syscalls(), pr.contextSwitches()
 		}
 	}
 	stop := p.sampleRSS()
@@ -292,6 +293,7 @@ func (p *benchPath) measure(ph *phase, run func() phaseStats) {
 	for i, pr := range p.procs {
 		if pr != nil {
 			ph.ticks[i] += pr.ticks() - t0[i]
+			ph.user[i] += pr.userTicks() - u0[i]
 			ph.sysc[i] += pr.syscalls() - s0[i]
 			ph.csw[i] += pr.contextSwitches() - c0[i]
 			ph.rssPeak[i] = ph.rssPeak[i].max(peak[i])
@@ -677,7 +679,12 @@ func (p *benchProc) sum(f func(pid int) int64) int64 {
 }
 
 func (p *benchProc) ticks() int64 {
-	return p.sum(func(pid int) int64 { n, _ := procTicks(pid); return n })
+	return p.sum(func(pid int) int64 { u, s, _ := procTicks(pid); return u + s })
+}
+
+// userTicks is the user-mode part of ticks.
+func (p *benchProc) userTicks() int64 {
+	return p.sum(func(pid int) int64 { u, _, _ := procTicks(pid); return u })
 }
 
 // syscalls is the read and write system calls (syscr + syscw of
@@ -749,14 +756,15 @@ func procStat(pid int) ([]string, error) {
 	return f, nil
 }
 
-func procTicks(pid int) (int64, error) {
+// procTicks is the user and system CPU time of a process in clock ticks.
+func procTicks(pid int) (user, sys int64, err error) {
 	f, err := procStat(pid)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	s, _ := strconv.ParseInt(f[12], 10, 64)
-	return u + s, nil
+	user, _ = strconv.ParseInt(f[11], 10, 64)
+	sys, _ = strconv.ParseInt(f[12], 10, 64)
+	return user, sys, nil
 }
 
 // procRSS is VmRSS in bytes (0 if the process is gone).
@@ -1177,8 +1185,14 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 				}
 				return fmt.Sprintf("%.0f", float64(ph.ticks[i])/clockTicks*1e6/float64(ph.ok))
 			}
-			line += fmt.Sprintf("; cpu per request at max %s µs, at 1000 rps %s µs",
-				pair(perReq(&p.max, 0), perReq(&p.max, 1)), pair(perReq(&p.fixed, 0), perReq(&p.fixed, 1)))
+			userShare := func(i int) string {
+				if p.max.ticks[i] == 0 {
+					return "-"
+				}
+				return fmt.Sprintf("%.0f%%", 100*float64(p.max.user[i])/float64(p.max.ticks[i]))
+			}
+			line += fmt.Sprintf("; cpu per request at max %s µs (user mode %s), at 1000 rps %s µs",
+				pair(perReq(&p.max, 0), perReq(&p.max, 1)), pair(userShare(0), userShare(1)), pair(perReq(&p.fixed, 0), perReq(&p.fixed, 1)))
 			perMaxReq := func(n [2]int64, i int) string {
 				if p.max.ok == 0 {
 					return "-"

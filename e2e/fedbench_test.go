@@ -981,7 +981,8 @@ func fedThroughput(t *testing.T, entry *fedEntry, h tunnel.Header, sink *fedSink
 	}
 	procs := append(append([]*benchProc{}, gws...), sink.proc)
 	ticks := func() []int64 {
-		self, _ := procTicks(os.Getpid())
+		u, s, _ := procTicks(os.Getpid())
+		self := u + s
 		return append([]int64{self}, fedTicks(procs)...)
 	}
 	// Every process on every path runs Go code on one thread, as the
