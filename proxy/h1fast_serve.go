@@ -73,7 +73,7 @@ func (p *h1Pool) exchange(fc *fastConn, drop func([]byte) bool, extraName, extra
 		hc.setDeadline(dl)
 		writeRequestHead(hc.bw, h, head, drop, extraName, extraValue)
 		hc.bw.Write(body)
-		err := hc.bw.Flush()
+		err := hc.flushAwait()
 		var resp *http.Response
 		if err != nil {
 			err = staleIf(err)

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -31,6 +33,9 @@ type h1Pool struct {
 	// beyond it a request fails at once with errOverflow.
 	maxWaiting int64
 	waiting    atomic.Int64
+	// armedWait: its connections are mTLS straight to a sidecar, which
+	// closes a connection it will not serve outright (see flushAwait).
+	armedWait bool
 
 	mu   sync.Mutex
 	idle []*h1Conn
@@ -48,12 +53,60 @@ type h1Conn struct {
 	idleSince time.Time
 	sem       chan struct{}
 	closeOnce sync.Once
-	deadline  time.Time // set on c by setDeadline (the fast path's)
+	deadline  time.Time       // set on c by setDeadline (the fast path's)
+	raw       syscall.RawConn // of the TCP connection under c, or nil
 }
 
 func newH1Conn(c net.Conn, sem chan struct{}) *h1Conn {
 	lr := &h1Reader{c: c, n: math.MaxInt64, tooLarge: errResponseHeaderTooLarge}
 	return &h1Conn{c: c, lr: lr, br: bufio.NewReaderSize(lr, 4096), bw: bufio.NewWriterSize(c, 4096), sem: sem}
+}
+
+// armWait lets flushAwait wait on the TCP connection under c, if c is
+// TLS over TCP.
+func (hc *h1Conn) armWait() {
+	tc, ok := hc.c.(*tls.Conn)
+	if !ok {
+		return
+	}
+	under := tc.NetConn()
+	if pc, ok := under.(*pooledConn); ok {
+		under = pc.Conn
+	}
+	if tcp, ok := under.(*net.TCPConn); ok {
+		hc.raw, _ = tcp.SyscallConn()
+	}
+}
+
+// flushAwait sends what bw holds and waits until the connection has
+// something to read, the wait armed before the request goes out. Go's own
+// read tries the socket once before it waits, which before a response
+// always finds nothing: this saves that system call per request.
+//
+// Arming first is what makes it safe: every byte of the response arrives
+// after the wait is armed, so its arrival wakes the wait. What arrived
+// before does not, so a connection the peer had only half-closed (FIN
+// sent, still reading) would wait out the deadline. Hence only pools of
+// connections straight to a sidecar arm (h1Pool.armedWait): a sidecar
+// closes outright, and the reset that answers the request wakes the wait.
+// An application, or a gateway relaying a half-close, might not.
+func (hc *h1Conn) flushAwait() error {
+	if hc.raw == nil || hc.br.Buffered() > 0 {
+		return hc.bw.Flush()
+	}
+	var err error
+	sent := false
+	// A wait that fails (the deadline, the connection closed) fails the
+	// read that follows the same way, which reports it as ever.
+	_ = hc.raw.Read(func(uintptr) bool {
+		if sent {
+			return true
+		}
+		sent = true
+		err = hc.bw.Flush()
+		return err != nil
+	})
+	return err
 }
 
 var errResponseHeaderTooLarge = fmt.Errorf("proxy: response header over %d bytes", h1MaxHeaderBytes)
@@ -134,7 +187,11 @@ func (p *h1Pool) get(ctx context.Context, fresh bool) (*h1Conn, bool, error) {
 			}
 			return nil, false, err
 		}
-		return newH1Conn(c, p.sem), false, nil
+		hc := newH1Conn(c, p.sem)
+		if p.armedWait {
+			hc.armWait()
+		}
+		return hc, false, nil
 	}
 }
 

@@ -405,6 +405,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 			},
 			maxIdle:     256,
 			idleTimeout: 60 * time.Second,
+			armedWait:   tun == nil,
 		}
 		if maxConns > 0 {
 			p.sem, p.avail = make(chan struct{}, maxConns), make(chan struct{}, 1)

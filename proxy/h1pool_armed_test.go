@@ -1,0 +1,135 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/straitmesh/strait/ca/catest"
+)
+
+// armedPair returns a pool connection armed as toward a sidecar (mTLS over
+// loopback TCP, through a pooledConn as dialPooled makes them) and hands
+// the server's side of it to serve.
+func armedPair(t *testing.T, serve func(c *tls.Conn)) *h1Conn {
+	t.Helper()
+	c := catest.New(t, "strait.example")
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(c.SVID(t, "spiffe://strait.example/ns/default/sa/backend", time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := creds.Certificate()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		srv := tls.Server(raw, &tls.Config{Certificates: []tls.Certificate{*cert}})
+		if srv.Handshake() != nil {
+			raw.Close()
+			return
+		}
+		serve(srv)
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(&pooledConn{Conn: raw, o: &outbound{}}, &tls.Config{InsecureSkipVerify: true})
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tc.Close() })
+	hc := newH1Conn(tc, nil)
+	hc.armWait()
+	if hc.raw == nil {
+		t.Fatal("a TLS connection over TCP was not armed")
+	}
+	hc.setDeadline(time.Now().Add(10 * time.Second)) // a bound on a hang, not on the test
+	return hc
+}
+
+// The armed wait sees every response of a keep-alive exchange, however
+// quickly the server answers.
+func TestArmedWaitSeesEachResponse(t *testing.T) {
+	hc := armedPair(t, func(c *tls.Conn) {
+		defer c.Close()
+		eachRequest(c, func(req *http.Request, i int) bool {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			return true
+		})
+	})
+	for i := range 200 {
+		hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+		if err := hc.flushAwait(); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		resp, err := http.ReadResponse(hc.br, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if string(body) != "ok" {
+			t.Fatalf("request %d: body %q", i, body)
+		}
+	}
+}
+
+// A sidecar that closed the connection before the request went out (the
+// close arrived before the wait was armed) answers the request with a
+// reset, which ends the wait: the request fails as stale at once rather
+// than waiting out the deadline.
+func TestArmedWaitEndsOnAClosedPeer(t *testing.T) {
+	closed := make(chan struct{})
+	hc := armedPair(t, func(c *tls.Conn) {
+		c.Close()
+		close(closed)
+	})
+	<-closed
+	time.Sleep(50 * time.Millisecond) // the close reaches the client's socket
+	start := time.Now()
+	hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+	err := hc.flushAwait()
+	if err == nil {
+		_, err = hc.br.Peek(1)
+	}
+	if err == nil || !errors.Is(staleIf(err), errStaleConn) {
+		t.Fatalf("after the peer closed: %v, want a stale connection", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("took %v: the wait did not end on the close", d)
+	}
+}
+
+// A sidecar that never answers: the armed wait ends at the connection's
+// deadline, and the read after it reports the timeout.
+func TestArmedWaitKeepsTheDeadline(t *testing.T) {
+	hc := armedPair(t, func(c *tls.Conn) {
+		defer c.Close()
+		io.Copy(io.Discard, c)
+	})
+	hc.setDeadline(time.Now().Add(200 * time.Millisecond))
+	hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+	err := hc.flushAwait()
+	if err == nil {
+		_, err = hc.br.Peek(1)
+	}
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("a request never answered: %v, want a timeout", err)
+	}
+}
