@@ -65,17 +65,24 @@ func newH1Conn(c net.Conn, sem chan struct{}) *h1Conn {
 // armWait lets flushAwait wait on the TCP connection under c, if c is
 // TLS over TCP.
 func (hc *h1Conn) armWait() {
-	tc, ok := hc.c.(*tls.Conn)
-	if !ok {
+	if _, isTLS := hc.c.(*tls.Conn); !isTLS {
 		return
 	}
-	under := tc.NetConn()
-	if pc, ok := under.(*pooledConn); ok {
-		under = pc.Conn
-	}
-	if tcp, ok := under.(*net.TCPConn); ok {
+	if tcp, ok := socketUnder(hc.c).(*net.TCPConn); ok {
 		hc.raw, _ = tcp.SyscallConn()
 	}
+}
+
+// socketUnder is the connection under a pool's TLS and tracking layers:
+// the socket itself, for a look that the layers above cannot take.
+func socketUnder(c net.Conn) net.Conn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if pc, ok := c.(*pooledConn); ok {
+		c = pc.Conn
+	}
+	return c
 }
 
 // flushAwait sends what bw holds and waits until the connection has

@@ -133,3 +133,26 @@ func TestArmedWaitKeepsTheDeadline(t *testing.T) {
 		t.Fatalf("a request never answered: %v, want a timeout", err)
 	}
 }
+
+// A pooled connection toward a sidecar (TLS over a pooledConn) that the
+// sidecar closed is seen as closed once it has been idle for peekAfter:
+// the look at the socket reaches through the tracking layer, so a POST is
+// not sent on it blind (it would fail, not being safe to send again).
+func TestPooledSidecarConnectionIsPeeked(t *testing.T) {
+	closed := make(chan struct{})
+	hc := armedPair(t, func(c *tls.Conn) {
+		c.Close()
+		close(closed)
+	})
+	if _, ok := peekIdle(hc.c); !ok {
+		t.Fatal("peekIdle cannot look at the socket under a pooled TLS connection")
+	}
+	if !hc.usable(0) {
+		t.Fatal("a connection just used was not reused")
+	}
+	<-closed
+	time.Sleep(50 * time.Millisecond) // the close reaches the client's socket
+	if hc.usable(10 * peekAfter) {
+		t.Error("a pooled connection the sidecar closed was judged usable")
+	}
+}

@@ -3,7 +3,6 @@
 package proxy
 
 import (
-	"crypto/tls"
 	"errors"
 	"net"
 	"syscall"
@@ -14,10 +13,7 @@ import (
 // record of any kind: nothing is due on an idle connection). ok is false
 // if the connection has no socket to look at.
 func peekIdle(c net.Conn) (alive, ok bool) {
-	if tc, isTLS := c.(*tls.Conn); isTLS {
-		c = tc.NetConn()
-	}
-	sc, isSock := c.(syscall.Conn)
+	sc, isSock := socketUnder(c).(syscall.Conn)
 	if !isSock {
 		return false, false
 	}
