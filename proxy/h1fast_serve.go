@@ -71,9 +71,10 @@ func (p *h1Pool) exchange(fc *fastConn, drop func([]byte) bool, extraName, extra
 			}
 		}
 		hc.setDeadline(dl)
+		whole := hc.bw.Buffered() == 0 && maxRequestHead(h, head, extraName, extraValue)+len(body) <= hc.bw.Available()
 		writeRequestHead(hc.bw, h, head, drop, extraName, extraValue)
 		hc.bw.Write(body)
-		err := hc.flushAwait()
+		err := hc.flushAwait(whole)
 		var resp *http.Response
 		if err != nil {
 			err = staleIf(err)
@@ -128,6 +129,12 @@ func writeRequestHead(w *bufio.Writer, h *h1Head, head []byte, drop func([]byte)
 		w.WriteString("\r\n")
 	}
 	w.WriteString("\r\n")
+}
+
+// maxRequestHead bounds what writeRequestHead writes for h: each field
+// it keeps grows by at most the space after its colon.
+func maxRequestHead(h *h1Head, head []byte, extraName, extraValue string) int {
+	return len(head) + len(h.fields) + len("Content-Length: 0\r\n") + len(extraName) + len(": \r\n") + len(extraValue)
 }
 
 // idempotentHead is idempotent for a parsed request.

@@ -63,9 +63,11 @@ func newH1Conn(c net.Conn, sem chan struct{}) *h1Conn {
 }
 
 // armWait lets flushAwait wait on the TCP connection under c, if c is
-// TLS over TCP.
+// TLS over TCP whose handshake is done: a TLS write that had to finish the
+// handshake would read, and the read lock is flushAwait's while it waits.
 func (hc *h1Conn) armWait() {
-	if _, isTLS := hc.c.(*tls.Conn); !isTLS {
+	tc, isTLS := hc.c.(*tls.Conn)
+	if !isTLS || !tc.ConnectionState().HandshakeComplete {
 		return
 	}
 	if tcp, ok := socketUnder(hc.c).(*net.TCPConn); ok {
@@ -91,21 +93,21 @@ func socketUnder(c net.Conn) net.Conn {
 // always finds nothing: this saves that system call per request.
 //
 // Arming first is what makes it safe: every byte of the response arrives
-// after the wait is armed, so its arrival wakes the wait. What arrived
-// before does not, so a connection the peer had only half-closed (FIN
-// sent, still reading) would wait out the deadline. Hence only pools of
-// connections straight to a sidecar arm (h1Pool.armedWait): a sidecar
-// closes outright, and the reset that answers the request wakes the wait.
-// An application, or a gateway relaying a half-close, might not.
-func (hc *h1Conn) flushAwait() error {
-	if hc.raw == nil || hc.br.Buffered() > 0 {
+// after the wait is armed, so its arrival wakes the wait. That holds only
+// if no byte of the request went out before, so whole must say that bw
+// holds all of it. What arrived before does not wake the wait either, so a
+// connection the peer had only half-closed (FIN sent, still reading) would
+// wait out the deadline. Hence only pools of connections straight to a
+// sidecar arm (h1Pool.armedWait): a sidecar closes outright, and the reset
+// that answers the request wakes the wait. An application, or a gateway
+// relaying a half-close, might not.
+func (hc *h1Conn) flushAwait(whole bool) error {
+	if hc.raw == nil || !whole || hc.br.Buffered() > 0 {
 		return hc.bw.Flush()
 	}
 	var err error
 	sent := false
-	// A wait that fails (the deadline, the connection closed) fails the
-	// read that follows the same way, which reports it as ever.
-	_ = hc.raw.Read(func(uintptr) bool {
+	werr := hc.raw.Read(func(uintptr) bool {
 		if sent {
 			return true
 		}
@@ -113,6 +115,13 @@ func (hc *h1Conn) flushAwait() error {
 		err = hc.bw.Flush()
 		return err != nil
 	})
+	if !sent {
+		// Closed, or past its deadline, before anything was written: as
+		// the flush would have failed.
+		return werr
+	}
+	// A wait that failed (the deadline, the connection closed) fails the
+	// read that follows the same way, which reports it as ever.
 	return err
 }
 

@@ -1,11 +1,15 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,7 +79,7 @@ func TestArmedWaitSeesEachResponse(t *testing.T) {
 	})
 	for i := range 200 {
 		hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
-		if err := hc.flushAwait(); err != nil {
+		if err := hc.flushAwait(true); err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
 		resp, err := http.ReadResponse(hc.br, nil)
@@ -103,7 +107,7 @@ func TestArmedWaitEndsOnAClosedPeer(t *testing.T) {
 	time.Sleep(50 * time.Millisecond) // the close reaches the client's socket
 	start := time.Now()
 	hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
-	err := hc.flushAwait()
+	err := hc.flushAwait(true)
 	if err == nil {
 		_, err = hc.br.Peek(1)
 	}
@@ -124,7 +128,7 @@ func TestArmedWaitKeepsTheDeadline(t *testing.T) {
 	})
 	hc.setDeadline(time.Now().Add(200 * time.Millisecond))
 	hc.bw.WriteString("GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
-	err := hc.flushAwait()
+	err := hc.flushAwait(true)
 	if err == nil {
 		_, err = hc.br.Peek(1)
 	}
@@ -139,20 +143,61 @@ func TestArmedWaitKeepsTheDeadline(t *testing.T) {
 // the look at the socket reaches through the tracking layer, so a POST is
 // not sent on it blind (it would fail, not being safe to send again).
 func TestPooledSidecarConnectionIsPeeked(t *testing.T) {
-	closed := make(chan struct{})
+	closeNow, closed := make(chan struct{}), make(chan struct{})
 	hc := armedPair(t, func(c *tls.Conn) {
+		<-closeNow
 		c.Close()
 		close(closed)
 	})
 	if _, ok := peekIdle(hc.c); !ok {
 		t.Fatal("peekIdle cannot look at the socket under a pooled TLS connection")
 	}
-	if !hc.usable(0) {
-		t.Fatal("a connection just used was not reused")
+	if !hc.usable(10 * peekAfter) {
+		t.Fatal("an open pooled connection was judged closed")
 	}
+	close(closeNow)
 	<-closed
 	time.Sleep(50 * time.Millisecond) // the close reaches the client's socket
 	if hc.usable(10 * peekAfter) {
 		t.Error("a pooled connection the sidecar closed was judged usable")
+	}
+}
+
+// maxRequestHead bounds what writeRequestHead writes, whatever the spacing
+// of the fields it rewrites: flushAwait arms only when the whole request
+// fits in the write buffer, and a wrong bound would let part of it go out
+// before the wait is armed (a response to that part would be missed).
+func TestMaxRequestHeadBoundsTheRewrite(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("POST /p HTTP/1.1\r\nHost:backend\r\n")
+	for i := range h1FastMaxFields - 2 {
+		fmt.Fprintf(&b, "X-F%d:v\r\n", i)
+	}
+	b.WriteString("\r\n")
+	for _, head := range []string{b.String(), "GET / HTTP/1.1\r\nHost: backend\r\n\r\n", "POST / HTTP/1.1\r\nHost:b\r\nX:1\r\n\r\n"} {
+		var h h1Head
+		if !h.parse([]byte(head), true) {
+			t.Fatalf("the fast path refuses %q", head)
+		}
+		var out bytes.Buffer
+		w := bufio.NewWriterSize(&out, 64<<10)
+		writeRequestHead(w, &h, []byte(head), nil, HeaderXFCC, "By=spiffe://strait.example/ns/default/sa/backend")
+		w.Flush()
+		if bound := maxRequestHead(&h, []byte(head), HeaderXFCC, "By=spiffe://strait.example/ns/default/sa/backend"); out.Len() > bound {
+			t.Errorf("wrote %d bytes for a head of %d, over the bound %d", out.Len(), len(head), bound)
+		}
+	}
+}
+
+// A connection closed before the request went out fails the flush, as a
+// plain flush would, so that the request is retried on a fresh connection
+// whatever its method.
+func TestArmedWaitOnAClosedConnectionFailsTheFlush(t *testing.T) {
+	hc := armedPair(t, func(c *tls.Conn) { io.Copy(io.Discard, c) })
+	socketUnder(hc.c).Close()
+	hc.bw.WriteString("POST / HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n")
+	err := hc.flushAwait(true)
+	if !errors.Is(staleIf(err), errStaleConn) {
+		t.Fatalf("flush on a closed connection: %v, want a stale connection", err)
 	}
 }
