@@ -111,12 +111,13 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 				if r.GetLastHeard() != nil {
 					f.heard[peer] = r.GetLastHeard().AsTime()
 				}
-				// RTT orders failover tiers: kept to 1ms steps so that
-				// jitter does not rebuild every snapshot. A measured RTT
+				// RTT orders failover tiers: held steady (steadyRTT)
+				// and kept to 1ms steps so that jitter neither reorders
+				// tiers nor rebuilds every snapshot. A measured RTT
 				// under half a millisecond is 1ms, not 0 (unmeasured,
 				// which would put the nearest peer last).
 				if d := r.GetRtt().AsDuration(); d > 0 {
-					f.rtt[peer] = max(d.Round(time.Millisecond), time.Millisecond)
+					f.rtt[peer] = max(s.steadyRTT(peer, d).Round(time.Millisecond), time.Millisecond)
 				} else {
 					f.rtt[peer] = 0
 				}
@@ -274,6 +275,22 @@ func remoteEndpoints(w *world, svc *controlplanev1.Service, ns, name string, hav
 			})
 		}
 	}
+}
+
+// steadyRTT is the RTT peer's failover tiers are ordered by: the one kept
+// before, until a measurement moves from it by more than a millisecond and
+// by more than a quarter of it. Two peers about as far away would
+// otherwise swap tiers whenever their RTTs cross a rounding step, moving
+// traffic between them and rebuilding every sidecar's snapshot each time.
+// Called with s.mu held.
+func (s *Server) steadyRTT(peer string, d time.Duration) time.Duration {
+	if kept, ok := s.rttKept[peer]; ok {
+		if diff := d - kept; max(diff, -diff) <= max(time.Millisecond, kept/4) {
+			return kept
+		}
+	}
+	s.rttKept[peer] = d
+	return d
 }
 
 // failoverTiers gives each linked peer its failover priority for one

@@ -101,7 +101,10 @@ type Server struct {
 	nodes   map[string]*node
 	// gateways are this cluster's live gateways, by node name.
 	gateways map[string]*gatewayNode
-	fedWake  chan struct{}
+	// rttKept is the RTT failover tiers are ordered by, per peer (see
+	// steadyRTT).
+	rttKept map[string]time.Duration
+	fedWake chan struct{}
 	// logged is the last message of each logOnce key.
 	logged map[string]string
 	// started is when Run began (see federationWarmLocked).
@@ -173,7 +176,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer), selfID: selfID,
-		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, fedWake: make(chan struct{}, 1), renewOwn: make(chan struct{}, 1)}
+		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, rttKept: map[string]time.Duration{}, fedWake: make(chan struct{}, 1), renewOwn: make(chan struct{}, 1)}
 	s.verifier, err = svid.NewVerifier(svid.VerifierConfig{TrustDomain: cfg.TrustDomain, Bundles: bundleSource{cfg.Bundle}, Clock: cfg.Clock})
 	if err != nil {
 		return nil, err
