@@ -429,8 +429,11 @@ func (u *upstream) fastAttempt(fc *fastConn, st *upstreamState, pick *balance.Pi
 	r := p.exchange(fc, nil, "", "", dl)
 	latency := time.Since(start)
 	if r.err != nil {
-		timedOut := perTryBinds && errors.Is(r.err, context.DeadlineExceeded)
-		if !timedOut && errors.Is(r.err, context.DeadlineExceeded) {
+		// Decided by the clock, not by the error: a connect timeout is a
+		// DeadlineExceeded too, and the endpoint's failure.
+		expired := !dl.IsZero() && !start.Add(latency).Before(dl) && errors.Is(r.err, context.DeadlineExceeded)
+		timedOut := perTryBinds && expired
+		if expired && !perTryBinds {
 			pick.Done(latency, balance.LocalError) // the request's own timeout
 			return r, p, ""
 		}

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,7 +39,9 @@ type h1Pool struct {
 	armedWait bool
 
 	mu   sync.Mutex
-	idle []*h1Conn
+	idle []*h1Conn // oldest first
+	// sweeping: a sweep is due (while idle connections are pooled).
+	sweeping bool
 	// retired: the pool was dropped (its endpoint left, or trust
 	// changed); connections coming back from requests are closed, as
 	// nothing would take or sweep them any more.
@@ -271,12 +274,18 @@ func (p *h1Pool) put(hc *h1Conn) {
 		return
 	}
 	hc.idleSince = time.Now()
+	sweep := false
 	p.mu.Lock()
 	if len(p.idle) < p.maxIdle && !p.retired {
 		p.idle = append(p.idle, hc)
 		hc = nil
+		sweep = !p.sweeping && p.idleTimeout > 0
+		p.sweeping = p.sweeping || sweep
 	}
 	p.mu.Unlock()
+	if sweep {
+		time.AfterFunc(p.idleTimeout, p.sweep)
+	}
 	if hc != nil {
 		hc.close()
 		return
@@ -286,6 +295,33 @@ func (p *h1Pool) put(hc *h1Conn) {
 		case p.avail <- struct{}{}:
 		default:
 		}
+	}
+}
+
+// sweep closes the connections idle for idleTimeout, which takeIdle (the
+// newest first) may never reach after a burst, and comes back while any
+// are pooled.
+func (p *h1Pool) sweep() {
+	now := time.Now()
+	p.mu.Lock()
+	n := 0
+	for n < len(p.idle) && now.Sub(p.idle[n].idleSince) >= p.idleTimeout {
+		n++
+	}
+	expired := slices.Clone(p.idle[:n])
+	p.idle = slices.Delete(p.idle, 0, n)
+	var next time.Duration
+	again := len(p.idle) > 0
+	if again {
+		next = p.idle[0].idleSince.Add(p.idleTimeout).Sub(now)
+	}
+	p.sweeping = again
+	p.mu.Unlock()
+	for _, hc := range expired {
+		hc.close()
+	}
+	if again {
+		time.AfterFunc(max(next, time.Millisecond), p.sweep)
 	}
 }
 

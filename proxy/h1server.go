@@ -133,7 +133,7 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 	}
 
 	bw := bufio.NewWriterSize(c, 4096)
-	w := &h1Response{bw: bw, header: make(http.Header)}
+	w := &h1Response{bw: bw, c: c, header: make(http.Header)}
 	var fc *fastConn
 	if s.fast != nil {
 		fc = &fastConn{c: c, br: br, bw: bw, ctx: ctx, tlsState: tlsState, req: h1Head{fields: make([]h1Field, 0, 16)}, resp: h1Head{fields: make([]h1Field, 0, 16)}}
@@ -224,6 +224,10 @@ func (s *h1Server) serveBuffered(c net.Conn, lr *h1Reader, br *bufio.Reader) {
 		w.ecr = ecr
 		if !s.serveOne(w, req) {
 			return // the handler panicked: the response is unknown
+		}
+		if w.readDeadline {
+			rd = time.Time{}
+			c.SetReadDeadline(rd)
 		}
 		w.finish()
 		continued := ecr == nil || ecr.stop()
@@ -445,6 +449,7 @@ func (e *expectContinueReader) Close() error { return e.r.Close() }
 // nothing gets Content-Length: 0 rather than a chunked empty body.
 type h1Response struct {
 	bw     *bufio.Writer
+	c      net.Conn // the connection, for SetReadDeadline
 	req    *http.Request
 	header http.Header
 	ecr    *expectContinueReader // of req.Body, if it has one
@@ -458,11 +463,22 @@ type h1Response struct {
 	closeAfter  bool
 	err         error
 	trailerKeys []string
+	// readDeadline: the handler set a read deadline on the connection
+	// (SetReadDeadline), to be cleared before the next request.
+	readDeadline bool
 }
 
 func (w *h1Response) reset(req *http.Request) {
 	clear(w.header)
-	*w = h1Response{bw: w.bw, header: w.header, req: req, length: -1, trailerKeys: w.trailerKeys[:0]}
+	*w = h1Response{bw: w.bw, c: w.c, header: w.header, req: req, length: -1, trailerKeys: w.trailerKeys[:0]}
+}
+
+// SetReadDeadline bounds the reads of the request's body, for
+// http.ResponseController: the outbound handler holds a body to the
+// request's timeout.
+func (w *h1Response) SetReadDeadline(t time.Time) error {
+	w.readDeadline = true
+	return w.c.SetReadDeadline(t)
 }
 
 func (w *h1Response) Header() http.Header { return w.header }

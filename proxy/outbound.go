@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -425,18 +426,44 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 // dialTLS opens a raw connection with raw and runs the workload mTLS
 // handshake over it, all within timeout.
 func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), cfg *tls.Config, timeout time.Duration) (*tls.Conn, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c, err := raw(ctx)
+	c, err := raw(cctx)
 	if err != nil {
-		return nil, err
+		return nil, connectFailed(ctx, err, timeout)
 	}
 	tc := tls.Client(c, cfg)
-	if err := tc.HandshakeContext(ctx); err != nil {
+	if err := tc.HandshakeContext(cctx); err != nil {
 		c.Close()
-		return nil, err
+		return nil, connectFailed(ctx, err, timeout)
 	}
 	return tc, nil
+}
+
+// connectError is a failure to open an mTLS connection to an endpoint
+// (the dial, a gateway's reply, the handshake) within the connect timeout:
+// a connect-failure, whatever the cause, and the endpoint's failure.
+type connectError struct {
+	err     error
+	timeout time.Duration
+}
+
+func (e *connectError) Error() string {
+	if errors.Is(e.err, context.DeadlineExceeded) {
+		return fmt.Sprintf("connect: no mTLS connection within the connect timeout (%s)", e.timeout)
+	}
+	return "connect: " + e.err.Error()
+}
+
+func (e *connectError) Unwrap() error { return e.err }
+
+// connectFailed makes err a connectError, unless ctx (the request, or its
+// attempt) ended first: that is the request's own timeout or cancellation.
+func connectFailed(ctx context.Context, err error, timeout time.Duration) error {
+	if ctx.Err() != nil {
+		return err
+	}
+	return &connectError{err: err, timeout: timeout}
 }
 
 // rawDialer returns how to reach an endpoint's inbound listener: plain TCP,
@@ -588,14 +615,23 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer st.requests.Release()
 	st.budget.Request()
 	ctx := r.Context()
-	if d := st.policy.GetRequestTimeout().AsDuration(); d > 0 {
+	timeout := st.policy.GetRequestTimeout().AsDuration()
+	if timeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, d)
+		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 		r = r.WithContext(ctx)
+		// Reading the body counts too: a client that stalls sending it
+		// does not hold a request slot (or an upstream connection) past
+		// the timeout. A writer that cannot bound its reads is left be.
+		_ = http.NewResponseController(w).SetReadDeadline(start.Add(timeout))
 	}
 	if st.policy.GetRetries().GetAttempts() > 0 && r.Body != nil && r.Body != http.NoBody && r.ContentLength >= 0 && r.ContentLength <= maxRetryBody {
 		body, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			sidecarError(rec, http.StatusRequestTimeout, fmt.Sprintf("the request body did not arrive within the request timeout of %s", timeout))
+			return
+		}
 		if err != nil || int64(len(body)) != r.ContentLength {
 			sidecarError(rec, http.StatusBadRequest, "reading the request body failed")
 			return
@@ -622,6 +658,11 @@ func sidecarError(w http.ResponseWriter, code int, msg string) {
 
 func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	code, msg := u.errorStatus(err)
+	if dl, ok := r.Context().Deadline(); ok && code == http.StatusBadGateway && !time.Now().Before(dl) {
+		// The request's time ran out, whatever failed as it did (net/http
+		// does not let a body's read error be told apart).
+		code = http.StatusGatewayTimeout
+	}
 	sidecarError(w, code, msg)
 }
 
@@ -629,8 +670,11 @@ func (u *upstream) errorHandler(w http.ResponseWriter, r *http.Request, err erro
 // with.
 func (u *upstream) errorStatus(err error) (int, string) {
 	code := http.StatusBadGateway
+	var ce *connectError
 	switch {
-	case errors.Is(err, context.DeadlineExceeded):
+	case errors.As(err, &ce):
+		code = http.StatusServiceUnavailable // the endpoint could not be reached
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
 		code = http.StatusGatewayTimeout
 	case errors.Is(err, balance.ErrNoEndpoints), errors.Is(err, balance.ErrNoHealthyEndpoints), errors.Is(err, errOverflow):
 		code = http.StatusServiceUnavailable
@@ -762,10 +806,11 @@ func (u *upstream) attempt(req *http.Request, st *upstreamState, pick *balance.P
 
 func classifyError(err error, timedOut bool) string {
 	var op *net.OpError
+	var ce *connectError
 	switch {
 	case timedOut:
 		return "per-try-timeout"
-	case errors.As(err, &op) && op.Op == "dial", errors.Is(err, syscall.ECONNREFUSED):
+	case errors.As(err, &ce), errors.As(err, &op) && op.Op == "dial", errors.Is(err, syscall.ECONNREFUSED):
 		return "connect-failure"
 	case isTLSError(err):
 		return "connect-failure"

@@ -25,11 +25,14 @@ func peekIdle(c net.Conn) (alive, ok bool) {
 		b    [1]byte
 		perr error
 	)
-	err = rc.Read(func(fd uintptr) bool {
+	// Control, not Read: it neither takes the read lock nor minds a
+	// deadline a past request left on the connection (MSG_DONTWAIT keeps
+	// it from waiting).
+	err = rc.Control(func(fd uintptr) {
 		for {
 			_, _, perr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 			if perr != syscall.EINTR {
-				return true
+				return
 			}
 		}
 	})
