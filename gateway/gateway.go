@@ -503,8 +503,9 @@ func (g *Gateway) Recheck() {
 	ecs := slices.Collect(maps.Keys(g.entries))
 	for peer, s := range g.slots {
 		// A slot still holding superseded connections with streams keeps
-		// them: they count against maxDraining and replaceEvery.
-		if s.conn == nil && s.call == nil && !slices.ContainsFunc(s.draining, func(d *peerConn) bool { return !d.dead() }) {
+		// them: they count against maxDraining and replaceEvery. A linked
+		// peer's slot stays: it knows whether the peer is down.
+		if _, linked := g.cfg.Catalog.Peer(peer); !linked && s.conn == nil && s.call == nil && !slices.ContainsFunc(s.draining, func(d *peerConn) bool { return !d.dead() }) {
 			delete(g.slots, peer) // made again on the next dial
 		}
 	}

@@ -368,13 +368,20 @@ func (g *Gateway) startDialLocked(peer string, s *dialSlot) *dialCall {
 
 // peerBack is called when peer connects to this gateway: a dial to it that
 // is still waiting (on an address that did not answer while the peer was
-// away) is cut short and made again now.
+// away) is cut short and made again now, and a peer known down with no
+// dial under way is dialed now, not by the next caller (who would be
+// answered "down" meanwhile).
 func (g *Gateway) peerBack(peer string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if s := g.slots[peer]; s != nil && s.call != nil && s.down {
+	s := g.slots[peer]
+	switch {
+	case s == nil || !s.down:
+	case s.call != nil:
 		s.restart = true
 		s.call.cancel()
+	case g.running:
+		g.startDialLocked(peer, s)
 	}
 }
 
@@ -724,6 +731,13 @@ func (g *Gateway) serveJoin(conn *quic.Conn) {
 	}()
 	cs := conn.ConnectionState().TLS
 	ctx := context.WithValue(conn.Context(), remoteKey{}, conn.RemoteAddr())
+	g.mu.Lock()
+	runCtx := g.runCtx
+	g.mu.Unlock()
+	stopOnShutdown := context.AfterFunc(runCtx, func() {
+		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseShutdown), "gateway shutting down")
+	})
+	defer stopOnShutdown()
 	idle := time.AfterFunc(g.lim.JoinIdleTimeout, func() {
 		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseNoError), "join connection idle")
 	})

@@ -113,6 +113,7 @@ type peerState struct {
 	outCtx         context.Context    // the outgoing control stream's life: the agent's, until unlinked
 	cancel         context.CancelFunc // ends outCtx
 	outgoingActive bool
+	inStreams      int     // control streams the peer has open to us
 	in             inRelay // the rotation messages the peer relayed
 	// back is signalled when the peer opens its control stream to us: if
 	// ours is down, the peer is back and ours is retried now.
@@ -529,6 +530,7 @@ func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteClo
 	a.cat.learnAddrs(peer, hello.GetGatewayAddresses())
 	a.mu.Lock()
 	ps := a.peer(peer)
+	ps.inStreams++
 	ps.inUp, ps.peerDigest, ps.lastHeard = true, hello.GetBundleDigest(), a.clock()
 	if !ps.outUp {
 		select {
@@ -540,8 +542,9 @@ func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteClo
 	a.poke()
 	defer func() {
 		a.mu.Lock()
-		if ps := a.peers[peer]; ps != nil {
-			ps.inUp = false
+		if cur := a.peers[peer]; cur == ps {
+			ps.inStreams--
+			ps.inUp = ps.inStreams > 0
 		}
 		a.mu.Unlock()
 		a.poke()
