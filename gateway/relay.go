@@ -41,25 +41,54 @@ var (
 )
 
 // relayBuffer is the buffer one direction of a relay reads into. It holds
-// none until the first get; a small buffer can be handed back while the
-// direction waits for data (idle), which a direction reading a TCP
-// connection does.
+// none until the first get. A direction reading a TCP connection hands
+// back whatever it holds while it waits for data (park), small or not, and
+// takes the same size again when data comes.
 type relayBuffer struct {
 	small *[]byte // from smallBuffers, or nil
 	lent  *[]byte // from largeBuffers or bulkBuffers, or nil
 	buf   []byte
+	// parked is the size of the large or bulk buffer handed back while
+	// the direction waits (park), taken again at the next get: a transfer
+	// that pauses keeps its step.
+	parked int
 }
 
 func newRelayBuffer() *relayBuffer { return &relayBuffer{} }
 
-// get returns the buffer to read into, taking a small one if none is held.
+// get returns the buffer to read into, taking one if none is held: of the
+// parked size, else a small one.
 func (b *relayBuffer) get() []byte {
-	if b.buf == nil {
+	if b.buf != nil {
+		return b.buf
+	}
+	switch parked := b.parked; {
+	case parked == bulkBuffer && bulkLent.Add(1) <= maxBulkBuffers:
+		b.lent = bulkBuffers.Get().(*[]byte)
+	case parked == bulkBuffer:
+		bulkLent.Add(-1)
+		fallthrough
+	case parked == largeBuffer:
+		b.lent = largeBuffers.Get().(*[]byte)
+	default:
 		b.small = smallBuffers.Get().(*[]byte)
 		b.buf = *b.small
 		smallHeld.Add(1)
+		return b.buf
 	}
+	b.parked = 0
+	b.buf = *b.lent
 	return b.buf
+}
+
+// park hands back whatever buffer is held while the direction waits for
+// data, remembering a large or bulk one's size for the next get.
+func (b *relayBuffer) park() {
+	if b.lent != nil {
+		b.parked = len(*b.lent)
+		b.releaseLent()
+	}
+	b.idle()
 }
 
 // idle hands back a small buffer while the direction waits; a large or
@@ -165,7 +194,7 @@ func readRaw(rc syscall.RawConn, b *relayBuffer) (int, error) {
 			}
 		}
 		if errno == syscall.EAGAIN {
-			b.idle()
+			b.park()
 			return false // wait until readable
 		}
 		return true

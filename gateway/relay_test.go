@@ -137,3 +137,49 @@ func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
 		t.Fatalf("small buffers held after the end: %d, want %d", got, base)
 	}
 }
+
+// A TCP direction that stepped up to the bulk buffer and then went quiet
+// after a medium read hands it back while it waits: it kept it (and one of
+// the maxBulkBuffers slots) for as long as the connection idled, so idle
+// keep-alive streams could use up the bulk path for every other.
+func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	base := bulkLent.Load()
+	var dst lockedBuffer
+	go pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
+	total := 0
+	send := func(n int) {
+		client.Write(make([]byte, n))
+		total += n
+		eventually(t, "relay", func() error {
+			if got := len(dst.String()); got != total {
+				return fmt.Errorf("relayed %d of %d", got, total)
+			}
+			return nil
+		})
+	}
+	for _, n := range []int{smallBuffer, largeBuffer, 4096} { // up to bulk, then a medium read
+		send(n)
+	}
+	eventually(t, "the quiet direction hands back its bulk buffer", func() error {
+		if got := bulkLent.Load() - base; got != 0 {
+			return fmt.Errorf("%d bulk buffer(s) held", got)
+		}
+		return nil
+	})
+	send(bulkBuffer) // and relays again when data comes
+}
