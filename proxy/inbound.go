@@ -64,8 +64,13 @@ type inbound struct {
 	changes atomic.Uint64 // counts rechecks, to catch handshakes that straddle one
 }
 
+// appDialTimeout bounds a connect to the local application (whose accept
+// queue may be full).
+const appDialTimeout = 5 * time.Second
+
 func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAddr string, tcp bool) *inbound {
-	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, tcp: tcp, conns: map[*tls.Conn]struct{}{}}
+	in := &inbound{creds: creds, metrics: m, log: log, service: service, appAddr: appAddr, tcp: tcp, conns: map[*tls.Conn]struct{}{},
+		dialer: net.Dialer{Timeout: appDialTimeout}}
 	in.selfID.Store("")
 	in.appH1 = &h1Pool{
 		dial:        func(ctx context.Context) (net.Conn, error) { return in.dialer.DialContext(ctx, "tcp", appAddr) },
@@ -436,16 +441,29 @@ func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 // relay copies both ways until both sides are done, counting the bytes
 // written to a (sent) and read from a (received) as they go, so that a
 // long-lived connection shows in the metrics while it is open.
+//
+// An end of stream on one side is a half-close on the other; a failure on
+// one side (a connection closed under it, such as a caller's that Recheck
+// ended) ends both, so the other direction is not left waiting on a peer
+// that may never write or close.
 func relay(a, b net.Conn, sent, received prometheus.Counter) {
 	var wg sync.WaitGroup
 	wg.Add(1)
+	end := func(err error, to net.Conn) {
+		if err != nil {
+			a.Close()
+			b.Close()
+			return
+		}
+		closeWrite(to)
+	}
 	go func() {
 		defer wg.Done()
-		io.Copy(countingWriter{b, received}, a)
-		closeWrite(b)
+		_, err := io.Copy(countingWriter{b, received}, a)
+		end(err, b)
 	}()
-	io.Copy(countingWriter{a, sent}, b)
-	closeWrite(a)
+	_, err := io.Copy(countingWriter{a, sent}, b)
+	end(err, a)
 	wg.Wait()
 	a.Close()
 	b.Close()

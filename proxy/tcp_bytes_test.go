@@ -103,3 +103,60 @@ func obsValue(c prometheus.Metric) float64 {
 	}
 	return m.Gauge.GetValue()
 }
+
+// A relayed TCP connection whose caller's side is closed under it (as
+// Recheck closes a caller no longer allowed) ends toward the application
+// too: the application was only half-closed, and a silent one (a database
+// waiting for its next query) held the relay and its connection for good.
+func TestTCPRelayEndsBothWaysOnAFailure(t *testing.T) {
+	c := catest.New(t, "strait.example")
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(c.SVID(t, "spiffe://strait.example/ns/default/sa/db", time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	hold := make(chan struct{})
+	defer close(hold)
+	go func() { // a silent application: reads, and keeps its side open
+		a, err := app.Accept()
+		if err != nil {
+			return
+		}
+		defer a.Close()
+		io.Copy(io.Discard, a)
+		<-hold
+	}()
+	m := NewMetrics(prometheus.NewRegistry())
+	in := newInbound(creds, m, slog.New(slog.DiscardHandler), "db", app.Addr().String(), true)
+	srvRaw, cliRaw := net.Pipe()
+	defer cliRaw.Close()
+	cert, _ := creds.Certificate()
+	srv := tls.Server(srvRaw, &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{alpnTCP}})
+	cli := tls.Client(cliRaw, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{alpnTCP}})
+	relayed := make(chan struct{})
+	go func() {
+		defer close(relayed)
+		if err := srv.Handshake(); err != nil {
+			return
+		}
+		in.serveTCP(srv)
+	}()
+	go io.Copy(io.Discard, cli) // the caller reads whatever comes
+	if _, err := cli.Write([]byte("query")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the relay is under way
+	srv.Close()                       // as Recheck closes it
+	select {
+	case <-relayed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the relay (and its connection to the application) did not end after the caller's side was closed")
+	}
+}
