@@ -511,16 +511,27 @@ func catalogDelta(prev, cur map[string]*federationv1.ExportedService, version ui
 	return d
 }
 
+// helloTimeout bounds the wait for a control stream's hello.
+var helloTimeout = 10 * time.Second
+
 // serveControl serves a control stream a peer opened: its catalog,
 // heartbeats (answered with acks) and rotation relay messages. Messages
 // of kinds it does not know are skipped; one that does not decode ends
 // this stream only.
 func (a *agent) serveControl(ctx context.Context, peer string, s io.ReadWriteCloser) {
 	defer s.Close()
+	// A stream that never says hello does not hold its goroutine.
+	dl, _ := s.(interface{ SetReadDeadline(time.Time) error })
+	if dl != nil {
+		dl.SetReadDeadline(time.Now().Add(helloTimeout))
+	}
 	var first federationv1.ControlMessage
 	if err := readControl(s, &first); err != nil || first.GetHello() == nil {
 		a.log.Debug("control stream without a hello", "peer", peer, "err", err)
 		return
+	}
+	if dl != nil {
+		dl.SetReadDeadline(time.Time{})
 	}
 	hello := first.GetHello()
 	if hello.GetCluster() != peer {

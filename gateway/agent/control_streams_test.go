@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"net"
 	"testing"
 	"time"
 )
@@ -28,5 +29,22 @@ func TestOldControlStreamEndKeepsLiveOneUp(t *testing.T) {
 	a.mu.Unlock()
 	if !in {
 		t.Fatalf("the incoming control stream is reported down while a live one carries heartbeats (state %q)", peerReport(t, a, "west").GetState())
+	}
+}
+
+// A control stream that never says hello ends after helloTimeout: a
+// linked peer cannot hold a goroutine per silent stream.
+func TestControlStreamWithoutHelloEnds(t *testing.T) {
+	defer func(d time.Duration) { helloTimeout = d }(helloTimeout)
+	helloTimeout = 100 * time.Millisecond
+	a, _ := testAgent(t)
+	ours, theirs := net.Pipe()
+	defer theirs.Close()
+	done := make(chan struct{})
+	go func() { a.serveControl(t.Context(), "west", ours); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a control stream with no hello is still served")
 	}
 }
