@@ -83,21 +83,7 @@ func (w *lockedBuffer) String() string {
 // connection hands its buffer back while it waits for data, relays what
 // comes, and ends at the connection's end.
 func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := tcpPair(t)
 
 	base := smallHeld.Load()
 	var dst lockedBuffer
@@ -143,21 +129,7 @@ func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
 // the maxBulkBuffers slots) for as long as the connection idled, so idle
 // keep-alive streams could use up the bulk path for every other.
 func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := tcpPair(t)
 	base := bulkLent.Load()
 	var dst lockedBuffer
 	go pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
@@ -182,4 +154,26 @@ func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
 		return nil
 	})
 	send(bulkBuffer) // and relays again when data comes
+}
+
+// tcpPair returns the two ends of a loopback TCP connection, closed when
+// the test ends.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server, err = ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
 }

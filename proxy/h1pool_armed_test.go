@@ -12,10 +12,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/straitmesh/strait/ca/catest"
 )
 
 // armedPair returns a pool connection armed as toward a sidecar (mTLS over
@@ -23,15 +19,7 @@ import (
 // the server's side of it to serve.
 func armedPair(t *testing.T, serve func(c *tls.Conn)) *h1Conn {
 	t.Helper()
-	c := catest.New(t, "strait.example")
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := creds.SetSVID(c.SVID(t, "spiffe://strait.example/ns/default/sa/backend", time.Hour)); err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := creds.Certificate()
+	cert, _ := svidCreds(t, "spiffe://strait.example/ns/default/sa/backend").Certificate()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

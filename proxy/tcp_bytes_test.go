@@ -20,17 +20,7 @@ import (
 // it closes: a long-lived connection (a database session) is otherwise
 // invisible for its whole life and then appears as one spike.
 func TestTCPBytesCountedWhileOpen(t *testing.T) {
-	c := catest.New(t, "strait.example")
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := creds.SetBundle(c.Bundle()); err != nil {
-		t.Fatal(err)
-	}
-	if err := creds.SetSVID(c.SVID(t, "spiffe://strait.example/ns/default/sa/db", time.Hour)); err != nil {
-		t.Fatal(err)
-	}
+	creds := svidCreds(t, "spiffe://strait.example/ns/default/sa/db")
 	// An echo application.
 	app, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -109,14 +99,7 @@ func obsValue(c prometheus.Metric) float64 {
 // too: the application was only half-closed, and a silent one (a database
 // waiting for its next query) held the relay and its connection for good.
 func TestTCPRelayEndsBothWaysOnAFailure(t *testing.T) {
-	c := catest.New(t, "strait.example")
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := creds.SetSVID(c.SVID(t, "spiffe://strait.example/ns/default/sa/db", time.Hour)); err != nil {
-		t.Fatal(err)
-	}
+	creds := svidCreds(t, "spiffe://strait.example/ns/default/sa/db")
 	app, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -159,4 +142,22 @@ func TestTCPRelayEndsBothWaysOnAFailure(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the relay (and its connection to the application) did not end after the caller's side was closed")
 	}
+}
+
+// svidCreds returns credentials holding an SVID for id, from a new CA of
+// strait.example whose bundle they trust.
+func svidCreds(t *testing.T, id string) *Credentials {
+	t.Helper()
+	c := catest.New(t, "strait.example")
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString("strait.example"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(c.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(c.SVID(t, id, time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	return creds
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -51,22 +52,40 @@ func TestExplainNamesStalePeer(t *testing.T) {
 // data centre, 400µs away, before one 5ms away. Its RTT was rounded to
 // 0ms and taken for "not measured", so it went last.
 func TestFailoverByRTTSubMillisecondPeerFirst(t *testing.T) {
+	e := rttFailoverEnv(t, "far", "near")
+	prio := rttPriorities(t, e.srv, map[string]time.Duration{"far": 5 * time.Millisecond, "near": 400 * time.Microsecond})
+	if !(prio["near"] < prio["far"]) {
+		t.Fatalf("priorities %v: the peer 400µs away comes after the one 5ms away", prio)
+	}
+}
+
+// rttFailoverEnv links peers (in that order) and fails payments over by
+// RTT.
+func rttFailoverEnv(t *testing.T, peers ...string) *testEnv {
+	t.Helper()
 	e := newTestEnv(t)
-	s := e.srv
-	ctx := t.Context()
 	now := time.Now()
-	for i, peer := range []string{"far", "near"} {
+	for i, peer := range peers {
 		if err := e.store.PutLink(store.Link{ID: "l-" + peer, Peer: peer, PeerGateways: []string{"127.0.0.1:1"}, Role: "issuer", Created: now.Add(time.Duration(i) * time.Second)}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	applyYAML(t, e.store, "apiVersion: strait.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: default}\nspec:\n  service: payments\n  failover: {order: rtt}\n")
-	heard := timestamppb.New(now)
-	report(s, "127.0.0.1:15443",
-		&controlplanev1.PeerReport{Peer: "far", ControlStreamUp: true, Rtt: durationpb.New(5 * time.Millisecond), LastHeard: heard, Imports: []*federationv1.ExportedService{exported("payments", "http", 2)}},
-		&controlplanev1.PeerReport{Peer: "near", ControlStreamUp: true, Rtt: durationpb.New(400 * time.Microsecond), LastHeard: heard, Imports: []*federationv1.ExportedService{exported("payments", "http", 2)}},
-	)
-	if err := s.rebuild(ctx); err != nil {
+	return e
+}
+
+// rttPriorities has the gateway report each peer up, exporting payments,
+// at the RTT given, and returns the failover priority a sidecar's snapshot
+// then gives each peer's endpoints.
+func rttPriorities(t *testing.T, s *Server, rtt map[string]time.Duration) map[string]uint32 {
+	t.Helper()
+	heard := timestamppb.New(time.Now())
+	var reports []*controlplanev1.PeerReport
+	for _, peer := range slices.Sorted(maps.Keys(rtt)) {
+		reports = append(reports, &controlplanev1.PeerReport{Peer: peer, ControlStreamUp: true, Rtt: durationpb.New(rtt[peer]), LastHeard: heard, Imports: []*federationv1.ExportedService{exported("payments", "http", 2)}})
+	}
+	report(s, "127.0.0.1:15443", reports...)
+	if err := s.rebuild(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	s.mu.Lock()
@@ -77,9 +96,7 @@ func TestFailoverByRTTSubMillisecondPeerFirst(t *testing.T) {
 	for _, ep := range snap.GetServices()[0].GetEndpoints() {
 		prio[ep.GetCluster()] = ep.GetPriority()
 	}
-	if !(prio["near"] < prio["far"]) {
-		t.Fatalf("priorities %v: the peer 400µs away comes after the one 5ms away", prio)
-	}
+	return prio
 }
 
 // explain --from counts as unhealthy only what the sidecar ejects now: an
