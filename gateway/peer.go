@@ -702,6 +702,9 @@ func (s *stream) Close() error {
 // SetDeadline sets read and write deadlines.
 func (s *stream) SetDeadline(t time.Time) error { return s.str.SetDeadline(t) }
 
+// SetReadDeadline sets the read deadline (a control stream's hello).
+func (s *stream) SetReadDeadline(t time.Time) error { return s.str.SetReadDeadline(t) }
+
 // A join connection carries at most maxJoinStreams streams and lives at
 // most maxJoinLife: it needs no credential, and one that kept opening
 // streams would otherwise hold one of the MaxJoinConns slots for good.

@@ -109,3 +109,12 @@ func TestShutdownClosesJoinConnections(t *testing.T) {
 		t.Fatalf("the gateway took %s to stop with one join connection open", d)
 	}
 }
+
+// A peer's control stream reaches the agent as a *stream, whose read
+// deadline bounds the wait for its hello: without the method the agent
+// found nothing to set, and a silent stream held its goroutine.
+func TestControlStreamTakesAReadDeadline(t *testing.T) {
+	if _, ok := any(&stream{}).(interface{ SetReadDeadline(time.Time) error }); !ok {
+		t.Fatal("a stream handed to the agent has no read deadline to set")
+	}
+}

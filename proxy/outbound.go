@@ -460,7 +460,9 @@ func (e *connectError) Unwrap() error { return e.err }
 // connectFailed makes err a connectError, unless ctx (the request, or its
 // attempt) ended first: that is the request's own timeout or cancellation.
 func connectFailed(ctx context.Context, err error, timeout time.Duration) error {
-	if ctx.Err() != nil {
+	// By the clock too: a socket deadline set to ctx's may fire before
+	// ctx's own timer.
+	if dl, ok := ctx.Deadline(); ctx.Err() != nil || ok && !time.Now().Before(dl) {
 		return err
 	}
 	return &connectError{err: err, timeout: timeout}
@@ -624,7 +626,8 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// Reading the body counts too: a client that stalls sending it
 		// does not hold a request slot (or an upstream connection) past
 		// the timeout. A writer that cannot bound its reads is left be.
-		_ = http.NewResponseController(w).SetReadDeadline(start.Add(timeout))
+		dl, _ := ctx.Deadline() // the context's own, so that the body's read fails no sooner
+		_ = http.NewResponseController(w).SetReadDeadline(dl)
 	}
 	if st.policy.GetRetries().GetAttempts() > 0 && r.Body != nil && r.Body != http.NoBody && r.ContentLength >= 0 && r.ContentLength <= maxRetryBody {
 		body, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))

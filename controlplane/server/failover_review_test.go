@@ -85,6 +85,13 @@ func rttPriorities(t *testing.T, s *Server, rtt map[string]time.Duration) map[st
 		reports = append(reports, &controlplanev1.PeerReport{Peer: peer, ControlStreamUp: true, Rtt: durationpb.New(rtt[peer]), LastHeard: heard, Imports: []*federationv1.ExportedService{exported("payments", "http", 2)}})
 	}
 	report(s, "127.0.0.1:15443", reports...)
+	return snapshotPriorities(t, s)
+}
+
+// snapshotPriorities rebuilds s and returns the failover priority a
+// sidecar's snapshot gives each cluster's payments endpoints.
+func snapshotPriorities(t *testing.T, s *Server) map[string]uint32 {
+	t.Helper()
 	if err := s.rebuild(t.Context()); err != nil {
 		t.Fatal(err)
 	}

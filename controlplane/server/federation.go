@@ -111,16 +111,7 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 				if r.GetLastHeard() != nil {
 					f.heard[peer] = r.GetLastHeard().AsTime()
 				}
-				// RTT orders failover tiers: held steady (steadyRTT)
-				// and kept to 1ms steps so that jitter neither reorders
-				// tiers nor rebuilds every snapshot. A measured RTT
-				// under half a millisecond is 1ms, not 0 (unmeasured,
-				// which would put the nearest peer last).
-				if d := r.GetRtt().AsDuration(); d > 0 {
-					f.rtt[peer] = max(s.steadyRTT(peer, d).Round(time.Millisecond), time.Millisecond)
-				} else {
-					f.rtt[peer] = 0
-				}
+				f.rtt[peer] = max(r.GetRtt().AsDuration(), 0) // made steady below
 			}
 		}
 		// Rotation reports: from the gateway that heard from the peer
@@ -135,6 +126,16 @@ func (s *Server) readFederation(h interface{ Write([]byte) (int, error) }, expor
 			if old, ok := rotationHeard[peer]; !ok || heard.After(old) {
 				f.rotations[peer], rotationHeard[peer] = rr, heard
 			}
+		}
+	}
+	// RTT orders failover tiers: held steady (steadyRTT, fed the kept
+	// report only) and kept to 1ms steps so that jitter neither reorders
+	// tiers nor rebuilds every snapshot. A measured RTT under half a
+	// millisecond is 1ms, not 0 (unmeasured, which would put the nearest
+	// peer last).
+	for peer, d := range f.rtt {
+		if d > 0 {
+			f.rtt[peer] = max(s.steadyRTT(peer, d).Round(time.Millisecond), time.Millisecond)
 		}
 	}
 	s.mu.Unlock()
