@@ -279,8 +279,9 @@ func (p *h1Pool) put(hc *h1Conn) {
 	if len(p.idle) < p.maxIdle && !p.retired {
 		p.idle = append(p.idle, hc)
 		hc = nil
-		sweep = !p.sweeping && p.idleTimeout > 0
-		p.sweeping = p.sweeping || sweep
+		if !p.sweeping && p.idleTimeout > 0 {
+			p.sweeping, sweep = true, true
+		}
 	}
 	p.mu.Unlock()
 	if sweep {

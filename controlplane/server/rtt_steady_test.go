@@ -21,10 +21,7 @@ func TestFailoverByRTTHoldsThroughJitter(t *testing.T) {
 	e := rttFailoverEnv(t, "a", "b")
 	first := func(rttA, rttB time.Duration) string {
 		t.Helper()
-		if prio := rttPriorities(t, e.srv, map[string]time.Duration{"a": rttA, "b": rttB}); prio["a"] < prio["b"] {
-			return "a"
-		}
-		return "b"
+		return firstOf(rttPriorities(t, e.srv, map[string]time.Duration{"a": rttA, "b": rttB}))
 	}
 	if got := first(1600*time.Microsecond, 1400*time.Microsecond); got != "b" {
 		t.Fatalf("a at 1.6 ms, b at 1.4 ms: %s first, want b", got)
@@ -63,10 +60,7 @@ func TestFailoverByRTTHoldsWithTwoGateways(t *testing.T) {
 		now := time.Now()
 		reportAs("gw-a", now.Add(-time.Second), map[string]time.Duration{"a": 10 * time.Millisecond, "b": 10 * time.Millisecond})
 		reportAs("gw-b", now, map[string]time.Duration{"a": rttA, "b": rttB})
-		if prio := snapshotPriorities(t, s); prio["a"] < prio["b"] {
-			return "a"
-		}
-		return "b"
+		return firstOf(snapshotPriorities(t, s))
 	}
 	if got := first(1600*time.Microsecond, 1400*time.Microsecond); got != "b" {
 		t.Fatalf("a at 1.6 ms, b at 1.4 ms: %s first, want b", got)
@@ -74,4 +68,12 @@ func TestFailoverByRTTHoldsWithTwoGateways(t *testing.T) {
 	if got := first(1450*time.Microsecond, 1550*time.Microsecond); got != "b" {
 		t.Fatalf("after jitter: %s first, want b still", got)
 	}
+}
+
+// firstOf is the peer of a and b whose tier comes first.
+func firstOf(prio map[string]uint32) string {
+	if prio["a"] < prio["b"] {
+		return "a"
+	}
+	return "b"
 }
