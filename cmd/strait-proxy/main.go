@@ -27,13 +27,14 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/sysmonwake"
 	"github.com/straitmesh/strait/proxy"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr, sysmonwake.Reexec))
 }
 
 type upstreams map[string]string
@@ -51,7 +52,10 @@ func (u upstreams) Set(v string) error {
 	return nil
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+// run is the command; startOver, when not nil, is called once the flags are
+// known good and --keep-sysmon-awake is set, before anything is started
+// (main passes sysmonwake.Reexec).
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, startOver func() error) int {
 	fs := flag.NewFlagSet("strait-proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
@@ -76,6 +80,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		showVersion = fs.Bool("version", false, "print the version and exit")
 		concurrency = fs.Int("concurrency", 1, "OS threads running Go code at once (GOMAXPROCS); one is fastest per request for a sidecar beside its app (make bench), 0 means one per CPU")
+		releasePgs  = fs.Bool("release-binary-pages", true, "once start-up is over, unmap the binary's code and read-only data, so the resident set stops counting pages only initialisation used; they stay in the page cache (Linux only)")
+		keepAwake   = fs.Bool("keep-sysmon-awake", true, "keep the Go runtime's monitor thread out of its deep sleep (GODEBUG=schedtrace, set by starting over at once): about half the CPU per request under load, for ~100 wake-ups/s when idle; see internal/sysmonwake")
 		profiling   = fs.Bool("profiling", os.Getenv("STRAIT_PROXY_PROFILING") == "1", "serve CPU and heap profiles on the admin port (/debug/pprof/profile, /debug/pprof/heap)")
 	)
 	ups := upstreams{}
@@ -147,11 +153,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	default:
 		return fail("--protocol: want http or tcp, got %q", *protocol)
 	}
+	if *keepAwake && startOver != nil {
+		if err := startOver(); err != nil {
+			log.Warn("keep-sysmon-awake: running on without it", "err", err)
+		}
+	}
 	sc, err := proxy.New(proxy.Config{
 		TrustDomain: trustDomain, ControlPlane: *cp, TrustBundle: b, Token: *token, TokenFile: *tokenFile,
 		DataDir: *dataDir, Instance: *instance, Service: *service, Namespace: *namespace, Protocol: proto,
 		Region: *region, Zone: *zone, Inbound: *inbound, Advertise: *advertise, App: *app, Upstreams: ups,
 		Admin: *admin, WorkloadAPI: *workloadAPI, Logger: log, Profiling: *profiling,
+		ReleaseBinaryPages: *releasePgs,
 	})
 	if err != nil {
 		return fail("%v", err)
