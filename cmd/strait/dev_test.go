@@ -90,6 +90,20 @@ func TestDevUpDown(t *testing.T) {
 			t.Errorf("dev.json workload %s incomplete: %+v", w.Instance, w)
 		}
 	}
+	// The sidecar started over with sysmon kept awake, under the pid
+	// dev.json names (--keep-sysmon-awake, the default).
+	if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", fe.PID)); err == nil {
+		godebug := ""
+		for kv := range strings.SplitSeq(string(env), "\x00") {
+			if v, ok := strings.CutPrefix(kv, "GODEBUG="); ok {
+				godebug = v
+				break
+			}
+		}
+		if !strings.Contains(godebug, "schedtrace=") {
+			t.Errorf("sidecar %s (pid %d) runs with GODEBUG=%q, want schedtrace set", fe.Instance, fe.PID, godebug)
+		}
+	}
 	url := "http://" + fe.Upstreams["backend"] + "/"
 	call := func() (echoReply, error) {
 		resp, err := http.Get(url)

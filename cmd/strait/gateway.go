@@ -42,7 +42,7 @@ type gatewayAddrs struct {
 func newGatewayRunCmd(g *globals) *cobra.Command {
 	var cluster, tdName, cp, dir, peerListen, entryListen, addrFile, level, admin string
 	var advertise []string
-	var serveProfiles bool
+	var serveProfiles, keepAwake bool
 	var concurrency int
 	cmd := &cobra.Command{
 		Use:   "run --cluster NAME --trust-domain TD --control-plane ADDR --data-dir DIR",
@@ -76,6 +76,11 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--profiling needs --admin")}
 			}
 			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: lv}))
+			if keepAwake && startOver != nil {
+				if err := startOver(); err != nil {
+					log.Warn("keep-sysmon-awake: running on without it", "err", err)
+				}
+			}
 			if env := os.Getenv("GOMAXPROCS"); concurrency > 0 && env != "" {
 				log.Info("GOMAXPROCS in the environment overrides --concurrency", "GOMAXPROCS", env, "concurrency", concurrency)
 			} else if concurrency > 0 {
@@ -150,6 +155,7 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 	cmd.Flags().StringVar(&admin, "admin", "", "admin listen address (/metrics, /ready, and with --profiling /debug/pprof/profile, /heap and /goroutine); empty: none")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "OS threads running Go code at once (GOMAXPROCS); 0: Go's default (the CPUs, or the container's CPU limit); "+
 		"a GOMAXPROCS environment variable wins; strait dev up sets 1")
+	cmd.Flags().BoolVar(&keepAwake, "keep-sysmon-awake", true, "keep the Go runtime's monitor thread out of its deep sleep (GODEBUG=schedtrace, set by starting over at once): less CPU per tunnelled request, for ~100 wake-ups/s when idle; see internal/sysmonwake")
 	cmd.Flags().BoolVar(&serveProfiles, "profiling", false, "serve CPU, heap and goroutine profiles on --admin, without authentication: keep --admin on loopback")
 	return cmd
 }

@@ -20,12 +20,20 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/straitmesh/strait/internal/sysmonwake"
 )
 
 // version is set with -ldflags "-X main.version=..."; otherwise build info.
 var version = ""
 
+// startOver is called by long-running commands with --keep-sysmon-awake
+// before they start anything. Only main sets it: commands run in tests
+// must not replace the test binary.
+var startOver func() error
+
 func main() {
+	startOver = sysmonwake.Reexec
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
