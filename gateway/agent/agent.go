@@ -324,25 +324,40 @@ func (a *agent) controlLoop(ctx context.Context, peer string) {
 	for ctx.Err() == nil {
 		err := a.controlOnce(ctx, peer, backoff)
 		a.mu.Lock()
-		if ps := a.peers[peer]; ps != nil {
+		ps := a.streamPeer(peer, ctx)
+		if ps != nil {
 			ps.outUp = false
-			if err != nil && ctx.Err() == nil {
+			if err != nil {
 				ps.lastErr = err.Error()
 			}
 		}
 		a.mu.Unlock()
 		a.poke()
-		if ctx.Err() != nil {
+		if ps == nil {
 			return
 		}
 		a.log.Debug("control stream to peer ended", "peer", peer, "err", err)
-		a.mu.Lock()
-		back := a.peer(peer).back
-		a.mu.Unlock()
-		if !backoff.WaitOr(ctx, back) {
+		if !backoff.WaitOr(ctx, ps.back) {
 			return
 		}
 	}
+}
+
+// streamPeer returns peer's state for an outgoing control stream that
+// lives under owner (its controlLoop's context), or nil once that stream
+// is stale: owner ended (the peer was unlinked, or the agent stops), or
+// the peer has a newer outgoing stream (unlinked and linked again). A stale
+// stream's last acks and its end must not touch the newer one's state, nor
+// bring back a peer that was unlinked. The caller holds a.mu.
+func (a *agent) streamPeer(peer string, owner context.Context) *peerState {
+	if owner.Err() != nil {
+		return nil
+	}
+	ps := a.peer(peer)
+	if ps.outCtx != nil && ps.outCtx != owner {
+		return nil
+	}
+	return ps
 }
 
 func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Backoff) error {
@@ -360,6 +375,7 @@ func (a *agent) controlOnce(ctx context.Context, peer string, backoff *client.Ba
 // Hello, then catalog deltas, the rotation relay messages (each when the
 // stream starts and whenever it changes) and heartbeats.
 func (a *agent) runControl(ctx context.Context, peer string, s io.ReadWriteCloser, backoff *client.Backoff) error {
+	owner := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() { <-ctx.Done(); s.Close() }()
@@ -390,8 +406,9 @@ func (a *agent) runControl(ctx context.Context, peer string, s io.ReadWriteClose
 				}
 				rtt := a.clock().Sub(sentAt)
 				a.mu.Lock()
-				ps := a.peer(peer)
-				ps.rtt, ps.outUp, ps.lastErr, ps.lastAck = rtt, true, "", a.clock()
+				if ps := a.streamPeer(peer, owner); ps != nil {
+					ps.rtt, ps.outUp, ps.lastErr, ps.lastAck = rtt, true, "", a.clock()
+				}
 				a.mu.Unlock()
 			}
 		}
@@ -413,7 +430,9 @@ func (a *agent) runControl(ctx context.Context, peer string, s io.ReadWriteClose
 			}
 			sent = cur
 			a.mu.Lock()
-			a.peer(peer).sentVersion = version
+			if ps := a.streamPeer(peer, owner); ps != nil {
+				ps.sentVersion = version
+			}
 			a.mu.Unlock()
 		}
 		for _, m := range relayed.next(a.out.forPeer(peer)) {
@@ -429,7 +448,9 @@ func (a *agent) runControl(ctx context.Context, peer string, s io.ReadWriteClose
 			hb.BundleDigest = b.Digest()
 		}
 		a.mu.Lock()
-		hb.HaveCatalogVersion = a.peer(peer).peerVersion
+		if ps := a.streamPeer(peer, owner); ps != nil {
+			hb.HaveCatalogVersion = ps.peerVersion
+		}
 		a.mu.Unlock()
 		if err := writeControl(s, &federationv1.ControlMessage{Msg: &federationv1.ControlMessage_Heartbeat{Heartbeat: hb}}); err != nil {
 			return err
