@@ -250,6 +250,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return nil
 	})
 	err = eg.Wait()
+	// On an error the caller's context is still live: end runCtx now, so
+	// that what hangs on it (join connections, dials) ends with the rest
+	// instead of holding shutdown for its grace.
+	cancel()
 	g.shutdown()
 	tr.Close()
 	udp.Close()
