@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/sysmonwake"
 )
 
 // relayEnv makes the test binary a byte relay process (see init): its value
@@ -161,9 +163,23 @@ func startRelayPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Setenv(relayEnv, cfgPath) // inherited by this start only: it is reset below
+		// The relay runs as the sidecar does, sysmon kept awake (see
+		// internal/sysmonwake): a floor under the same runtime setting.
+		prevDebug, hadDebug := os.LookupEnv("GODEBUG")
+		env, _ := sysmonwake.Env(os.Environ())
+		for _, kv := range env {
+			if v, ok := strings.CutPrefix(kv, "GODEBUG="); ok {
+				t.Setenv("GODEBUG", v)
+			}
+		}
+		t.Setenv(relayEnv, cfgPath) // inherited by this start only: both are reset below
 		pr := startProc(t, "relay "+name, filepath.Join(dir, name+".log"), self, false, "-test.run=^$")
 		os.Unsetenv(relayEnv)
+		if hadDebug {
+			os.Setenv("GODEBUG", prevDebug)
+		} else {
+			os.Unsetenv("GODEBUG")
+		}
 		var addr string
 		if err := waitFor(pr, "relay "+name+" listening", func() bool {
 			b, err := os.ReadFile(cfg.AddrFile)
@@ -178,6 +194,6 @@ func startRelayPair(t *testing.T, c *cluster, app, dir string) *benchPath {
 	client, caddr := start("client", relayConfig{Target: saddr, Cert: pems["frontend"][0], Key: pems["frontend"][1], PeerID: backendID.String()})
 	p.url = "http://" + caddr + "/"
 	p.procs = [2]*benchProc{client, server}
-	p.note = "a floor, not a proxy: bytes copied between TCP and mTLS (SVIDs verified as the sidecar does, one thread running Go code), no HTTP parsing, balancing, policy or metrics"
+	p.note = "a floor, not a proxy: bytes copied between TCP and mTLS (SVIDs verified as the sidecar does, one thread running Go code, sysmon kept awake), no HTTP parsing, balancing, policy or metrics"
 	return p
 }
