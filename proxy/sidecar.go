@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -413,8 +414,13 @@ func (s *Sidecar) idleLoop(ctx context.Context) error {
 		}
 		heap, pages := r.tick(s.metrics.activity.Load())
 		if pages {
-			if _, err := exepages.Release(); err != nil {
+			switch rel, err := exepages.Release(); {
+			case err != nil:
 				s.log.Warn("release the binary's start-up pages", "err", err)
+			case rel.Mappings == 0 && runtime.GOOS == "linux":
+				s.log.Info("release the binary's start-up pages: no read-only mapping of the binary found to release")
+			default:
+				s.log.Debug("released the binary's start-up pages", "mappings", rel.Mappings, "resident_bytes", rel.Resident)
 			}
 		}
 		if heap {

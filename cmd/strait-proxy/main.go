@@ -153,7 +153,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, startOver
 	default:
 		return fail("--protocol: want http or tcp, got %q", *protocol)
 	}
-	if *keepAwake && startOver != nil {
+	// A signal caught so far would be lost with the process image.
+	if *keepAwake && startOver != nil && ctx.Err() == nil {
 		if err := startOver(); err != nil {
 			log.Warn("keep-sysmon-awake: running on without it", "err", err)
 		}

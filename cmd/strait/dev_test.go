@@ -104,6 +104,21 @@ func TestDevUpDown(t *testing.T) {
 			t.Errorf("sidecar %s (pid %d) runs with GODEBUG=%q, want schedtrace set", fe.Instance, fe.PID, godebug)
 		}
 	}
+	// Starting over through /proc/self/exe does not leave the processes
+	// named "exe" in ps and top.
+	pids := []int{fe.PID}
+	if east.Gateway != nil {
+		pids = append(pids, east.Gateway.PID)
+	}
+	for _, pid := range pids {
+		tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		for _, task := range tasks {
+			c, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/comm", pid, task.Name()))
+			if err == nil && strings.TrimSpace(string(c)) == "exe" {
+				t.Errorf("pid %d thread %s is named %q after starting over", pid, task.Name(), c)
+			}
+		}
+	}
 	url := "http://" + fe.Upstreams["backend"] + "/"
 	call := func() (echoReply, error) {
 		resp, err := http.Get(url)

@@ -76,7 +76,8 @@ QUIC on --peer-listen; local sidecars reach peers through it on --entry-listen.`
 				return usageError{cmd: cmd.CommandPath(), err: errors.New("--profiling needs --admin")}
 			}
 			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: lv}))
-			if keepAwake && startOver != nil {
+			// A signal caught so far would be lost with the process image.
+			if keepAwake && startOver != nil && cmd.Context().Err() == nil {
 				if err := startOver(); err != nil {
 					log.Warn("keep-sysmon-awake: running on without it", "err", err)
 				}

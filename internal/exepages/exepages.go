@@ -11,8 +11,12 @@
 // every other process running the binary, and the ones still in use fault
 // back in, a minor fault each, when next touched. It is what reclaim under
 // memory pressure may do to clean file pages at any time, so nothing can
-// depend on them staying resident. Writable mappings (the data segment)
-// are never touched.
+// depend on them staying resident. Writable mappings (the data segment),
+// and read-only ones holding private copies, are never touched.
+//
+// The pages leave the process's resident set at once. A memory cgroup
+// keeps charging them, as page cache, and counts them in the working set
+// until the kernel moves them to the inactive list.
 package exepages
 
 // Released is what one Release did.

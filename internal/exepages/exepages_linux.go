@@ -3,8 +3,10 @@ package exepages
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -15,21 +17,17 @@ import (
 // (see the package comment). It reads /proc/self/smaps; an error leaves
 // every mapping as it was or, after a failed madvise, some released.
 func Release() (Released, error) {
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/exe", &st); err != nil {
-		return Released{}, fmt.Errorf("stat executable: %w", err)
-	}
 	data, err := os.ReadFile("/proc/self/smaps")
 	if err != nil {
 		return Released{}, fmt.Errorf("read mappings: %w", err)
 	}
-	maps, err := parseSmaps(data, unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	maps, err := parseSmaps(data, reflect.ValueOf(Release).Pointer())
 	if err != nil {
 		return Released{}, err
 	}
 	var r Released
 	for _, m := range maps {
-		if m.anon > 0 {
+		if m.private > 0 {
 			continue
 		}
 		if _, _, errno := unix.Syscall(unix.SYS_MADVISE, m.start, m.end-m.start, unix.MADV_DONTNEED); errno != 0 {
@@ -45,20 +43,31 @@ func Release() (Released, error) {
 type mapping struct {
 	start, end uintptr
 	rss        int64
-	// anon is how much of it is private copies, written to by someone
-	// (a debugger's breakpoints): such a mapping is left alone.
-	anon int64
+	// private is how much of it is private copies, resident (Anonymous)
+	// or swapped out (Swap): pages someone wrote to (a debugger's
+	// breakpoints). Dropping those would lose the writes, so such a
+	// mapping is left alone.
+	private int64
 }
 
-// parseSmaps returns the mappings of the file (major:minor, inode) in
-// smaps that are not writable, with their resident bytes. Writable ones
-// hold the data segment, whose written pages are private: dropping those
-// would lose them.
-func parseSmaps(data []byte, major, minor uint32, ino uint64) ([]mapping, error) {
-	dev := fmt.Sprintf("%02x:%02x", major, minor)
+// entry is one mapping of smaps as printed.
+type entry struct {
+	mapping
+	writable bool
+	file     string // "dev inode", as smaps prints them
+}
+
+// parseSmaps returns the read-only mappings, with their resident bytes, of
+// the file that holds the code at pc: the executable. Picking the file by
+// the mapping that contains running code, and comparing the device and
+// inode as smaps prints them, needs no stat of /proc/self/exe, whose
+// device number differs from smaps' on some filesystems (btrfs subvolumes,
+// older overlayfs). Writable mappings hold the data segment, whose written
+// pages are private: they are never returned.
+func parseSmaps(data []byte, pc uintptr) ([]mapping, error) {
 	var (
-		out []mapping
-		cur *mapping
+		all []entry
+		cur *entry
 	)
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 4096), 1<<20)
@@ -68,7 +77,7 @@ func parseSmaps(data []byte, major, minor uint32, ino uint64) ([]mapping, error)
 		if len(fields) == 0 {
 			continue
 		}
-		if key, rest, ok := strings.Cut(line, ":"); ok && (key == "Rss" || key == "Anonymous") {
+		if key, rest, ok := strings.Cut(line, ":"); ok && (key == "Rss" || key == "Anonymous" || key == "Swap") {
 			if cur == nil {
 				continue
 			}
@@ -83,7 +92,7 @@ func parseSmaps(data []byte, major, minor uint32, ino uint64) ([]mapping, error)
 			if key == "Rss" {
 				cur.rss = n << 10
 			} else {
-				cur.anon = n << 10
+				cur.private += n << 10
 			}
 			continue
 		}
@@ -103,14 +112,34 @@ func parseSmaps(data []byte, major, minor uint32, ino uint64) ([]mapping, error)
 		if err1 != nil || err2 != nil || err3 != nil || end <= start {
 			return nil, fmt.Errorf("smaps: bad mapping line %q", line)
 		}
-		if inode != ino || fields[3] != dev || strings.Contains(fields[1], "w") {
-			continue
+		if inode == 0 {
+			continue // anonymous memory, the stack, the vDSO
 		}
-		out = append(out, mapping{start: uintptr(start), end: uintptr(end)})
-		cur = &out[len(out)-1]
+		all = append(all, entry{
+			mapping:  mapping{start: uintptr(start), end: uintptr(end)},
+			writable: strings.Contains(fields[1], "w"),
+			file:     fields[3] + " " + fields[4],
+		})
+		cur = &all[len(all)-1]
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("smaps: %w", err)
+	}
+	file := ""
+	for _, e := range all {
+		if e.start <= pc && pc < e.end {
+			file = e.file
+			break
+		}
+	}
+	if file == "" {
+		return nil, errors.New("smaps: no file mapping holds this process's code")
+	}
+	var out []mapping
+	for _, e := range all {
+		if e.file == file && !e.writable {
+			out = append(out, e.mapping)
+		}
 	}
 	return out, nil
 }

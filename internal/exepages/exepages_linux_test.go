@@ -22,21 +22,34 @@ Anonymous:           300 kB
 Rss:                 112 kB
 7f0000000000-7f0000010000 r--p 00000000 fe:01 10053457                   /other/file/same/inode
 Rss:                  64 kB
+7f0000010000-7f0000020000 r--p 00010000 fe:00 10053457                   /bin/strait-proxy
+Rss:                   0 kB
+Anonymous:             0 kB
+Swap:                 16 kB
 `
 
 func TestParseSmapsPicksTheExecutablesReadOnlyMappings(t *testing.T) {
-	maps, err := parseSmaps([]byte(sample), 0xfe, 0, 10053457)
+	// The code running is at 0x401234: the file is whatever maps it.
+	maps, err := parseSmaps([]byte(sample), 0x401234)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(maps) != 2 {
-		t.Fatalf("got %d mappings, want the text and read-only data: %+v", len(maps), maps)
+	if len(maps) != 3 {
+		t.Fatalf("got %d mappings, want the text, read-only data and a swapped-out one: %+v", len(maps), maps)
 	}
-	if maps[0].start != 0x400000 || maps[0].end != 0x9ab000 || maps[0].rss != 5676<<10 || maps[0].anon != 0 {
+	if maps[0].start != 0x400000 || maps[0].end != 0x9ab000 || maps[0].rss != 5676<<10 || maps[0].private != 0 {
 		t.Errorf("text mapping = %+v", maps[0])
 	}
-	if maps[1].rss != 6440<<10 || maps[1].anon != 8<<10 {
+	if maps[1].rss != 6440<<10 || maps[1].private != 8<<10 {
 		t.Errorf("read-only data mapping = %+v", maps[1])
+	}
+	// A private copy that went to swap still counts: dropping the mapping
+	// would lose it.
+	if maps[2].private != 16<<10 {
+		t.Errorf("swapped mapping = %+v", maps[2])
+	}
+	if _, err := parseSmaps([]byte(sample), 0x1077100); err == nil {
+		t.Error("code in an anonymous mapping: parseSmaps found a file")
 	}
 }
 
@@ -47,7 +60,7 @@ func TestParseSmapsRefusesGarbage(t *testing.T) {
 		"1000-2000 r-xp 0 fe:00 1 /x\nRss: lots kB\n",
 		"1000-2000 r-xp 0 fe:00 1 /x\nRss: -4 kB\n",
 	} {
-		if _, err := parseSmaps([]byte(bad), 0xfe, 0, 1); err == nil {
+		if _, err := parseSmaps([]byte(bad), 0x1800); err == nil {
 			t.Errorf("parseSmaps(%q) = nil error", bad)
 		}
 	}
