@@ -36,9 +36,10 @@ const (
 	mib           = 1 << 20
 
 	aimP99Delta   = 500 * time.Microsecond
-	aimRSSIdle    = 15_000_000 // the 15 MB (14.3 MiB)
-	aimRSSAtRate  = 25_000_000 // 25 MB (23.8 MiB)
-	benchMaxCount = 10_000_000 // requests per worker per closed-loop phase, a bound only
+	aimRSSIdle    = 15_000_000       // the 15 MB (14.3 MiB)
+	aimRSSAtRate  = 25_000_000       // 25 MB (23.8 MiB)
+	benchMaxCount = 10_000_000       // requests per worker per closed-loop phase, a bound only
+	benchLongIdle = 66 * time.Second // past the sidecar's 60 s pool idle timeout
 )
 
 // TestReportProxyBench compares four paths to one HTTP app, measured in
@@ -60,13 +61,18 @@ const (
 //     each request's scheduled send time (no coordinated omission), CPU and
 //     peak RSS of each proxy (sampled every 200ms);
 //  4. closed loop, 16 workers: maximum throughput (median of the rounds)
-//     and CPU of each proxy.
+//     and CPU of each proxy;
+//  5. 66 s without traffic, past the sidecar's 60 s connection-pool idle
+//     timeout, then RSS again ("long idle"; STRAIT_BENCH_LONG_IDLE=0
+//     skips it).
 //
 // Knobs: STRAIT_BENCH=1 runs it; STRAIT_BENCH_SECONDS (default 5, at most
 // 60) is the length of each of phases 3 and 4 per path;
 // STRAIT_BENCH_PROFILE=DIR runs the sidecars with --profiling and saves
 // in DIR their heap and goroutine profiles and /proc smaps at the idle
 // point, and CPU profiles of the last maximum-throughput round;
+// STRAIT_BENCH_SIDECAR_FLAGS adds flags to both strait-proxy command lines
+// (to compare settings: "--release-binary-pages=false");
 // STRAIT_BENCH_NGINX_INSTALL=0 stops it from apt-get installing nginx-light
 // when nginx is missing (it only tries as root).
 func TestReportProxyBench(t *testing.T) {
@@ -148,6 +154,32 @@ func TestReportProxyBench(t *testing.T) {
 		}
 	}
 
+	// 5. Idle again, past the connection pools' 60 s idle timeout: a
+	// sidecar quiet that long gives its binary's pages back again (the
+	// next request dials anyway).
+	if os.Getenv("STRAIT_BENCH_LONG_IDLE") != "0" {
+		t.Logf("waiting %s for the long-idle RSS sample (STRAIT_BENCH_LONG_IDLE=0 skips it)", benchLongIdle)
+		time.Sleep(benchLongIdle)
+		for _, p := range paths {
+			if p.skip == "" && p.procs[0] != nil {
+				p.rssQuiet = p.rss()
+			}
+		}
+		// The first request after it: the proxies dial and handshake again
+		// (and the sidecar faults the pages it uses back in).
+		for _, p := range paths {
+			if p.skip != "" {
+				continue
+			}
+			start := time.Now()
+			if err := p.roundTrip(appBody); err != nil {
+				t.Errorf("%s: first request after the long idle: %v", p.name, err)
+				continue
+			}
+			p.firstAfterQuiet = time.Since(start)
+		}
+	}
+
 	reportProxyBench(t, d, paths)
 	for _, p := range paths {
 		for _, ph := range []*phase{&p.fixed, &p.max} {
@@ -206,6 +238,8 @@ type benchPath struct {
 	client *http.Client
 
 	rssStart, rssIdle [2]rssSample
+	rssQuiet          [2]rssSample  // after the long idle (phase 5); zero if skipped
+	firstAfterQuiet   time.Duration // the first request after it
 	fixed, max        phase
 }
 
@@ -905,6 +939,7 @@ func startSidecar(t *testing.T, c *cluster, bin, dir, instance, service, app str
 	if os.Getenv("STRAIT_BENCH_PROFILE") != "" {
 		args = append(args, "--profiling")
 	}
+	args = append(args, strings.Fields(os.Getenv("STRAIT_BENCH_SIDECAR_FLAGS"))...)
 	p := startProc(t, instance, filepath.Join(dir, instance+".log"), bin, false, args...)
 	var addrs proxy.Addrs
 	if err := waitFor(p, instance+" addresses file", func() bool {
@@ -1220,6 +1255,10 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 			line += fmt.Sprintf("; rss at start %s, peak at max %s MiB; anonymous (private) part of rss idle %s, @1000 %s MiB",
 				pair(mb(p.rssStart[0].total), mb(p.rssStart[1].total)), pair(mb(p.max.rssPeak[0].total), mb(p.max.rssPeak[1].total)),
 				pair(mb(p.rssIdle[0].anon), mb(p.rssIdle[1].anon)), pair(mb(p.fixed.rssPeak[0].anon), mb(p.fixed.rssPeak[1].anon)))
+			if p.rssQuiet[0].total > 0 {
+				line += fmt.Sprintf("; rss long idle %s MiB (anonymous part %s)",
+					pair(mb(p.rssQuiet[0].total), mb(p.rssQuiet[1].total)), pair(mb(p.rssQuiet[0].anon), mb(p.rssQuiet[1].anon)))
+			}
 			if p.procs[0].children {
 				line += fmt.Sprintf("; worker-only rss idle %s, @1000 %s MiB",
 					pair(mb(p.rssIdle[0].worker), mb(p.rssIdle[1].worker)), pair(mb(p.fixed.rssPeak[0].worker), mb(p.fixed.rssPeak[1].worker)))
@@ -1229,6 +1268,15 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 		if p.note != "" {
 			t.Logf("report:   %s: %s", p.name, p.note)
 		}
+	}
+	if direct.firstAfterQuiet > 0 {
+		var firsts []string
+		for _, p := range paths {
+			if p.firstAfterQuiet > 0 {
+				firsts = append(firsts, p.name+" "+ms(p.firstAfterQuiet))
+			}
+		}
+		t.Logf("report:   first request after %s idle (proxies redial): %s", benchLongIdle, strings.Join(firsts, ", "))
 	}
 	t.Log("report:   syscalls and context switches: /proc/PID/io syscr+syscw and every thread's voluntary+involuntary switches; a Go read that finds nothing before it waits counts as a syscall")
 
@@ -1258,6 +1306,9 @@ func reportProxyBench(t *testing.T, d time.Duration, paths []*benchPath) {
 		t.Logf("report: aim throughput above the nginx pair's: not measured (%s)", nginx.skip)
 	}
 	t.Logf("report: aim p99 at 1000 rps within 0.5 ms of direct: %s (%+.3f ms)", met(delta <= aimP99Delta), float64(delta)/float64(time.Millisecond))
-	t.Logf("report: aim RSS idle under 15 MB (14.3 MiB) per sidecar: %s (%s MiB)", met(max(idle[0], idle[1]) < aimRSSIdle), pair(mb(idle[0]), mb(idle[1])))
+	t.Logf("report: aim RSS idle under 15 MB (14.3 MiB) per sidecar, 5 s after warm-up: %s (%s MiB)", met(max(idle[0], idle[1]) < aimRSSIdle), pair(mb(idle[0]), mb(idle[1])))
+	if q := strait.rssQuiet; q[0].total > 0 {
+		t.Logf("report: aim RSS idle under 15 MB (14.3 MiB) per sidecar, %s after traffic: %s (%s MiB)", benchLongIdle, met(max(q[0].total, q[1].total) < aimRSSIdle), pair(mb(q[0].total), mb(q[1].total)))
+	}
 	t.Logf("report: aim RSS at 1000 rps under 25 MB (23.8 MiB) per sidecar: %s (%s MiB)", met(max(atRate[0], atRate[1]) < aimRSSAtRate), pair(mb(atRate[0]), mb(atRate[1])))
 }

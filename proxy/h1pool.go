@@ -17,6 +17,11 @@ import (
 	"time"
 )
 
+// poolIdleTimeout is how long a pooled HTTP/1.1 connection (to an upstream
+// sidecar or to the app) may sit idle before it is closed. The next request
+// after that long a quiet spell dials, and with TLS handshakes.
+const poolIdleTimeout = 60 * time.Second
+
 // h1Pool is a pool of HTTP/1.1 connections to one endpoint, driven from
 // the request's own goroutine: it writes the request with net/http's
 // Request.Write and parses the response with http.ReadResponse, without

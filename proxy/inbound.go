@@ -75,7 +75,7 @@ func newInbound(creds *Credentials, m *Metrics, log *slog.Logger, service, appAd
 	in.appH1 = &h1Pool{
 		dial:        func(ctx context.Context) (net.Conn, error) { return in.dialer.DialContext(ctx, "tcp", appAddr) },
 		maxIdle:     1024,
-		idleTimeout: 60 * time.Second,
+		idleTimeout: poolIdleTimeout,
 	}
 	h2c := new(http.Protocols)
 	h2c.SetUnencryptedHTTP2(true)

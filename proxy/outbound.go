@@ -405,7 +405,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 				return o.dialPooled(ctx, raw, cfg, connectTimeout)
 			},
 			maxIdle:     256,
-			idleTimeout: 60 * time.Second,
+			idleTimeout: poolIdleTimeout,
 			armedWait:   tun == nil,
 		}
 		if maxConns > 0 {

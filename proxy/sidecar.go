@@ -84,8 +84,9 @@ type Config struct {
 	Registry *prometheus.Registry
 	// ReleaseBinaryPages unmaps the binary's code and read-only data once
 	// start-up is over (the first quiet spell), so that its resident set
-	// stops counting the pages only initialisation used: see
-	// internal/exepages. Linux only.
+	// stops counting the pages only initialisation used, and again after
+	// each quiet spell that outlasts the connection pools' idle timeout:
+	// see idleReleases and internal/exepages. Linux only.
 	ReleaseBinaryPages bool
 	// Profiling serves CPU, heap and goroutine profiles on the admin port
 	// (see package profiling).
@@ -405,7 +406,8 @@ func (s *Sidecar) credentialsLoop(ctx context.Context) error {
 func (s *Sidecar) idleLoop(ctx context.Context) error {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
-	r := idleReleases{last: s.metrics.activity.Load(), pagesLeft: s.cfg.ReleaseBinaryPages}
+	r := idleReleases{last: s.metrics.activity.Load(), pages: s.cfg.ReleaseBinaryPages,
+		longQuiet: int(poolIdleTimeout/time.Second) + 1}
 	for {
 		select {
 		case <-ctx.Done():
@@ -431,29 +433,39 @@ func (s *Sidecar) idleLoop(ctx context.Context) error {
 
 // idleReleases decides, one tick a second, when the sidecar hands memory
 // back. Three quiet ticks after activity, or after start-up, release the
-// free heap once. The first such release also releases the binary's pages
-// (when pagesLeft), and only the first: it drops what only start-up used,
-// while doing it after every burst would make the next request pay a few
-// dozen page faults (about 65 µs a sidecar, measured) to map the pages it
-// uses back in.
+// free heap. The binary's pages (when pages is set) go back twice:
+//
+//   - at the first such release, which drops what only start-up used;
+//   - once in each quiet spell that outlasts the connection pools' idle
+//     timeout (longQuiet ticks). By then the pooled connections are closed
+//     and the next request dials them again, TLS handshakes included,
+//     which dwarfs the few dozen page faults (about 65 µs a sidecar,
+//     measured) that map the pages it uses back in. Releasing them after
+//     every burst instead would add those faults to requests that reuse
+//     warm connections.
 type idleReleases struct {
 	last      uint64 // activity counter at the last tick
 	quiet     int    // ticks without activity
-	released  bool   // released since the last activity
-	pagesLeft bool   // the binary's pages are still to be released
+	pages     bool   // release the binary's pages
+	startedUp bool   // the first quiet spell after start-up came
+	longQuiet int    // ticks of quiet before the second release; 0: none
 }
 
 func (r *idleReleases) tick(activity uint64) (heap, pages bool) {
 	if activity != r.last {
-		r.last, r.quiet, r.released = activity, 0, false
+		r.last, r.quiet = activity, 0
 		return false, false
 	}
-	if r.quiet++; r.quiet < 3 || r.released {
-		return false, false
+	r.quiet++
+	switch {
+	case r.quiet == 3:
+		pages = r.pages && !r.startedUp
+		r.startedUp = true
+		return true, pages
+	case r.quiet == r.longQuiet && r.startedUp:
+		return false, r.pages
 	}
-	r.released = true
-	pages, r.pagesLeft = r.pagesLeft, false
-	return true, pages
+	return false, false
 }
 
 // rootRemoved reports whether next lacks a root that prev had.

@@ -80,7 +80,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, startOver
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		showVersion = fs.Bool("version", false, "print the version and exit")
 		concurrency = fs.Int("concurrency", 1, "OS threads running Go code at once (GOMAXPROCS); one is fastest per request for a sidecar beside its app (make bench), 0 means one per CPU")
-		releasePgs  = fs.Bool("release-binary-pages", true, "once start-up is over, unmap the binary's code and read-only data, so the resident set stops counting pages only initialisation used; they stay in the page cache (Linux only)")
+		releasePgs  = fs.Bool("release-binary-pages", true, "once start-up is over, and again after each quiet spell longer than the connection pools' 60s idle timeout, unmap the binary's code and read-only data, so the resident set stops counting pages not in use; they stay in the page cache (Linux only)")
 		keepAwake   = fs.Bool("keep-sysmon-awake", true, "keep the Go runtime's monitor thread out of its deep sleep (GODEBUG=schedtrace, set by starting over at once): about half the CPU per request under load, for ~100 wake-ups/s when idle; see internal/sysmonwake")
 		profiling   = fs.Bool("profiling", os.Getenv("STRAIT_PROXY_PROFILING") == "1", "serve CPU and heap profiles on the admin port (/debug/pprof/profile, /debug/pprof/heap)")
 	)
