@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,6 +29,7 @@ type Credentials struct {
 	cert     atomic.Pointer[tls.Certificate]
 	svid     atomic.Pointer[x509svid.SVID]
 	bundle   atomic.Pointer[bundle.Bundle]
+	sessions sessionCache // outbound TLS sessions, emptied on any change
 
 	mu      sync.Mutex
 	changed chan struct{}
@@ -70,6 +72,7 @@ func (c *Credentials) SetSVID(s *x509svid.SVID) error {
 	}
 	c.cert.Store(&tls.Certificate{Certificate: chain, PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]})
 	c.svid.Store(s)
+	c.sessions.reset()
 	c.notify()
 	return nil
 }
@@ -91,6 +94,7 @@ func (c *Credentials) SetBundle(b *bundle.Bundle) (bool, error) {
 			break
 		}
 	}
+	c.sessions.reset()
 	c.notify()
 	return true, nil
 }
@@ -173,6 +177,14 @@ func (c *Credentials) ClientTLS(nextProtos []string, verify func(tls.ConnectionS
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.Certificate() },
 		VerifyConnection:     verify,
 	}
+}
+
+// ResumingClientTLS is ClientTLS for the connections to one endpoint (named
+// by key), resuming TLS sessions with it: see sessionCache.
+func (c *Credentials) ResumingClientTLS(key string, nextProtos []string, verify func(tls.ConnectionState) error) *tls.Config {
+	cfg := c.ClientTLS(nextProtos, verify)
+	cfg.ClientSessionCache = c.sessions.endpoint(key + " " + strings.Join(nextProtos, ","))
+	return cfg
 }
 
 // StillTrusted verifies an open session's peer chain against the current

@@ -47,6 +47,7 @@ type pairEnv struct {
 	appAccepts  *atomic.Int32
 	cancel      context.CancelFunc
 	inAddr      string
+	ca          *catest.CA
 }
 
 // newPairEnv starts an application (handler, if not nil) behind a backend
@@ -94,7 +95,7 @@ func newPairEnv(t *testing.T, handler http.Handler, pol *controlplanev1.TrafficP
 		t.Fatal(err)
 	}
 	go u.run(ctx, upLn)
-	return &pairEnv{front: front, back: back, u: u, upAddr: upLn.Addr().String(), inAccepts: &inAcc, appAccepts: &appAcc, cancel: cancel, inAddr: inLn.Addr().String()}
+	return &pairEnv{front: front, back: back, u: u, upAddr: upLn.Addr().String(), inAccepts: &inAcc, appAccepts: &appAcc, cancel: cancel, inAddr: inLn.Addr().String(), ca: c}
 }
 
 func durp(d time.Duration) *durationpb.Duration { return durationpb.New(d) }

@@ -342,6 +342,10 @@ type transportKey struct {
 	h2                bool
 }
 
+// String names the endpoint (its TLS sessions' key; the protocol is added
+// by ResumingClientTLS).
+func (k transportKey) String() string { return k.service + " " + k.addr + " " + k.id }
+
 // dialAddr is what an endpoint is dialled by (a pool's key): its address,
 // or for one in a peer cluster its tunnel through this cluster's gateway,
 // named by everything the tunnel dialer uses, so that a pool is not kept
@@ -386,7 +390,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 	if h2 {
 		protos := new(http.Protocols)
 		protos.SetHTTP2(true)
-		cfg := o.creds.ClientTLS([]string{alpnH2}, verify)
+		cfg := o.creds.ResumingClientTLS(key.String(), []string{alpnH2}, verify)
 		ht := &http.Transport{
 			DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return o.dialPooled(ctx, raw, cfg, connectTimeout)
@@ -399,7 +403,7 @@ func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (p
 		}
 		t = ht
 	} else {
-		cfg := o.creds.ClientTLS([]string{alpnHTTP1}, verify)
+		cfg := o.creds.ResumingClientTLS(key.String(), []string{alpnHTTP1}, verify)
 		p := &h1Pool{
 			dial: func(ctx context.Context) (net.Conn, error) {
 				return o.dialPooled(ctx, raw, cfg, connectTimeout)
@@ -432,10 +436,31 @@ func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), c
 	if err != nil {
 		return nil, connectFailed(ctx, err, timeout)
 	}
+	sessions, resuming := cfg.ClientSessionCache.(endpointSessions)
+	if resuming {
+		cfg = cfg.Clone()
+		sessions = sessions.bound()
+		cfg.ClientSessionCache = sessions
+		resuming = sessions.held()
+	}
 	tc := tls.Client(c, cfg)
 	if err := tc.HandshakeContext(cctx); err != nil {
 		c.Close()
-		return nil, connectFailed(ctx, err, timeout)
+		if !resuming || cctx.Err() != nil {
+			return nil, connectFailed(ctx, err, timeout)
+		}
+		// The session offered may hold a peer chain this side no longer
+		// takes (a refusal by the peer comes after the handshake, in TLS
+		// 1.3): forget it, and do a full handshake.
+		sessions.drop()
+		if c, err = raw(cctx); err != nil {
+			return nil, connectFailed(ctx, err, timeout)
+		}
+		tc = tls.Client(c, cfg)
+		if err := tc.HandshakeContext(cctx); err != nil {
+			c.Close()
+			return nil, connectFailed(ctx, err, timeout)
+		}
 	}
 	return tc, nil
 }
@@ -877,7 +902,8 @@ func (u *upstream) serveTCP(app net.Conn) {
 		}
 		start := time.Now()
 		raw := u.o.rawDialer(st, pick.Endpoint, tunnelOf(pick.Endpoint), timeout)
-		c, err := dialTLS(context.Background(), raw, u.o.creds.ClientTLS([]string{alpnTCP}, u.o.serverVerifier(want)), timeout)
+		key := transportKey{st.svc.GetName(), dialAddr(tunnelOf(pick.Endpoint), st.namespace, pick.Endpoint.Address), pick.Endpoint.SPIFFEID, false}
+		c, err := dialTLS(context.Background(), raw, u.o.creds.ResumingClientTLS(key.String(), []string{alpnTCP}, u.o.serverVerifier(want)), timeout)
 		if err != nil {
 			pick.Done(time.Since(start), balance.Failure)
 			u.o.log.Debug("tcp connect to endpoint failed", "service", u.name, "endpoint", pick.Endpoint.Key, "err", err)

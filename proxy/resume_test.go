@@ -1,0 +1,204 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/straitmesh/strait/ca/catest"
+	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+)
+
+// A connection to a sidecar dialled again resumes the TLS session of the
+// last one, and is still judged against the current policy at its
+// handshake: resumption skips certificates and signatures, not the
+// authorization. A new SVID starts over with full handshakes.
+func TestOutboundResumesAndStillAuthorizes(t *testing.T) {
+	env := newPairEnv(t, okHandler(), nil, controlplanev1.Protocol_PROTOCOL_HTTP)
+	rc := dialRaw(t, env.upAddr)
+	call := func() int {
+		t.Helper()
+		resp, _ := rc.do(t, "GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+		return resp.StatusCode
+	}
+	// inbound returns the backend sidecar's open connections' states, and
+	// closeInbound closes them (the pooled connection on the frontend goes
+	// with them, so its next request dials).
+	inbound := func() []tls.ConnectionState {
+		env.back.in.mu.Lock()
+		defer env.back.in.mu.Unlock()
+		var out []tls.ConnectionState
+		for c := range env.back.in.conns {
+			out = append(out, c.ConnectionState())
+		}
+		return out
+	}
+	closeInbound := func() {
+		env.back.in.mu.Lock()
+		for c := range env.back.in.conns {
+			c.Close()
+		}
+		env.back.in.mu.Unlock()
+		deadline := time.Now().Add(5 * time.Second)
+		for len(inbound()) > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	resumed := func() bool {
+		t.Helper()
+		cs := inbound()
+		if len(cs) != 1 {
+			t.Fatalf("backend sidecar holds %d connections, want 1", len(cs))
+		}
+		if len(cs[0].PeerCertificates) == 0 {
+			t.Fatal("a connection without the caller's certificates")
+		}
+		return cs[0].DidResume
+	}
+
+	if code := call(); code != http.StatusOK {
+		t.Fatalf("first call: %d", code)
+	}
+	if resumed() {
+		t.Fatal("the first connection resumed a session")
+	}
+	closeInbound()
+	if code := call(); code != http.StatusOK {
+		t.Fatalf("call on a new connection: %d", code)
+	}
+	if !resumed() {
+		t.Fatal("the second connection did a full handshake, want a resumed session")
+	}
+
+	// The frontend leaves the policy: its cached session does not let it
+	// back in.
+	env.back.in.setPolicy(compileAuthorization(&controlplanev1.Authorization{Deny: []*controlplanev1.AuthorizationRule{
+		{Policy: "no-frontend", SpiffeIds: []string{"spiffe://strait.example/ns/default/sa/frontend"}}}}))
+	closeInbound()
+	if code := call(); code == http.StatusOK {
+		t.Fatal("a caller denied by policy got through on a resumed session")
+	}
+	env.back.in.setPolicy(compileAuthorization(&controlplanev1.Authorization{}))
+	if code := call(); code != http.StatusOK {
+		t.Fatalf("call after the policy allows the frontend again: %d", code)
+	}
+
+	// A renewed SVID empties the cache: the next connection presents it.
+	closeInbound()
+	if err := env.front.creds.SetSVID(env.ca.SVID(t, "spiffe://strait.example/ns/default/sa/frontend", 2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if code := call(); code != http.StatusOK {
+		t.Fatalf("call after renewal: %d", code)
+	}
+	if resumed() {
+		t.Error("a connection after the SVID changed resumed a session made with the old one")
+	}
+	if got, want := inbound()[0].PeerCertificates[0].SerialNumber, env.front.creds.SVID().Certificates[0].SerialNumber; got.Cmp(want) != 0 {
+		t.Errorf("backend saw caller certificate %s, want the renewed %s", got, want)
+	}
+}
+
+// A session whose peer chain this side no longer takes costs one more
+// handshake, a full one, not a failed connect; the session is forgotten.
+func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
+	const td = "strait.example"
+	c := catest.New(t, td)
+	serverSVID := c.SVID(t, "spiffe://"+td+"/ns/default/sa/backend", time.Hour)
+	cert := tls.Certificate{PrivateKey: serverSVID.PrivateKey, Leaf: serverSVID.Certificates[0]}
+	for _, x := range serverSVID.Certificates {
+		cert.Certificate = append(cert.Certificate, x.Raw)
+	}
+	var handshakes atomic.Int32
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
+		ClientAuth: tls.RequireAnyClientCert,
+		VerifyConnection: func(tls.ConnectionState) error {
+			handshakes.Add(1)
+			return nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if c.(*tls.Conn).Handshake() == nil {
+					c.Write([]byte("x")) // after the session ticket
+					io.Copy(io.Discard, c)
+				}
+			}()
+		}
+	}()
+
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(c.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(c.SVID(t, "spiffe://"+td+"/ns/default/sa/frontend", time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	var refuseResumed atomic.Bool
+	cfg := creds.ResumingClientTLS("backend-0", []string{alpnHTTP1}, func(cs tls.ConnectionState) error {
+		if cs.DidResume && refuseResumed.Load() {
+			return errors.New("not this session")
+		}
+		return nil
+	})
+	raw := func(ctx context.Context) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+	}
+	dial := func() *tls.Conn {
+		t.Helper()
+		tc, err := dialTLS(context.Background(), raw, cfg, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b [1]byte
+		if _, err := io.ReadFull(tc, b[:]); err != nil { // takes the ticket in
+			t.Fatal(err)
+		}
+		return tc
+	}
+	dial().Close()
+	if tc := dial(); !tc.ConnectionState().DidResume {
+		t.Fatal("second dial did not resume")
+	} else {
+		tc.Close()
+	}
+	refuseResumed.Store(true)
+	before := handshakes.Load()
+	tc := dial()
+	defer tc.Close()
+	if tc.ConnectionState().DidResume {
+		t.Error("the connection made after a refused resumption is resumed")
+	}
+	if n := handshakes.Load() - before; n != 2 {
+		t.Errorf("server saw %d handshakes, want the refused resumption and a full one", n)
+	}
+
+	// A session from a handshake that began before the SVID changed is
+	// not kept: it would present the old SVID.
+	slot := creds.sessions.endpoint("backend-1").bound()
+	creds.sessions.reset()
+	slot.Put("", new(tls.ClientSessionState))
+	if creds.sessions.endpoint("backend-1").held() {
+		t.Error("a session from an older generation was kept")
+	}
+}

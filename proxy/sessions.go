@@ -1,0 +1,97 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"sync/atomic"
+)
+
+// sessionCapacity bounds the TLS sessions a sidecar keeps for resumption:
+// one per upstream endpoint and protocol it talked to recently.
+const sessionCapacity = 1024
+
+// sessionCache holds the TLS 1.3 session tickets of the sidecar's outbound
+// connections to other sidecars, so that a connection dialled again (after
+// the pools' idle timeout, say) resumes instead of doing a full handshake:
+// no certificates sent, no signatures made or checked, and still a fresh
+// key exchange (Go resumes with psk_dhe_ke only). Each side's
+// VerifyConnection still runs on a resumed connection, on the chains of
+// the first handshake, against the current bundle and policy: resumption
+// changes what is sent, not what is authorized.
+//
+// A session holds the SVID this sidecar presented when it was made, so the
+// cache starts a new generation whenever the SVID or the bundle changes,
+// and a session from a handshake that began in an older generation is not
+// kept (see bound): a resumed connection presents the same chain a full
+// handshake would.
+type sessionCache struct {
+	cur atomic.Pointer[generation]
+}
+
+// generation is the cache between two changes of SVID or bundle.
+type generation struct{ tls.ClientSessionCache }
+
+func (s *sessionCache) load() *generation {
+	for {
+		if g := s.cur.Load(); g != nil {
+			return g
+		}
+		s.cur.CompareAndSwap(nil, &generation{tls.NewLRUClientSessionCache(sessionCapacity)})
+	}
+}
+
+// reset forgets every session. Credentials call it after installing the
+// new SVID or bundle.
+func (s *sessionCache) reset() {
+	s.cur.Store(&generation{tls.NewLRUClientSessionCache(sessionCapacity)})
+}
+
+// endpoint returns one endpoint's slot in the cache, named by key instead
+// of by the address crypto/tls would use (through a gateway, every
+// endpoint has the gateway's address).
+func (s *sessionCache) endpoint(key string) endpointSessions {
+	return endpointSessions{cache: s, key: key}
+}
+
+// endpointSessions is one endpoint's slot in a sessionCache, as a
+// tls.ClientSessionCache.
+type endpointSessions struct {
+	cache *sessionCache
+	key   string
+	gen   *generation // bound: the generation a handshake began in
+}
+
+var _ tls.ClientSessionCache = endpointSessions{}
+
+// bound returns the slot for one handshake starting now: the session it
+// stores is dropped if the SVID or bundle changed since.
+func (e endpointSessions) bound() endpointSessions {
+	e.gen = e.cache.load()
+	return e
+}
+
+// Get implements tls.ClientSessionCache.
+func (e endpointSessions) Get(string) (*tls.ClientSessionState, bool) {
+	g := e.gen
+	if g == nil {
+		g = e.cache.load()
+	}
+	return g.Get(e.key)
+}
+
+// Put implements tls.ClientSessionCache; a nil cs removes the session.
+func (e endpointSessions) Put(_ string, cs *tls.ClientSessionState) {
+	g := e.cache.load()
+	if e.gen != nil && e.gen != g && cs != nil {
+		return // the handshake may have presented the SVID replaced since
+	}
+	g.Put(e.key, cs)
+}
+
+// held reports whether a session would be offered.
+func (e endpointSessions) held() bool {
+	_, ok := e.Get("")
+	return ok
+}
+
+// drop forgets the endpoint's session.
+func (e endpointSessions) drop() { e.Put("", nil) }
