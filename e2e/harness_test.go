@@ -268,6 +268,7 @@ type workloadOptions struct {
 	upstreams   []string
 	workloadAPI string
 	dataDir     string
+	token       string // a registration token; empty mints one
 	protocol    controlplanev1.Protocol
 	// serve runs the app on ln; nil means the echo app over HTTP/1.1.
 	serve func(ln net.Listener) (stop func())
@@ -291,8 +292,12 @@ func (c *cluster) workload(instance, service string, o workloadOptions) *workloa
 		ups[u] = "127.0.0.1:0"
 	}
 	reg := prometheus.NewRegistry()
+	token := o.token
+	if token == "" {
+		token = c.token(service)
+	}
 	sc, err := proxy.New(proxy.Config{
-		TrustDomain: c.td, ControlPlane: c.addr, TrustBundle: c.dir.Bundle, Token: c.token(service),
+		TrustDomain: c.td, ControlPlane: c.addr, TrustBundle: c.dir.Bundle, Token: token,
 		Instance: instance, Service: service, Namespace: "default", Protocol: o.protocol, Inbound: "127.0.0.1:0", App: app.Addr().String(),
 		Upstreams: ups, Admin: "127.0.0.1:0", WorkloadAPI: o.workloadAPI, DataDir: o.dataDir, HealthInterval: 500 * time.Millisecond,
 		Logger: testLogger(c.t).With("component", instance), Registry: reg,

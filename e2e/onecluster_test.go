@@ -348,8 +348,14 @@ spec:
 	if err := certify(tok); err != nil {
 		t.Fatalf("first use of a token: %v", err)
 	}
+	// Replayed with the same CSR it is a retry (an SVID for a key only the
+	// first caller holds); with any other key it is refused.
+	if err := certify(tok); err != nil {
+		t.Errorf("the same redemption repeated: %v", err)
+	}
+	csr = newCSR(t)
 	if err := certify(tok); status.Code(err) != codes.Unauthenticated {
-		t.Errorf("second use of a token: got %v, want Unauthenticated", err)
+		t.Errorf("second use of a token for another key: got %v, want Unauthenticated", err)
 	}
 	// A workload SVID is not an admin identity.
 	_, err = ident.Certify(context.Background(), &controlplanev1.CertifyRequest{Csr: []byte("not a csr"),

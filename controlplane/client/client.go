@@ -15,8 +15,10 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
@@ -81,6 +83,9 @@ type Identity struct {
 	// replaced connections still open for their streams to move.
 	moved    chan struct{}
 	retiring map[*grpc.ClientConn]*time.Timer
+	// tokenKey is the key registration tokens are redeemed for (see
+	// redemptionKey).
+	tokenKey *ecdsa.PrivateKey
 }
 
 // connGrace is how long a connection replaced by Connect stays open: the
@@ -156,6 +161,81 @@ func (c *Identity) Paths() (cert, key string) {
 	return filepath.Join(c.DataDir, "svid.pem"), filepath.Join(c.DataDir, "svid-key.pem")
 }
 
+// RedemptionKeyPath is where the key a registration token is being
+// redeemed for is kept until the SVID issued for it is saved.
+func (c *Identity) RedemptionKeyPath() string { return filepath.Join(c.DataDir, "token-key.pem") }
+
+// redemptionKey returns the key to redeem a registration token for: the
+// same on every attempt, and across restarts with a DataDir (written
+// before the first attempt, removed once the SVID is saved). The control
+// plane takes a spent token again for the key it was spent for, so an
+// attempt whose answer was lost (a dropped connection, a crash before the
+// SVID was saved) can be repeated with the same token.
+func (c *Identity) redemptionKey() (*ecdsa.PrivateKey, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tokenKey != nil {
+		return c.tokenKey, nil
+	}
+	if c.DataDir != "" {
+		switch data, err := os.ReadFile(c.RedemptionKeyPath()); {
+		case err == nil:
+			k, perr := parseECKeyPEM(data)
+			if perr == nil {
+				c.tokenKey = k
+				return k, nil
+			}
+			c.log().Warn("unreadable saved token redemption key; making a new one", "path", c.RedemptionKeyPath(), "err", perr)
+		case !errors.Is(err, fs.ErrNotExist):
+			return nil, fmt.Errorf("token redemption key: %w", err)
+		}
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	if c.DataDir != "" {
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, err
+		}
+		if err := atomicfile.WriteFile(c.RedemptionKeyPath(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return nil, fmt.Errorf("save the token redemption key: %w", err)
+		}
+	}
+	c.tokenKey = key
+	return key, nil
+}
+
+// redeemed forgets the redemption key once the SVID issued for it is
+// saved (or held, without a DataDir).
+func (c *Identity) redeemed() {
+	c.mu.Lock()
+	c.tokenKey = nil
+	c.mu.Unlock()
+	if c.DataDir != "" {
+		if err := os.Remove(c.RedemptionKeyPath()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			c.log().Warn("could not remove the token redemption key", "err", err)
+		}
+	}
+}
+
+func parseECKeyPEM(data []byte) (*ecdsa.PrivateKey, error) {
+	blk, _ := pem.Decode(data)
+	if blk == nil || blk.Type != "PRIVATE KEY" {
+		return nil, errors.New("no PRIVATE KEY block")
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	ek, ok := k.(*ecdsa.PrivateKey)
+	if !ok || ek.Curve != elliptic.P256() {
+		return nil, errors.New("not a P-256 key")
+	}
+	return ek, nil
+}
+
 // BundlePath is where the trust bundle last received with an SVID is kept
 // (SPIFFE bundle format, with its sequence number).
 func (c *Identity) BundlePath() string { return filepath.Join(c.DataDir, "bundle.json") }
@@ -211,7 +291,13 @@ func (c *Identity) save(s *x509svid.SVID, b *bundle.Bundle) error {
 // Certify obtains a new SVID on conn: with the registration token when
 // token is set, otherwise over mTLS with the current SVID.
 func (c *Identity) Certify(ctx context.Context, conn *grpc.ClientConn, token string) error {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	var key *ecdsa.PrivateKey
+	var err error
+	if token != "" {
+		key, err = c.redemptionKey()
+	} else {
+		key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	}
 	if err != nil {
 		return err
 	}
@@ -263,6 +349,8 @@ func (c *Identity) Certify(ctx context.Context, conn *grpc.ClientConn, token str
 	}
 	if err := c.save(s, b); err != nil {
 		c.log().Warn("could not save SVID", "err", err)
+	} else if token != "" {
+		c.redeemed()
 	}
 	c.log().Info("SVID issued", "spiffe_id", id.String(), "expires", chain[0].NotAfter.UTC().Format(time.RFC3339))
 	return nil

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -40,11 +41,15 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 	if len(req.GetCsr()) > maxCSRSize {
 		return nil, fmt.Errorf("%w: csr of %d bytes, more than %d", ErrBadRequest, len(req.GetCsr()), maxCSRSize)
 	}
-	if csr, err := x509.ParseCertificateRequest(req.GetCsr()); err != nil {
+	csr, err := x509.ParseCertificateRequest(req.GetCsr())
+	if err != nil {
 		return nil, fmt.Errorf("%w: csr: %w", ErrBadRequest, err)
-	} else if err := csr.CheckSignature(); err != nil {
+	}
+	if err := csr.CheckSignature(); err != nil {
 		return nil, fmt.Errorf("%w: csr signature: %w", ErrBadRequest, err)
 	}
+	// The key the credential is spent for: signed for in the CSR.
+	key := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
 	var id spiffeid.ID
 	proof := "svid"
 	c, hasCert := callerFrom(ctx)
@@ -55,7 +60,7 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 		}
 		var err error
 		// A CSR the CA would refuse does not spend a single-use credential.
-		id, err = s.authenticateCredential(ctx, req.GetCredential(), func(id spiffeid.ID) error {
+		id, err = s.authenticateCredential(ctx, req.GetCredential(), key[:], func(id spiffeid.ID) error {
 			if err := s.cfg.Issuer.CheckRequest(req.GetCsr(), id); err != nil {
 				return fmt.Errorf("%w: %w", ErrBadRequest, err)
 			}
@@ -97,12 +102,12 @@ func (i identityServer) Certify(ctx context.Context, req *controlplanev1.Certify
 	return resp, nil
 }
 
-func (s *Server) authenticateCredential(ctx context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
+func (s *Server) authenticateCredential(ctx context.Context, cred *controlplanev1.Credential, key []byte, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
 	for _, a := range s.cfg.Authenticators {
 		var id spiffeid.ID
 		var err error
 		if checking, ok := a.(CheckingAuthenticator); ok {
-			id, err = checking.AuthenticateIf(ctx, cred, accept)
+			id, err = checking.AuthenticateIf(ctx, cred, key, accept)
 		} else if id, err = a.Authenticate(ctx, cred); err == nil && accept != nil {
 			err = accept(id)
 		}

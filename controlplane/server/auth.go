@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -41,9 +42,12 @@ type Authenticator interface {
 // CheckingAuthenticator is an Authenticator whose credential is spent by
 // use: it consumes it only if accept, given the identity it proves,
 // returns nil (and returns that error otherwise, the credential intact).
+// key is a digest of the public key the credential is spent for: the
+// same credential presented again for the same key may prove the same
+// identity again (a retry whose answer was lost).
 type CheckingAuthenticator interface {
 	Authenticator
-	AuthenticateIf(ctx context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error)
+	AuthenticateIf(ctx context.Context, cred *controlplanev1.Credential, key []byte, accept func(spiffeid.ID) error) (spiffeid.ID, error)
 }
 
 // Errors the edge maps to status codes.
@@ -59,23 +63,26 @@ var (
 type TokenAuthenticator struct {
 	Store       *store.Store
 	TrustDomain spiffeid.TrustDomain
+	// Log receives a line for each repeated redemption; nil logs nothing.
+	Log *slog.Logger
 }
 
 // Authenticate implements Authenticator.
 func (a *TokenAuthenticator) Authenticate(ctx context.Context, cred *controlplanev1.Credential) (spiffeid.ID, error) {
-	return a.AuthenticateIf(ctx, cred, nil)
+	return a.AuthenticateIf(ctx, cred, nil, nil)
 }
 
 // AuthenticateIf implements CheckingAuthenticator: the token is spent only
-// if accept (nil accepts) takes the identity it names.
-func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplanev1.Credential, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
+// if accept (nil accepts) takes the identity it names, and a spent token
+// is taken again, until it expires, for the key it was spent for.
+func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplanev1.Credential, key []byte, accept func(spiffeid.ID) error) (spiffeid.ID, error) {
 	tok := cred.GetRegistrationToken()
 	if tok == "" {
 		return spiffeid.ID{}, ErrNotApplicable
 	}
 	var id spiffeid.ID
 	var refused error
-	_, err := a.Store.RedeemTokenIf(tok, func(rec store.TokenRecord) error {
+	rec, err := a.Store.RedeemTokenIf(tok, key, func(rec store.TokenRecord) error {
 		var err error
 		if id, err = identity.Workload(a.TrustDomain, rec.Namespace, rec.ServiceAccount); err != nil {
 			return fmt.Errorf("%w: registration token names an invalid identity: %w", ErrUnauthenticated, err)
@@ -94,6 +101,9 @@ func (a *TokenAuthenticator) AuthenticateIf(_ context.Context, cred *controlplan
 		return spiffeid.ID{}, err
 	case err != nil:
 		return spiffeid.ID{}, fmt.Errorf("%w: registration token: %w", ErrUnauthenticated, err)
+	}
+	if rec.Repeated && a.Log != nil {
+		a.Log.Info("registration token redeemed again for the key it was first redeemed for", "token", rec.ID, "spiffe_id", id.String(), "first_used", rec.UsedAt.Format(time.RFC3339))
 	}
 	return id, nil
 }

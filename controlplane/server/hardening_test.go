@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -185,3 +186,33 @@ type syncCountingCA struct {
 }
 
 func (c *syncCountingCA) Sync() error { c.syncs++; return nil }
+
+// TestCertifyRepeatsATokenForTheSameKey: a Certify whose answer was lost
+// is repeated with the same token and key and gets an SVID; the spent
+// token with any other key gets nothing.
+func TestCertifyRepeatsATokenForTheSameKey(t *testing.T) {
+	e := newTestEnv(t)
+	tok, _, err := e.store.MintToken(store.TokenRequest{Namespace: "default", ServiceAccount: "backend", Service: "backend"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred := &controlplanev1.Credential{Kind: &controlplanev1.Credential_RegistrationToken{RegistrationToken: tok}}
+	key, csr := catest.CSR(t, &x509.CertificateRequest{})
+	for i := range 2 {
+		resp, err := identityServer{s: e.srv}.Certify(context.Background(), &controlplanev1.CertifyRequest{Credential: cred, Csr: csr})
+		if err != nil {
+			t.Fatalf("Certify %d with the same key: %v", i+1, err)
+		}
+		leaf, err := x509.ParseCertificate(resp.GetCertificateChain()[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !key.PublicKey.Equal(leaf.PublicKey) {
+			t.Fatalf("Certify %d: SVID for another key", i+1)
+		}
+	}
+	_, other := catest.CSR(t, &x509.CertificateRequest{})
+	if _, err := (identityServer{s: e.srv}).Certify(context.Background(), &controlplanev1.CertifyRequest{Credential: cred, Csr: other}); !errors.Is(err, ErrUnauthenticated) {
+		t.Errorf("spent token with another key: %v, want unauthenticated", err)
+	}
+}

@@ -173,7 +173,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.FederationGrace = 10 * time.Second
 	}
 	if cfg.Authenticators == nil {
-		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain}}
+		cfg.Authenticators = []Authenticator{&TokenAuthenticator{Store: cfg.Store, TrustDomain: cfg.TrustDomain, Log: cfg.Logger}}
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer), selfID: selfID,
 		nodes: map[string]*node{}, gateways: map[string]*gatewayNode{}, rttKept: map[string]time.Duration{}, fedWake: make(chan struct{}, 1), renewOwn: make(chan struct{}, 1)}

@@ -73,6 +73,9 @@ type TokenRecord struct {
 	Created, Expires                   time.Time
 	// UsedAt is when the token was redeemed; zero if it was not.
 	UsedAt time.Time
+	// Repeated is set on a redemption that repeated the first one, with
+	// the same key (see RedeemTokenIf).
+	Repeated bool
 }
 
 type tokenValue struct {
@@ -83,6 +86,9 @@ type tokenValue struct {
 	Created        time.Time `json:"created"`
 	Expires        time.Time `json:"expires"`
 	UsedAt         time.Time `json:"usedAt"`
+	// Key is the digest of the public key the token was redeemed for,
+	// when the redeemer named one.
+	Key []byte `json:"key,omitempty"`
 }
 
 func (v tokenValue) record(id []byte) TokenRecord {
@@ -215,14 +221,22 @@ func (s *Store) MintToken(req TokenRequest) (string, TokenRecord, error) {
 // secret is checked first, so only its holder learns whether a token was
 // used or expired.
 func (s *Store) RedeemToken(token string) (TokenRecord, error) {
-	return s.RedeemTokenIf(token, nil)
+	return s.RedeemTokenIf(token, nil, nil)
 }
 
 // RedeemTokenIf is RedeemToken, but the token is spent only if check (nil
 // passes), run on its record inside the transaction once the token is
 // known good, returns nil; check's error is returned as it is and nothing
 // changes.
-func (s *Store) RedeemTokenIf(token string, check func(TokenRecord) error) (TokenRecord, error) {
+//
+// key, when not nil, is a digest of the public key the token is redeemed
+// for (the CSR's). It is stored with the spent token, and a later
+// redemption naming the same key, before the token expires, succeeds
+// again (the record has Repeated set): a redeemer whose answer was lost
+// (a dropped connection, a crash before it saved its SVID) retries with
+// the key it kept, while the token stays worthless to anyone without
+// that key.
+func (s *Store) RedeemTokenIf(token string, key []byte, check func(TokenRecord) error) (TokenRecord, error) {
 	id, secret, err := ParseToken(token)
 	if err != nil {
 		return TokenRecord{}, err
@@ -245,7 +259,8 @@ func (s *Store) RedeemTokenIf(token string, check func(TokenRecord) error) (Toke
 		if subtle.ConstantTimeCompare(hash[:], tv.Hash) != 1 {
 			return ErrTokenInvalid
 		}
-		if !tv.UsedAt.IsZero() {
+		repeat := !tv.UsedAt.IsZero() && key != nil && tv.Key != nil && subtle.ConstantTimeCompare(key, tv.Key) == 1
+		if !tv.UsedAt.IsZero() && !repeat {
 			return ErrTokenUsed
 		}
 		if !now.Before(tv.Expires) {
@@ -256,7 +271,12 @@ func (s *Store) RedeemTokenIf(token string, check func(TokenRecord) error) (Toke
 				return err
 			}
 		}
-		tv.UsedAt = now
+		if repeat {
+			rec = tv.record(id[:])
+			rec.Repeated = true
+			return nil
+		}
+		tv.UsedAt, tv.Key = now, key
 		nv, err := json.Marshal(tv)
 		if err != nil {
 			return err

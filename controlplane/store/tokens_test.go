@@ -287,3 +287,45 @@ func FuzzParseToken(f *testing.F) {
 		}
 	})
 }
+
+// A spent token is taken again for the key it was spent for, until it
+// expires, and for no other key; a redemption that named no key cannot
+// be repeated.
+func TestRedeemTokenRepeatsForTheSameKey(t *testing.T) {
+	s, clk := openTest(t)
+	tok, _ := mint(t, s, TokenRequest{Namespace: "shop", ServiceAccount: "web", TTL: time.Minute})
+	key := []byte("0123456789abcdef0123456789abcdef")
+	other := []byte("fedcba9876543210fedcba9876543210")
+	first, err := s.RedeemTokenIf(tok, key, nil)
+	if err != nil || first.Repeated {
+		t.Fatalf("first redeem: %+v, %v", first, err)
+	}
+	if _, err := s.RedeemTokenIf(tok, other, nil); !errors.Is(err, ErrTokenUsed) {
+		t.Errorf("redeem for another key: %v, want ErrTokenUsed", err)
+	}
+	if _, err := s.RedeemToken(tok); !errors.Is(err, ErrTokenUsed) {
+		t.Errorf("redeem naming no key: %v, want ErrTokenUsed", err)
+	}
+	refused := errors.New("check says no")
+	if _, err := s.RedeemTokenIf(tok, key, func(TokenRecord) error { return refused }); !errors.Is(err, refused) {
+		t.Errorf("repeat refused by check: %v", err)
+	}
+	clk.Advance(30 * time.Second)
+	again, err := s.RedeemTokenIf(tok, key, nil)
+	if err != nil || !again.Repeated || !again.UsedAt.Equal(first.UsedAt) {
+		t.Errorf("repeat for the same key: %+v, %v; want Repeated, first use kept", again, err)
+	}
+	clk.Advance(time.Minute)
+	if _, err := s.RedeemTokenIf(tok, key, nil); !errors.Is(err, ErrTokenExpired) {
+		t.Errorf("repeat after expiry: %v, want ErrTokenExpired", err)
+	}
+
+	// Spent without a key: never again.
+	keyless, _ := mint(t, s, TokenRequest{Namespace: "shop", ServiceAccount: "web", TTL: time.Minute})
+	if _, err := s.RedeemToken(keyless); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RedeemTokenIf(keyless, key, nil); !errors.Is(err, ErrTokenUsed) {
+		t.Errorf("repeat of a token spent without a key: %v, want ErrTokenUsed", err)
+	}
+}
