@@ -453,6 +453,7 @@ func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), c
 		// takes (a refusal by the peer comes after the handshake, in TLS
 		// 1.3): forget it, and do a full handshake.
 		sessions.drop()
+		cfg.ClientSessionCache = sessions.full()
 		if c, err = raw(cctx); err != nil {
 			return nil, connectFailed(ctx, err, timeout)
 		}

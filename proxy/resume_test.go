@@ -201,4 +201,15 @@ func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
 	if creds.sessions.endpoint("backend-1").held() {
 		t.Error("a session from an older generation was kept")
 	}
+	// Nor is one offered to a handshake bound before the change.
+	creds.sessions.endpoint("backend-1").Put("", new(tls.ClientSessionState))
+	late := creds.sessions.endpoint("backend-1").bound()
+	creds.sessions.reset()
+	creds.sessions.endpoint("backend-1").Put("", new(tls.ClientSessionState))
+	if late.held() {
+		t.Error("a handshake bound before the SVID changed is offered a session")
+	}
+	if full := creds.sessions.endpoint("backend-1").full(); full.held() {
+		t.Error("a full handshake is offered a session")
+	}
 }

@@ -28,21 +28,29 @@ type sessionCache struct {
 }
 
 // generation is the cache between two changes of SVID or bundle.
-type generation struct{ tls.ClientSessionCache }
+type generation struct {
+	tls.ClientSessionCache
+	n uint64
+}
 
 func (s *sessionCache) load() *generation {
 	for {
 		if g := s.cur.Load(); g != nil {
 			return g
 		}
-		s.cur.CompareAndSwap(nil, &generation{tls.NewLRUClientSessionCache(sessionCapacity)})
+		s.cur.CompareAndSwap(nil, &generation{ClientSessionCache: tls.NewLRUClientSessionCache(sessionCapacity), n: 1})
 	}
 }
 
 // reset forgets every session. Credentials call it after installing the
 // new SVID or bundle.
 func (s *sessionCache) reset() {
-	s.cur.Store(&generation{tls.NewLRUClientSessionCache(sessionCapacity)})
+	for {
+		old := s.load()
+		if s.cur.CompareAndSwap(old, &generation{ClientSessionCache: tls.NewLRUClientSessionCache(sessionCapacity), n: old.n + 1}) {
+			return
+		}
+	}
 }
 
 // endpoint returns one endpoint's slot in the cache, named by key instead
@@ -57,34 +65,45 @@ func (s *sessionCache) endpoint(key string) endpointSessions {
 type endpointSessions struct {
 	cache *sessionCache
 	key   string
-	gen   *generation // bound: the generation a handshake began in
+	// gen, when not zero, binds the slot to one handshake: the generation
+	// current when it began. A session is neither offered nor kept once
+	// the SVID or bundle changed since.
+	gen uint64
+	// store only: offer no session (a retry in full).
+	storeOnly bool
 }
 
 var _ tls.ClientSessionCache = endpointSessions{}
 
-// bound returns the slot for one handshake starting now: the session it
-// stores is dropped if the SVID or bundle changed since.
+// bound returns the slot for one handshake starting now.
 func (e endpointSessions) bound() endpointSessions {
-	e.gen = e.cache.load()
+	e.gen = e.cache.load().n
 	return e
+}
+
+// current returns the generation the slot may use, or nil.
+func (e endpointSessions) current() *generation {
+	g := e.cache.load()
+	if e.gen != 0 && e.gen != g.n {
+		return nil // the handshake may present the SVID replaced since
+	}
+	return g
 }
 
 // Get implements tls.ClientSessionCache.
 func (e endpointSessions) Get(string) (*tls.ClientSessionState, bool) {
-	g := e.gen
-	if g == nil {
-		g = e.cache.load()
+	g := e.current()
+	if g == nil || e.storeOnly {
+		return nil, false
 	}
 	return g.Get(e.key)
 }
 
 // Put implements tls.ClientSessionCache; a nil cs removes the session.
 func (e endpointSessions) Put(_ string, cs *tls.ClientSessionState) {
-	g := e.cache.load()
-	if e.gen != nil && e.gen != g && cs != nil {
-		return // the handshake may have presented the SVID replaced since
+	if g := e.current(); g != nil {
+		g.Put(e.key, cs)
 	}
-	g.Put(e.key, cs)
 }
 
 // held reports whether a session would be offered.
@@ -95,3 +114,10 @@ func (e endpointSessions) held() bool {
 
 // drop forgets the endpoint's session.
 func (e endpointSessions) drop() { e.Put("", nil) }
+
+// full returns the slot for a full handshake: it offers no session, and
+// keeps the one the handshake brings.
+func (e endpointSessions) full() endpointSessions {
+	e.storeOnly = true
+	return e
+}

@@ -177,17 +177,20 @@ func (c *Identity) redemptionKey() (*ecdsa.PrivateKey, error) {
 	if c.tokenKey != nil {
 		return c.tokenKey, nil
 	}
+	// A key that cannot be read or kept on disk is still kept in memory:
+	// retries in this process repeat the redemption, as before a restart.
 	if c.DataDir != "" {
-		switch data, err := os.ReadFile(c.RedemptionKeyPath()); {
-		case err == nil:
+		data, err := os.ReadFile(c.RedemptionKeyPath())
+		if err == nil {
 			k, perr := parseECKeyPEM(data)
 			if perr == nil {
 				c.tokenKey = k
 				return k, nil
 			}
-			c.log().Warn("unreadable saved token redemption key; making a new one", "path", c.RedemptionKeyPath(), "err", perr)
-		case !errors.Is(err, fs.ErrNotExist):
-			return nil, fmt.Errorf("token redemption key: %w", err)
+			err = perr
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			c.log().Warn("unreadable saved token redemption key; making a new one", "path", c.RedemptionKeyPath(), "err", err)
 		}
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -196,11 +199,11 @@ func (c *Identity) redemptionKey() (*ecdsa.PrivateKey, error) {
 	}
 	if c.DataDir != "" {
 		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, err
+		if err == nil {
+			err = atomicfile.WriteFile(c.RedemptionKeyPath(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
 		}
-		if err := atomicfile.WriteFile(c.RedemptionKeyPath(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-			return nil, fmt.Errorf("save the token redemption key: %w", err)
+		if err != nil {
+			c.log().Warn("could not save the token redemption key: a restart before the SVID is saved will need a new token", "err", err)
 		}
 	}
 	c.tokenKey = key
@@ -268,7 +271,11 @@ func (c *Identity) LoadSaved() bool {
 		c.log().Info("saved SVID no longer usable", "err", err)
 		return false
 	}
-	return c.Creds.SetSVID(s) == nil
+	if c.Creds.SetSVID(s) != nil {
+		return false
+	}
+	c.redeemed() // a redemption key left by a crash after the save
+	return true
 }
 
 // save replaces the saved SVID (crash-safe: see package svidfile) and,

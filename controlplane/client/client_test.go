@@ -2,7 +2,10 @@ package client_test
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"net"
 	"os"
@@ -676,4 +679,75 @@ func TestLoadSavedAfterACrashMidSave(t *testing.T) {
 	if id.LoadSaved() {
 		t.Error("LoadSaved restored a certificate beside a key that is not its own")
 	}
+}
+
+// The key a token is redeemed for is the same on every attempt (kept on
+// disk until the SVID is saved); a data directory that cannot hold it
+// keeps it in memory instead of stopping the redemption; a key left over
+// by a crash after the save goes once the saved SVID is loaded.
+func TestRedemptionKey(t *testing.T) {
+	c := catest.New(t, testTD)
+	f := startFakeCP(t, c)
+	ctx := context.Background()
+	certify := func(id *client.Identity) {
+		t.Helper()
+		conn, err := id.Dial(false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if err := id.Certify(ctx, conn, "good"); err != nil {
+			t.Fatalf("Certify with a token: %v", err)
+		}
+	}
+
+	// Lost answers: the CP answers Unavailable after redeeming (modelled
+	// by failNext before it), and the retry uses the same key.
+	dir := t.TempDir()
+	creds := newCreds(t, c.Bundle())
+	id := &client.Identity{ControlPlane: f.addr, Creds: creds, DataDir: dir}
+	f.failNext.Store(1)
+	conn, err := id.Dial(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := id.Certify(ctx, conn, "good"); err == nil {
+		t.Fatal("Certify succeeded through a failure")
+	}
+	conn.Close()
+	kept, err := os.ReadFile(id.RedemptionKeyPath())
+	if err != nil {
+		t.Fatalf("no redemption key on disk after a failed attempt: %v", err)
+	}
+	if fi, _ := os.Stat(id.RedemptionKeyPath()); fi.Mode().Perm() != 0o600 {
+		t.Errorf("redemption key mode %v, want 0600", fi.Mode().Perm())
+	}
+	restarted := &client.Identity{ControlPlane: f.addr, Creds: newCreds(t, c.Bundle()), DataDir: dir}
+	certify(restarted)
+	blk, _ := pem.Decode(kept)
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k.(*ecdsa.PrivateKey).PublicKey.Equal(restarted.Creds.SVID().Certificates[0].PublicKey) {
+		t.Error("the restarted redemption used another key")
+	}
+	if _, err := os.Stat(restarted.RedemptionKeyPath()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("redemption key still on disk after the SVID was saved: %v", err)
+	}
+
+	// A crash between the save and the removal: loading the saved SVID
+	// removes the key.
+	if err := os.WriteFile(restarted.RedemptionKeyPath(), kept, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if !(&client.Identity{ControlPlane: f.addr, Creds: newCreds(t, c.Bundle()), DataDir: dir}).LoadSaved() {
+		t.Fatal("LoadSaved did not restore the saved SVID")
+	}
+	if _, err := os.Stat(restarted.RedemptionKeyPath()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("redemption key left over after LoadSaved: %v", err)
+	}
+
+	// A data directory that does not exist: the redemption goes on.
+	certify(&client.Identity{ControlPlane: f.addr, Creds: newCreds(t, c.Bundle()), DataDir: filepath.Join(t.TempDir(), "missing")})
 }

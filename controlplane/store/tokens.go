@@ -215,7 +215,8 @@ func (s *Store) MintToken(req TokenRequest) (string, TokenRecord, error) {
 }
 
 // RedeemToken checks token and marks it used, in one transaction: of any
-// number of concurrent redemptions of one token, exactly one succeeds. It
+// number of concurrent redemptions of one token, exactly one succeeds
+// (RedeemTokenIf with a key may repeat that one, for that key only). It
 // returns the token's record, or an error wrapping ErrTokenInvalid (malformed,
 // unknown, revoked or wrong secret), ErrTokenUsed or ErrTokenExpired. The
 // secret is checked first, so only its holder learns whether a token was

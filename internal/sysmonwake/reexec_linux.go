@@ -43,14 +43,23 @@ func restoreName() {
 	if len(name) > 15 {
 		name = name[:15]
 	}
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		return
-	}
-	for _, t := range tasks {
-		p := filepath.Join("/proc/self/task", t.Name(), "comm")
-		if comm, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(comm)) == "exe" {
-			_ = os.WriteFile(p, []byte(name), 0)
+	// A thread made during a pass by one not yet renamed copies "exe":
+	// passes go on until one finds none (a few at most).
+	for range 4 {
+		tasks, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			return
+		}
+		renamed := false
+		for _, t := range tasks {
+			p := filepath.Join("/proc/self/task", t.Name(), "comm")
+			if comm, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(comm)) == "exe" {
+				_ = os.WriteFile(p, []byte(name), 0)
+				renamed = true
+			}
+		}
+		if !renamed {
+			return
 		}
 	}
 }
