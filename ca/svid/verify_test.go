@@ -729,3 +729,74 @@ func TestVerifyClusterScopedIssuer(t *testing.T) {
 		t.Errorf("IntermediateCluster of a leaf = %q", got)
 	}
 }
+
+// A verification is remembered only for the same chain, role and roots,
+// and only while every certificate of the path is valid: a root removed,
+// or an intermediate expired before the leaf, is seen at once.
+func TestVerifyRemembersOnlyWhatStillHolds(t *testing.T) {
+	h := newHierarchy(t)
+	now := time.Now()
+	clock := func() time.Time { return now }
+	inter, interKey := h.intermediate(t, "short intermediate", now.Add(-time.Hour), now.Add(10*time.Minute))
+	leaf := h.leaf(t, leafOpts{parent: inter, parentKey: interKey, notAfter: now.Add(time.Hour)})
+	chain := []*x509.Certificate{leaf, inter}
+	src := &swapSource{}
+	src.b.Store(h.bundle(t))
+	v := newVerifier(t, td, src, clock)
+
+	for i := range 2 {
+		if _, _, err := v.Verify(chain, svid.RoleAny); err != nil {
+			t.Fatalf("verify %d: %v", i, err)
+		}
+	}
+	// The root leaves the bundle: refused at once.
+	other := newHierarchy(t)
+	src.b.Store(other.bundle(t))
+	if _, _, err := v.Verify(chain, svid.RoleAny); svid.ReasonOf(err) != svid.ReasonUntrusted {
+		t.Fatalf("after the root left the bundle: %v, want untrusted", err)
+	}
+	src.b.Store(h.bundle(t))
+	if _, _, err := v.Verify(chain, svid.RoleAny); err != nil {
+		t.Fatalf("root back: %v", err)
+	}
+	// Another chain for the same leaf (its intermediate swapped for one
+	// the root did not sign) is verified, not looked up.
+	forged, _ := other.intermediate(t, "short intermediate", now.Add(-time.Hour), now.Add(10*time.Minute))
+	if _, _, err := v.Verify([]*x509.Certificate{leaf, forged}, svid.RoleAny); err == nil {
+		t.Fatal("a chain with a foreign intermediate verified")
+	}
+	// The intermediate expires before the leaf: refused from then on.
+	now = now.Add(11 * time.Minute)
+	if _, _, err := v.Verify(chain, svid.RoleAny); svid.ReasonOf(err) != svid.ReasonExpired {
+		t.Fatalf("after the intermediate expired: %v, want expired", err)
+	}
+}
+
+// BenchmarkVerify: the first verification of a chain, and the same chain
+// again (remembered).
+func BenchmarkVerify(b *testing.B) {
+	c := catest.New(b, tdName)
+	s := c.SVID(b, "spiffe://"+tdName+"/ns/a/sa/b", time.Hour)
+	b.Run("first", func(b *testing.B) {
+		for b.Loop() {
+			v, err := svid.NewVerifier(svid.VerifierConfig{TrustDomain: c.Bundle().TrustDomain(), Bundles: c.Bundle()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, _, err := v.Verify(s.Certificates, svid.RoleAny); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("again", func(b *testing.B) {
+		v, err := svid.NewVerifier(svid.VerifierConfig{TrustDomain: c.Bundle().TrustDomain(), Bundles: c.Bundle()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			if _, _, err := v.Verify(s.Certificates, svid.RoleAny); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
