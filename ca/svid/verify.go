@@ -200,11 +200,12 @@ type Verifier struct {
 type verifiedChain struct {
 	id       spiffeid.ID
 	chains   [][]*x509.Certificate
-	from, to time.Time // every certificate of chains[0] is valid within
+	from, to time.Time // every certificate of chains is valid within
 }
 
-// maxVerified bounds the remembered verifications.
-const maxVerified = 4096
+// maxVerified bounds the remembered verifications (each holds its parsed
+// chain: a few KiB).
+const maxVerified = 1024
 
 // NewVerifier returns a Verifier for cfg.
 func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
@@ -255,18 +256,20 @@ func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, []
 			return id, nil, fail(ReasonMalformed, "chain certificate %q is not a signing CA", c.Subject)
 		}
 	}
-	roots, err := v.bundles.GetX509BundleForTrustDomain(v.td)
+	b, err := v.bundles.GetX509BundleForTrustDomain(v.td)
 	if err != nil {
 		return id, nil, fail(ReasonUntrusted, "%s: %v", id, err)
 	}
-	key := verifiedKey(chain, roots.X509Authorities(), role)
+	// One read of the roots, for the key and the verification alike.
+	auths := b.X509Authorities()
+	key := verifiedKey(chain, auths, role)
 	v.mu.Lock()
 	hit, ok := v.verified[key]
 	v.mu.Unlock()
 	if ok && !now.Before(hit.from) && !now.After(hit.to) {
-		return hit.id, hit.chains, nil
+		return hit.id, copyChains(hit.chains), nil
 	}
-	_, chains, err := x509svid.Verify(chain, roots, x509svid.WithTime(now))
+	_, chains, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(v.td, auths), x509svid.WithTime(now))
 	if err != nil {
 		var inv x509.CertificateInvalidError
 		if errors.As(err, &inv) && inv.Reason == x509.Expired {
@@ -281,8 +284,18 @@ func (v *Verifier) Verify(chain []*x509.Certificate, role Role) (spiffeid.ID, []
 	if err := checkIssuer(id, chains); err != nil {
 		return id, nil, err
 	}
-	v.remember(key, verifiedChain{id: id, chains: chains, from: leaf.NotBefore, to: leaf.NotAfter})
+	v.remember(key, verifiedChain{id: id, chains: copyChains(chains), from: leaf.NotBefore, to: leaf.NotAfter}, now)
 	return id, chains, nil
+}
+
+// copyChains copies the slices (not the certificates): a caller's
+// changes do not reach what is remembered.
+func copyChains(chains [][]*x509.Certificate) [][]*x509.Certificate {
+	out := make([][]*x509.Certificate, len(chains))
+	for i, ch := range chains {
+		out[i] = append([]*x509.Certificate(nil), ch...)
+	}
+	return out
 }
 
 // verifiedKey names a verification: the role, the roots and the chain.
@@ -295,11 +308,13 @@ func verifiedKey(chain, roots []*x509.Certificate, role Role) [sha256.Size]byte 
 		h.Write(b)
 	}
 	put([]byte{byte(role)})
-	put(nil)
+	binary.BigEndian.PutUint64(n[:], uint64(len(roots)))
+	h.Write(n[:])
 	for _, r := range roots {
 		put(r.Raw)
 	}
-	put(nil)
+	binary.BigEndian.PutUint64(n[:], uint64(len(chain)))
+	h.Write(n[:])
 	for _, c := range chain {
 		put(c.Raw)
 	}
@@ -308,18 +323,17 @@ func verifiedKey(chain, roots []*x509.Certificate, role Role) [sha256.Size]byte 
 	return k
 }
 
-// remember keeps a verification, valid while every certificate of its
-// first verified path is.
-func (v *Verifier) remember(key [sha256.Size]byte, vc verifiedChain) {
-	if len(vc.chains) == 0 {
-		return
-	}
-	for _, c := range vc.chains[0] {
-		if c.NotBefore.After(vc.from) {
-			vc.from = c.NotBefore
-		}
-		if c.NotAfter.Before(vc.to) {
-			vc.to = c.NotAfter
+// remember keeps a verification, valid while every certificate of every
+// verified path is. Entries past their window go when the cache fills.
+func (v *Verifier) remember(key [sha256.Size]byte, vc verifiedChain, now time.Time) {
+	for _, ch := range vc.chains {
+		for _, c := range ch {
+			if c.NotBefore.After(vc.from) {
+				vc.from = c.NotBefore
+			}
+			if c.NotAfter.Before(vc.to) {
+				vc.to = c.NotAfter
+			}
 		}
 	}
 	v.mu.Lock()
@@ -328,9 +342,16 @@ func (v *Verifier) remember(key [sha256.Size]byte, vc verifiedChain) {
 		v.verified = map[[sha256.Size]byte]verifiedChain{}
 	}
 	if len(v.verified) >= maxVerified {
-		for k := range v.verified { // drop one, any
+		for k, e := range v.verified {
+			if now.After(e.to) || now.Before(e.from) {
+				delete(v.verified, k)
+			}
+		}
+		for k := range v.verified { // still full: drop one, any
+			if len(v.verified) < maxVerified {
+				break
+			}
 			delete(v.verified, k)
-			break
 		}
 	}
 	v.verified[key] = vc
