@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -190,6 +191,7 @@ func (in *inbound) verifyConnection(cs tls.ConnectionState) error {
 		in.log.Info("caller refused", "spiffe_id", id.String(), "service", in.service, "reason", err)
 		return refusal{"unauthorized", err}
 	}
+	in.metrics.handshakes.WithLabelValues("inbound", strconv.FormatBool(cs.DidResume)).Inc()
 	return nil
 }
 

@@ -19,6 +19,7 @@ type Metrics struct {
 	tcpActive      *prometheus.GaugeVec
 	tcpBytes       *prometheus.CounterVec
 	handshakeFails *prometheus.CounterVec
+	handshakes     *prometheus.CounterVec
 	connsClosed    *prometheus.CounterVec
 	svidExpiry     prometheus.Gauge
 	snapshot       prometheus.Gauge
@@ -64,6 +65,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "strait_proxy_tls_handshake_failures_total",
 			Help: "TLS handshakes refused or failed, by direction and reason.",
 		}, []string{"direction", "reason"}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strait_proxy_tls_handshakes_total",
+			Help: "mTLS handshakes whose peer was verified and authorized, by direction and whether they resumed a TLS session (resumed=\"true\": no certificates or signatures exchanged, still verified).",
+		}, []string{"direction", "resumed"}),
 		connsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strait_proxy_connections_revoked_total",
 			Help: "Open inbound connections closed because trust or policy no longer allowed them, by reason.",
@@ -82,7 +87,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	reg.MustRegister(m.requests, m.duration, m.retries, m.tcpConns, m.tcpActive, m.tcpBytes,
-		m.handshakeFails, m.connsClosed, m.svidExpiry, m.snapshot, m.cpConnected)
+		m.handshakeFails, m.handshakes, m.connsClosed, m.svidExpiry, m.snapshot, m.cpConnected)
 	return m
 }
 

@@ -620,6 +620,7 @@ func (o *outbound) serverVerifier(want spiffeid.ID) func(tls.ConnectionState) er
 			o.metrics.handshakeFails.WithLabelValues("outbound", "wrong_identity").Inc()
 			return fmt.Errorf("upstream presented %s, want %s", id, want)
 		}
+		o.metrics.handshakes.WithLabelValues("outbound", strconv.FormatBool(cs.DidResume)).Inc()
 		return nil
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/straitmesh/strait/ca/catest"
@@ -76,6 +77,21 @@ func TestOutboundResumesAndStillAuthorizes(t *testing.T) {
 	}
 	if !resumed() {
 		t.Fatal("the second connection did a full handshake, want a resumed session")
+	}
+	for _, dir := range []string{"inbound", "outbound"} {
+		m := env.front.metrics
+		if dir == "inbound" {
+			m = env.back.metrics
+		}
+		for _, resumed := range []string{"true", "false"} {
+			var got dto.Metric
+			if err := m.handshakes.WithLabelValues(dir, resumed).Write(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got.GetCounter().GetValue() != 1 {
+				t.Errorf("%s handshakes with resumed=%s counted: %v, want 1", dir, resumed, got.GetCounter().GetValue())
+			}
+		}
 	}
 
 	// The frontend leaves the policy: its cached session does not let it
