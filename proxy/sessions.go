@@ -6,8 +6,10 @@ import (
 )
 
 // sessionCapacity bounds the TLS sessions a sidecar keeps for resumption:
-// one per upstream endpoint and protocol it talked to recently.
-const sessionCapacity = 1024
+// one per upstream endpoint and protocol it talked to recently, each a few
+// KiB (the ticket and the peer's parsed chain). Past it, the least recently
+// used go: a full handshake, nothing worse.
+const sessionCapacity = 256
 
 // sessionCache holds the TLS 1.3 session tickets of the sidecar's outbound
 // connections to other sidecars, so that a connection dialled again (after
