@@ -15,7 +15,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -180,14 +179,14 @@ func (c *Identity) redemptionKey() (*ecdsa.PrivateKey, error) {
 	// A key that cannot be read or kept on disk is still kept in memory:
 	// retries in this process repeat the redemption, as before a restart.
 	if c.DataDir != "" {
-		data, err := os.ReadFile(c.RedemptionKeyPath())
-		if err == nil {
-			k, perr := parseECKeyPEM(data)
-			if perr == nil {
-				c.tokenKey = k
-				return k, nil
-			}
-			err = perr
+		k, err := svidfile.ReadKey(c.RedemptionKeyPath())
+		ek, ok := k.(*ecdsa.PrivateKey)
+		switch {
+		case err == nil && ok && ek.Curve == elliptic.P256():
+			c.tokenKey = ek
+			return ek, nil
+		case err == nil:
+			err = errors.New("not a P-256 key")
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			c.log().Warn("unreadable saved token redemption key; making a new one", "path", c.RedemptionKeyPath(), "err", err)
@@ -198,11 +197,7 @@ func (c *Identity) redemptionKey() (*ecdsa.PrivateKey, error) {
 		return nil, err
 	}
 	if c.DataDir != "" {
-		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err == nil {
-			err = atomicfile.WriteFile(c.RedemptionKeyPath(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
-		}
-		if err != nil {
+		if err := svidfile.WriteKey(c.RedemptionKeyPath(), key); err != nil {
 			c.log().Warn("could not save the token redemption key: a restart before the SVID is saved will need a new token", "err", err)
 		}
 	}
@@ -221,22 +216,6 @@ func (c *Identity) redeemed() {
 			c.log().Warn("could not remove the token redemption key", "err", err)
 		}
 	}
-}
-
-func parseECKeyPEM(data []byte) (*ecdsa.PrivateKey, error) {
-	blk, _ := pem.Decode(data)
-	if blk == nil || blk.Type != "PRIVATE KEY" {
-		return nil, errors.New("no PRIVATE KEY block")
-	}
-	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	ek, ok := k.(*ecdsa.PrivateKey)
-	if !ok || ek.Curve != elliptic.P256() {
-		return nil, errors.New("not a P-256 key")
-	}
-	return ek, nil
 }
 
 // BundlePath is where the trust bundle last received with an SVID is kept

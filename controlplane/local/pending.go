@@ -23,6 +23,7 @@ import (
 	"github.com/straitmesh/strait/ca/bundle"
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/internal/atomicfile"
+	"github.com/straitmesh/strait/internal/svidfile"
 )
 
 // A pending cluster was installed without an intermediate: it waits to
@@ -141,30 +142,12 @@ func serial() *big.Int {
 	return n
 }
 
-func writeKey(path string, key crypto.Signer) error {
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
-}
+func writeKey(path string, key crypto.Signer) error { return svidfile.WriteKey(path, key) }
 
 func readKey(path string) (crypto.Signer, error) {
-	raw, err := os.ReadFile(path)
+	s, err := svidfile.ReadKey(path)
 	if err != nil {
 		return nil, fmt.Errorf("local: %w", err)
-	}
-	blk, _ := pem.Decode(raw)
-	if blk == nil {
-		return nil, fmt.Errorf("local: %s holds no PEM key", filepath.Base(path))
-	}
-	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("local: %s: %w", filepath.Base(path), err)
-	}
-	s, ok := k.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("local: %s is not a signing key", filepath.Base(path))
 	}
 	return s, nil
 }

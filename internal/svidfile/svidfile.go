@@ -9,7 +9,12 @@
 package svidfile
 
 import (
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -58,4 +63,36 @@ func Load(certPath, keyPath string) (*x509svid.SVID, error) {
 		return next, nil
 	}
 	return nil, err
+}
+
+// WriteKey replaces the private key file at path (PKCS#8 PEM, mode 0600)
+// atomically.
+func WriteKey(path string, key crypto.Signer) error {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+}
+
+// ReadKey reads a private key file WriteKey wrote. An error wraps
+// os.ErrNotExist when there is none.
+func ReadKey(path string) (crypto.Signer, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(raw)
+	if blk == nil {
+		return nil, fmt.Errorf("%s holds no PEM key", filepath.Base(path))
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("%s is not a signing key", filepath.Base(path))
+	}
+	return s, nil
 }
