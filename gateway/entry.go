@@ -128,7 +128,7 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 	ec.target.Store(&target)
 	tc.SetDeadline(time.Time{})
 
-	str, reply, done, err := g.openStream(ctx, h.Cluster, h)
+	str, reply, turns, done, err := g.openStream(ctx, h.Cluster, h)
 	if err == nil {
 		defer done()
 	}
@@ -160,10 +160,10 @@ func (g *Gateway) serveEntry(ctx context.Context, c net.Conn) {
 		// from here on, the TCP connection itself (see ALPNEntryRaw). The
 		// TLS session's buffers are dropped for the life of the relay.
 		tc = nil
-		g.relay(str, c, dirOutbound)
+		g.relay(str, c, dirOutbound, turns)
 		return
 	}
-	g.relay(str, tc, dirOutbound)
+	g.relay(str, tc, dirOutbound, turns)
 }
 
 // refuseEntry sends reply, ends the write side and discards what the

@@ -93,6 +93,9 @@ type peerConn struct {
 	// whether it is superseded (closed when they all end); under g.mu.
 	streams  int
 	draining bool
+	// turns are taken by bulk writes to the connection's tunnel streams
+	// (see streamWriter).
+	turns sendTurns
 	// trustedUntil is closed at the first change of credentials after
 	// chain was last found trusted (see judgePeer); nil before.
 	trustedUntil atomic.Pointer[<-chan struct{}]
@@ -492,6 +495,7 @@ type exportedStream struct {
 	port                     uint16
 	str                      *quic.Stream
 	conn                     net.Conn
+	turns                    sendTurns // of the stream's connection
 }
 
 // Recheck closes every connection whose peer is no longer linked or whose
@@ -587,7 +591,7 @@ func (g *Gateway) relayExported(es *exportedStream) tunnel.Code {
 		resetStream(es.str, tunnel.StreamAborted)
 		return tunnel.CodeUnavailable
 	}
-	g.relay(es.str, es.conn, dirInbound)
+	g.relay(es.str, es.conn, dirInbound, es.turns)
 	return tunnel.CodeOK
 }
 

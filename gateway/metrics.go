@@ -28,11 +28,13 @@ type metrics struct {
 	entryConns    prometheus.Gauge
 	handshakeFail *prometheus.CounterVec
 	refusals      *prometheus.CounterVec
+	bulkWrites    *prometheus.CounterVec
 
 	// Series used on every stream, looked up once.
 	active   map[string]prometheus.Gauge
 	sent     map[string]prometheus.Counter // to the peer
 	received map[string]prometheus.Counter // from the peer
+	turns    map[string]prometheus.Counter // bulk writes by outcome (see streamWriter)
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -70,11 +72,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "strait_gateway_refusals_total",
 			Help: "Connections refused or closed after their handshake, by reason (too_many_conns, entry_limit, join_limit, unlinked, untrusted).",
 		}, []string{"reason"}),
+		bulkWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strait_gateway_bulk_writes_total",
+			Help: "Bulk writes to tunnel streams, by outcome: run (sent as one run in the connection's turn), overran (held the turn past 10ms, the peer reading slowly or not at all, and finished round robin).",
+		}, []string{"outcome"}),
 		active:   map[string]prometheus.Gauge{},
 		sent:     map[string]prometheus.Counter{},
 		received: map[string]prometheus.Counter{},
+		turns:    map[string]prometheus.Counter{},
 	}
-	for _, c := range []prometheus.Collector{m.streams, m.activeStreams, m.bytes, m.duration, m.peerConns, m.entryConns, m.handshakeFail, m.refusals} {
+	for _, c := range []prometheus.Collector{m.streams, m.activeStreams, m.bytes, m.duration, m.peerConns, m.entryConns, m.handshakeFail, m.refusals, m.bulkWrites} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -83,6 +90,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.active[d] = m.activeStreams.WithLabelValues(d)
 		m.sent[d] = m.bytes.WithLabelValues(d, "sent")
 		m.received[d] = m.bytes.WithLabelValues(d, "received")
+	}
+	for _, o := range []string{turnRun, turnOverran} {
+		m.turns[o] = m.bulkWrites.WithLabelValues(o)
 	}
 	return m, nil
 }

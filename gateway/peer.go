@@ -74,7 +74,7 @@ func (g *Gateway) serveAccepted(conn *quic.Conn) {
 		conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseUnlinked), err.Error())
 		return
 	}
-	pc := &peerConn{conn: conn, peer: cluster, chain: cs.PeerCertificates, since: g.now()}
+	pc := &peerConn{conn: conn, peer: cluster, chain: cs.PeerCertificates, since: g.now(), turns: newSendTurns()}
 	if err := g.track(pc); err != nil {
 		if errors.Is(err, ErrClosed) {
 			conn.CloseWithError(quic.ApplicationErrorCode(tunnel.CloseShutdown), "gateway shutting down")
@@ -185,7 +185,7 @@ func (g *Gateway) serveStream(ctx context.Context, pc *peerConn, str *quic.Strea
 		refuse(tunnel.CodeDialFailed, "%s: %d endpoint(s) tried, none answered", target, tried)
 		return
 	}
-	result = g.relayExported(&exportedStream{peer: pc.peer, namespace: h.Namespace, service: h.Service, port: h.Port, str: str, conn: c})
+	result = g.relayExported(&exportedStream{peer: pc.peer, namespace: h.Namespace, service: h.Service, port: h.Port, str: str, conn: c, turns: pc.turns})
 }
 
 // catalogReply maps a Catalog error to a reply.
@@ -426,7 +426,7 @@ func (g *Gateway) dial(runCtx context.Context, peer string) (*peerConn, error) {
 			errs = append(errs, fmt.Errorf("%s: %w", addr, err))
 			continue
 		}
-		pc := &peerConn{conn: conn, peer: peer, chain: conn.ConnectionState().TLS.PeerCertificates, outbound: true, since: g.now()}
+		pc := &peerConn{conn: conn, peer: peer, chain: conn.ConnectionState().TLS.PeerCertificates, outbound: true, since: g.now(), turns: newSendTurns()}
 		if c := presented.Load(); c != nil {
 			pc.ownIssuer = g.stateOf(c).issuer
 		}
@@ -534,16 +534,17 @@ func (e *openError) Unwrap() error { return e.err }
 //
 // done must be called once the stream ended (a superseded connection is
 // closed when its last stream ends); on an error there is nothing to call.
-func (g *Gateway) openStream(ctx context.Context, peer string, h tunnel.Header) (_ *quic.Stream, _ tunnel.Reply, done func(), _ error) {
+// turns are those of the stream's connection.
+func (g *Gateway) openStream(ctx context.Context, peer string, h tunnel.Header) (_ *quic.Stream, _ tunnel.Reply, turns sendTurns, done func(), _ error) {
 	str, reply, pc, err := g.openStreamOn(ctx, peer, h)
 	if err != nil {
 		if pc != nil {
 			g.releaseStream(pc)
 		}
-		return nil, tunnel.Reply{}, nil, err
+		return nil, tunnel.Reply{}, nil, nil, err
 	}
 	var once sync.Once
-	return str, reply, func() { once.Do(func() { g.releaseStream(pc) }) }, nil
+	return str, reply, pc.turns, func() { once.Do(func() { g.releaseStream(pc) }) }, nil
 }
 
 func (g *Gateway) openStreamOn(ctx context.Context, peer string, h tunnel.Header) (*quic.Stream, tunnel.Reply, *peerConn, error) {
@@ -653,7 +654,7 @@ func (g *Gateway) OpenControl(ctx context.Context, peer string) (io.ReadWriteClo
 	if _, ok := g.cfg.Catalog.Peer(peer); !ok {
 		return nil, fmt.Errorf("gateway: open control stream: cluster %s is not linked", peer)
 	}
-	str, reply, done, err := g.openStream(ctx, peer, tunnel.Header{Kind: tunnel.KindControl})
+	str, reply, _, done, err := g.openStream(ctx, peer, tunnel.Header{Kind: tunnel.KindControl})
 	g.m.streams.WithLabelValues(dirOutbound, resultOf(reply, err)).Inc()
 	if err != nil {
 		return nil, fmt.Errorf("gateway: open control stream: %w", err)

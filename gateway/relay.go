@@ -150,15 +150,32 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 	b := newRelayBuffer()
 	defer b.release()
 	read := func() (int, error) { return src.Read(b.get()) }
+	// more reads what a TCP source already holds, without waiting.
+	var more func([]byte) (int, error)
 	if tc, ok := src.(*net.TCPConn); ok {
 		if rc, err := tc.SyscallConn(); err == nil {
 			read = func() (int, error) { return readRaw(rc, b) }
+			more = func(p []byte) (int, error) { return readNow(rc, p) }
 		}
 	}
+	sw, _ := dst.(*streamWriter)
 	for {
 		nr, err := read()
 		if nr > 0 {
+			// A bulk write waits for its turn on the connection (see
+			// streamWriter), and the source has meanwhile received more:
+			// it goes in the same run.
+			if sw != nil && err == nil && nr >= bulkWrite && sw.take() {
+				if more != nil && nr < len(b.buf) {
+					var m int
+					m, err = more(b.buf[nr:])
+					nr += m
+				}
+			}
 			nw, ew := dst.Write(b.buf[:nr])
+			if sw != nil {
+				sw.give()
+			}
 			if nw > 0 {
 				count.Add(float64(nw))
 			}
@@ -177,6 +194,35 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 		}
 		b.adapt(nr)
 	}
+}
+
+// readNow reads what a socket holds into p without waiting for more: 0
+// and no error when it holds nothing.
+func readNow(rc syscall.RawConn, p []byte) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		for {
+			n, errno = syscall.Read(int(fd), p)
+			if errno != syscall.EINTR {
+				break
+			}
+		}
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == syscall.EAGAIN:
+		return 0, nil
+	case errno != nil:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
 }
 
 // readRaw reads from a socket into b, taking b's buffer only once the
@@ -211,11 +257,12 @@ func readRaw(rc syscall.RawConn, b *relayBuffer) (int, error) {
 }
 
 // relay copies between a tunnel stream and a TCP (or TLS) connection until
-// both directions are done. An end of stream on one side becomes a
+// both directions are done, bulk writes to the stream taking turns on its
+// connection (see streamWriter). An end of stream on one side becomes a
 // half-close on the other (FIN on the stream, CloseWrite on the
 // connection); a failure on one side aborts the other (a stream reset, a
 // TCP reset).
-func (g *Gateway) relay(str *quic.Stream, c net.Conn, dir string) {
+func (g *Gateway) relay(str *quic.Stream, c net.Conn, dir string, turns sendTurns) {
 	start := g.now()
 	g.m.active[dir].Inc()
 	defer func() {
@@ -225,7 +272,8 @@ func (g *Gateway) relay(str *quic.Stream, c net.Conn, dir string) {
 	done := make(chan struct{})
 	go func() { // connection → stream
 		defer close(done)
-		rerr, werr := pump(str, c, g.m.sent[dir])
+		w := &streamWriter{str: str, turns: turns, outcome: g.m.turns}
+		rerr, werr := pump(w, c, g.m.sent[dir])
 		switch {
 		case rerr == nil && werr == nil:
 			str.Close()
