@@ -74,7 +74,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"reason"}),
 		bulkWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strait_gateway_bulk_writes_total",
-			Help: "Bulk writes to tunnel streams, by outcome: run (sent as one run in the connection's turn), overran (held the turn past 10ms, the peer reading slowly or not at all, and finished round robin).",
+			Help: "Bulk writes to tunnel streams that took their connection's turn, by outcome: run (sent as one run within 10ms), overran (a slow reader or path: gave the turn back and finished round robin; the stream then takes no turn for a while).",
 		}, []string{"outcome"}),
 		active:   map[string]prometheus.Gauge{},
 		sent:     map[string]prometheus.Counter{},

@@ -272,7 +272,7 @@ func (g *Gateway) relay(str *quic.Stream, c net.Conn, dir string, turns sendTurn
 	done := make(chan struct{})
 	go func() { // connection → stream
 		defer close(done)
-		w := &streamWriter{str: str, turns: turns, outcome: g.m.turns}
+		w := &streamWriter{str: str, turns: turns, now: g.now, outcome: g.m.turns}
 		rerr, werr := pump(w, c, g.m.sent[dir])
 		switch {
 		case rerr == nil && werr == nil:

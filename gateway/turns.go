@@ -9,7 +9,7 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
-// Bulk writes on a peer connection take turns.
+// Bulk transfers on a peer connection take turns.
 //
 // quic-go sends the streams of a connection round robin, a packet each
 // (incremental, in RFC 9218's terms). When many tunnelled streams move
@@ -19,43 +19,56 @@ import (
 // 100 KiB with one, and the receiving gateway and the endpoints behind it
 // spent about a third more CPU per byte (make bench, federation).
 //
-// So a write of bulkWrite bytes or more to a tunnel stream waits for one
-// of its connection's bulkTurns turns (taking with it what its source
-// received meanwhile, see pump) and goes out as one run: while it
-// holds the turn the stream is non-incremental, which quic-go sends
-// without interleaving other non-incremental streams. Turns are handed out
-// first come, first served (a channel's waiting senders are queued in
-// order), so every bulk stream gets its share, one write at a time, and
-// none can keep the connection to itself. Smaller writes (requests,
-// replies, the tail of a transfer) take no turn and stay round robin;
-// quic-go alternates them with the runs packet by packet, so they do not
-// wait behind a run either. A write that holds its turn longer than
-// turnHold (the peer stopped reading the stream, a slow path) gives it
-// back and finishes round robin: a stalled stream cannot hold up the
-// others.
+// So once a stream has carried bulkAfter bytes (a transfer, not a request
+// or a reply), each write of bulkWrite bytes or more waits for its
+// connection's turn and goes out as one run: while it holds the turn the
+// stream is non-incremental, which quic-go sends before the round robin
+// streams' next packet and without interleaving them, and it takes along
+// what its TCP side received while it waited (see pump). The turn is
+// handed out first come, first served (a channel's waiting senders are
+// queued in order), so every bulk stream gets its share, one run at a
+// time. Smaller writes and younger streams take no turn and stay round
+// robin; quic-go alternates them with the run packet by packet, so they
+// do not wait behind it.
+//
+// A run that holds the turn longer than turnHold (a reader slower than
+// the path, a slow path, a stalled peer) gives it back and finishes round
+// robin, and its stream takes no turn for a cool-down that doubles with
+// every overrun, from minCooldown to maxCooldown, and is forgotten after a
+// run on time. Slow streams thus hold the others up for turnHold once,
+// then seldom; on a path too slow for a run within turnHold every stream
+// ends up round robin, as quic-go sends by default.
 const (
-	bulkWrite = 8 << 10
-	bulkTurns = 2
-	turnHold  = 10 * time.Millisecond
+	bulkWrite   = 8 << 10
+	bulkAfter   = 1 << 20
+	turnHold    = 10 * time.Millisecond
+	minCooldown = time.Second
+	maxCooldown = time.Minute
 	// streamUrgency is quic-go's default urgency, kept for every stream:
 	// only the incremental flag changes.
 	streamUrgency = 3
 )
 
-// sendTurns are the turns of one peer connection.
+// sendTurns is the turn of one peer connection: a channel with room for
+// one token, sent by the holder.
 type sendTurns chan struct{}
 
-func newSendTurns() sendTurns { return make(sendTurns, bulkTurns) }
+func newSendTurns() sendTurns { return make(sendTurns, 1) }
 
 // streamWriter writes to a tunnel stream, bulk writes taking turns. It is
 // used by one goroutine at a time (a relay's connection-to-stream side).
 type streamWriter struct {
 	str   *quic.Stream
 	turns sendTurns // nil: every write round robin
+	now   func() time.Time
 	// outcome counts bulk writes by how they went (turnRun, turnOverran).
 	outcome map[string]prometheus.Counter
-	run     bool // the stream is non-incremental now
-	held    bool // a turn is held
+
+	sent     int64         // bytes written to the stream
+	run      bool          // the stream is non-incremental now
+	held     bool          // the turn is held
+	cooldown time.Duration // after the last overrun; 0 after a run on time
+	coolEnd  time.Time     // no turn before
 }
 
 // Outcomes of a bulk write, as counted.
@@ -66,13 +79,11 @@ const (
 
 func (w *streamWriter) Write(p []byte) (int, error) {
 	if len(p) < bulkWrite {
-		w.roundRobin()
-		return w.str.Write(p)
+		return w.roundRobin(p)
 	}
 	if !w.held {
 		if !w.take() {
-			w.roundRobin()
-			return w.str.Write(p) // no turns, or the write side ended: Write says how
+			return w.roundRobin(p) // not a bulk stream (yet), or the write side ended
 		}
 		defer w.give()
 	}
@@ -80,29 +91,36 @@ func (w *streamWriter) Write(p []byte) (int, error) {
 		w.str.SetPriority(streamUrgency, false)
 		w.run = true
 	}
-	// quic-go measures stream deadlines by the wall clock.
-	w.str.SetWriteDeadline(time.Now().Add(turnHold))
+	w.str.SetWriteDeadline(time.Now().Add(turnHold)) // quic-go reads deadlines by the real (monotonic) clock, not w.now
 	n, err := w.str.Write(p)
 	w.str.SetWriteDeadline(time.Time{})
+	w.sent += int64(n)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		w.outcome[turnOverran].Inc()
 		w.give()
-		w.roundRobin()
-		m, err := w.str.Write(p[n:])
+		w.cooldown = min(max(2*w.cooldown, minCooldown), maxCooldown)
+		w.coolEnd = w.now().Add(w.cooldown)
+		m, err := w.roundRobin(p[n:])
 		return n + m, err
 	}
 	if err == nil {
 		w.outcome[turnRun].Inc()
+		w.cooldown = 0
 	}
 	return n, err
 }
 
-// take waits for a turn, and reports whether it holds one: false without
-// turns or once the stream's write side ended. A writer that took a turn
-// gives it back (give) after its write.
+// take waits for the turn if the stream may take it, and reports whether
+// it holds the turn: false without turns, before the stream carried
+// bulkAfter bytes, while it cools down after an overrun, or once its write
+// side ended. A writer that took the turn gives it back (give) after its
+// write.
 func (w *streamWriter) take() bool {
-	if w.turns == nil || w.held {
-		return w.held
+	if w.held {
+		return true
+	}
+	if w.turns == nil || w.sent < bulkAfter || (w.cooldown > 0 && w.now().Before(w.coolEnd)) {
+		return false
 	}
 	select {
 	case w.turns <- struct{}{}:
@@ -112,7 +130,7 @@ func (w *streamWriter) take() bool {
 	return w.held
 }
 
-// give hands back the turn held, if any.
+// give hands back the turn, if held.
 func (w *streamWriter) give() {
 	if w.held {
 		<-w.turns
@@ -120,10 +138,14 @@ func (w *streamWriter) give() {
 	}
 }
 
-// roundRobin makes the stream incremental again after a run.
-func (w *streamWriter) roundRobin() {
+// roundRobin writes p round robin, making the stream incremental again
+// after a run.
+func (w *streamWriter) roundRobin(p []byte) (int, error) {
 	if w.run {
 		w.str.SetPriority(streamUrgency, true)
 		w.run = false
 	}
+	n, err := w.str.Write(p)
+	w.sent += int64(n)
+	return n, err
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"io"
 	"math/big"
 	"sync"
@@ -62,8 +63,8 @@ func turnCounters() (map[string]prometheus.Counter, *prometheus.CounterVec) {
 
 // Streams writing bulk data at once share the connection: when the first
 // has finished, each of the others has had at least half of its data
-// through (first come, first served turns; about three quarters in
-// practice), and the writes went out as runs.
+// through (first come, first served; about three quarters in practice),
+// and every write after a stream's first bulkAfter bytes took the turn.
 func TestBulkWritesTakeTurns(t *testing.T) {
 	const streams, per, chunk = 4, 4 << 20, 64 << 10
 	dialed, accepted := quicPair(t, &quic.Config{})
@@ -125,12 +126,12 @@ func TestBulkWritesTakeTurns(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := str.Write([]byte{byte(i)}); err != nil { // small: no turn
+		if _, err := str.Write([]byte{byte(i)}); err != nil {
 			t.Fatal(err)
 		}
 		writers.Go(func() {
 			<-start
-			w := &streamWriter{str: str, turns: turns, outcome: outcome}
+			w := &streamWriter{str: str, turns: turns, now: time.Now, outcome: outcome}
 			for range per / chunk {
 				if _, err := w.Write(payload); err != nil {
 					t.Error(err)
@@ -150,116 +151,153 @@ func TestBulkWritesTakeTurns(t *testing.T) {
 			t.Errorf("stream %d had %d of %d bytes through when the first stream finished: the connection was not shared", i, n, per)
 		}
 	}
-	runs := metricValue(vec.WithLabelValues(turnRun)) + metricValue(vec.WithLabelValues(turnOverran))
-	if want := float64(streams * per / chunk); runs != want {
-		t.Errorf("bulk writes counted: %v, want %v", runs, want)
+	took := metricValue(vec.WithLabelValues(turnRun)) + metricValue(vec.WithLabelValues(turnOverran))
+	if want := float64(streams * (per - bulkAfter) / chunk); took != want {
+		t.Errorf("bulk writes that took the turn: %v, want %v (every write after a stream's first %d bytes)", took, want, bulkAfter)
 	}
 }
 
-// A stream whose reader stopped holds a turn for turnHold at most: with
-// every turn taken by such streams, another stream's bulk writes still get
-// through, and the overrun is counted.
-func TestStalledStreamsGiveTheirTurnsBack(t *testing.T) {
-	const window = 64 << 10
-	dialed, accepted := quicPair(t, &quic.Config{InitialStreamReceiveWindow: window, MaxStreamReceiveWindow: window})
+// fakeNow is a clock the test moves.
+type fakeNow struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeNow) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeNow) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// A run that overruns (here, a peer that stopped reading) gives the turn
+// back at once and finishes round robin; its stream then takes no turn for
+// a cool-down that doubles with each overrun and is forgotten after a run
+// on time.
+func TestOverrunningStreamsGiveTheTurnBackAndCoolDown(t *testing.T) {
+	const window = 3 << 19 // 1.5 MiB
+	dialed, accepted := quicPair(t, &quic.Config{InitialStreamReceiveWindow: window, MaxStreamReceiveWindow: window, InitialConnectionReceiveWindow: 64 << 20, MaxConnectionReceiveWindow: 64 << 20})
 	outcome, vec := turnCounters()
 	turns := newSendTurns()
+	clock := &fakeNow{t: time.Unix(1e9, 0)}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-
-	payload := make([]byte, 256<<10) // more than the window: blocks unread
-	var stalled sync.WaitGroup
-	for i := range bulkTurns {
-		str, err := dialed.OpenStreamSync(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := str.Write([]byte{byte(i)}); err != nil {
-			t.Fatal(err)
-		}
-		stalled.Go(func() {
-			w := &streamWriter{str: str, turns: turns, outcome: outcome}
-			w.Write(payload) // returns when the connection closes
-		})
-	}
-	for range bulkTurns { // accepted, never read
-		if _, err := accepted.AcceptStream(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// Both turns are taken (or were, and the writes overran).
-	time.Sleep(2 * turnHold)
-
 	str, err := dialed.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sent := make(chan error, 1)
-	go func() {
-		w := &streamWriter{str: str, turns: turns, outcome: outcome}
-		for range 4 {
-			if _, err := w.Write(payload); err != nil {
-				sent <- err
-				return
-			}
-		}
-		sent <- str.Close()
-	}()
+	w := &streamWriter{str: str, turns: turns, now: clock.Now, outcome: outcome}
+	if _, err := w.Write(make([]byte, bulkAfter)); err != nil { // round robin, into the window
+		t.Fatal(err)
+	}
 	in, err := accepted.AcceptStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := io.Copy(io.Discard, in)
-	if err != nil || n != 4*int64(len(payload)) {
-		t.Fatalf("read %d bytes (%v), want %d", n, err, 4*len(payload))
+	drain := func(n int) {
+		t.Helper()
+		if _, err := io.ReadFull(in, make([]byte, n)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := <-sent; err != nil {
-		t.Fatal(err)
+	drain(bulkAfter)
+	count := func(outcome string) float64 { return metricValue(vec.WithLabelValues(outcome)) }
+	// write writes n bytes, the peer reading only once the write overran
+	// (stalled) or at once.
+	write := func(n int, stalled bool) {
+		t.Helper()
+		overran := count(turnOverran)
+		done := make(chan error, 1)
+		go func() {
+			_, err := w.Write(make([]byte, n))
+			done <- err
+		}()
+		if stalled {
+			eventually(t, "the stalled run to overrun", func() error {
+				if count(turnOverran) == overran {
+					return errors.New("not yet")
+				}
+				if len(turns) != 0 {
+					return errors.New("the turn is still held")
+				}
+				return nil
+			})
+		}
+		drain(n)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
 	}
-	if got := metricValue(vec.WithLabelValues(turnOverran)); got < bulkTurns {
-		t.Errorf("overran bulk writes: %v, want at least %d (the stalled streams')", got, bulkTurns)
+
+	write(2<<20, true) // more than the window: the peer does not read
+	if w.cooldown != minCooldown || count(turnRun) != 0 {
+		t.Fatalf("after an overrun: cool-down %s, runs %v; want %s, 0", w.cooldown, count(turnRun), minCooldown)
 	}
-	dialed.CloseWithError(0, "")
-	stalled.Wait()
+	write(256<<10, false) // cooling down: round robin
+	if count(turnRun)+count(turnOverran) != 1 {
+		t.Fatalf("a cooling stream took the turn (runs %v, overruns %v)", count(turnRun), count(turnOverran))
+	}
+	clock.Advance(minCooldown)
+	write(2<<20, true) // overruns again: twice the cool-down
+	if w.cooldown != 2*minCooldown {
+		t.Fatalf("after a second overrun: cool-down %s, want %s", w.cooldown, 2*minCooldown)
+	}
+	// A run on time forgets the cool-down. (A slow machine may overrun even
+	// this one: then the cool-down doubles, and it is tried again.)
+	for try := 0; count(turnRun) == 0; try++ {
+		if try == 5 {
+			t.Fatalf("no run on time in 5 tries (overruns %v)", count(turnOverran))
+		}
+		clock.Advance(w.cooldown)
+		write(64<<10, false)
+	}
+	if w.cooldown != 0 {
+		t.Fatalf("after a run on time: cool-down %s, want 0", w.cooldown)
+	}
 }
 
-// Small writes take no turn: with every turn held by a stalled stream,
-// they go straight through.
-func TestSmallWritesTakeNoTurn(t *testing.T) {
+// Small writes, and bulk writes on a stream that has not carried bulkAfter
+// yet, take no turn: they go through while another stream holds it.
+func TestSmallWritesAndYoungStreamsTakeNoTurn(t *testing.T) {
 	dialed, accepted := quicPair(t, &quic.Config{})
-	outcome, _ := turnCounters()
+	outcome, vec := turnCounters()
 	turns := newSendTurns()
-	for range bulkTurns {
-		turns <- struct{}{}
-	}
+	turns <- struct{}{} // held elsewhere
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	str, err := dialed.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &streamWriter{str: str, turns: turns, outcome: outcome}
-	if _, err := w.Write(make([]byte, bulkWrite-1)); err != nil {
-		t.Fatal(err)
+	w := &streamWriter{str: str, turns: turns, now: time.Now, outcome: outcome}
+	for _, n := range []int{bulkWrite - 1, 256 << 10} { // within the stream window: read after
+		if _, err := w.Write(make([]byte, n)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	in, err := accepted.AcceptStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.ReadFull(in, make([]byte, bulkWrite-1)); err != nil {
+	if _, err := io.ReadFull(in, make([]byte, bulkWrite-1+256<<10)); err != nil {
 		t.Fatal(err)
+	}
+	if n := metricValue(vec.WithLabelValues(turnRun)) + metricValue(vec.WithLabelValues(turnOverran)); n != 0 {
+		t.Errorf("%v writes took the turn, want none", n)
 	}
 }
 
-// A bulk write that waited for its turn takes along what its TCP source
+// A bulk write that waited for the turn takes along what its TCP source
 // received meanwhile: one run, not one per read.
 func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 	dialed, accepted := quicPair(t, &quic.Config{})
 	outcome, vec := turnCounters()
 	turns := newSendTurns()
-	for range bulkTurns {
-		turns <- struct{}{} // every turn taken
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	str, err := dialed.OpenStreamSync(ctx)
@@ -269,38 +307,40 @@ func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 	client, server := tcpPair(t)
 	pumped := make(chan error, 1)
 	go func() {
-		_, werr := pump(&streamWriter{str: str, turns: turns, outcome: outcome}, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "sent"}))
+		_, werr := pump(&streamWriter{str: str, turns: turns, now: time.Now, outcome: outcome}, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "sent"}))
 		str.Close()
 		pumped <- werr
 	}()
 	write := func(n int) {
+		t.Helper()
 		if _, err := client.Write(make([]byte, n)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// A small write goes through at once (no turn), and steps the
-	// relay's buffer up to the large one.
-	write(smallBuffer)
+	// The stream's first bulkAfter bytes go round robin.
+	write(bulkAfter)
 	in, err := accepted.AcceptStream(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.ReadFull(in, make([]byte, smallBuffer)); err != nil {
+	if _, err := io.ReadFull(in, make([]byte, bulkAfter)); err != nil {
 		t.Fatal(err)
 	}
-	write(bulkWrite + 1024) // read, then waits for a turn
+	before := metricValue(vec.WithLabelValues(turnRun))
+	turns <- struct{}{}     // the turn is taken elsewhere
+	write(bulkWrite + 1024) // read, then waits for the turn
 	time.Sleep(100 * time.Millisecond)
-	write(largeBuffer - bulkWrite - 1024) // arrives while it waits
+	write(20 << 10) // arrives while it waits
 	time.Sleep(100 * time.Millisecond)
-	<-turns // a turn comes free
-	if _, err := io.ReadFull(in, make([]byte, largeBuffer)); err != nil {
+	<-turns // the turn comes free
+	if _, err := io.ReadFull(in, make([]byte, bulkWrite+1024+20<<10)); err != nil {
 		t.Fatal(err)
 	}
 	client.Close()
 	if err := <-pumped; err != nil {
 		t.Fatal(err)
 	}
-	if runs := metricValue(vec.WithLabelValues(turnRun)); runs != 1 {
+	if runs := metricValue(vec.WithLabelValues(turnRun)) - before; runs != 1 {
 		t.Errorf("runs: %v, want 1 (what arrived while the first read waited goes with it)", runs)
 	}
 }
