@@ -16,8 +16,8 @@ import (
 // bulk data at once, the receiving gateway then finds a little of every
 // stream each time it reads the connection, and hands it on to the
 // endpoints in small writes: with 16 streams 10 KiB on average, against
-// 100 KiB with one, and the receiving gateway and the endpoints behind it
-// spent about a third more CPU per byte (make bench, federation).
+// 100 KiB with one, and the endpoints behind it spent half as much again
+// CPU per byte (make bench, federation).
 //
 // So once a stream has carried bulkAfter bytes (a transfer, not a request
 // or a reply), each write of bulkWrite bytes or more waits for its
