@@ -151,9 +151,16 @@ func TestBulkWritesTakeTurns(t *testing.T) {
 			t.Errorf("stream %d had %d of %d bytes through when the first stream finished: the connection was not shared", i, n, per)
 		}
 	}
-	took := metricValue(vec.WithLabelValues(turnRun)) + metricValue(vec.WithLabelValues(turnOverran))
-	if want := float64(streams * (per - bulkAfter) / chunk); took != want {
-		t.Errorf("bulk writes that took the turn: %v, want %v (every write after a stream's first %d bytes)", took, want, bulkAfter)
+	// Every write after a stream's first bulkAfter bytes takes the turn,
+	// unless a run overran (a loaded machine, -race): its stream then cools
+	// down, round robin.
+	runs, overran := metricValue(vec.WithLabelValues(turnRun)), metricValue(vec.WithLabelValues(turnOverran))
+	t.Logf("runs %v, overruns %v", runs, overran)
+	if most := float64(streams * (per - bulkAfter) / chunk); runs+overran < streams || runs+overran > most {
+		t.Errorf("bulk writes that took the turn: %v, want %d to %v", runs+overran, streams, most)
+	}
+	if overran == 0 && runs != float64(streams*(per-bulkAfter)/chunk) {
+		t.Errorf("runs: %v with no overrun, want %d (every write after a stream's first %d bytes)", runs, streams*(per-bulkAfter)/chunk, bulkAfter)
 	}
 }
 
@@ -326,7 +333,10 @@ func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 	if _, err := io.ReadFull(in, make([]byte, bulkAfter)); err != nil {
 		t.Fatal(err)
 	}
-	before := metricValue(vec.WithLabelValues(turnRun))
+	took := func() float64 {
+		return metricValue(vec.WithLabelValues(turnRun)) + metricValue(vec.WithLabelValues(turnOverran))
+	}
+	before := took()
 	turns <- struct{}{}     // the turn is taken elsewhere
 	write(bulkWrite + 1024) // read, then waits for the turn
 	time.Sleep(100 * time.Millisecond)
@@ -340,7 +350,7 @@ func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 	if err := <-pumped; err != nil {
 		t.Fatal(err)
 	}
-	if runs := metricValue(vec.WithLabelValues(turnRun)) - before; runs != 1 {
-		t.Errorf("runs: %v, want 1 (what arrived while the first read waited goes with it)", runs)
+	if n := took() - before; n != 1 {
+		t.Errorf("writes that took the turn: %v, want 1 (what arrived while the first read waited goes with it)", n)
 	}
 }
