@@ -18,6 +18,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
+
+	"github.com/straitmesh/strait/internal/clock"
 )
 
 // quicPair returns both ends of a QUIC connection on loopback; server
@@ -164,24 +166,6 @@ func TestBulkWritesTakeTurns(t *testing.T) {
 	}
 }
 
-// fakeNow is a clock the test moves.
-type fakeNow struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeNow) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeNow) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // A run that overruns (here, a peer that stopped reading) gives the turn
 // back at once and finishes round robin; its stream then takes no turn for
 // a cool-down that doubles with each overrun and is forgotten after a run
@@ -191,14 +175,14 @@ func TestOverrunningStreamsGiveTheTurnBackAndCoolDown(t *testing.T) {
 	dialed, accepted := quicPair(t, &quic.Config{InitialStreamReceiveWindow: window, MaxStreamReceiveWindow: window, InitialConnectionReceiveWindow: 64 << 20, MaxConnectionReceiveWindow: 64 << 20})
 	outcome, vec := turnCounters()
 	turns := newSendTurns()
-	clock := &fakeNow{t: time.Unix(1e9, 0)}
+	clk := clock.NewManual(time.Unix(1e9, 0))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	str, err := dialed.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &streamWriter{str: str, turns: turns, now: clock.Now, outcome: outcome}
+	w := &streamWriter{str: str, turns: turns, now: clk.Now, outcome: outcome}
 	if _, err := w.Write(make([]byte, bulkAfter)); err != nil { // round robin, into the window
 		t.Fatal(err)
 	}
@@ -249,7 +233,7 @@ func TestOverrunningStreamsGiveTheTurnBackAndCoolDown(t *testing.T) {
 	if count(turnRun)+count(turnOverran) != 1 {
 		t.Fatalf("a cooling stream took the turn (runs %v, overruns %v)", count(turnRun), count(turnOverran))
 	}
-	clock.Advance(minCooldown)
+	clk.Advance(minCooldown)
 	write(2<<20, true) // overruns again: twice the cool-down
 	if w.cooldown != 2*minCooldown {
 		t.Fatalf("after a second overrun: cool-down %s, want %s", w.cooldown, 2*minCooldown)
@@ -260,7 +244,7 @@ func TestOverrunningStreamsGiveTheTurnBackAndCoolDown(t *testing.T) {
 		if try == 5 {
 			t.Fatalf("no run on time in 5 tries (overruns %v)", count(turnOverran))
 		}
-		clock.Advance(w.cooldown)
+		clk.Advance(w.cooldown)
 		write(64<<10, false)
 	}
 	if w.cooldown != 0 {

@@ -12,28 +12,11 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	controlplanev1 "github.com/straitmesh/strait/controlplane/api/v1"
+	"github.com/straitmesh/strait/internal/clock"
 )
 
-// fakeClock is a settable clock for Options.Clock.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func newFakeClock() *fakeClock {
-	return &fakeClock{now: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
+func newFakeClock() *clock.Manual {
+	return clock.NewManual(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
 }
 
 func testPath(t *testing.T) string {
@@ -53,7 +36,7 @@ func openAt(t *testing.T, path string, opts Options) *Store {
 	return s
 }
 
-func openTest(t *testing.T) (*Store, *fakeClock) {
+func openTest(t *testing.T) (*Store, *clock.Manual) {
 	t.Helper()
 	clk := newFakeClock()
 	return openAt(t, testPath(t), Options{Clock: clk.Now}), clk

@@ -5,6 +5,7 @@ package clock
 
 import (
 	"context"
+	"sync"
 	"time"
 )
 
@@ -34,4 +35,28 @@ func SleepUntilOr(ctx context.Context, now func() time.Time, at time.Time, wake 
 		case <-t.C:
 		}
 	}
+}
+
+// Manual is a clock that moves only when told (tests), safe for
+// concurrent use. Its Now is the func() time.Time that loops take.
+type Manual struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+// NewManual returns a Manual clock reading start.
+func NewManual(start time.Time) *Manual { return &Manual{now: start} }
+
+// Now returns the clock's time.
+func (c *Manual) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+// Advance moves the clock on by d.
+func (c *Manual) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
 }

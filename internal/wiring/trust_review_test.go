@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"path/filepath"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,32 +14,14 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/controlplane/local"
+	"github.com/straitmesh/strait/internal/clock"
 )
-
-// testClock is a settable clock for the CA, so that certificates signed at
-// different steps differ in time as they do in a real rotation.
-type testClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *testClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *testClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
-}
 
 // rotatingCluster is a root authority and a second cluster ("west") whose
 // trust follows it, as a relay would make it.
 type rotatingCluster struct {
 	ca      *ca.Authority
-	clock   *testClock
+	clock   *clock.Manual
 	dir     *local.Dir
 	current *atomic.Pointer[bundle.Bundle]
 	trust   *trust
@@ -49,7 +30,7 @@ type rotatingCluster struct {
 func newRotatingCluster(t *testing.T) *rotatingCluster {
 	t.Helper()
 	// The CA lives in the past, so that what it signs is valid now.
-	clk := &testClock{now: time.Now().Add(-3 * time.Hour)}
+	clk := clock.NewManual(time.Now().Add(-3 * time.Hour)) // certificates signed at different steps differ in time, as in a real rotation
 	root := catest.New(t, "strait.example", catest.Options{Clock: clk.Now})
 	d, err := local.Init(context.Background(), filepath.Join(t.TempDir(), "west"), "west", RootAuthority{CA: root.Authority}, 0, false)
 	if err != nil {

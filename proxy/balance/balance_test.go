@@ -7,27 +7,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/straitmesh/strait/internal/clock"
 )
 
-// fakeClock is a settable clock, safe for concurrent use.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(1_700_000_000, 0)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
+func newFakeClock() *clock.Manual { return clock.NewManual(time.Unix(1_700_000_000, 0)) }
 
 // seededRand returns a deterministic Rand, safe for concurrent use.
 func seededRand(seed uint64) func(int) int {
@@ -48,7 +32,7 @@ func healthy(keys ...string) []Endpoint {
 	return eps
 }
 
-func newTestBalancer(t testing.TB, cfg Config, eps []Endpoint) (*Balancer, *fakeClock) {
+func newTestBalancer(t testing.TB, cfg Config, eps []Endpoint) (*Balancer, *clock.Manual) {
 	t.Helper()
 	clk := newFakeClock()
 	cfg.Clock = clk.Now
