@@ -37,7 +37,10 @@ import (
 // every overrun, from minCooldown to maxCooldown, and is forgotten after a
 // run on time. Slow streams thus hold the others up for turnHold once,
 // then seldom; on a path too slow for a run within turnHold every stream
-// ends up round robin, as quic-go sends by default.
+// ends up round robin, as quic-go sends by default. (While a bulk stream
+// cools down it is in the round robin class, which quic-go alternates with
+// the run: against the streams taking turns it may get up to half of the
+// connection, a skew that lasts the cool-down.)
 const (
 	bulkWrite   = 8 << 10
 	bulkAfter   = 1 << 20
@@ -63,6 +66,7 @@ type streamWriter struct {
 	now   func() time.Time
 	// outcome counts bulk writes by how they went (turnRun, turnOverran).
 	outcome map[string]prometheus.Counter
+	hold    time.Duration // how long a run may hold the turn; 0: turnHold
 
 	sent     int64         // bytes written to the stream
 	run      bool          // the stream is non-incremental now
@@ -91,7 +95,11 @@ func (w *streamWriter) Write(p []byte) (int, error) {
 		w.str.SetPriority(streamUrgency, false)
 		w.run = true
 	}
-	w.str.SetWriteDeadline(time.Now().Add(turnHold)) // quic-go reads deadlines by the real (monotonic) clock, not w.now
+	hold := w.hold
+	if hold == 0 {
+		hold = turnHold
+	}
+	w.str.SetWriteDeadline(time.Now().Add(hold)) // quic-go reads deadlines by the real (monotonic) clock, not w.now
 	n, err := w.str.Write(p)
 	w.str.SetWriteDeadline(time.Time{})
 	w.sent += int64(n)

@@ -133,7 +133,10 @@ func TestBulkWritesTakeTurns(t *testing.T) {
 		}
 		writers.Go(func() {
 			<-start
-			w := &streamWriter{str: str, turns: turns, now: time.Now, outcome: outcome}
+			// A run may hold the turn for a second: on a loaded machine
+			// a 10 ms overrun would put its stream round robin, where
+			// it gets half the connection against the others' runs.
+			w := &streamWriter{str: str, turns: turns, now: time.Now, outcome: outcome, hold: time.Second}
 			for range per / chunk {
 				if _, err := w.Write(payload); err != nil {
 					t.Error(err)
