@@ -2,15 +2,8 @@ package gateway
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"io"
-	"math/big"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,33 +12,26 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
+	"github.com/straitmesh/strait/ca/catest"
+	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/internal/clock"
 )
 
-// quicPair returns both ends of a QUIC connection on loopback; server
-// configures the accepting end (flow-control windows).
+// quicPair returns both ends of a QUIC connection on loopback, mTLS with
+// workload SVIDs; server configures the accepting end (flow-control
+// windows).
 func quicPair(t *testing.T, server *quic.Config) (dialed, accepted *quic.Conn) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "turns"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"turns"}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}, NextProtos: []string{"turns"}}, server)
+	ca := catest.New(t, testTD)
+	srv, cli := newCreds(t, ca, workloadID("default", "server"), nil), newCreds(t, ca, workloadID("default", "client"), nil)
+	ln, err := quic.ListenAddr("127.0.0.1:0", srv.ServerTLS([]string{"turns"}, srv.Verifier().VerifyConnection(svid.RoleClient, nil)), server)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	dialed, err = quic.DialAddr(ctx, ln.Addr().String(), &tls.Config{RootCAs: pool, ServerName: "turns", NextProtos: []string{"turns"}}, &quic.Config{})
+	dialed, err = quic.DialAddr(ctx, ln.Addr().String(), cli.ClientTLS([]string{"turns"}, cli.Verifier().VerifyConnection(svid.RoleServer, nil)), &quic.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -342,6 +342,11 @@ type transportKey struct {
 	h2                bool
 }
 
+// endpointKey is the key of ep (reached through tun, nil for none) in st.
+func endpointKey(st *upstreamState, ep balance.Endpoint, tun *controlplanev1.Tunnel, h2 bool) transportKey {
+	return transportKey{st.svc.GetName(), dialAddr(tun, st.namespace, ep.Address), ep.SPIFFEID, h2}
+}
+
 // String names the endpoint (its TLS sessions' key; the protocol is added
 // by ResumingClientTLS).
 func (k transportKey) String() string { return k.service + " " + k.addr + " " + k.id }
@@ -369,7 +374,7 @@ func tunnelOf(ep balance.Endpoint) *controlplanev1.Tunnel {
 // connections (cheapest per request); HTTP/2 requests (gRPC) use HTTP/2.
 func (o *outbound) transport(ep balance.Endpoint, st *upstreamState, h2 bool) (pool, error) {
 	tun := tunnelOf(ep)
-	key := transportKey{st.svc.GetName(), dialAddr(tun, st.namespace, ep.Address), ep.SPIFFEID, h2}
+	key := endpointKey(st, ep, tun, h2)
 	o.tmu.RLock()
 	t := o.transports[key]
 	o.tmu.RUnlock()
@@ -903,8 +908,9 @@ func (u *upstream) serveTCP(app net.Conn) {
 			continue
 		}
 		start := time.Now()
-		raw := u.o.rawDialer(st, pick.Endpoint, tunnelOf(pick.Endpoint), timeout)
-		key := transportKey{st.svc.GetName(), dialAddr(tunnelOf(pick.Endpoint), st.namespace, pick.Endpoint.Address), pick.Endpoint.SPIFFEID, false}
+		tun := tunnelOf(pick.Endpoint)
+		raw := u.o.rawDialer(st, pick.Endpoint, tun, timeout)
+		key := endpointKey(st, pick.Endpoint, tun, false)
 		c, err := dialTLS(context.Background(), raw, u.o.creds.ResumingClientTLS(key.String(), []string{alpnTCP}, u.o.serverVerifier(want)), timeout)
 		if err != nil {
 			pick.Done(time.Since(start), balance.Failure)
