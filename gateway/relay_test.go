@@ -11,53 +11,83 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// lent is how many buffers of each lent step are out.
+func lent() [3]int64 {
+	return [3]int64{lendSteps[0].lent.Load(), lendSteps[1].lent.Load(), lendSteps[2].lent.Load()}
+}
+
 // TestRelayBufferSteps: a direction steps up while reads fill its buffer,
-// lends at most maxBulkBuffers bulk buffers at once, and steps back to
-// the small buffer after a short read.
+// lends at most maxBulkBuffers bulk and maxJumboBuffers jumbo buffers at
+// once, and steps back to the small buffer after a short read.
 func TestRelayBufferSteps(t *testing.T) {
-	if got := bulkLent.Load(); got != 0 {
-		t.Fatalf("bulk buffers lent before the test: %d", got)
+	if got := lent(); got != [3]int64{} {
+		t.Fatalf("buffers lent before the test: %v", got)
 	}
 	b := newRelayBuffer()
-	for _, want := range []int{smallBuffer, largeBuffer, bulkBuffer, bulkBuffer} {
+	for _, want := range []int{smallBuffer, largeBuffer, bulkBuffer, jumboBuffer, jumboBuffer} {
 		if len(b.get()) != want {
 			t.Fatalf("buffer of %d bytes, want %d", len(b.buf), want)
 		}
 		b.adapt(len(b.buf))
 	}
-	if got := bulkLent.Load(); got != 1 {
-		t.Fatalf("bulk buffers lent: %d, want 1", got)
+	if got := lent(); got != [3]int64{0, 0, 1} {
+		t.Fatalf("buffers lent (large, bulk, jumbo): %v, want one jumbo", got)
 	}
 	b.adapt(smallBuffer - 1)
-	if len(b.get()) != smallBuffer || b.lent != nil || bulkLent.Load() != 0 {
-		t.Fatalf("after a short read: buffer of %d bytes, lent %v, bulk lent %d; want the small buffer and nothing lent", len(b.buf), b.lent != nil, bulkLent.Load())
+	if len(b.get()) != smallBuffer || b.lent != nil || lent() != [3]int64{} {
+		t.Fatalf("after a short read: buffer of %d bytes, lent %v (%v); want the small buffer and nothing lent", len(b.buf), b.lent != nil, lent())
 	}
 
-	// Past the limit a direction keeps its large buffer.
+	// Past a step's limit a direction keeps the step below.
 	var all []*relayBuffer
 	defer func() {
 		for _, b := range all {
 			b.release()
 		}
-		if got := bulkLent.Load(); got != 0 {
-			t.Errorf("bulk buffers lent after release: %d", got)
+		if got := lent(); got != [3]int64{} {
+			t.Errorf("buffers lent after release: %v", got)
 		}
 	}()
-	for i := 0; i <= maxBulkBuffers; i++ {
+	stepUp := func(times int) *relayBuffer {
 		b := newRelayBuffer()
 		all = append(all, b)
-		b.adapt(len(b.get()))
-		b.adapt(len(b.get()))
+		for range times {
+			b.adapt(len(b.get()))
+		}
+		return b
+	}
+	for i := 0; i <= maxJumboBuffers; i++ {
+		want := jumboBuffer
+		if i == maxJumboBuffers {
+			want = bulkBuffer
+		}
+		if b := stepUp(3); len(b.buf) != want {
+			t.Fatalf("direction %d: buffer of %d bytes, want %d", i, len(b.buf), want)
+		}
+	}
+	for i := 1; i <= maxBulkBuffers; i++ { // one bulk buffer is out already
 		want := bulkBuffer
 		if i == maxBulkBuffers {
 			want = largeBuffer
 		}
-		if len(b.buf) != want {
+		if b := stepUp(2); len(b.buf) != want {
 			t.Fatalf("direction %d: buffer of %d bytes, want %d", i, len(b.buf), want)
 		}
 	}
-	if got := bulkLent.Load(); got != maxBulkBuffers {
-		t.Fatalf("bulk buffers lent: %d, want the limit %d", got, maxBulkBuffers)
+	if got := lent(); got[1] != maxBulkBuffers || got[2] != maxJumboBuffers {
+		t.Fatalf("buffers lent (large, bulk, jumbo): %v, want the limits %d and %d", got, maxBulkBuffers, maxJumboBuffers)
+	}
+
+	// A parked jumbo buffer is taken again as the largest step free.
+	p := all[0]
+	p.park()
+	if got := lent(); got[2] != maxJumboBuffers-1 {
+		t.Fatalf("jumbo buffers lent after a park: %d, want %d", got[2], maxJumboBuffers-1)
+	}
+	other := lendSteps[2].take() // another direction takes the free jumbo
+	defer lendSteps[2].give(other)
+	if len(p.get()) != largeBuffer {
+		t.Fatalf("after a park with the jumbo and bulk steps at their limits: buffer of %d bytes, want %d", len(p.buf), largeBuffer)
 	}
 }
 
@@ -130,7 +160,7 @@ func TestQuietTCPDirectionHoldsNoBuffer(t *testing.T) {
 // keep-alive streams could use up the bulk path for every other.
 func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
 	client, server := tcpPair(t)
-	base := bulkLent.Load()
+	base := lent()
 	var dst lockedBuffer
 	go pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
 	total := 0
@@ -148,8 +178,8 @@ func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
 		send(n)
 	}
 	eventually(t, "the quiet direction hands back its bulk buffer", func() error {
-		if got := bulkLent.Load() - base; got != 0 {
-			return fmt.Errorf("%d bulk buffer(s) held", got)
+		if got := lent(); got != base {
+			return fmt.Errorf("buffers lent (large, bulk, jumbo): %v, want %v", got, base)
 		}
 		return nil
 	})
