@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -46,7 +47,7 @@ const (
 
 	fedRemoteNS    = "remote" // namespace of the backend that runs only in west
 	fedXferBytes   = 256 * mib
-	fedXferRounds  = 5 // interleaved rounds of the transfers (more than the latency's: a shared machine is noisy)
+	fedXferRounds  = 7 // interleaved rounds of the transfers (more than the latency's: a shared machine is noisy)
 	fedWarmBytes   = 16 * mib
 	fedXferChunk   = 64 << 10
 	fedXferTimeout = 30 * time.Second // one transfer, a bound only
@@ -907,8 +908,10 @@ type xferPath struct {
 	// per concurrency (index 0: 1 stream, 1: 16 streams)
 	mbps  [2][]float64
 	ticks [2][]int64 // this process (the client), east gateway, west gateway, sink
-	bytes [2]int64
-	errs  []string
+	// the whole machine's busy and total CPU time, in ticks
+	busy, all [2]int64
+	bytes     [2]int64
+	errs      []string
 }
 
 var fedConcurrency = [2]int{1, 16}
@@ -1004,7 +1007,9 @@ func fedThroughput(t *testing.T, entry *fedEntry, h tunnel.Header, sink *fedSink
 			for _, p := range paths {
 				runtime.GC()
 				t0 := ticks()
+				b0, a0 := machineTicks()
 				el, err := fedTransfer(p.open, n, fedXferBytes, payload)
+				b1, a1 := machineTicks()
 				if err != nil {
 					p.errs = append(p.errs, fmt.Sprintf("%d stream(s): %v", n, err))
 					continue
@@ -1016,6 +1021,8 @@ func fedThroughput(t *testing.T, entry *fedEntry, h tunnel.Header, sink *fedSink
 					p.ticks[ci][i] += v - t0[i]
 				}
 				p.bytes[ci] += fedXferBytes
+				p.busy[ci] += b1 - b0
+				p.all[ci] += a1 - a0
 				p.mbps[ci] = append(p.mbps[ci], float64(fedXferBytes)/el.Seconds()/1e6)
 			}
 		}
@@ -1026,6 +1033,31 @@ func fedThroughput(t *testing.T, entry *fedEntry, h tunnel.Header, sink *fedSink
 		}
 	}
 	return &fedXferResult{paths: paths, perXfer: fedXferBytes, rounds: fedXferRounds}
+}
+
+// machineTicks is the machine's CPU time from /proc/stat: busy (all but
+// idle and iowait) and in all, in ticks summed over every core.
+func machineTicks() (busy, all int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 5 || f[0] != "cpu" {
+		return 0, 0
+	}
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		if i >= 7 { // guest time is already in user
+			break
+		}
+		all += n
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, all
 }
 
 // fedTransfer opens n streams, then (timed) sends total/n bytes on each,
@@ -1421,7 +1453,13 @@ func fedReportXfer(t *testing.T, x *fedXferResult) {
 				cpu[ci] = fmt.Sprintf("%.2f (%s)", float64(sum)/clockTicks/gb, strings.Join(each, " "))
 			}
 		}
-		t.Logf("report: %-14s %10.0f %10.0f  %-24s %-24s %s | %s", p.name, median(p.mbps[0]), median(p.mbps[1]), rounds[0], rounds[1], cpu[0], cpu[1])
+		busy := func(ci int) float64 {
+			if p.all[ci] == 0 {
+				return 0
+			}
+			return float64(p.busy[ci]) / float64(p.all[ci]) * 100
+		}
+		t.Logf("report: %-14s %10.0f %10.0f  %-24s %-24s %s | %s; machine busy %.0f%% | %.0f%%", p.name, median(p.mbps[0]), median(p.mbps[1]), rounds[0], rounds[1], cpu[0], cpu[1], busy(0), busy(1))
 	}
 	tun, raw, tlsp := byName["tunnel"], byName["raw quic-go"], byName["TLS over TCP"]
 	rat := func(a, b *xferPath, ci int) float64 {
@@ -1434,7 +1472,9 @@ func fedReportXfer(t *testing.T, x *fedXferResult) {
 		rat(tun, raw, 0), rat(tun, raw, 1), rat(tun, tlsp, 0), rat(tun, tlsp, 1), rat(raw, tlsp, 0), rat(raw, tlsp, 1))
 	// Rounds interleave the paths, so a round's tunnel and raw quic-go
 	// transfers ran a few seconds apart: the median of their ratios is
-	// less moved by the machine's speed drifting over the run.
+	// less moved by the machine's speed drifting over the run (on the
+	// two-core machine this was built on, raw quic-go alone ranged over
+	// 3.8–6.1 CPU s/GB from run to run), and the aim is judged on it.
 	paired := func(a, b *xferPath, ci int) float64 {
 		var rs []float64
 		for i := range min(len(a.mbps[ci]), len(b.mbps[ci])) {
@@ -1444,11 +1484,9 @@ func fedReportXfer(t *testing.T, x *fedXferResult) {
 		}
 		return median(rs)
 	}
-	t.Logf("report:   tunnel/raw-quic round by round (median of each round's ratio): 1 stream %.2f, 16 streams %.2f",
-		paired(tun, raw, 0), paired(tun, raw, 1))
 	if len(tun.mbps[0]) > 0 && len(tun.mbps[1]) > 0 && len(raw.mbps[0]) > 0 && len(raw.mbps[1]) > 0 {
-		t.Logf("report: aim tunnel throughput at least 0.8 of raw quic-go: %s (1 stream %.2f, 16 streams %.2f)",
-			met(rat(tun, raw, 0) >= aimTunnelVsQUIC && rat(tun, raw, 1) >= aimTunnelVsQUIC), rat(tun, raw, 0), rat(tun, raw, 1))
+		t.Logf("report: aim tunnel throughput at least 0.8 of raw quic-go: %s (median of each round's tunnel/raw-quic ratio: 1 stream %.2f, 16 streams %.2f)",
+			met(paired(tun, raw, 0) >= aimTunnelVsQUIC && paired(tun, raw, 1) >= aimTunnelVsQUIC), paired(tun, raw, 0), paired(tun, raw, 1))
 	} else {
 		t.Logf("report: aim tunnel throughput at least 0.8 of raw quic-go: not measured (transfers failed, see errors)")
 	}
