@@ -327,3 +327,21 @@ func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 		t.Errorf("writes that took the turn: %v, want 1 (what arrived while the first read waited goes with it)", n)
 	}
 }
+
+// TestRunHoldKeepsARate: a run may hold the turn as long as its size takes
+// at minRunRate (25 MiB/s), and at least turnHold.
+func TestRunHoldKeepsARate(t *testing.T) {
+	for _, c := range []struct {
+		n    int
+		want time.Duration
+	}{
+		{bulkWrite, turnHold},
+		{bulkBuffer, turnHold},
+		{jumboBuffer, 4 * turnHold},
+		{jumboBuffer + largeBuffer, 4*turnHold + turnHold/8},
+	} {
+		if got := runHold(c.n); got != c.want {
+			t.Errorf("runHold(%d) = %v, want %v", c.n, got, c.want)
+		}
+	}
+}
