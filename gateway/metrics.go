@@ -74,7 +74,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"reason"}),
 		bulkWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strait_gateway_bulk_writes_total",
-			Help: "Bulk writes to tunnel streams that took their connection's turn, by outcome: run (sent as one run within 10ms), overran (a slow reader or path: gave the turn back and finished round robin; the stream then takes no turn for a while).",
+			Help: "Bulk writes to tunnel streams that took their connection's turn, by outcome: run (sent as one run, each quarter MiB of it within 10ms), overran (a slow reader or path: gave the turn back and finished round robin; the stream then takes no turn for a while).",
 		}, []string{"outcome"}),
 		active:   map[string]prometheus.Gauge{},
 		sent:     map[string]prometheus.Counter{},

@@ -96,7 +96,8 @@ type relayBuffer struct {
 func newRelayBuffer() *relayBuffer { return &relayBuffer{} }
 
 // get returns the buffer to read into, taking one if none is held: of the
-// parked step, else a small one.
+// parked step, or the largest step below it not at its limit, else a small
+// one.
 func (b *relayBuffer) get() []byte {
 	if b.buf != nil {
 		return b.buf

@@ -31,23 +31,23 @@ import (
 // robin; quic-go alternates them with the run packet by packet, so they
 // do not wait behind it.
 //
-// A run must keep up minRunRate: one that holds the turn longer than that
-// allows for its size (turnHold for a quarter MiB, four times as long for
-// the 1 MiB a relay's largest buffer holds; a reader slower than the path,
-// a slow path, a stalled peer) gives it back and finishes round robin, and
-// its stream takes no turn for a cool-down that doubles with every
-// overrun, from minCooldown to maxCooldown, and is forgotten after a run
-// on time. Slow streams thus hold the others up once, then seldom; on a
-// path too slow for minRunRate every stream ends up round robin, as
-// quic-go sends by default. (While a bulk stream cools down it is in the
-// round robin class, which quic-go alternates with the run: against the
-// streams taking turns it may get up to half of the connection, a skew
-// that lasts the cool-down.)
+// A run goes in pieces of a quarter MiB (runPiece; a relay's buffer holds
+// up to 1 MiB), each of which must be sent within turnHold. A piece that
+// takes longer (a reader slower than the path, a slow path, a stalled
+// peer) gives the turn back, the rest of the run goes round robin, and its
+// stream takes no turn for a cool-down that doubles with every overrun,
+// from minCooldown to maxCooldown, and is forgotten after a run on time.
+// Slow streams thus hold the others up for turnHold once, then seldom; on
+// a path too slow for a piece within turnHold (25 MiB/s) every stream ends
+// up round robin, as quic-go sends by default. (While a bulk stream cools
+// down it is in the round robin class, which quic-go alternates with the
+// run: against the streams taking turns it may get up to half of the
+// connection, a skew that lasts the cool-down.)
 const (
 	bulkWrite   = 8 << 10
 	bulkAfter   = 1 << 20
-	turnHold    = 10 * time.Millisecond                     // for a quarter MiB: see minRunRate
-	minRunRate  = (256 << 10) * int64(time.Second/turnHold) // bytes per second: 25 MiB/s
+	turnHold    = 10 * time.Millisecond
+	runPiece    = 256 << 10
 	minCooldown = time.Second
 	maxCooldown = time.Minute
 	// streamUrgency is quic-go's default urgency, kept for every stream:
@@ -69,7 +69,7 @@ type streamWriter struct {
 	now   func() time.Time
 	// outcome counts bulk writes by how they went (turnRun, turnOverran).
 	outcome map[string]prometheus.Counter
-	hold    time.Duration // how long a run may hold the turn; 0: by minRunRate
+	hold    time.Duration // how long a piece of a run may take; 0: turnHold
 
 	sent     int64         // bytes written to the stream
 	run      bool          // the stream is non-incremental now
@@ -100,31 +100,35 @@ func (w *streamWriter) Write(p []byte) (int, error) {
 	}
 	hold := w.hold
 	if hold == 0 {
-		hold = runHold(len(p))
+		hold = turnHold
 	}
-	w.str.SetWriteDeadline(time.Now().Add(hold)) // quic-go reads deadlines by the real (monotonic) clock, not w.now
-	n, err := w.str.Write(p)
+	// The run goes in pieces of at most runPiece, each within hold: a
+	// stream that stops keeping up (a reader slower than the path) is
+	// found within hold however long the run, and gives the turn back.
+	var n int
+	for n < len(p) {
+		w.str.SetWriteDeadline(time.Now().Add(hold)) // quic-go reads deadlines by the real (monotonic) clock, not w.now
+		k, err := w.str.Write(p[n:min(len(p), n+runPiece)])
+		n += k
+		w.sent += int64(k)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			w.str.SetWriteDeadline(time.Time{})
+			w.outcome[turnOverran].Inc()
+			w.give()
+			w.cooldown = min(max(2*w.cooldown, minCooldown), maxCooldown)
+			w.coolEnd = w.now().Add(w.cooldown)
+			m, err := w.roundRobin(p[n:])
+			return n + m, err
+		}
+		if err != nil {
+			w.str.SetWriteDeadline(time.Time{})
+			return n, err
+		}
+	}
 	w.str.SetWriteDeadline(time.Time{})
-	w.sent += int64(n)
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		w.outcome[turnOverran].Inc()
-		w.give()
-		w.cooldown = min(max(2*w.cooldown, minCooldown), maxCooldown)
-		w.coolEnd = w.now().Add(w.cooldown)
-		m, err := w.roundRobin(p[n:])
-		return n + m, err
-	}
-	if err == nil {
-		w.outcome[turnRun].Inc()
-		w.cooldown = 0
-	}
-	return n, err
-}
-
-// runHold is how long a run of n bytes may hold the turn: as long as it
-// takes at minRunRate, and at least turnHold.
-func runHold(n int) time.Duration {
-	return max(turnHold, time.Duration(int64(n)*int64(time.Second)/minRunRate))
+	w.outcome[turnRun].Inc()
+	w.cooldown = 0
+	return n, nil
 }
 
 // take waits for the turn if the stream may take it, and reports whether

@@ -328,20 +328,55 @@ func TestBulkWriteTakesWhatArrivedWhileItWaited(t *testing.T) {
 	}
 }
 
-// TestRunHoldKeepsARate: a run may hold the turn as long as its size takes
-// at minRunRate (25 MiB/s), and at least turnHold.
-func TestRunHoldKeepsARate(t *testing.T) {
-	for _, c := range []struct {
-		n    int
-		want time.Duration
-	}{
-		{bulkWrite, turnHold},
-		{bulkBuffer, turnHold},
-		{jumboBuffer, 4 * turnHold},
-		{jumboBuffer + largeBuffer, 4*turnHold + turnHold/8},
-	} {
-		if got := runHold(c.n); got != c.want {
-			t.Errorf("runHold(%d) = %v, want %v", c.n, got, c.want)
+// A run's hold is per quarter MiB piece, not per run: a 2 MiB run to a
+// peer that reads a quarter MiB every 100 ms (the stream's window is a
+// quarter MiB) takes about 800 ms, longer than the hold of 400 ms, yet each
+// piece is on time, so it is one run and no overrun. A stalled reader is
+// thus found within one piece's hold however long the run.
+func TestRunHoldIsPerPiece(t *testing.T) {
+	const window, run, hold = runPiece, 2 << 20, 400 * time.Millisecond
+	dialed, accepted := quicPair(t, &quic.Config{InitialStreamReceiveWindow: window, MaxStreamReceiveWindow: window, InitialConnectionReceiveWindow: 64 << 20, MaxConnectionReceiveWindow: 64 << 20})
+	outcome, vec := turnCounters()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	str, err := dialed.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &streamWriter{str: str, turns: newSendTurns(), now: time.Now, outcome: outcome, hold: hold}
+	read := make(chan error, 1)
+	go func() {
+		in, err := accepted.AcceptStream(ctx)
+		if err != nil {
+			read <- err
+			return
 		}
+		buf := make([]byte, runPiece)
+		for left := bulkAfter + run; left > 0; left -= len(buf) {
+			if _, err := io.ReadFull(in, buf); err != nil {
+				read <- err
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		read <- nil
+	}()
+	if _, err := w.Write(make([]byte, bulkAfter)); err != nil { // round robin: a young stream
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := w.Write(make([]byte, run)); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	runs, overran := metricValue(vec.WithLabelValues(turnRun)), metricValue(vec.WithLabelValues(turnOverran))
+	if took <= hold {
+		t.Skipf("the run took %s, not longer than the hold %s: nothing to show", took, hold)
+	}
+	if runs != 1 || overran != 0 {
+		t.Fatalf("a %s run whose every piece kept up: %v runs, %v overruns; want 1 run", took, runs, overran)
 	}
 }
