@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
@@ -126,6 +127,18 @@ func (b *relayBuffer) park() {
 	b.idle()
 }
 
+// quiet hands back a lent buffer, remembering its step, and takes a small
+// one to wait in: for a direction that cannot wait without a buffer.
+func (b *relayBuffer) quiet() {
+	if b.lent == nil {
+		return
+	}
+	step := b.step
+	b.releaseLent()
+	b.get() // a small one, b.parked being 0
+	b.parked = step + 1
+}
+
 // idle hands back a small buffer while the direction waits; a lent one is
 // kept, as the transfer it serves is under way.
 func (b *relayBuffer) idle() {
@@ -141,6 +154,10 @@ func (b *relayBuffer) idle() {
 // less than the small buffer.
 func (b *relayBuffer) adapt(n int) {
 	switch {
+	case b.parked > 0 && n == len(b.buf): // a quiet direction's data fills its small buffer: the next get takes its step back
+		b.idle()
+	case b.parked > 0:
+		b.parked = 0
 	case n == len(b.buf) && b.lent == nil:
 		if l := lendSteps[0].take(); l != nil {
 			b.idle()
@@ -187,6 +204,9 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 			more = func(p []byte) (int, error) { return readNow(rc, p) }
 		}
 	}
+	if qs, ok := src.(*quic.Stream); ok {
+		read = func() (int, error) { return readStream(qs, b) }
+	}
 	sw, _ := dst.(*streamWriter)
 	for {
 		nr, err := read()
@@ -223,6 +243,34 @@ func pump(dst io.Writer, src io.Reader, count prometheus.Counter) (rerr, werr er
 		}
 		b.adapt(nr)
 	}
+}
+
+// quietAfter is how long a direction reading a tunnel stream waits for
+// data in a lent buffer before it hands the buffer back (see readStream).
+const quietAfter = time.Second
+
+// readStream reads from a tunnel stream into b. A stream offers no way to
+// wait for data without a buffer to read into, so a direction holding a
+// lent buffer reads with a deadline: after quietAfter without data it
+// hands the lent buffer back, remembering its step, and waits in a small
+// one; a read that fills the small one takes the step back (see adapt).
+// Without this, a kept-alive stream quiet after a burst would hold a bulk
+// or jumbo buffer, and the gateway has few of those to lend.
+func readStream(s *quic.Stream, b *relayBuffer) (int, error) {
+	if b.lent == nil {
+		return s.Read(b.get())
+	}
+	s.SetReadDeadline(time.Now().Add(quietAfter))
+	n, err := s.Read(b.get())
+	s.SetReadDeadline(time.Time{})
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, err
+	}
+	if n > 0 {
+		return n, nil
+	}
+	b.quiet()
+	return s.Read(b.get())
 }
 
 // readNow reads what a socket holds into p without waiting for more: 0

@@ -2,13 +2,16 @@ package gateway
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
 )
 
 // lent is how many buffers of each lent step are out.
@@ -162,7 +165,15 @@ func TestQuietTCPDirectionParksItsBulkBuffer(t *testing.T) {
 	client, server := tcpPair(t)
 	base := lent()
 	var dst lockedBuffer
-	go pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pump(&dst, server, prometheus.NewCounter(prometheus.CounterOpts{Name: "t"}))
+	}()
+	defer func() { // the pump ends, handing back what it holds, before the next test counts
+		client.Close()
+		<-done
+	}()
 	total := 0
 	send := func(n int) {
 		client.Write(make([]byte, n))
@@ -206,4 +217,98 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	}
 	t.Cleanup(func() { server.Close() })
 	return client, server
+}
+
+// A direction reading a tunnel stream that goes quiet holding a lent
+// buffer hands it back after quietAfter and waits in a small one (a
+// stream cannot wait without a buffer); the next data is read as before.
+func TestQuietStreamDirectionHandsBackItsBuffer(t *testing.T) {
+	dialed, accepted := quicPair(t, &quic.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := dialed.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := out.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	in, err := accepted.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(in, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+
+	base := lent()
+	b := newRelayBuffer()
+	defer b.release()
+	for range 3 {
+		b.adapt(len(b.get()))
+	}
+	if len(b.buf) != jumboBuffer {
+		t.Skipf("could not take a jumbo buffer (lent: %v)", lent())
+	}
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	start := time.Now()
+	go func() {
+		n, err := readStream(in, b)
+		done <- result{n, err}
+	}()
+	eventually(t, "the quiet direction hands back its jumbo buffer", func() error {
+		if got := lent(); got != base {
+			return fmt.Errorf("buffers lent (large, bulk, jumbo): %v, want %v", got, base)
+		}
+		return nil
+	})
+	if took := time.Since(start); took < quietAfter*9/10 {
+		t.Fatalf("handed back after %s, before quietAfter (%s)", took, quietAfter)
+	}
+	if _, err := out.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil || string(b.buf[:r.n]) != "hello" {
+			t.Fatalf("read %q, %v after the quiet spell; want hello", b.buf[:r.n], r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the quiet direction did not read the next data")
+	}
+}
+
+// After a quiet spell, data that fills the small buffer takes the
+// remembered step back at once; a shorter read forgets it.
+func TestQuietDirectionResumesItsStep(t *testing.T) {
+	for _, c := range []struct {
+		n    int
+		want int
+	}{{smallBuffer, jumboBuffer}, {smallBuffer - 1, smallBuffer}} {
+		base := lent()
+		b := newRelayBuffer()
+		for range 3 {
+			b.adapt(len(b.get()))
+		}
+		if len(b.buf) != jumboBuffer {
+			b.release()
+			t.Skipf("could not take a jumbo buffer (lent: %v)", lent())
+		}
+		b.quiet()
+		if len(b.get()) != smallBuffer || b.lent != nil {
+			t.Fatalf("quiet: buffer of %d bytes, lent %v; want the small one", len(b.buf), b.lent != nil)
+		}
+		b.adapt(c.n)
+		if got := len(b.get()); got != c.want {
+			t.Errorf("after a read of %d bytes: buffer of %d, want %d", c.n, got, c.want)
+		}
+		b.release()
+		if got := lent(); got != base {
+			t.Errorf("buffers lent after release: %v, want %v", got, base)
+		}
+	}
 }
