@@ -81,14 +81,28 @@ func TestRelayBufferSteps(t *testing.T) {
 		t.Fatalf("buffers lent (large, bulk, jumbo): %v, want the limits %d and %d", got, maxBulkBuffers, maxJumboBuffers)
 	}
 
-	// A parked jumbo buffer is taken again as the largest step free.
+	// A parked jumbo buffer is taken again when data comes; with the
+	// jumbo step at its limit, the bulk one; with that at its limit too,
+	// the large one.
 	p := all[0]
 	p.park()
 	if got := lent(); got[2] != maxJumboBuffers-1 {
 		t.Fatalf("jumbo buffers lent after a park: %d, want %d", got[2], maxJumboBuffers-1)
 	}
+	if len(p.get()) != jumboBuffer {
+		t.Fatalf("after a park with a jumbo buffer free: buffer of %d bytes, want %d", len(p.buf), jumboBuffer)
+	}
+	p.park()
 	other := lendSteps[2].take() // another direction takes the free jumbo
 	defer lendSteps[2].give(other)
+	bulk := all[len(all)-2] // a direction holding a bulk buffer
+	bulk.release()
+	if len(p.get()) != bulkBuffer {
+		t.Fatalf("after a park with the jumbo step at its limit: buffer of %d bytes, want %d", len(p.buf), bulkBuffer)
+	}
+	p.park()
+	bulkOther := lendSteps[1].take() // and another the free bulk one
+	defer lendSteps[1].give(bulkOther)
 	if len(p.get()) != largeBuffer {
 		t.Fatalf("after a park with the jumbo and bulk steps at their limits: buffer of %d bytes, want %d", len(p.buf), largeBuffer)
 	}

@@ -27,7 +27,10 @@ import (
 // what its TCP side received while it waited (see pump). The turn is
 // handed out first come, first served (a channel's waiting senders are
 // queued in order), so every bulk stream gets its share, one run at a
-// time. Smaller writes and younger streams take no turn and stay round
+// time. A run is one write, as large as the relay's buffer, so a stream
+// with a 1 MiB buffer gets up to 4 times the share of one that found only
+// 256 KiB buffers left to lend (more than 16 bulk streams on a gateway),
+// and up to 32 times that of one left with 32 KiB (more than 80). Smaller writes and younger streams take no turn and stay round
 // robin; quic-go alternates them with the run packet by packet, so they
 // do not wait behind it.
 //
