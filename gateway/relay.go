@@ -276,47 +276,34 @@ func readStream(s *quic.Stream, b *relayBuffer) (int, error) {
 // readNow reads what a socket holds into p without waiting for more: 0
 // and no error when it holds nothing.
 func readNow(rc syscall.RawConn, p []byte) (int, error) {
-	var (
-		n     int
-		errno error
-	)
-	err := rc.Read(func(fd uintptr) bool {
-		for {
-			n, errno = syscall.Read(int(fd), p)
-			if errno != syscall.EINTR {
-				break
-			}
-		}
-		return true
-	})
-	switch {
-	case err != nil:
-		return 0, err
-	case errno == syscall.EAGAIN:
-		return 0, nil
-	case errno != nil:
-		return 0, os.NewSyscallError("read", errno)
-	case n == 0:
-		return 0, io.EOF
-	}
-	return n, nil
+	return readFD(rc, nil, p)
 }
 
 // readRaw reads from a socket into b, taking b's buffer only once the
 // socket has data and handing a small one back while it waits.
 func readRaw(rc syscall.RawConn, b *relayBuffer) (int, error) {
+	return readFD(rc, b, nil)
+}
+
+// readFD reads from a socket: with b, into b's buffer, parking it and
+// waiting while the socket holds nothing; without, into p and not
+// waiting (0 and no error when the socket holds nothing).
+func readFD(rc syscall.RawConn, b *relayBuffer, p []byte) (int, error) {
 	var (
 		n     int
 		errno error
 	)
 	err := rc.Read(func(fd uintptr) bool {
 		for {
-			n, errno = syscall.Read(int(fd), b.get())
+			if b != nil {
+				p = b.get()
+			}
+			n, errno = syscall.Read(int(fd), p)
 			if errno != syscall.EINTR {
 				break
 			}
 		}
-		if errno == syscall.EAGAIN {
+		if errno == syscall.EAGAIN && b != nil {
 			b.park()
 			return false // wait until readable
 		}
@@ -325,6 +312,8 @@ func readRaw(rc syscall.RawConn, b *relayBuffer) (int, error) {
 	switch {
 	case err != nil:
 		return 0, err
+	case errno == syscall.EAGAIN:
+		return 0, nil
 	case errno != nil:
 		return 0, os.NewSyscallError("read", errno)
 	case n == 0:
