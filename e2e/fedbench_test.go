@@ -1516,7 +1516,7 @@ func fedReportXfer(t *testing.T, x *fedXferResult) {
 		t.Logf("report:   a model, not a measurement: with a core for each process, the busiest one sets the pace (raw quic-go %.2f | %.2f cpu s/GB, tunnel %.2f | %.2f), a ratio of %.2f | %.2f",
 			busiest(raw, 0), busiest(raw, 1), busiest(tun, 0), busiest(tun, 1), busiest(raw, 0)/busiest(tun, 0), busiest(raw, 1)/busiest(tun, 1))
 	}
-	t.Logf("report:   the tunnel path includes what the raw paths do not: a TLS 1.3 entry hop client -> east gateway (decrypted there), the QUIC hop between two gateway processes, and a plain TCP hop west gateway -> sink; four processes (client, two gateways, sink) touch every byte instead of two, on %d cores; raw quic-go and TLS are one hop client -> sink", runtime.NumCPU())
+	t.Logf("report:   the tunnel path includes what the raw paths do not: a TCP entry hop client -> east gateway (TLS 1.3 for the handshake and the header only, then the bytes as they are: strait-entry/2, for a sidecar's own end-to-end mTLS), the QUIC hop between two gateway processes, and a plain TCP hop west gateway -> sink; four processes (client, two gateways, sink) touch every byte instead of two, on %d cores; raw quic-go and TLS are one hop client -> sink", runtime.NumCPU())
 }
 
 // fedLogIssues counts the lines of a process's log that are not INFO or
