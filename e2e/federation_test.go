@@ -6,6 +6,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -714,4 +716,84 @@ func TestFailbackRampsUp(t *testing.T) {
 		t.Errorf("failback jumped: east's share %.2f right after it came back, want a ramp", shares[0])
 	}
 	waitUntil(t, 10*time.Second, "east serves everything again", func() bool { return eastShare(40) == 1 })
+}
+
+// A sidecar resumes its TLS sessions with every instance behind a peer's
+// gateway: the far gateway picks the instance, and tags it in its reply,
+// so the session offered is the one that instance issued. (Before the tags,
+// two instances taken in turn each got the other's session, and no
+// connection resumed.)
+func TestTunnelledConnectionsResumeWithEachInstance(t *testing.T) {
+	east := newCluster(t, "east", clusterOptions{rootAuthority: true})
+	west := newCluster(t, "west", clusterOptions{meshOf: east})
+	east.startGateway("")
+	west.startGateway("")
+	sayName := func(name string) func(net.Listener) func() {
+		return func(ln net.Listener) func() {
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					c.Write([]byte(name))
+					c.Close()
+				}
+			}()
+			return func() { ln.Close() }
+		}
+	}
+	var backends []*workload
+	for _, name := range []string{"backend-w0", "backend-w1"} {
+		backends = append(backends, west.workload(name, "backend", workloadOptions{serve: sayName(name), protocol: controlplanev1.Protocol_PROTOCOL_TCP}))
+	}
+	west.mustApply(exportBackend)
+	if _, err := west.join(east.joinToken("west")); err != nil {
+		t.Fatalf("west joins east: %v", err)
+	}
+	east.linkUp("west", 1)
+	west.linkUp("east", 0)
+	fe := east.workload("frontend-e0", "frontend", workloadOptions{upstreams: []string{"backend"}})
+	fe.waitEndpoints(t, "backend", 1)
+	waitUntil(t, 10*time.Second, "backend known as TCP", func() bool {
+		for _, svc := range fe.sc.Snapshot().GetServices() {
+			if svc.GetName() == "backend" && svc.GetProtocol() == controlplanev1.Protocol_PROTOCOL_TCP {
+				return true
+			}
+		}
+		return false
+	})
+
+	const conns = 8
+	answered := map[string]int{}
+	for i := range conns {
+		c, err := net.DialTimeout("tcp", fe.sc.Addrs().Upstreams["backend"], 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || len(got) == 0 {
+			t.Fatalf("connection %d: read %q, %v", i, got, err)
+		}
+		answered[string(got)]++
+	}
+	if len(answered) != 2 {
+		t.Fatalf("answered by %v; want both west instances", answered)
+	}
+	// Counted where the workload mTLS ends: the frontend's own count has
+	// its handshakes with its gateway's entry listener in it too.
+	handshakes := func(resumed string) float64 {
+		var n float64
+		for _, b := range backends {
+			n += metric(t, b.registry, "strait_proxy_tls_handshakes_total", map[string]string{"direction": "inbound", "resumed": resumed})
+		}
+		return n
+	}
+	// A full handshake with each instance, then resumptions (one more full
+	// one is allowed for a ticket not yet read when the next dial began).
+	if full, resumed := handshakes("false"), handshakes("true"); full+resumed != conns || resumed < conns-3 {
+		t.Errorf("backends' handshakes with the frontend: %v full, %v resumed; want %d in all, at most 3 full", full, resumed, conns)
+	}
 }

@@ -3,6 +3,9 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -74,6 +77,10 @@ type Gateway struct {
 	handlers sync.WaitGroup
 
 	rr atomic.Uint64 // round robin over endpoints
+	// endpointKey keys the tags an OK reply names its endpoint by (see
+	// endpointTag): random for each gateway, so a tag says nothing of the
+	// address behind it.
+	endpointKey [32]byte
 	// ownCache is what the gateway presents (see own).
 	ownCache atomic.Pointer[ownState]
 }
@@ -152,6 +159,7 @@ func New(cfg Config) (*Gateway, error) {
 		entries:  map[*entryConn]struct{}{},
 		exported: map[*exportedStream]struct{}{},
 	}
+	rand.Read(g.endpointKey[:]) // never fails (crypto/rand)
 	creds := cfg.Credentials
 
 	g.gwTLS = creds.ServerTLS([]string{tunnel.ALPNPeer}, g.verifyPeerClient)
@@ -568,6 +576,20 @@ func (g *Gateway) notExported(es *exportedStream) error {
 	return nil
 }
 
+// endpointTagBytes is the length of an endpoint tag.
+const endpointTagBytes = 8
+
+// endpointTag names a local endpoint (by its address) in an OK reply: the
+// same tag for the same address while the gateway runs, from which the
+// address cannot be told. A calling sidecar picks the TLS session to
+// resume by it: the gateway picks the instance, and each instance has its
+// own ticket keys.
+func (g *Gateway) endpointTag(addr net.Addr) string {
+	mac := hmac.New(sha256.New, g.endpointKey[:])
+	mac.Write([]byte(addr.String()))
+	return string(mac.Sum(nil)[:endpointTagBytes])
+}
+
 // relayExported answers a peer's stream and relays it to a local
 // endpoint (connected as es.conn), registered for Recheck while it runs. It
 // returns the reply's code.
@@ -586,7 +608,7 @@ func (g *Gateway) relayExported(es *exportedStream) tunnel.Code {
 		g.refuse(es.str, catalogReply(err))
 		return tunnel.CodeNotExported
 	}
-	if err := tunnel.WriteReply(es.str, tunnel.Reply{Code: tunnel.CodeOK}); err != nil {
+	if err := tunnel.WriteReply(es.str, tunnel.Reply{Code: tunnel.CodeOK, Endpoint: g.endpointTag(es.conn.RemoteAddr())}); err != nil {
 		es.conn.Close()
 		resetStream(es.str, tunnel.StreamAborted)
 		return tunnel.CodeUnavailable

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -1023,5 +1024,61 @@ func TestJoinConnectionStreamLimit(t *testing.T) {
 	}
 	if got := metricValue(p.west.m.refusals.WithLabelValues("join_limit")); got != 1 {
 		t.Errorf("refusals{join_limit} = %v, want 1", got)
+	}
+}
+
+// An OK reply names the endpoint instance the stream reached by a tag: the
+// same for the same instance, another for another, and not its address.
+// The entry gateway passes it on to the sidecar.
+func TestReplyNamesTheEndpoint(t *testing.T) {
+	p := newPair(t, gwOptions{}, gwOptions{})
+	names := map[string]string{} // address -> instance name
+	for _, name := range []string{"a", "b"} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		names[ln.Addr().String()] = name
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte(name))
+				c.Close()
+			}
+		}()
+	}
+	p.west.cat.export("default", "echo", 7, []string{"east"}, slices.Collect(maps.Keys(names))...)
+
+	tags := map[string]string{} // instance name -> tag
+	for i := range 6 {
+		conn, reply, err := dialEntry(t, p.east, p.sidecar, echoHeader())
+		if err != nil {
+			t.Fatalf("tunnel %d: %v", i, err)
+		}
+		got, err := io.ReadAll(conn)
+		conn.Close()
+		if err != nil || reply.Code != tunnel.CodeOK {
+			t.Fatalf("tunnel %d: reply %v, read %q, %v", i, reply.Code, got, err)
+		}
+		name := string(got)
+		if len(reply.Endpoint) != endpointTagBytes {
+			t.Fatalf("tunnel %d to %s: endpoint tag %x, want %d bytes", i, name, reply.Endpoint, endpointTagBytes)
+		}
+		if prev, ok := tags[name]; ok && prev != reply.Endpoint {
+			t.Errorf("instance %s tagged %x, then %x", name, prev, reply.Endpoint)
+		}
+		tags[name] = reply.Endpoint
+	}
+	if len(tags) != 2 || tags["a"] == tags["b"] {
+		t.Errorf("tags by instance: %x; want two different ones", tags)
+	}
+	for addr, name := range names {
+		if strings.Contains(tags[name], addr) {
+			t.Errorf("tag of %s holds its address", name)
+		}
 	}
 }

@@ -92,6 +92,9 @@ func socketUnder(c net.Conn) net.Conn {
 	if pc, ok := c.(*pooledConn); ok {
 		c = pc.Conn
 	}
+	if tc, ok := c.(*tunnelledConn); ok {
+		c = tc.TCPConn
+	}
 	return c
 }
 

@@ -444,7 +444,7 @@ func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), c
 	sessions, resuming := cfg.ClientSessionCache.(endpointSessions)
 	if resuming {
 		cfg = cfg.Clone()
-		sessions = sessions.bound()
+		sessions = sessions.bound().on(instanceOf(c))
 		cfg.ClientSessionCache = sessions
 		resuming = sessions.held()
 	}
@@ -458,10 +458,10 @@ func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), c
 		// takes (a refusal by the peer comes after the handshake, in TLS
 		// 1.3): forget it, and do a full handshake.
 		sessions.drop()
-		cfg.ClientSessionCache = sessions.full()
 		if c, err = raw(cctx); err != nil {
 			return nil, connectFailed(ctx, err, timeout)
 		}
+		cfg.ClientSessionCache = sessions.on(instanceOf(c)).full()
 		tc = tls.Client(c, cfg)
 		if err := tc.HandshakeContext(cctx); err != nil {
 			c.Close()
@@ -469,6 +469,26 @@ func dialTLS(ctx context.Context, raw func(context.Context) (net.Conn, error), c
 		}
 	}
 	return tc, nil
+}
+
+// tunnelledConn is the connection to this cluster's gateway that a
+// tunnelled endpoint's mTLS runs on, with the tag its far gateway named
+// the endpoint instance by in the reply (tunnel.Reply.Endpoint).
+type tunnelledConn struct {
+	*net.TCPConn
+	instance string
+}
+
+// instanceOf returns the instance tag of a tunnelled connection (under
+// the pool's tracking), or "".
+func instanceOf(c net.Conn) string {
+	if pc, ok := c.(*pooledConn); ok {
+		c = pc.Conn
+	}
+	if tc, ok := c.(*tunnelledConn); ok {
+		return tc.instance
+	}
+	return ""
 }
 
 // connectError is a failure to open an mTLS connection to an endpoint
@@ -544,7 +564,11 @@ func (o *outbound) rawDialer(st *upstreamState, ep balance.Endpoint, tun *contro
 		c.SetDeadline(time.Time{})
 		// After the reply the workload mTLS runs on the TCP connection
 		// itself (tunnel.ALPNEntryRaw): the gateway relays it unopened.
-		return c.(*tls.Conn).NetConn(), nil
+		nc := c.(*tls.Conn).NetConn()
+		if tcp, ok := nc.(*net.TCPConn); ok && r.Endpoint != "" {
+			return &tunnelledConn{TCPConn: tcp, instance: r.Endpoint}, nil
+		}
+		return nc, nil
 	}
 }
 

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -126,50 +128,13 @@ func TestOutboundResumesAndStillAuthorizes(t *testing.T) {
 // A session whose peer chain this side no longer takes costs one more
 // handshake, a full one, not a failed connect; the session is forgotten.
 func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
-	const td = "strait.example"
-	c := catest.New(t, td)
-	serverSVID := c.SVID(t, "spiffe://"+td+"/ns/default/sa/backend", time.Hour)
-	cert := tls.Certificate{PrivateKey: serverSVID.PrivateKey, Leaf: serverSVID.Certificates[0]}
-	for _, x := range serverSVID.Certificates {
-		cert.Certificate = append(cert.Certificate, x.Raw)
-	}
+	c := catest.New(t, resumeTD)
 	var handshakes atomic.Int32
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-		ClientAuth: tls.RequireAnyClientCert,
-		VerifyConnection: func(tls.ConnectionState) error {
-			handshakes.Add(1)
-			return nil
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if c.(*tls.Conn).Handshake() == nil {
-					c.Write([]byte("x")) // after the session ticket
-					io.Copy(io.Discard, c)
-				}
-			}()
-		}
-	}()
-
-	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(td), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := creds.SetBundle(c.Bundle()); err != nil {
-		t.Fatal(err)
-	}
-	if err := creds.SetSVID(c.SVID(t, "spiffe://"+td+"/ns/default/sa/frontend", time.Hour)); err != nil {
-		t.Fatal(err)
-	}
+	addr := resumeServer(t, c, func(tls.ConnectionState) error {
+		handshakes.Add(1)
+		return nil
+	})
+	creds := resumeClient(t, c)
 	var refuseResumed atomic.Bool
 	cfg := creds.ResumingClientTLS("backend-0", []string{alpnHTTP1}, func(cs tls.ConnectionState) error {
 		if cs.DidResume && refuseResumed.Load() {
@@ -178,20 +143,9 @@ func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
 		return nil
 	})
 	raw := func(ctx context.Context) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	}
-	dial := func() *tls.Conn {
-		t.Helper()
-		tc, err := dialTLS(context.Background(), raw, cfg, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var b [1]byte
-		if _, err := io.ReadFull(tc, b[:]); err != nil { // takes the ticket in
-			t.Fatal(err)
-		}
-		return tc
-	}
+	dial := func() *tls.Conn { return resumeDial(t, raw, cfg) }
 	dial().Close()
 	if tc := dial(); !tc.ConnectionState().DidResume {
 		t.Fatal("second dial did not resume")
@@ -228,4 +182,114 @@ func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
 	if full := creds.sessions.endpoint("backend-1").full(); full.held() {
 		t.Error("a full handshake is offered a session")
 	}
+}
+
+// Behind a gateway, the instance a connection reaches is the far gateway's
+// pick, and each instance has its own ticket keys: a sidecar keeps a
+// session per instance, by the tag the reply names it with, and resumes
+// with whichever instance it reaches. Without tags (an older gateway) it
+// keeps one session per endpoint, as before.
+func TestTunnelledEndpointResumesWithEachInstance(t *testing.T) {
+	c := catest.New(t, resumeTD)
+	// Two instances, each with its own ticket keys (crypto/tls makes them
+	// for each config).
+	addrs := [2]string{resumeServer(t, c, nil), resumeServer(t, c, nil)}
+	creds := resumeClient(t, c)
+	for _, tagged := range []bool{true, false} {
+		cfg := creds.ResumingClientTLS(fmt.Sprintf("backend via gateway, tagged %v", tagged), []string{alpnHTTP1}, func(tls.ConnectionState) error { return nil })
+		var next atomic.Int32 // the far gateway's round robin
+		raw := func(ctx context.Context) (net.Conn, error) {
+			i := next.Add(1) % 2
+			nc, err := (&net.Dialer{}).DialContext(ctx, "tcp", addrs[i])
+			if err != nil || !tagged {
+				return nc, err
+			}
+			return &tunnelledConn{TCPConn: nc.(*net.TCPConn), instance: string([]byte{'i', byte(i)})}, nil
+		}
+		var resumed []bool
+		for range 6 {
+			tc := resumeDial(t, raw, cfg)
+			resumed = append(resumed, tc.ConnectionState().DidResume)
+			tc.Close()
+		}
+		want := []bool{false, false, true, true, true, true}
+		if !tagged {
+			// Each instance is offered the other's session, which it
+			// cannot open: every handshake is a full one.
+			want = []bool{false, false, false, false, false, false}
+		}
+		if !slices.Equal(resumed, want) {
+			t.Errorf("tagged %v: resumed %v, want %v", tagged, resumed, want)
+		}
+	}
+}
+
+const resumeTD = "strait.example"
+
+// resumeServer serves TLS 1.3 as default/backend of c's trust domain,
+// with its own ticket keys, asking for any client certificate and judging
+// each handshake by verify (nil: any). It writes a byte after the
+// handshake (so that a client reading it has taken the session ticket in)
+// and reads until the client closes.
+func resumeServer(t *testing.T, c *catest.CA, verify func(tls.ConnectionState) error) string {
+	t.Helper()
+	s := c.SVID(t, "spiffe://"+resumeTD+"/ns/default/sa/backend", time.Hour)
+	cert := tls.Certificate{PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]}
+	for _, x := range s.Certificates {
+		cert.Certificate = append(cert.Certificate, x.Raw)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
+		ClientAuth: tls.RequireAnyClientCert, VerifyConnection: verify})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if c.(*tls.Conn).Handshake() == nil {
+					c.Write([]byte("x")) // after the session ticket
+					io.Copy(io.Discard, c)
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// resumeClient returns credentials for default/frontend of c's trust
+// domain.
+func resumeClient(t *testing.T, c *catest.CA) *Credentials {
+	t.Helper()
+	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(resumeTD), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := creds.SetBundle(c.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	if err := creds.SetSVID(c.SVID(t, "spiffe://"+resumeTD+"/ns/default/sa/frontend", time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	return creds
+}
+
+// resumeDial dials a resumeServer with dialTLS and reads its byte, taking
+// the session ticket in.
+func resumeDial(t *testing.T, raw func(context.Context) (net.Conn, error), cfg *tls.Config) *tls.Conn {
+	t.Helper()
+	tc, err := dialTLS(context.Background(), raw, cfg, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(tc, b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return tc
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"encoding/hex"
 	"sync/atomic"
 )
 
@@ -73,9 +74,28 @@ type endpointSessions struct {
 	gen uint64
 	// store only: offer no session (a retry in full).
 	storeOnly bool
+	// instance names the instance behind a tunnelled endpoint, as its
+	// gateway tagged it (tunnel.Reply.Endpoint): each instance has its own
+	// ticket keys, so each has its own session.
+	instance string
 }
 
 var _ tls.ClientSessionCache = endpointSessions{}
+
+// on returns the slot for the instance a tunnelled connection reached
+// (empty: not tagged, or not tunnelled).
+func (e endpointSessions) on(instance string) endpointSessions {
+	e.instance = instance
+	return e
+}
+
+// slot is the slot's key in the cache.
+func (e endpointSessions) slot() string {
+	if e.instance == "" {
+		return e.key
+	}
+	return e.key + " @" + hex.EncodeToString([]byte(e.instance))
+}
 
 // bound returns the slot for one handshake starting now.
 func (e endpointSessions) bound() endpointSessions {
@@ -98,13 +118,13 @@ func (e endpointSessions) Get(string) (*tls.ClientSessionState, bool) {
 	if g == nil || e.storeOnly {
 		return nil, false
 	}
-	return g.Get(e.key)
+	return g.Get(e.slot())
 }
 
 // Put implements tls.ClientSessionCache; a nil cs removes the session.
 func (e endpointSessions) Put(_ string, cs *tls.ClientSessionState) {
 	if g := e.current(); g != nil {
-		g.Put(e.key, cs)
+		g.Put(e.slot(), cs)
 	}
 }
 

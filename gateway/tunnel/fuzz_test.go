@@ -78,6 +78,7 @@ func FuzzReadReply(f *testing.F) {
 		{Code: CodeOK},
 		{Code: CodeNotExported, Message: "default/api is not exported to east"},
 		{Code: Code(250), Message: "ünïcödé"},
+		{Code: CodeOK, Endpoint: "\x01\x02\x03\x04\x05\x06\x07\x08"},
 	} {
 		b := AppendReply(nil, r)
 		f.Add(b)

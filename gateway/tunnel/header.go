@@ -243,7 +243,7 @@ func parseHeaderBody(kind Kind, body []byte) (Header, error) {
 			return Header{}, headerError(ErrMalformed, "port overruns the header")
 		}
 	}
-	if err := d.skipOptional(); err != nil {
+	if err := d.optional(nil); err != nil {
 		return Header{}, headerError(ErrMalformed, "%v", err)
 	}
 	if err := h.Validate(); err != nil {
@@ -274,11 +274,12 @@ func (d *decoder) uint16() (uint16, bool) {
 	return v, true
 }
 
-// skipOptional consumes the optional fields that may follow the fixed
-// fields of a version: each is a type byte, a length byte and that many
-// bytes of value. No optional field is defined yet, so all are skipped; the
+// optional consumes the optional fields that may follow the fixed fields
+// of a version: each is a type byte, a length byte and that many bytes of
+// value. known, if not nil, is handed each field's type and value and
+// fails a field it knows to be malformed; the rest are skipped. The
 // remainder must be made of whole fields.
-func (d *decoder) skipOptional() error {
+func (d *decoder) optional(known func(typ byte, v []byte) error) error {
 	for len(d.b) > 0 {
 		if len(d.b) < 2 {
 			return fmt.Errorf("%d trailing bytes are not an optional field", len(d.b))
@@ -286,6 +287,11 @@ func (d *decoder) skipOptional() error {
 		typ, n := d.b[0], int(d.b[1])
 		if len(d.b) < 2+n {
 			return fmt.Errorf("optional field of type %d declares %d bytes, %d left", typ, n, len(d.b)-2)
+		}
+		if known != nil {
+			if err := known(typ, d.b[2:2+n]); err != nil {
+				return err
+			}
 		}
 		d.b = d.b[2+n:]
 	}

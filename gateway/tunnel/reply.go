@@ -64,7 +64,22 @@ func (c Code) String() string {
 type Reply struct {
 	Code    Code
 	Message string // one line of UTF-8 text, at most MaxMessageBytes
+	// Endpoint, in an OK reply, names the endpoint instance the stream was
+	// connected to: 1 to MaxEndpointBytes opaque bytes, the same for the
+	// same instance while the receiving gateway runs (optional field
+	// FieldEndpoint). It is advice: a sidecar picks the TLS session to
+	// resume by it, as every instance of a service has its own ticket
+	// keys. Empty: not known.
+	Endpoint string
 }
+
+// Optional fields of a reply.
+const (
+	// FieldEndpoint carries Reply.Endpoint.
+	FieldEndpoint byte = 1
+	// MaxEndpointBytes bounds Reply.Endpoint.
+	MaxEndpointBytes = 32
+)
 
 // Err returns nil for CodeOK and a *ReplyError otherwise.
 func (r Reply) Err() error {
@@ -133,18 +148,31 @@ func validMessage(s string) error {
 }
 
 // AppendReply appends the encoding of r to b, sanitizing the message (see
-// SanitizeMessage).
+// SanitizeMessage) and leaving out an Endpoint longer than
+// MaxEndpointBytes.
 func AppendReply(b []byte, r Reply) []byte {
 	msg := SanitizeMessage(r.Message)
 	body := 2 + len(msg)
+	ep := r.Endpoint
+	if len(ep) > MaxEndpointBytes {
+		ep = ""
+	}
+	if ep != "" {
+		body += 2 + len(ep)
+	}
 	b = append(b, Version, byte(r.Code), byte(body>>8), byte(body))
 	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
-	return append(b, msg...)
+	b = append(b, msg...)
+	if ep != "" {
+		b = append(b, FieldEndpoint, byte(len(ep)))
+		b = append(b, ep...)
+	}
+	return b
 }
 
 // WriteReply writes r to w in a single Write call.
 func WriteReply(w io.Writer, r Reply) error {
-	var buf [prefixBytes + 2 + MaxMessageBytes]byte
+	var buf [prefixBytes + 2 + MaxMessageBytes + 2 + MaxEndpointBytes]byte
 	if _, err := w.Write(AppendReply(buf[:0], r)); err != nil {
 		return fmt.Errorf("tunnel reply: write: %w", err)
 	}
@@ -191,10 +219,24 @@ func ReadReply(r io.Reader) (Reply, error) {
 	if err := validMessage(msg); err != nil {
 		return Reply{}, replyError(ErrMalformed, "%v", err)
 	}
-	if err := d.skipOptional(); err != nil {
+	rep := Reply{Code: code, Message: msg}
+	err := d.optional(func(typ byte, v []byte) error {
+		if typ != FieldEndpoint {
+			return nil
+		}
+		switch {
+		case rep.Endpoint != "":
+			return errors.New("two endpoint fields")
+		case len(v) == 0 || len(v) > MaxEndpointBytes:
+			return fmt.Errorf("endpoint field of %d bytes, want 1 to %d", len(v), MaxEndpointBytes)
+		}
+		rep.Endpoint = string(v)
+		return nil
+	})
+	if err != nil {
 		return Reply{}, replyError(ErrMalformed, "%v", err)
 	}
-	return Reply{Code: code, Message: msg}, nil
+	return rep, nil
 }
 
 // CodeFor picks the reply for a header that ReadHeader refused: the code

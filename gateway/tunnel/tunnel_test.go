@@ -232,6 +232,8 @@ func TestReplyRoundTrip(t *testing.T) {
 		{Code: CodeNotExported, Message: "default/api is not exported to east"},
 		{Code: Code(200), Message: "a code from a newer gateway"},
 		{Code: CodeUnavailable, Message: strings.Repeat("é", MaxMessageBytes/2)},
+		{Code: CodeOK, Endpoint: "\x8a\x00\xff\x10 \x30\x40\x50"},
+		{Code: Code(201), Message: strings.Repeat("é", MaxMessageBytes/2), Endpoint: strings.Repeat("e", MaxEndpointBytes)},
 	} {
 		t.Run(r.Code.String(), func(t *testing.T) {
 			var w countingWriter
@@ -253,6 +255,23 @@ func TestReplyRoundTrip(t *testing.T) {
 				t.Errorf("ReadReply left %d bytes, want 4", in.Len())
 			}
 		})
+	}
+}
+
+// A reply's endpoint field is read beside fields this version does not
+// know, and an Endpoint too long to send is left out, not cut.
+func TestReplyEndpointField(t *testing.T) {
+	body := []byte{0, 0, 9, 2, 'x', 'y', FieldEndpoint, 3, 'a', 'b', 'c', 200, 0}
+	got, err := ReadReply(bytes.NewReader(raw(1, byte(CodeOK), body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (Reply{Code: CodeOK, Endpoint: "abc"}); got != want {
+		t.Errorf("got %+v, want %+v", got, want)
+	}
+	b := AppendReply(nil, Reply{Code: CodeOK, Endpoint: strings.Repeat("e", MaxEndpointBytes+1)})
+	if got, err := ReadReply(bytes.NewReader(b)); err != nil || got != (Reply{Code: CodeOK}) {
+		t.Errorf("an oversize Endpoint: got %+v, %v; want it left out", got, err)
 	}
 }
 
@@ -296,6 +315,10 @@ func TestReadReplyErrors(t *testing.T) {
 		{"invalid utf8", replyRaw(0, msg(2, "\xc3(")), ErrMalformed, "not valid UTF-8 at byte 0"},
 		{"control char", replyRaw(0, msg(3, "a\nb")), ErrMalformed, "control character U+000A at byte 1"},
 		{"trailing byte", replyRaw(0, msg(1, "a", 9)), ErrMalformed, "1 trailing bytes"},
+		{"empty endpoint", replyRaw(0, msg(0, "", FieldEndpoint, 0)), ErrMalformed, "endpoint field of 0 bytes, want 1 to 32"},
+		{"endpoint too long", replyRaw(0, msg(0, "", append([]byte{FieldEndpoint, 33}, strings.Repeat("e", 33)...)...)), ErrMalformed, "endpoint field of 33 bytes"},
+		{"two endpoints", replyRaw(0, msg(0, "", FieldEndpoint, 1, 'a', FieldEndpoint, 1, 'b')), ErrMalformed, "two endpoint fields"},
+		{"endpoint overruns", replyRaw(0, msg(0, "", FieldEndpoint, 3, 'a')), ErrMalformed, "optional field of type 1 declares 3 bytes, 1 left"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, err := ReadReply(bytes.NewReader(tc.in))
