@@ -1028,8 +1028,8 @@ func TestJoinConnectionStreamLimit(t *testing.T) {
 }
 
 // An OK reply names the endpoint instance the stream reached by a tag: the
-// same for the same instance, another for another, and not its address.
-// The entry gateway passes it on to the sidecar.
+// same for the same instance, another for another. The entry gateway
+// passes it on to the sidecar.
 func TestReplyNamesTheEndpoint(t *testing.T) {
 	p := newPair(t, gwOptions{}, gwOptions{})
 	names := map[string]string{} // address -> instance name
@@ -1075,10 +1075,5 @@ func TestReplyNamesTheEndpoint(t *testing.T) {
 	}
 	if len(tags) != 2 || tags["a"] == tags["b"] {
 		t.Errorf("tags by instance: %x; want two different ones", tags)
-	}
-	for addr, name := range names {
-		if strings.Contains(tags[name], addr) {
-			t.Errorf("tag of %s holds its address", name)
-		}
 	}
 }

@@ -145,7 +145,9 @@ func TestDialRetriesARefusedResumptionInFull(t *testing.T) {
 	raw := func(ctx context.Context) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	}
-	dial := func() *tls.Conn { return resumeDial(t, raw, cfg) }
+	dial := func() *tls.Conn {
+		return resumeDial(t, func() (*tls.Conn, error) { return dialTLS(context.Background(), raw, cfg, 5*time.Second) })
+	}
 	dial().Close()
 	if tc := dial(); !tc.ConnectionState().DidResume {
 		t.Fatal("second dial did not resume")
@@ -195,34 +197,112 @@ func TestTunnelledEndpointResumesWithEachInstance(t *testing.T) {
 	// for each config).
 	addrs := [2]string{resumeServer(t, c, nil), resumeServer(t, c, nil)}
 	creds := resumeClient(t, c)
-	for _, tagged := range []bool{true, false} {
-		cfg := creds.ResumingClientTLS(fmt.Sprintf("backend via gateway, tagged %v", tagged), []string{alpnHTTP1}, func(tls.ConnectionState) error { return nil })
-		var next atomic.Int32 // the far gateway's round robin
-		raw := func(ctx context.Context) (net.Conn, error) {
-			i := next.Add(1) % 2
-			nc, err := (&net.Dialer{}).DialContext(ctx, "tcp", addrs[i])
-			if err != nil || !tagged {
-				return nc, err
-			}
-			return &tunnelledConn{TCPConn: nc.(*net.TCPConn), instance: string([]byte{'i', byte(i)})}, nil
+	o := &outbound{} // for dialPooled, the pools' dial: the tag under its tracking
+	for _, mode := range []string{"tagged", "tagged, pooled", "untagged"} {
+		cfg := creds.ResumingClientTLS("backend via gateway, "+mode, []string{alpnHTTP1}, func(tls.ConnectionState) error { return nil })
+		raw := tunnelTo(addrs, mode != "untagged")
+		dial := dialTLS
+		if mode == "tagged, pooled" {
+			dial = o.dialPooled
 		}
 		var resumed []bool
 		for range 6 {
-			tc := resumeDial(t, raw, cfg)
+			tc := resumeDial(t, func() (*tls.Conn, error) { return dial(context.Background(), raw, cfg, 5*time.Second) })
 			resumed = append(resumed, tc.ConnectionState().DidResume)
 			tc.Close()
 		}
+		// The first dial may reach either instance (the far gateway's
+		// pick); each is offered its own session from the third dial on.
 		want := []bool{false, false, true, true, true, true}
-		if !tagged {
+		if mode == "untagged" {
 			// Each instance is offered the other's session, which it
 			// cannot open: every handshake is a full one.
 			want = []bool{false, false, false, false, false, false}
 		}
 		if !slices.Equal(resumed, want) {
-			t.Errorf("tagged %v: resumed %v, want %v", tagged, resumed, want)
+			t.Errorf("%s: resumed %v, want %v", mode, resumed, want)
 		}
 	}
 }
+
+// A resumption refused on one instance is retried in full on whichever
+// instance the redial reaches, and the session it brings is kept for that
+// instance: the refused one's is forgotten.
+func TestRetryInFullKeepsTheSessionOfTheInstanceReached(t *testing.T) {
+	c := catest.New(t, resumeTD)
+	addrs := [2]string{resumeServer(t, c, nil), resumeServer(t, c, nil)}
+	creds := resumeClient(t, c)
+	var refuseResumed atomic.Bool
+	cfg := creds.ResumingClientTLS("backend via gateway", []string{alpnHTTP1}, func(cs tls.ConnectionState) error {
+		if cs.DidResume && refuseResumed.Load() {
+			return errors.New("not this session")
+		}
+		return nil
+	})
+	raw := tunnelTo(addrs, true) // instance 0, 1, 0, 1, ...
+	dial := func() *tls.Conn {
+		return resumeDial(t, func() (*tls.Conn, error) { return dialTLS(context.Background(), raw, cfg, 5*time.Second) })
+	}
+	dial().Close() // instance 0: full
+	dial().Close() // instance 1: full
+	refuseResumed.Store(true)
+	tc := dial() // instance 0 offered its session, refused; then instance 1 in full
+	defer tc.Close()
+	if tc.ConnectionState().DidResume {
+		t.Fatal("the retry resumed")
+	}
+	slot := creds.sessions.endpoint(cfg.ClientSessionCache.(endpointSessions).key)
+	if slot.on(tunnelTag(0)).held() {
+		t.Error("instance 0 keeps the session it refused, or the retry's")
+	}
+	if !slot.on(tunnelTag(1)).held() {
+		t.Error("instance 1 has no session")
+	}
+}
+
+// A peer gateway that tags every reply anew, or a service of many
+// instances, keeps at most instancesPerEndpoint sessions for one endpoint,
+// so other endpoints' sessions stay.
+func TestInstancesPerEndpointBounded(t *testing.T) {
+	var s sessionCache
+	other := s.endpoint("other")
+	other.Put("", new(tls.ClientSessionState))
+	e := s.endpoint("busy")
+	for i := range 10 * instancesPerEndpoint {
+		e.on(fmt.Sprint(i)).Put("", new(tls.ClientSessionState))
+	}
+	held := 0
+	for i := range 10 * instancesPerEndpoint {
+		if e.on(fmt.Sprint(i)).held() {
+			held++
+		}
+	}
+	if held != instancesPerEndpoint {
+		t.Errorf("busy endpoint keeps %d instances' sessions, want %d", held, instancesPerEndpoint)
+	}
+	if !e.on(fmt.Sprint(10*instancesPerEndpoint - 1)).held() {
+		t.Error("the newest instance's session went")
+	}
+	if !other.held() {
+		t.Error("another endpoint's session was pushed out")
+	}
+}
+
+// tunnelTo dials addrs in turn, as a peer gateway's round robin would
+// pick instances, each connection tagged with its instance if tagged.
+func tunnelTo(addrs [2]string, tagged bool) func(context.Context) (net.Conn, error) {
+	var next atomic.Int32
+	return func(ctx context.Context) (net.Conn, error) {
+		i := int(next.Add(1)-1) % len(addrs)
+		nc, err := (&net.Dialer{}).DialContext(ctx, "tcp", addrs[i])
+		if err != nil || !tagged {
+			return nc, err
+		}
+		return &tunnelledConn{TCPConn: nc.(*net.TCPConn), instance: tunnelTag(i)}, nil
+	}
+}
+
+func tunnelTag(i int) string { return string([]byte{'i', byte(i)}) }
 
 const resumeTD = "strait.example"
 
@@ -279,11 +359,11 @@ func resumeClient(t *testing.T, c *catest.CA) *Credentials {
 	return creds
 }
 
-// resumeDial dials a resumeServer with dialTLS and reads its byte, taking
+// resumeDial dials a resumeServer with dial and reads its byte, taking
 // the session ticket in.
-func resumeDial(t *testing.T, raw func(context.Context) (net.Conn, error), cfg *tls.Config) *tls.Conn {
+func resumeDial(t *testing.T, dial func() (*tls.Conn, error)) *tls.Conn {
 	t.Helper()
-	tc, err := dialTLS(context.Background(), raw, cfg, 5*time.Second)
+	tc, err := dial()
 	if err != nil {
 		t.Fatal(err)
 	}

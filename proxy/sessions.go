@@ -3,6 +3,8 @@ package proxy
 import (
 	"crypto/tls"
 	"encoding/hex"
+	"slices"
+	"sync"
 	"sync/atomic"
 )
 
@@ -11,6 +13,13 @@ import (
 // KiB (the ticket and the peer's parsed chain). Past it, the least recently
 // used go: a full handshake, nothing worse.
 const sessionCapacity = 256
+
+// instancesPerEndpoint bounds the instances behind a gateway a sidecar
+// keeps a session with for one endpoint (see endpointSessions.instance):
+// past it the one tagged longest ago goes, so that one endpoint (a large
+// service, or a peer gateway tagging every reply anew) cannot push every
+// other endpoint's session out of the cache.
+const instancesPerEndpoint = 16
 
 // sessionCache holds the TLS 1.3 session tickets of the sidecar's outbound
 // connections to other sidecars, so that a connection dialled again (after
@@ -34,6 +43,39 @@ type sessionCache struct {
 type generation struct {
 	tls.ClientSessionCache
 	n uint64
+
+	mu        sync.Mutex
+	instances map[string][]string // endpoint key -> instance tags kept, oldest first
+}
+
+func newGeneration(n uint64) *generation {
+	return &generation{ClientSessionCache: tls.NewLRUClientSessionCache(sessionCapacity), n: n, instances: map[string][]string{}}
+}
+
+// keep notes that key's endpoint has a session with instance, and forgets
+// the session of the instance tagged longest ago past instancesPerEndpoint.
+func (g *generation) keep(key, instance string) {
+	g.mu.Lock()
+	tags := slices.DeleteFunc(g.instances[key], func(t string) bool { return t == instance })
+	tags = append(tags, instance)
+	var old string
+	if len(tags) > instancesPerEndpoint {
+		old, tags = tags[0], tags[1:]
+	}
+	g.instances[key] = tags
+	g.mu.Unlock()
+	if old != "" {
+		g.forget(slotKey(key, old))
+	}
+}
+
+// forget removes slot's session, if it has one. (crypto/tls's LRU cache
+// stores an empty entry when told to remove a key it does not hold,
+// taking a place another session could have.)
+func (g *generation) forget(slot string) {
+	if _, ok := g.Get(slot); ok {
+		g.Put(slot, nil)
+	}
 }
 
 func (s *sessionCache) load() *generation {
@@ -41,7 +83,7 @@ func (s *sessionCache) load() *generation {
 		if g := s.cur.Load(); g != nil {
 			return g
 		}
-		s.cur.CompareAndSwap(nil, &generation{ClientSessionCache: tls.NewLRUClientSessionCache(sessionCapacity), n: 1})
+		s.cur.CompareAndSwap(nil, newGeneration(1))
 	}
 }
 
@@ -50,7 +92,7 @@ func (s *sessionCache) load() *generation {
 func (s *sessionCache) reset() {
 	for {
 		old := s.load()
-		if s.cur.CompareAndSwap(old, &generation{ClientSessionCache: tls.NewLRUClientSessionCache(sessionCapacity), n: old.n + 1}) {
+		if s.cur.CompareAndSwap(old, newGeneration(old.n+1)) {
 			return
 		}
 	}
@@ -90,11 +132,13 @@ func (e endpointSessions) on(instance string) endpointSessions {
 }
 
 // slot is the slot's key in the cache.
-func (e endpointSessions) slot() string {
-	if e.instance == "" {
-		return e.key
+func (e endpointSessions) slot() string { return slotKey(e.key, e.instance) }
+
+func slotKey(key, instance string) string {
+	if instance == "" {
+		return key
 	}
-	return e.key + " @" + hex.EncodeToString([]byte(e.instance))
+	return key + " @" + hex.EncodeToString([]byte(instance))
 }
 
 // bound returns the slot for one handshake starting now.
@@ -118,13 +162,22 @@ func (e endpointSessions) Get(string) (*tls.ClientSessionState, bool) {
 	if g == nil || e.storeOnly {
 		return nil, false
 	}
-	return g.Get(e.slot())
+	cs, ok := g.Get(e.slot())
+	return cs, ok && cs != nil
 }
 
 // Put implements tls.ClientSessionCache; a nil cs removes the session.
 func (e endpointSessions) Put(_ string, cs *tls.ClientSessionState) {
-	if g := e.current(); g != nil {
+	g := e.current()
+	switch {
+	case g == nil:
+	case cs == nil:
+		g.forget(e.slot())
+	default:
 		g.Put(e.slot(), cs)
+		if e.instance != "" {
+			g.keep(e.key, e.instance)
+		}
 	}
 }
 

@@ -220,17 +220,13 @@ func ReadReply(r io.Reader) (Reply, error) {
 		return Reply{}, replyError(ErrMalformed, "%v", err)
 	}
 	rep := Reply{Code: code, Message: msg}
+	// The endpoint field is advice: one this version cannot take (empty,
+	// longer than it keeps, a second one) is skipped like an unknown
+	// field, and never fails the stream.
 	err := d.optional(func(typ byte, v []byte) error {
-		if typ != FieldEndpoint {
-			return nil
+		if typ == FieldEndpoint && rep.Endpoint == "" && len(v) > 0 && len(v) <= MaxEndpointBytes {
+			rep.Endpoint = string(v)
 		}
-		switch {
-		case rep.Endpoint != "":
-			return errors.New("two endpoint fields")
-		case len(v) == 0 || len(v) > MaxEndpointBytes:
-			return fmt.Errorf("endpoint field of %d bytes, want 1 to %d", len(v), MaxEndpointBytes)
-		}
-		rep.Endpoint = string(v)
 		return nil
 	})
 	if err != nil {
