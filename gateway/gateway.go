@@ -27,6 +27,7 @@ import (
 	"github.com/straitmesh/strait/ca/identity"
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/gateway/tunnel"
+	"github.com/straitmesh/strait/internal/udpgro"
 )
 
 // Log attribute keys shared with the other binaries.
@@ -216,7 +217,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if !g.started.CompareAndSwap(false, true) {
 		return errors.New("gateway: Run called twice")
 	}
-	udp, err := net.ListenPacket("udp", g.cfg.PeerListen)
+	// GRO where the kernel has it: the peers' packets come in trains (they
+	// send with GSO), read as one (see internal/udpgro).
+	udp, err := udpgro.Listen("udp", g.cfg.PeerListen)
 	if err != nil {
 		return fmt.Errorf("gateway: listen for peers: %w", err)
 	}
@@ -244,7 +247,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.tr, g.udp, g.runCtx, g.running = tr, udp, ctx, true
 	g.mu.Unlock()
 	close(g.ready)
-	g.log.Info("gateway serving", "peer_address", g.peerAddr.String(), "entry_address", addrString(g.entryAddr))
+	g.log.Info("gateway serving", "peer_address", g.peerAddr.String(), "entry_address", addrString(g.entryAddr), "udp_gro", udpgro.On(udp))
 
 	eg, ectx := errgroup.WithContext(ctx)
 	eg.Go(func() error { return g.acceptPeers(ectx, ln) })
