@@ -6,7 +6,7 @@ require (
 	github.com/go-jose/go-jose/v4 v4.1.9
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
-	github.com/quic-go/quic-go v0.65.0
+	github.com/quic-go/quic-go v0.65.0 // on a bump, run internal/udpgro's tests: it relies on quic-go reading through a conn's own ReadBatch
 	github.com/smallstep/certificates v0.30.2
 	github.com/spf13/cobra v1.10.2
 	github.com/spiffe/go-spiffe/v2 v2.9.0

@@ -25,6 +25,7 @@ import (
 	"github.com/straitmesh/strait/ca/svid"
 	"github.com/straitmesh/strait/gateway/tunnel"
 	"github.com/straitmesh/strait/internal/deptest"
+	"github.com/straitmesh/strait/internal/udpgro"
 )
 
 func TestTunnelCarriesBytesBothWaysWithHalfClose(t *testing.T) {
@@ -1075,5 +1076,29 @@ func TestReplyNamesTheEndpoint(t *testing.T) {
 	}
 	if len(tags) != 2 || tags["a"] == tags["b"] {
 		t.Errorf("tags by instance: %x; want two different ones", tags)
+	}
+}
+
+// A gateway reads its peers' packets with GRO where the kernel offers it
+// (see internal/udpgro): the tunnel's throughput rests on it.
+func TestGatewayReadsWithGRO(t *testing.T) {
+	probe, err := udpgro.Listen("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gro := udpgro.On(probe)
+	probe.Close()
+	if !gro {
+		t.Skip("no UDP GRO here")
+	}
+	p := newPair(t, gwOptions{}, gwOptions{})
+	mustTunnel(t, p.east, p.sidecar, echoHeader()).Close()
+	for _, gw := range []*testGateway{p.east, p.west} {
+		gw.mu.Lock()
+		udp := gw.udp
+		gw.mu.Unlock()
+		if !udpgro.On(udp) {
+			t.Errorf("%s gateway reads datagram by datagram", gw.cluster)
+		}
 	}
 }

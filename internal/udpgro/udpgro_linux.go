@@ -5,6 +5,8 @@ package udpgro
 import (
 	"encoding/binary"
 	"net"
+	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/net/ipv4"
@@ -19,8 +21,9 @@ const (
 	trainBytes = 1 << 16
 	// oobBytes holds a train's control messages: its segment size, its
 	// ECN bits and, on a socket bound to a wildcard address, its packet
-	// info (IPv6's is the largest, 36 bytes with the header).
-	oobBytes = 128
+	// info; twice what quic-go gives a packet's, so that the segment size
+	// never pushes the others out.
+	oobBytes = 256
 )
 
 // Listen opens a UDP socket on address, reading with GRO where the kernel
@@ -48,20 +51,20 @@ func On(pc net.PacketConn) bool {
 	return ok
 }
 
-// Conn is a UDP socket with GRO on, for quic-go: ReadBatch returns one
-// packet per message, however the kernel coalesced them. It has a single
-// reader (quic-go's transport reads from one goroutine); its other methods
-// are the socket's own. Only ReadBatch reads trains apart: read it no
-// other way.
+// Conn is a UDP socket with GRO on, for quic-go: ReadBatch, and every
+// other read method, returns one packet per message however the kernel
+// coalesced them. Its write and other methods are the socket's own.
 type Conn struct {
 	*net.UDPConn
 	batch *ipv4.PacketConn
 
+	mu   sync.Mutex     // the reads below
 	msgs []ipv4.Message // the last batch of trains read
-	next int            // the train in msgs being handed out
-	rest []byte         // what is left of it
+	next int            // the next train in msgs to hand out
+	rest []byte         // what is left of the train being handed out
 	seg  int            // its segment size; 0: a single datagram
 	oob  []byte         // its control messages, the segment size taken out
+	addr net.Addr       // its source
 
 	// For tests: trains read, and the packets in them.
 	trainsRead, packetsRead atomic.Int64
@@ -88,37 +91,41 @@ func New(c *net.UDPConn) (*Conn, error) {
 		g.msgs[i].Buffers = [][]byte{make([]byte, trainBytes)}
 		g.msgs[i].OOB = make([]byte, oobBytes)
 	}
-	g.next = trains
+	g.msgs = g.msgs[:0]
 	return g, nil
 }
 
 // ReadBatch reads packets into ms, one per message, as quic-go asks: it
 // blocks until there is at least one, and returns as many as it holds
 // already read, up to len(ms). A packet larger than its message's buffer
-// is cut, and flagged with MSG_TRUNC, as the kernel would.
+// is cut, and flagged with MSG_TRUNC, as the kernel would; control
+// messages that do not fit whole in a message's OOB are left out.
 func (g *Conn) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
-	if len(ms) == 0 {
-		return 0, nil
-	}
-	for len(g.rest) == 0 {
-		if g.next >= len(g.msgs) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for n < len(ms) {
+		if len(g.rest) == 0 {
+			if g.next < len(g.msgs) {
+				m := &g.msgs[g.next]
+				g.next++
+				g.rest, g.addr = m.Buffers[0][:m.N], m.Addr
+				g.seg, g.oob = splitOOB(m.OOB[:m.NN], g.oob[:0])
+				g.trainsRead.Add(1)
+				continue // an empty datagram has no packet to hand out
+			}
+			if n > 0 {
+				break // hand out what there is; read the socket next time
+			}
 			g.msgs = g.msgs[:trains]
-			n, err := g.batch.ReadBatch(g.msgs, flags)
+			k, err := g.batch.ReadBatch(g.msgs, flags)
 			if err != nil {
+				g.msgs = g.msgs[:0]
 				return 0, err
 			}
-			g.msgs, g.next = g.msgs[:n], 0
+			g.msgs, g.next = g.msgs[:k], 0
 			continue
 		}
-		m := &g.msgs[g.next]
-		g.next++
-		g.rest = m.Buffers[0][:m.N]
-		g.seg, g.oob = splitOOB(m.OOB[:m.NN], g.oob[:0])
-		g.trainsRead.Add(1)
-	}
-	n := 0
-	addr := g.msgs[g.next-1].Addr
-	for n < len(ms) && len(g.rest) > 0 {
 		size := len(g.rest)
 		if g.seg > 0 && g.seg < size {
 			size = g.seg
@@ -129,16 +136,78 @@ func (g *Conn) ReadBatch(ms []ipv4.Message, flags int) (int, error) {
 		if m.N < size {
 			m.Flags = unix.MSG_TRUNC
 		}
-		m.NN = 0
-		if len(g.oob) <= len(m.OOB) {
-			m.NN = copy(m.OOB, g.oob)
-		}
-		m.Addr = addr
+		m.NN = copy(m.OOB, whole(g.oob, len(m.OOB)))
+		m.Addr = g.addr
 		g.rest = g.rest[size:]
 		n++
 	}
 	g.packetsRead.Add(int64(n))
 	return n, nil
+}
+
+// ReadMsgUDP reads one packet, as ReadBatch does.
+func (g *Conn) ReadMsgUDP(b, oob []byte) (n, oobn, flags int, addr *net.UDPAddr, err error) {
+	one := []ipv4.Message{{Buffers: [][]byte{b}, OOB: oob}}
+	if _, err := g.ReadBatch(one, 0); err != nil {
+		return 0, 0, 0, nil, err
+	}
+	m := one[0]
+	addr, _ = m.Addr.(*net.UDPAddr)
+	return m.N, m.NN, m.Flags, addr, nil
+}
+
+// ReadMsgUDPAddrPort reads one packet, as ReadBatch does.
+func (g *Conn) ReadMsgUDPAddrPort(b, oob []byte) (n, oobn, flags int, addr netip.AddrPort, err error) {
+	n, oobn, flags, ua, err := g.ReadMsgUDP(b, oob)
+	if ua != nil {
+		addr = ua.AddrPort()
+	}
+	return n, oobn, flags, addr, err
+}
+
+// ReadFromUDP reads one packet, as ReadBatch does.
+func (g *Conn) ReadFromUDP(b []byte) (int, *net.UDPAddr, error) {
+	n, _, _, addr, err := g.ReadMsgUDP(b, nil)
+	return n, addr, err
+}
+
+// ReadFromUDPAddrPort reads one packet, as ReadBatch does.
+func (g *Conn) ReadFromUDPAddrPort(b []byte) (int, netip.AddrPort, error) {
+	n, _, _, addr, err := g.ReadMsgUDPAddrPort(b, nil)
+	return n, addr, err
+}
+
+// ReadFrom reads one packet, as ReadBatch does.
+func (g *Conn) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, addr, err := g.ReadFromUDP(b)
+	if addr == nil {
+		return n, nil, err
+	}
+	return n, addr, err
+}
+
+// Read reads one packet, as ReadBatch does.
+func (g *Conn) Read(b []byte) (int, error) {
+	n, _, err := g.ReadFromUDP(b)
+	return n, err
+}
+
+// whole returns the control messages of oob that fit in max bytes, whole.
+func whole(oob []byte, max int) []byte {
+	end := 0
+	for rest := oob; len(rest) > 0; {
+		_, _, next, err := unix.ParseOneSocketControlMessage(rest)
+		if err != nil {
+			break
+		}
+		size := len(rest) - len(next)
+		if end+size > max {
+			break
+		}
+		end += size
+		rest = next
+	}
+	return oob[:end]
 }
 
 // splitOOB returns the segment size a train's control messages carry (0:

@@ -11,9 +11,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
+	"errors"
 	"io"
 	"math/big"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -109,6 +111,53 @@ func TestReadBatchSplitsATrain(t *testing.T) {
 	}
 }
 
+// Every other way to read the socket hands out packets too, never a whole
+// train; and one ReadBatch hands out the packets of every train read.
+func TestOtherReadsSplitTrainsToo(t *testing.T) {
+	c := listen(t)
+	out, err := net.DialUDP("udp", nil, c.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	var seg [2]byte
+	binary.NativeEndian.PutUint16(seg[:], 1000)
+	if _, _, err := out.WriteMsgUDP(make([]byte, 2500), cmsg(unix.SOL_UDP, unix.UDP_SEGMENT, seg[:]), nil); err != nil {
+		t.Skipf("this kernel does not send with GSO: %v", err)
+	}
+	out.Write([]byte("single"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 1500)
+	var sizes []int
+	n, err := c.Read(b)
+	sizes = append(sizes, n)
+	n, _, err2 := c.ReadFrom(b)
+	sizes = append(sizes, n)
+	n, _, _, _, err3 := c.ReadMsgUDP(b, make([]byte, 64))
+	sizes = append(sizes, n)
+	n, _, err4 := c.ReadFromUDPAddrPort(b)
+	sizes = append(sizes, n)
+	if err := errors.Join(err, err2, err3, err4); err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{1000, 1000, 500, 6}; !slices.Equal(sizes, want) {
+		t.Errorf("read %v, want %v", sizes, want)
+	}
+
+	// Two trains queued: one ReadBatch returns the packets of both.
+	out.Write([]byte("one"))
+	out.Write([]byte("two"))
+	time.Sleep(50 * time.Millisecond) // both queued before the read
+	ms := make([]ipv4.Message, 8)
+	for i := range ms {
+		ms[i].Buffers = [][]byte{make([]byte, 1452)}
+		ms[i].OOB = make([]byte, 128)
+	}
+	if n, err := c.ReadBatch(ms, 0); err != nil || n != 2 {
+		t.Fatalf("ReadBatch: %d packets, %v; want 2", n, err)
+	}
+}
+
 // The segment size is taken out of a train's control messages; the others
 // are kept whole and in order.
 func TestSplitOOB(t *testing.T) {
@@ -133,7 +182,23 @@ func TestSplitOOB(t *testing.T) {
 // trains and all, if it stopped looking for one: this fails then), and a
 // transfer from a peer sending with GSO arrives whole, in trains.
 func TestQUICReadsThroughReadBatch(t *testing.T) {
-	c := listen(t)
+	// On a wildcard socket quic-go also asks for each packet's destination
+	// (packet info), which must come through beside the ECN bits.
+	for _, tc := range []struct{ listen, client string }{{"127.0.0.1:0", "127.0.0.1"}, {"[::]:0", "::1"}} {
+		t.Run(tc.listen, func(t *testing.T) { testQUICReadsThroughReadBatch(t, tc.listen, tc.client) })
+	}
+}
+
+func testQUICReadsThroughReadBatch(t *testing.T, listenAddr, clientIP string) {
+	pc, err := Listen("udp", listenAddr)
+	if err != nil {
+		t.Skipf("listen on %s: %v", listenAddr, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	c, ok := pc.(*Conn)
+	if !ok {
+		t.Skip("this kernel offers no UDP GRO")
+	}
 	cert := selfSigned(t)
 	tr := &quic.Transport{Conn: c}
 	defer tr.Close()
@@ -162,13 +227,14 @@ func TestQUICReadsThroughReadBatch(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(clientIP)})
 	if err != nil {
-		t.Fatal(err)
+		t.Skipf("no %s here: %v", clientIP, err)
 	}
 	ctr := &quic.Transport{Conn: udp}
 	defer ctr.Close()
-	conn, err := ctr.Dial(ctx, c.LocalAddr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"t"}}, nil)
+	server := &net.UDPAddr{IP: net.ParseIP(clientIP), Port: c.LocalAddr().(*net.UDPAddr).Port}
+	conn, err := ctr.Dial(ctx, server, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"t"}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
