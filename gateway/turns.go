@@ -30,9 +30,10 @@ import (
 // time. A run is one write, as large as the relay's buffer, so a stream
 // with a 1 MiB buffer gets up to 4 times the share of one that found only
 // 256 KiB buffers left to lend (more than 16 bulk streams on a gateway),
-// and up to 32 times that of one left with 32 KiB (more than 80). Smaller writes and younger streams take no turn and stay round
-// robin; quic-go alternates them with the run packet by packet, so they
-// do not wait behind it.
+// and up to 32 times that of one left with 32 KiB (more than 80). Smaller
+// writes and younger streams take no turn and stay round robin; quic-go
+// alternates them with the run packet by packet, so they do not wait
+// behind it.
 //
 // A run goes in pieces of a quarter MiB (runPiece; a relay's buffer holds
 // up to 1 MiB), each of which must be sent within turnHold. A piece that

@@ -313,13 +313,7 @@ const resumeTD = "strait.example"
 // and reads until the client closes.
 func resumeServer(t *testing.T, c *catest.CA, verify func(tls.ConnectionState) error) string {
 	t.Helper()
-	s := c.SVID(t, "spiffe://"+resumeTD+"/ns/default/sa/backend", time.Hour)
-	cert := tls.Certificate{PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]}
-	for _, x := range s.Certificates {
-		cert.Certificate = append(cert.Certificate, x.Raw)
-	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-		ClientAuth: tls.RequireAnyClientCert, VerifyConnection: verify})
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", resumeCreds(t, c, "backend").ServerTLS([]string{alpnHTTP1}, verify))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,7 +338,10 @@ func resumeServer(t *testing.T, c *catest.CA, verify func(tls.ConnectionState) e
 
 // resumeClient returns credentials for default/frontend of c's trust
 // domain.
-func resumeClient(t *testing.T, c *catest.CA) *Credentials {
+func resumeClient(t *testing.T, c *catest.CA) *Credentials { return resumeCreds(t, c, "frontend") }
+
+// resumeCreds returns credentials for default/sa of c's trust domain.
+func resumeCreds(t *testing.T, c *catest.CA, sa string) *Credentials {
 	t.Helper()
 	creds, err := NewCredentials(spiffeid.RequireTrustDomainFromString(resumeTD), nil)
 	if err != nil {
@@ -353,7 +350,7 @@ func resumeClient(t *testing.T, c *catest.CA) *Credentials {
 	if _, err := creds.SetBundle(c.Bundle()); err != nil {
 		t.Fatal(err)
 	}
-	if err := creds.SetSVID(c.SVID(t, "spiffe://"+resumeTD+"/ns/default/sa/frontend", time.Hour)); err != nil {
+	if err := creds.SetSVID(c.SVID(t, "spiffe://"+resumeTD+"/ns/default/sa/"+sa, time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	return creds
